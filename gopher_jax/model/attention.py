@@ -1,0 +1,84 @@
+"""Multi-head attention with Transformer-XL relative positions (Dai et al. 2019, section 3.3).
+
+score(i, j) = (q_i + u) . k_j  +  (q_i + v) . (W_r R_{i-j})
+with R_d the sinusoid of distance d, W_r a per-layer projection, u and v learned per head.
+The position term is one batched contraction against the projected sinusoids of every
+distance, followed by the "relative shift" that lines distance i-j up with key j.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gopher_jax.model.layers import Dtype, fan_in_init, param
+from gopher_jax.parallel.rules import constrain
+
+
+def sinusoids(distances: jax.Array, dim: int, max_wavelength: float) -> jax.Array:
+    """[N] distances -> [N, dim] float32: sin in the first half, cos in the second."""
+    inv_freq = 1.0 / (max_wavelength ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angles = distances.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def relative_sinusoids(length: int, dim: int, max_wavelength: float) -> jax.Array:
+    """[T, dim] sinusoids of distances T-1, ..., 1, 0 (the order `rel_shift` expects)."""
+    return sinusoids(jnp.arange(length - 1, -1, -1), dim, max_wavelength)
+
+
+def rel_shift(x: jax.Array) -> jax.Array:
+    """[..., T, T] scores indexed (query i, distance T-1-m) -> (query i, key j), for j <= i.
+
+    Pads a zero column, re-reads the buffer one row longer, and drops the first row: entry
+    (i, j) lands on column T-1-(i-j) of the input. Entries j > i are garbage, and masked.
+    """
+    *lead, t, _ = x.shape
+    x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (1, 0)])
+    x = x.reshape(*lead, t + 1, t)[..., 1:, :]
+    return x.reshape(*lead, t, t)
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] -> [B, 1, T, T] bool: causal, and only within the same packed document."""
+    t = segment_ids.shape[-1]
+    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same)[:, None]
+
+
+class RelativeAttention(nnx.Module):
+    def __init__(self, d_model: int, num_heads: int, head_dim: int, out_scale: float,
+                 param_dtype: Dtype, dtype: Dtype, rngs: nnx.Rngs):
+        qkv = fan_in_init(d_model)
+        shape, names = (d_model, num_heads, head_dim), ("embed", "heads", "kv")
+        self.wq = param(rngs, qkv, shape, names, param_dtype)
+        self.wk = param(rngs, qkv, shape, names, param_dtype)
+        self.wv = param(rngs, qkv, shape, names, param_dtype)
+        self.wr = param(rngs, qkv, shape, names, param_dtype)  # sinusoid -> per-head key
+        self.wo = param(rngs, fan_in_init(num_heads * head_dim, out_scale),
+                        (num_heads, head_dim, d_model), ("heads", "kv", "embed"), param_dtype)
+        zeros = nnx.initializers.zeros
+        self.u = param(rngs, zeros, (num_heads, head_dim), ("heads", "kv"), param_dtype)
+        self.v = param(rngs, zeros, (num_heads, head_dim), ("heads", "kv"), param_dtype)
+        self.head_dim = head_dim
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, rel: jax.Array, mask: jax.Array) -> jax.Array:
+        """x [B, T, D]; rel [T, D] from `relative_sinusoids`; mask [B, 1, T, T]."""
+        dt = self.dtype
+        heads = ("act_batch", "act_length", "act_heads", None)
+        q = constrain(jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt)), heads)
+        k = constrain(jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt)), heads)
+        v = constrain(jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt)), heads)
+        r = jnp.einsum("td,dhk->thk", rel.astype(dt), self.wr[...].astype(dt))
+        content = jnp.einsum("bqhk,bthk->bhqt", q + self.u[...].astype(dt), k,
+                             preferred_element_type=jnp.float32)
+        position = jnp.einsum("bqhk,thk->bhqt", q + self.v[...].astype(dt), r,
+                              preferred_element_type=jnp.float32)
+        scores = (content + rel_shift(position)) * (self.head_dim**-0.5)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bhqt,bthk->bqhk", probs, v)
+        return jnp.einsum("bqhk,hkd->bqd", out, self.wo[...].astype(dt))

@@ -1,0 +1,130 @@
+"""The Gopher decoder: embedding, pre-norm blocks (scanned or not), final RMSNorm, logits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from gopher_jax.config import d_ff
+from gopher_jax.model.attention import RelativeAttention, attention_mask, relative_sinusoids
+from gopher_jax.model.layers import MLP, Dtype, Embed, RMSNorm, fan_in_init, param
+from gopher_jax.parallel.rules import constrain
+
+EMBED_ACT = ("act_batch", "act_length", "act_embed")
+
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def compute_dtype(name: str, platform: str | None = None) -> Dtype:
+    """'auto' is bfloat16 on TPU/GPU and float32 on CPU (where bf16 matmuls are slower)."""
+    if name == "auto":
+        platform = platform or jax.default_backend()
+        return jnp.dtype(jnp.float32 if platform == "cpu" else jnp.bfloat16)
+    return jnp.dtype(name)
+
+
+class Block(nnx.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, m: ml_collections.ConfigDict, param_dtype: Dtype, dtype: Dtype,
+                 rngs: nnx.Rngs):
+        out_scale = (2 * m.num_layers) ** -0.5  # residual branches summed over 2L additions
+        self.attn_norm = RMSNorm(m.d_model, m.norm_eps, param_dtype, rngs)
+        self.attn = RelativeAttention(m.d_model, m.num_heads, m.head_dim, out_scale,
+                                      param_dtype, dtype, rngs)
+        self.mlp_norm = RMSNorm(m.d_model, m.norm_eps, param_dtype, rngs)
+        self.mlp = MLP(m.d_model, d_ff(m), out_scale, param_dtype, dtype, rngs)
+
+    def __call__(self, x: jax.Array, rel: jax.Array, mask: jax.Array) -> jax.Array:
+        x = constrain(x + self.attn(self.attn_norm(x), rel, mask), EMBED_ACT)
+        return constrain(x + self.mlp(self.mlp_norm(x)), EMBED_ACT)
+
+
+class Gopher(nnx.Module):
+    def __init__(self, m: ml_collections.ConfigDict, rngs: nnx.Rngs, platform: str | None = None):
+        param_dtype, dtype = jnp.dtype(m.param_dtype), compute_dtype(m.dtype, platform)
+        self.m, self.dtype = m, dtype
+        self.embed = Embed(m.vocab_size, m.d_model, param_dtype, dtype, rngs)
+        if m.scan_layers:
+            @nnx.split_rngs(splits=m.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0,
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stack(rngs: nnx.Rngs) -> Block:
+                return Block(m, param_dtype, dtype, rngs)
+
+            self.blocks = stack(rngs)
+        else:
+            self.blocks = nnx.List([Block(m, param_dtype, dtype, rngs)
+                                    for _ in range(m.num_layers)])
+        self.final_norm = RMSNorm(m.d_model, m.norm_eps, param_dtype, rngs)
+        if not m.tie_embeddings:
+            self.unembed = param(rngs, fan_in_init(m.d_model), (m.vocab_size, m.d_model),
+                                 ("vocab", "embed"), param_dtype)
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens [B, T] int -> float32 logits [B, T, vocab]. Any T: positions are relative."""
+        m = self.m
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        mask = attention_mask(segment_ids)
+        rel = relative_sinusoids(tokens.shape[1], m.d_model, m.rel_pos_max_wavelength)
+        x = constrain(self.embed(tokens), EMBED_ACT)
+
+        def block_fn(block: Block, x: jax.Array) -> jax.Array:
+            return block(x, rel, mask)
+
+        if m.remat_policy != "none":
+            block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[m.remat_policy],
+                                 prevent_cse=not m.scan_layers)
+        if m.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            def run(block: Block, x: jax.Array) -> jax.Array:
+                return block_fn(block, x)
+
+            x = run(self.blocks, x)
+        else:
+            for block in self.blocks:
+                x = block_fn(block, x)
+        x = self.final_norm(x)
+        if m.tie_embeddings:
+            logits = self.embed.attend(x)
+        else:
+            logits = jnp.einsum("btd,vd->btv", x, self.unembed[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+def create(m: ml_collections.ConfigDict, seed: int | jax.Array = 0,
+           platform: str | None = None) -> Gopher:
+    """A concrete model (params on the default device). Sharded creation: `train/state.py`."""
+    with nnx.use_eager_sharding(False):
+        return Gopher(m, nnx.Rngs(params=seed), platform)
+
+
+def abstract(m: ml_collections.ConfigDict, platform: str | None = None
+             ) -> tuple[nnx.GraphDef, nnx.State]:
+    """GraphDef and the abstract param State (shapes, dtypes, logical names), no allocation."""
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: Gopher(m, nnx.Rngs(params=0), platform))
+    return nnx.split(model)
+
+
+def logical_axes(state: nnx.State) -> Any:
+    """The pure-dict tree of logical axis names of every param."""
+    return jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
+                        is_leaf=lambda v: isinstance(v, nnx.Variable)).to_pure_dict()
+
+
+def apply(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array,
+          segment_ids: jax.Array | None = None) -> jax.Array:
+    """Functional forward pass over a pure-dict param tree."""
+    model = nnx.merge(graphdef, params)
+    return model(tokens, segment_ids)

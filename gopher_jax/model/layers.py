@@ -1,0 +1,68 @@
+"""RMSNorm, the 4x GELU MLP, and the token embedding, with logical axis names on every param."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gopher_jax.parallel.rules import constrain
+
+Dtype = jnp.dtype
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str, ...],
+          dtype: Dtype) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+
+
+def fan_in_init(fan_in: int, scale: float = 1.0):
+    """Truncated normal with std scale / sqrt(fan_in); fan_in given explicitly because our
+    kernels are 3-D ([d_model, heads, kv]) and the contraction axes differ per kernel."""
+    return nnx.initializers.truncated_normal(stddev=scale / fan_in**0.5)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype: Dtype, rngs: nnx.Rngs):
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """d_model -> mlp_ratio * d_model (GELU) -> d_model, no biases."""
+
+    def __init__(self, d_model: int, d_ff: int, out_scale: float, param_dtype: Dtype,
+                 dtype: Dtype, rngs: nnx.Rngs):
+        self.wi = param(rngs, fan_in_init(d_model), (d_model, d_ff), ("embed", "mlp"), param_dtype)
+        self.wo = param(rngs, fan_in_init(d_ff, out_scale), (d_ff, d_model), ("mlp", "embed"),
+                        param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.einsum("btd,df->btf", x, self.wi[...].astype(self.dtype))
+        h = constrain(jax.nn.gelu(h), ("act_batch", "act_length", "act_mlp"))
+        return jnp.einsum("btf,fd->btd", h, self.wo[...].astype(self.dtype))
+
+
+class Embed(nnx.Module):
+    """Token embedding [vocab, d_model]; `attend` gives logits, so the table can be tied."""
+
+    def __init__(self, vocab: int, d_model: int, param_dtype: Dtype, dtype: Dtype,
+                 rngs: nnx.Rngs):
+        # std 1/sqrt(d_model): unit-norm input vectors and unit-scale tied logits.
+        self.table = param(rngs, fan_in_init(d_model), (vocab, d_model), ("vocab", "embed"),
+                           param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.table[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """[B, T, D] -> float32 logits [B, T, V]."""
+        return jnp.einsum("btd,vd->btv", x, self.table[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
