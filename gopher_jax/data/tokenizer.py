@@ -1,0 +1,178 @@
+"""SentencePiece BPE with byte fallback, set up so that decode(encode(x)) == x for any text."""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+import ml_collections
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
+# SentencePiece shows spaces as U+2581 inside pieces and turns U+2581 back into a space on
+# decode, so a literal U+2581 in the text is encoded as its three byte-fallback pieces.
+SPACE_SYMBOL = "\u2581"
+MAX_LINE_BYTES = 16_384
+# Enough text for a 32k vocabulary; SentencePiece needs ~10x the text in memory.
+TRAIN_MAX_CHARS = 200_000_000
+
+
+class Tokenizer:
+    """A SentencePiece model plus the exact bytes each id stands for."""
+
+    def __init__(self, model_proto: bytes, path: str = ""):
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size: int = self.sp.get_piece_size()
+        self.eos_id: int = self.sp.eos_id()
+        self.pad_id: int = self.sp.pad_id()
+        self._bytes = [self._piece_to_bytes(i) for i in range(self.vocab_size)]
+        self.piece_bytes = np.array([len(b) for b in self._bytes], dtype=np.int32)
+        self._space_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_SYMBOL.encode()]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer at {path}: train one with `python -m "
+                                    "gopher_jax tokenizer train --config ...` (or data prepare)")
+        return cls(path.read_bytes(), str(path))
+
+    def _piece_to_bytes(self, i: int) -> bytes:
+        sp = self.sp
+        if sp.is_control(i) or sp.is_unknown(i):
+            return b""
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):  # "<0xAB>"
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace(SPACE_SYMBOL, " ").encode("utf-8")
+
+    def encode(self, text: str) -> list[int]:
+        if SPACE_SYMBOL not in text:
+            return self.sp.encode(text)
+        ids: list[int] = []
+        for k, part in enumerate(text.split(SPACE_SYMBOL)):
+            if k:
+                ids += self._space_ids
+            ids += self.sp.encode(part)
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Like [encode(t) for t in texts], using SentencePiece's threads."""
+        plain = [i for i, t in enumerate(texts) if SPACE_SYMBOL not in t]
+        out: list[list[int]] = [[] for _ in texts]
+        for i, ids in zip(plain, self.sp.encode([texts[i] for i in plain]),
+                          strict=True):
+            out[i] = ids
+        for i, t in enumerate(texts):
+            if SPACE_SYMBOL in t:
+                out[i] = self.encode(t)
+        return out
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        table = self._bytes
+        return b"".join(table[int(i)] for i in ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def _lines(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """SentencePiece trains on lines; '\n' itself is a user-defined piece."""
+    total = 0
+    for text in texts:
+        for line in text.split("\n"):
+            if line and len(line.encode()) <= MAX_LINE_BYTES:
+                yield line
+        total += len(text)
+        if total >= max_chars:
+            return
+
+
+def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: int,
+                    nfkc: bool = False, max_chars: int = TRAIN_MAX_CHARS) -> Tokenizer:
+    """Train a BPE model on `texts` (the first `max_chars` of them) and write it to `path`.
+
+    Deterministic: the same texts give the same model file.
+    """
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone takes "
+                         "256 pieces plus 5 special ones; use >= 300.")
+    buf = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_lines(texts, max_chars), model_writer=buf,
+            vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+            character_coverage=1.0,
+            pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=BOS_ID,
+            user_defined_symbols=["\n"],
+            normalization_rule_name="nfkc" if nfkc else "identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, split_digits=True,
+            max_sentence_length=MAX_LINE_BYTES, input_sentence_size=0,
+            num_threads=2, minloglevel=2)
+    except RuntimeError as e:
+        raise ValueError(f"SentencePiece could not train a {vocab_size}-piece vocabulary: {e}. "
+                         "A small corpus needs a smaller model.vocab_size.") from e
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)  # atomic: a reader never sees half a model
+    return Tokenizer(buf.getvalue(), str(path))
+
+
+def default_path(cfg: ml_collections.ConfigDict) -> pathlib.Path:
+    """data.tokenizer_path, or <data_dir>/tokenizers/<corpus>_<vocab>[_nfkc].model."""
+    d = cfg.data
+    if d.tokenizer_path:
+        return pathlib.Path(os.path.expanduser(d.tokenizer_path))
+    from gopher_jax.data import builders
+
+    nfkc = "_nfkc" if d.nfkc else ""
+    name = f"{builders.corpus_name(cfg)}_{cfg.model.vocab_size}{nfkc}.model"
+    return pathlib.Path(os.path.expanduser(d.data_dir)) / "tokenizers" / name
+
+
+def train_from_config(cfg: ml_collections.ConfigDict) -> Tokenizer:
+    """Train on the config's train split and write to the config's tokenizer path."""
+    from gopher_jax.data import builders
+
+    builder = builders.prepare_builder(cfg)
+    texts = builders.iter_texts(builder, cfg.data.train_split, cfg.data.text_field)
+    return train_tokenizer(texts, default_path(cfg), cfg.model.vocab_size, nfkc=cfg.data.nfkc)
+
+
+def held_out_stats(tok: Tokenizer, texts: Iterable[str]) -> dict[str, float | int | bool]:
+    """Tokens per byte and whether the round trip is exact, on held-out text."""
+    n_tok = n_bytes = 0
+    exact = True
+    for t in texts:
+        ids = tok.encode(t)
+        n_tok += len(ids)
+        n_bytes += len(t.encode())
+        exact &= tok.decode(ids) == t
+    return {"tokens": n_tok, "bytes": n_bytes,
+            "tokens_per_byte": n_tok / max(n_bytes, 1), "roundtrip_exact": exact}
+
+
+def main_train(cfg: ml_collections.ConfigDict) -> Tokenizer:
+    """`python -m gopher_jax tokenizer train`: (re)train and report on the eval split."""
+    from gopher_jax.data import builders
+
+    t0 = time.time()
+    tok = train_from_config(cfg)
+    print(f"[tokenizer] trained {tok.vocab_size}-piece BPE on {cfg.data.dataset}:"
+          f"{cfg.data.train_split} in {time.time() - t0:.1f}s -> {tok.path}")
+    builder = builders.prepare_builder(cfg)
+    if cfg.data.eval_split in builder.info.splits:
+        s = held_out_stats(tok, builders.iter_texts(builder, cfg.data.eval_split,
+                                                    cfg.data.text_field))
+        print(f"[tokenizer] {cfg.data.eval_split}: {s['bytes']:,} bytes -> {s['tokens']:,} "
+              f"tokens ({s['tokens_per_byte']:.3f} tokens/byte), "
+              f"round trip exact: {s['roundtrip_exact']}")
+    return tok
