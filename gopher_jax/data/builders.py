@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob as glob_lib
 import hashlib
@@ -186,16 +187,22 @@ def _unit_hash(name: str) -> float:
 
 
 def assign_splits(keys: list[str]) -> dict[str, str]:
-    """key -> split: by hash, ~5% each held out; at least one doc each when there are 3."""
+    """key -> split by hash, ~5% each held out; each split non-empty when there are >= 3 keys.
+
+    Fewer than 3 documents all go to train (nothing to hold out).
+    """
+    if len(keys) < 3:
+        return dict.fromkeys(keys, "train")
     h = {k: _unit_hash(k) for k in keys}
     split = {k: "validation" if v < HELD_OUT_FRACTION
              else "test" if v < 2 * HELD_OUT_FRACTION else "train" for k, v in h.items()}
-    if len(keys) >= 3:
-        for s in ("validation", "test"):
-            if s not in split.values():
-                # The train doc with the smallest hash: stable when the corpus grows.
-                train = [k for k in keys if split[k] == "train"]
-                split[min(train, key=lambda k: (h[k], k))] = s
+    for s in SPLITS:
+        members = collections.Counter(split.values())
+        if not members[s]:
+            donor = max(SPLITS, key=lambda d: members[d])
+            # The donor's doc with the smallest hash: stable when the corpus grows.
+            k = min((k for k in keys if split[k] == donor), key=lambda k: (h[k], k))
+            split[k] = s
     return split
 
 
@@ -245,7 +252,9 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
             raise DataError(f"the files matching data.text_files={cfg.pattern!r} hold no text "
                             f"({len(files)} file(s), all empty).")
         split = assign_splits(keys)
-        return {s: self._generate_examples(files, names, split, s) for s in SPLITS}
+        # TFDS cannot write an empty split: a tiny corpus has no held-out ones.
+        return {s: self._generate_examples(files, names, split, s) for s in SPLITS
+                if s in split.values()}
 
     def _generate_examples(self, files, names, split, which):
         cfg = self.builder_config

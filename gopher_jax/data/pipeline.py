@@ -126,7 +126,8 @@ def open_chunks(cfg: ml_collections.ConfigDict, split: str) -> tokenized.Chunks:
     except FileNotFoundError as e:
         raise DataError(f"split {split!r} of {cfg.data.dataset!r} is not tokenized for this "
                         f"tokenizer and seq_len ({path}.json missing): run `python -m "
-                        "gopher_jax data prepare --config ...`.") from e
+                        "gopher_jax data prepare --config ...` (it skips splits the dataset "
+                        "lacks: check data.eval_split / test_split).") from e
     if chunks.seq_len != cfg.data.seq_len:
         raise DataError(f"{path} has seq_len {chunks.seq_len}, config {cfg.data.seq_len}: "
                         "prepare again.")
