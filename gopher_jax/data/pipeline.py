@@ -210,11 +210,14 @@ class TrainData:
     def epoch(self, step: int) -> float:
         return step * self.batch_size / self.num_chunks
 
-    def global_indices(self, step: int) -> np.ndarray:
-        """The chunk index of every row of the global batch at `step`."""
+    def global_indices(self, step: int, rows: Sequence[int] | None = None) -> np.ndarray:
+        """The chunk index of every row (or of `rows`) of the global batch at `step`."""
+        if rows is None:
+            rows = range(self.batch_size)
+        elif len(rows) and not 0 <= min(rows) <= max(rows) < self.batch_size:
+            raise IndexError(f"rows must lie in [0, {self.batch_size}), got {list(rows)}")
         start = step * self.batch_size
-        return np.array([self.order[i] for i in range(start, start + self.batch_size)],
-                        dtype=np.int64)
+        return np.array([self.order[start + int(r)] for r in rows], dtype=np.int64)
 
     def local_rows(self, step: int, process_index: int = 0, process_count: int = 1,
                    rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
@@ -222,9 +225,7 @@ class TrainData:
         block of `process_count`), read without touching any other row."""
         if rows is None:
             rows = _contiguous_rows(self.batch_size, process_index, process_count)
-        rows = np.asarray(rows, dtype=np.int64)
-        indices = self.global_indices(step)[rows]
-        return self.chunks.read(indices)
+        return self.chunks.read(self.global_indices(step, rows))
 
     def batch(self, step: int, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
         """The global batch at `step` as jax.Arrays sharded by `sharding` (batch on dim 0)."""

@@ -6,7 +6,8 @@ its own document. Chunk k is tokens[k*L : k*L + L + 1] (neighbours share one tok
 token but the split's first is a target exactly once). segment_ids number the documents
 1, 2, 3... within each chunk; 0 marks padding (only in the last chunk). The loss weight of
 target j is `target_weights(segment_ids)`; num_bytes[k] is the UTF-8 bytes of chunk k's
-weighted targets, so it sums to the split's byte count.
+weighted targets, so it sums to the split's byte count (with an NFKC tokenizer: the byte
+count of the normalised text, which is what the model sees; `num_text_bytes` has the raw one).
 
 One record = int32 [tokens (L+1), segment_ids (L+1), num_bytes (1)], raw little-endian.
 """
@@ -110,20 +111,21 @@ def write_split(path: str | os.PathLike, docs: Iterable[str], tokenizer, seq_len
     tmp = path.with_name(path.name + f".array_record.tmp{os.getpid()}")
     packer = ChunkPacker(seq_len, tokenizer.eos_id, tokenizer.pad_id, tokenizer.piece_bytes)
     writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
-    n_chunks = n_bytes = 0
+    n_chunks = n_bytes = n_text_bytes = 0
     t0 = last = time.time()
 
     def write(records: np.ndarray) -> None:
-        nonlocal n_chunks
+        nonlocal n_chunks, n_bytes
         for r in records:
             writer.write(r.astype("<i4").tobytes())
         n_chunks += len(records)
+        n_bytes += int(records[:, -1].sum())
 
     batch: list[str] = []
     try:
         for text in docs:
             batch.append(text)
-            n_bytes += len(text.encode("utf-8"))
+            n_text_bytes += len(text.encode("utf-8"))
             if len(batch) == ENCODE_BATCH:
                 write(packer.add(tokenizer.encode_batch(batch)))
                 batch = []
@@ -138,7 +140,7 @@ def write_split(path: str | os.PathLike, docs: Iterable[str], tokenizer, seq_len
     os.replace(tmp, path.with_suffix(".array_record"))
     info = {"fingerprint": fingerprint, "path": str(path.with_suffix(".array_record")),
             "seq_len": seq_len, "num_chunks": n_chunks, "num_docs": packer.num_docs,
-            "num_tokens": packer.num_tokens, "num_bytes": n_bytes,
+            "num_tokens": packer.num_tokens, "num_bytes": n_bytes, "num_text_bytes": n_text_bytes,
             "tokens_per_byte": packer.num_tokens / max(n_bytes, 1),
             "seconds": round(time.time() - t0, 2)}
     meta = path.with_suffix(".json")

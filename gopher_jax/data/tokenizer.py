@@ -107,7 +107,7 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: i
         spm.SentencePieceTrainer.train(
             sentence_iterator=_lines(texts, max_chars), model_writer=buf,
             vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
-            character_coverage=1.0,
+            character_coverage=0.9995,  # rarer characters fall back to bytes
             pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=BOS_ID,
             user_defined_symbols=["\n"],
             normalization_rule_name="nfkc" if nfkc else "identity",
