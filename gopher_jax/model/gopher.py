@@ -105,22 +105,30 @@ class Gopher(nnx.Module):
 def create(m: ml_collections.ConfigDict, seed: int | jax.Array = 0,
            platform: str | None = None) -> Gopher:
     """A concrete model (params on the default device). Sharded creation: `train/state.py`."""
-    with nnx.use_eager_sharding(False):
-        return Gopher(m, nnx.Rngs(params=seed), platform)
+    return Gopher(m, nnx.Rngs(params=seed), platform)
 
 
 def abstract(m: ml_collections.ConfigDict, platform: str | None = None
              ) -> tuple[nnx.GraphDef, nnx.State]:
     """GraphDef and the abstract param State (shapes, dtypes, logical names), no allocation."""
-    with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: Gopher(m, nnx.Rngs(params=0), platform))
-    return nnx.split(model)
+    # jax.eval_shape rather than nnx.eval_shape: the latter turns logical names into mesh
+    # shardings when a mesh is active, and logical names are not mesh axes.
+    graphdefs = []
+
+    def init() -> nnx.State:
+        graphdef, state = nnx.split(Gopher(m, nnx.Rngs(params=0), platform))
+        graphdefs.append(graphdef)
+        return state
+
+    state = jax.eval_shape(init)
+    return graphdefs[0], state
 
 
 def logical_axes(state: nnx.State) -> Any:
     """The pure-dict tree of logical axis names of every param."""
-    return jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
-                        is_leaf=lambda v: isinstance(v, nnx.Variable)).to_pure_dict()
+    names = jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
+                         is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return nnx.to_pure_dict(names)
 
 
 def apply(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array,

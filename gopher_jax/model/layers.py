@@ -13,7 +13,8 @@ Dtype = jnp.dtype
 
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str, ...],
           dtype: Dtype) -> nnx.Param:
-    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+    # Shardings come from the rules at state creation (train/state.py), not eagerly here.
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
 
 def fan_in_init(fan_in: int, scale: float = 1.0):

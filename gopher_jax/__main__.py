@@ -1,0 +1,78 @@
+"""`python -m gopher_jax COMMAND --config experiments/X.py [--config.a.b=v ...] [--workdir DIR]`.
+
+Commands: train, eval, sample, params, data, tokenizer, checkpoint, aot, scaling.
+Thin: parses flags, then calls the module that does the work.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+COMMANDS = {
+    "params": "print parameter counts and training FLOPs per token (no allocation)",
+    "train": "train (resumes from the newest checkpoint in --workdir)",
+    "eval": "bits per byte on the validation and test splits",
+    "sample": "generate text from a trained workdir",
+    "data": "data prepare: build the dataset, tokenizer and token chunks",
+    "tokenizer": "tokenizer train: train the SentencePiece model",
+}
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "experiments/default.py", "experiment config file")
+flags.DEFINE_string("workdir", "runs/default", "run directory (checkpoints, metrics)")
+flags.DEFINE_string("prompt", "", "sample: the text to continue")
+flags.DEFINE_integer("max_new_tokens", 200, "sample: tokens to generate")
+flags.DEFINE_float("temperature", 0.8, "sample: softmax temperature (0 = greedy)")
+flags.DEFINE_integer("top_k", 40, "sample: keep the k most likely tokens (0 = all)")
+flags.DEFINE_integer("sample_seed", 0, "sample: random seed")
+
+
+def usage() -> str:
+    lines = [__doc__ or "", "commands:"]
+    lines += [f"  {k:<10} {v}" for k, v in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        print(usage(), file=sys.stderr)
+        return 2
+    cmd, rest = argv[1], argv[2:]
+    sub = rest[0] if rest and not rest[0].startswith("-") else None
+    if sub is not None:
+        rest = rest[1:]
+    FLAGS([argv[0], *rest])
+    c = FLAGS.config
+    if cmd == "params":
+        from gopher_jax import report
+        print(report.params_report(c))
+    elif cmd == "train":
+        from gopher_jax.train import loop
+        loop.train(c, FLAGS.workdir)
+    elif cmd == "eval":
+        from gopher_jax import evaluate
+        evaluate.main(c, FLAGS.workdir)
+    elif cmd == "sample":
+        from gopher_jax import sample
+        print(sample.main(c, FLAGS.workdir, FLAGS.prompt, FLAGS.max_new_tokens,
+                          FLAGS.temperature, FLAGS.top_k, FLAGS.sample_seed))
+    elif cmd == "data":
+        if sub != "prepare":
+            print("usage: python -m gopher_jax data prepare --config ...", file=sys.stderr)
+            return 2
+        from gopher_jax.data import pipeline
+        pipeline.main_prepare(c)
+    elif cmd == "tokenizer":
+        if sub != "train":
+            print("usage: python -m gopher_jax tokenizer train --config ...", file=sys.stderr)
+            return 2
+        from gopher_jax.data import tokenizer
+        tokenizer.main_train(c)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,120 @@
+"""Loss, gradient accumulation over microbatches, and the optimiser update (one jitted step)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gopher_jax.model import gopher
+from gopher_jax.parallel import rules as rules_lib
+from gopher_jax.train.optimizer import optimizer, schedule
+from gopher_jax.train.state import State, state_shardings
+
+Batch = dict[str, jax.Array]
+LN2 = math.log(2.0)
+
+
+def split_batch(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Chunks of seq_len + 1 tokens -> inputs, input segment ids, targets, target weights.
+
+    A target counts when it lies in the same document as its input and is not padding.
+    """
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    weights = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+    return tokens[:, :-1], seg[:, :-1], tokens[:, 1:], weights.astype(jnp.float32)
+
+
+def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(summed nll in nats, summed target weight), cross-entropy in float32."""
+    inputs, seg, targets, weights = split_batch(batch)
+    logits = gopher.apply(graphdef, params, inputs, seg)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def make_train_step(c: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[State, Batch], Any]:
+    """A jitted (state, batch) -> (state, metrics) with donated state and fixed shardings."""
+    graphdef, _ = gopher.abstract(c.model)
+    tx, lr_fn = optimizer(c.train), schedule(c.train)
+    k = c.train.microbatches
+    rules = rules_lib.get_rules(c.mesh.rules)
+    batch_spec = rules_lib.logical_to_spec(("batch",), rules)
+
+    def grads_of(params: Any, batch: Batch) -> tuple[Any, jax.Array, jax.Array]:
+        def f(p: Any, b: Batch) -> tuple[jax.Array, jax.Array]:
+            return loss_sums(graphdef, p, b)
+
+        if k == 1:
+            (nll, w), g = jax.value_and_grad(f, has_aux=True)(params, batch)
+            return g, nll, w
+
+        # Microbatch i takes rows i, i+k, ...: every data shard holds rows of every microbatch.
+        def micro(x: jax.Array) -> jax.Array:
+            x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+            spec = PartitionSpec(None, *batch_spec, *([None] * (x.ndim - 2)))
+            return jax.lax.with_sharding_constraint(x, spec)
+
+        def body(carry: Any, b: Batch) -> tuple[Any, None]:
+            g_acc, nll_acc, w_acc = carry
+            (nll, w), g = jax.value_and_grad(f, has_aux=True)(params, b)
+            return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, w_acc + w), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (g, nll, w), _ = jax.lax.scan(body, init, jax.tree.map(micro, batch))
+        return g, nll, w
+
+    def step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        with rules_lib.use_rules(rules):
+            params = state["params"]
+            g, nll, w = grads_of(params, batch)
+            denom = jnp.maximum(w, 1.0)
+            g = jax.tree.map(lambda x: x.astype(jnp.float32) / denom, g)
+            if c.train.master_fp32:
+                master = state["opt_state"]["master"]
+                updates, tx_state = tx.update(g, state["opt_state"]["tx"], master)
+                master = optax.apply_updates(master, updates)
+                opt_state = {"master": master, "tx": tx_state}
+                new_params = jax.tree.map(lambda m, p: m.astype(p.dtype), master, params)
+            else:
+                updates, opt_state = tx.update(g, state["opt_state"], params)
+                new_params = optax.apply_updates(params, updates)
+        nbytes = jnp.sum(batch["num_bytes"]).astype(jnp.float32)
+        metrics = {
+            "loss": nll / denom,
+            "bits_per_byte": nll / LN2 / jnp.maximum(nbytes, 1.0),
+            "grad_norm": optax.global_norm(g),
+            "learning_rate": lr_fn(state["step"]),
+            "tokens": w,
+        }
+        new = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+        return new, metrics
+
+    shardings = state_shardings(c, mesh)
+    data = NamedSharding(mesh, PartitionSpec(*batch_spec))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step, in_shardings=(shardings, data), out_shardings=(shardings, replicated),
+                   donate_argnums=(0,))
+
+
+def make_eval_step(c: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[Any, Batch], Any]:
+    """(params, batch) -> (summed nll in nats, summed weight, summed bytes of weighted targets)."""
+    graphdef, _ = gopher.abstract(c.model)
+    rules = rules_lib.get_rules(c.mesh.rules)
+
+    def step(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+        with rules_lib.use_rules(rules):
+            nll, w = loss_sums(graphdef, params, batch)
+        return nll, w, jnp.sum(batch["num_bytes"]).astype(jnp.float32)
+
+    psh = state_shardings(c, mesh)["params"]
+    data = NamedSharding(mesh, PartitionSpec(*rules_lib.logical_to_spec(("batch",), rules)))
+    return jax.jit(step, in_shardings=(psh, data))

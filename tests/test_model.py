@@ -1,0 +1,295 @@
+"""Issue 2: the Gopher model, its attention, layouts, sharding rules and configs."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gopher_jax import config as config_lib
+from gopher_jax.model import attention, gopher
+from gopher_jax.parallel import mesh as mesh_lib
+from gopher_jax.parallel import rules as rules_lib
+from gopher_jax.train import state as state_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def small_config(**model):
+    c = config_lib.base_config()
+    c.model.update(vocab_size=96, num_layers=2, num_heads=4, head_dim=8, d_model=32,
+                   dtype="float32", remat_policy="none")
+    c.model.update(**model)
+    c.data.seq_len = 16
+    c.train.batch_size = 8
+    return c
+
+
+def randomize(params, seed=0):
+    """Nonzero u, v and norm scales, so the reference test sees every term."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    out = [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+    return jax.tree.unflatten(tree, out)
+
+
+def tokens_for(c, batch=2, length=None, seed=1):
+    length = length or c.data.seq_len
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, c.model.vocab_size)
+
+
+# ---------------------------------------------------------------- attention vs reference
+
+
+def reference_attention(x, p, segment_ids, max_wavelength):
+    """Dai et al. (2019) eq. in section 3.3, written plainly with loops, in float64."""
+    x = np.asarray(x, np.float64)
+    wq, wk, wv, wr, wo, u, v = (np.asarray(p[n], np.float64)
+                                for n in ("wq", "wk", "wv", "wr", "wo", "u", "v"))
+    b, t, d = x.shape
+    h, k = u.shape
+    out = np.zeros((b, t, d))
+    inv_freq = 1.0 / max_wavelength ** (np.arange(0, d, 2) / d)
+    for bi in range(b):
+        q = np.einsum("td,dhk->thk", x[bi], wq)
+        kk = np.einsum("td,dhk->thk", x[bi], wk)
+        vv = np.einsum("td,dhk->thk", x[bi], wv)
+        for head in range(h):
+            for i in range(t):
+                scores = np.full(t, -np.inf)
+                for j in range(i + 1):
+                    if segment_ids[bi, i] != segment_ids[bi, j]:
+                        continue
+                    dist = i - j
+                    r = np.concatenate([np.sin(dist * inv_freq), np.cos(dist * inv_freq)])
+                    rk = r @ wr[:, head, :]
+                    scores[j] = ((q[i, head] + u[head]) @ kk[j, head]
+                                 + (q[i, head] + v[head]) @ rk) / np.sqrt(k)
+                w = np.exp(scores - scores.max())
+                w /= w.sum()
+                out[bi, i] += (w @ vv[:, head, :]) @ wo[head]
+    return out
+
+
+def test_relative_attention_matches_reference():
+    d, h, k, t = 16, 2, 8, 7
+    attn = attention.RelativeAttention(d, h, k, 1.0, jnp.float32, jnp.float32, nnx.Rngs(0))
+    nnx.update(attn, randomize(nnx.state(attn)))
+    x = jax.random.normal(jax.random.key(3), (2, t, d))
+    seg = np.array([[1] * t, [1, 1, 1, 2, 2, 2, 2]])
+    got = attn(x, attention.relative_sinusoids(t, d, 10_000.0),
+               attention.attention_mask(jnp.asarray(seg)))
+    p = {n: getattr(attn, n)[...] for n in ("wq", "wk", "wv", "wr", "wo", "u", "v")}
+    want = reference_attention(x, p, seg, 10_000.0)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-5)
+
+
+def test_rel_shift_lines_up_distances():
+    t = 5
+    raw = jnp.broadcast_to(jnp.arange(t - 1, -1, -1.0), (t, t))  # column m holds distance T-1-m
+    shifted = np.asarray(attention.rel_shift(raw))
+    i, j = np.tril_indices(t)
+    np.testing.assert_array_equal(shifted[i, j], i - j)
+
+
+# ---------------------------------------------------------------- causality and packing
+
+
+def test_causality():
+    c = small_config()
+    model = gopher.create(c.model, 0)
+    nnx.update(model, randomize(nnx.state(model)))
+    toks = tokens_for(c, 1)
+    base = model(toks)
+    t = 9
+    changed = model(toks.at[0, t].set((toks[0, t] + 1) % c.model.vocab_size))
+    np.testing.assert_array_equal(np.asarray(base[0, :t]), np.asarray(changed[0, :t]))
+    assert not np.allclose(base[0, t:], changed[0, t:])
+
+
+def test_packed_documents_match_separate_runs():
+    c = small_config()
+    model = gopher.create(c.model, 0)
+    a, b = tokens_for(c, 1, 6, seed=5), tokens_for(c, 1, 10, seed=6)
+    packed = jnp.concatenate([a, b], axis=1)
+    seg = jnp.array([[1] * 6 + [2] * 10])
+    out = model(packed, seg)
+    np.testing.assert_allclose(out[:, :6], model(a), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[:, 6:], model(b), rtol=1e-5, atol=1e-5)
+
+
+def test_longer_than_training_length():
+    c = small_config()
+    model = gopher.create(c.model, 0)
+    logits = model(tokens_for(c, 1, 2 * c.data.seq_len))
+    assert logits.shape == (1, 2 * c.data.seq_len, c.model.vocab_size)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def unstack(params):
+    """Scanned params -> the unscanned layout ({'blocks': {0: ..., 1: ...}})."""
+    n = jax.tree.leaves(params["blocks"])[0].shape[0]
+    out = dict(params)
+    out["blocks"] = {i: jax.tree.map(lambda x, i=i: x[i], params["blocks"]) for i in range(n)}
+    return out
+
+
+def loss_and_grads(c, params, toks):
+    graphdef, _ = gopher.abstract(c.model)
+
+    def f(p):
+        return jnp.mean(gopher.apply(graphdef, p, toks) ** 2)
+
+    return jax.value_and_grad(f)(params)
+
+
+def test_scanned_equals_unscanned():
+    c = small_config(scan_layers=True)
+    params = randomize(nnx.to_pure_dict(nnx.state(gopher.create(c.model, 0))))
+    cu = small_config(scan_layers=False)
+    toks = tokens_for(c)
+    l1, g1 = loss_and_grads(c, params, toks)
+    l2, g2 = loss_and_grads(cu, unstack(params), toks)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
+                 unstack(g1), g2)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots"])
+def test_remat_equals_no_remat(scan, policy):
+    c0 = small_config(scan_layers=scan, remat_policy="none")
+    c1 = small_config(scan_layers=scan, remat_policy=policy)
+    params = randomize(nnx.to_pure_dict(nnx.state(gopher.create(c0.model, 0))))
+    toks = tokens_for(c0)
+    l0, g0 = jax.jit(lambda p: loss_and_grads(c0, p, toks))(params)
+    l1, g1 = jax.jit(lambda p: loss_and_grads(c1, p, toks))(params)
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), g0, g1)
+
+
+# ---------------------------------------------------------------- sharding
+
+
+EXPECTED_SPECS = {  # (wq, mlp.wi, embed.table) under each rule set
+    "data-only": (PartitionSpec(None, None, None, None), PartitionSpec(None, None, None),
+                  PartitionSpec(None, None)),
+    "fsdp": (PartitionSpec(None, "fsdp", None, None), PartitionSpec(None, "fsdp", None),
+             PartitionSpec(None, "fsdp")),
+    "tensor": (PartitionSpec(None, None, "tensor", None), PartitionSpec(None, None, "tensor"),
+               PartitionSpec("tensor", None)),
+    "fsdp+tensor": (PartitionSpec(None, "fsdp", "tensor", None),
+                    PartitionSpec(None, "fsdp", "tensor"), PartitionSpec("tensor", "fsdp")),
+}
+MESHES = {"data-only": (8, 1, 1), "fsdp": (2, 4, 1), "tensor": (2, 1, 4), "fsdp+tensor": (2, 2, 2)}
+
+
+@pytest.mark.parametrize("rule_set", sorted(EXPECTED_SPECS))
+def test_sharded_params_forward_and_grads(rule_set):
+    assert jax.device_count() == 8
+    c = small_config()
+    c.mesh.rules = rule_set
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = MESHES[rule_set]
+    mesh = mesh_lib.make_mesh(c)
+    assert dict(mesh.shape) == dict(zip(("data", "fsdp", "tensor"), MESHES[rule_set], strict=True))
+    st = state_lib.create_state(c, mesh)
+    params = st["params"]
+    wq, wi, table = EXPECTED_SPECS[rule_set]
+    assert params["blocks"]["attn"]["wq"].sharding.spec == wq
+    assert params["blocks"]["mlp"]["wi"].sharding.spec == wi
+    assert params["embed"]["table"].sharding.spec == table
+    sharded_shard = params["blocks"]["mlp"]["wi"].addressable_shards[0].data.shape
+    full = params["blocks"]["mlp"]["wi"].shape
+    n = {"data-only": 1, "fsdp": 4, "tensor": 4, "fsdp+tensor": 4}[rule_set]
+    assert np.prod(sharded_shard) * n == np.prod(full)
+
+    toks = tokens_for(c, 8)
+    host = jax.device_get(params)
+    want_l, want_g = jax.jit(lambda p: loss_and_grads(c, p, toks))(host)
+    batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    rules = rules_lib.get_rules(rule_set)
+
+    def f(p, t):
+        with rules_lib.use_rules(rules):
+            return loss_and_grads(c, p, t)
+
+    with jax.set_mesh(mesh):
+        got_l, got_g = jax.jit(f)(params, jax.device_put(toks, batch_sh))
+    np.testing.assert_allclose(got_l, want_l, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 jax.device_get(got_g), want_g)
+
+
+# ---------------------------------------------------------------- configs
+
+
+NOMINAL = {"gopher_44m": 44e6, "gopher_117m": 117e6, "gopher_417m": 417e6,
+           "gopher_1_4b": 1.4e9, "gopher_7_1b": 7.1e9, "gopher_280b": 280e9}
+
+
+@pytest.mark.parametrize("name", sorted(NOMINAL))
+def test_table1_param_counts(name):
+    from gopher_jax import report
+
+    c = load_config(name)
+    counts = report.count_params(c)
+    assert counts == config_lib.param_counts(c.model)  # the formula counts every param
+    assert abs(counts["total"] / NOMINAL[name] - 1) < 0.10, counts
+
+
+def test_params_command_prints_counts():
+    out = subprocess.run([sys.executable, "-m", "gopher_jax", "params", "--config",
+                          str(ROOT / "experiments" / "gopher_280b.py")],
+                         capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "279,702,421,504" in out and "non-embedding" in out
+
+
+def test_untied_embeddings_add_a_matrix():
+    c = load_config("gopher_44m")
+    c.model.tie_embeddings = False
+    assert config_lib.param_counts(c.model)["total"] == 43_663_872 + 32_000 * 512
+
+
+@pytest.mark.parametrize("case,match", [
+    (dict(rules="tensor", tensor=8, data=1, fsdp=1, heads=12), "num_heads = 12 .*tensor=8"),
+    (dict(rules="fsdp", fsdp=8, data=1, batch=12), "batch 12 .* data\\*fsdp = 1\\*8"),
+    (dict(rules="tensor", tensor=8, data=1, fsdp=1, vocab=1001), "vocab_size = 1001 .*tensor=8"),
+    (dict(rules="zero3"), "unknown rule set mesh.rules='zero3'"),
+    (dict(rules="fsdp", data=1, fsdp=4, tensor=2), "does not use the tensor axis"),
+    (dict(data=3, fsdp=-1), "8 devices cannot be split"),
+    (dict(rules="fsdp", data=1, fsdp=8, microbatches=3, batch=16), "not divisible by train.micro"),
+])
+def test_bad_configs_are_rejected(case, match):
+    c = load_config("gopher_117m")  # 12 heads, vocab 32,000, d_model 768
+    c.train.batch_size = case.pop("batch", 64)
+    c.train.microbatches = case.pop("microbatches", 1)
+    if "heads" in case:
+        c.model.num_heads, c.model.head_dim = case.pop("heads"), 64
+    if "vocab" in case:
+        c.model.vocab_size = case.pop("vocab")
+        c.model.num_heads, c.model.head_dim = 16, 48
+    c.mesh.update(case)
+    with pytest.raises(config_lib.ConfigError, match=match):
+        config_lib.validate(c, 8)
+
+
+def test_heads_times_kv_must_equal_d_model():
+    c = small_config(head_dim=4)
+    with pytest.raises(config_lib.ConfigError, match="must equal d_model"):
+        config_lib.validate(c, 1)
