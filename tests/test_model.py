@@ -42,7 +42,8 @@ def randomize(params, seed=0):
     """Nonzero u, v and norm scales, so the reference test sees every term."""
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    out = [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+    out = [x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
+           for k, x in zip(keys, leaves, strict=True)]
     return jax.tree.unflatten(tree, out)
 
 
