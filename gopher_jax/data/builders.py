@@ -343,6 +343,8 @@ def iter_texts(builder: tfds.core.DatasetBuilder, split: str, text_field: str = 
         raise DataError(f"dataset {builder.name!r} has no split {split!r}; it has "
                         f"{split_names(builder)}. Set data.train_split / eval_split / "
                         "test_split.")
+    if isinstance(builder, Iambic | TextFiles):
+        text_field = "text"  # data.text_field names the .jsonl key; the feature is "text"
     source = builder.as_data_source(split)
     for start in range(0, len(source), read_batch):
         for ex in source.__getitems__(range(start, min(start + read_batch, len(source)))):
