@@ -1,0 +1,72 @@
+"""`python -m gopher_jax eval`: exact bits per byte of a trained workdir on held-out splits,
+next to a unigram baseline computed by the same code on the same chunks."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from gopher_jax import checkpoint as ckpt_lib
+from gopher_jax.data import pipeline
+from gopher_jax.parallel import distributed
+from gopher_jax.parallel import mesh as mesh_lib
+from gopher_jax.train import state as state_lib
+from gopher_jax.train import step as step_lib
+from gopher_jax.train.loop import evaluate_split
+
+
+def restore_params(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                   mesh: jax.sharding.Mesh) -> tuple[Any, int]:
+    ckpt = ckpt_lib.Checkpointer(workdir)
+    try:
+        restored = ckpt.restore_latest(state_lib.abstract_state(c, mesh))
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise ckpt_lib.CheckpointError(
+            f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first with "
+            f"`python -m gopher_jax train --config ... --workdir {workdir}`.")
+    state, meta = restored
+    return state["params"], meta["step"]
+
+
+def unigram_bits_per_byte(c: ml_collections.ConfigDict, split: str) -> float:
+    """Bits per byte of a unigram model fitted (add-one smoothed) on the train split's
+    token counts, scored on `split` with the same target weights as the model."""
+    counts = np.ones(c.model.vocab_size)
+    for b in pipeline.eval_batches(c, c.data.train_split, 256):
+        _, _, targets, w = step_lib.split_batch(b)
+        np.add.at(counts, np.asarray(targets)[np.asarray(w) > 0], 1)
+    logp = np.log(counts / counts.sum())
+    nll = nbytes = 0.0
+    for b in pipeline.eval_batches(c, split, 256):
+        _, _, targets, w = step_lib.split_batch(b)
+        nll -= float(np.sum(logp[np.asarray(targets)] * np.asarray(w)))
+        nbytes += float(np.sum(b["num_bytes"]))
+    return nll / math.log(2) / nbytes
+
+
+def main(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    distributed.initialize_from_env()
+    mesh = mesh_lib.make_mesh(c)
+    pipeline.prepare(c, verbose=False)
+    params, step = restore_params(c, workdir, mesh)
+    eval_step = step_lib.make_eval_step(c, mesh)
+    results: dict[str, Any] = {"step": step}
+    for split in (c.data.eval_split, c.data.test_split):
+        r = evaluate_split(c, mesh, params, split, eval_step)
+        r["unigram_bits_per_byte"] = unigram_bits_per_byte(c, split)
+        results[split] = r
+        if jax.process_index() == 0:
+            print(f"{split:>10}: bits/byte {r['bits_per_byte']:.4f} (unigram baseline "
+                  f"{r['unigram_bits_per_byte']:.4f}), loss {r['loss']:.4f} nats/token over "
+                  f"{r['tokens']:,.0f} tokens, {r['bytes']:,.0f} bytes  [step {step}]")
+    if jax.process_index() == 0:
+        (pathlib.Path(workdir) / "eval.json").write_text(json.dumps(results, indent=2))
+    return results

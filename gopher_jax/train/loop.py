@@ -1,0 +1,222 @@
+"""The training loop: mesh -> sharded state (fresh or restored) -> batches -> step -> logs.
+
+Nothing blocks on the host between steps except at logging, evaluation and checkpoint steps:
+per-step metrics stay on device until then, so dispatch runs ahead of the computation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gopher_jax import checkpoint as ckpt_lib
+from gopher_jax import config as config_lib
+from gopher_jax import hardware
+from gopher_jax.data import pipeline
+from gopher_jax.metrics import MetricsWriter
+from gopher_jax.model.gopher import compute_dtype
+from gopher_jax.parallel import mesh as mesh_lib
+from gopher_jax.parallel import rules as rules_lib
+from gopher_jax.train import state as state_lib
+from gopher_jax.train import step as step_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def say(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def batch_sharding(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> NamedSharding:
+    spec = rules_lib.logical_to_spec(("batch",), rules_lib.get_rules(c.mesh.rules))
+    return NamedSharding(mesh, PartitionSpec(*spec, None))
+
+
+def evaluate_split(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, params: Any,
+                   split: str, eval_step: Any = None, max_batches: int = -1) -> dict[str, float]:
+    """Exact bits per byte: summed -log2 p over the summed UTF-8 bytes of the split."""
+    eval_step = eval_step or step_lib.make_eval_step(c, mesh)
+    sharding = batch_sharding(c, mesh)
+    sums = np.zeros(3)
+    with jax.set_mesh(mesh):
+        for batch in pipeline.eval_batches(c, split, c.train.batch_size, sharding,
+                                           max_batches=max_batches):
+            sums += np.array(jax.device_get(eval_step(params, batch)), dtype=np.float64)
+    nll, tokens, nbytes = sums
+    return {"loss": nll / max(tokens, 1), "bits_per_byte": nll / math.log(2) / max(nbytes, 1),
+            "tokens": tokens, "bytes": nbytes}
+
+
+class Preemption:
+    """SIGTERM (what TPU VMs and SLURM send before preempting) -> finish the step, save, exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Trains to c.train.steps, resuming from the newest checkpoint in workdir. Returns a
+    summary with the final metrics."""
+    from gopher_jax.parallel import distributed
+
+    distributed.initialize_from_env()
+    workdir = pathlib.Path(workdir)
+    mesh = mesh_lib.make_mesh(c)  # validates the config first
+    say(f"mesh {dict(mesh.shape)} rules={c.mesh.rules} devices={jax.device_count()} "
+        f"processes={jax.process_count()}")
+
+    info = distributed.run_on_process_zero_first(lambda: pipeline.prepare(c, verbose=True))
+    data = pipeline.TrainData(c)
+    sharding = batch_sharding(c, mesh)
+
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.checkpoint_keep)
+    restored = ckpt.restore_latest(state_lib.abstract_state(c, mesh))
+    if restored is None:
+        state = state_lib.create_state(c, mesh)
+        say(f"new run in {workdir}: initialised state (seed {c.seed})")
+    else:
+        state, meta = restored
+        shape_keys, other = ckpt_lib.config_diff(meta["config"], json.loads(c.to_json()))
+        if shape_keys:
+            raise ckpt_lib.CheckpointError(
+                f"{workdir} holds a checkpoint of a different model: {shape_keys} differ from "
+                "the current config. Use another --workdir, or the original config.")
+        say(f"resumed from step {meta['step']} in {ckpt.directory} (written on mesh "
+            f"{meta['mesh']}, {meta['process_count']} process(es))"
+            + (f"; config changes allowed: {other}" if other else ""))
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(c.to_json(indent=2))
+
+    train_step = step_lib.make_train_step(c, mesh)
+    eval_step = step_lib.make_eval_step(c, mesh)
+    writer = MetricsWriter(workdir)
+    flops_tok = config_lib.flops_per_token(c.model, c.data.seq_len)["train"]
+    dtype = str(compute_dtype(c.model.dtype))
+    peak, peak_src = hardware.peak_flops_per_device(dtype)
+    say(f"peak {peak / 1e9:.1f} GFLOP/s per device ({peak_src}); "
+        f"{flops_tok:.3g} train FLOPs/token; {data.num_chunks:,} train chunks "
+        f"({info['splits'][c.data.train_split]['num_tokens']:,} tokens)")
+    tokens_per_step = c.train.batch_size * c.data.seq_len
+
+    start = int(jax.device_get(state["step"]))
+    total = c.train.steps
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    preempt = Preemption()
+    bar = _progress(start, total)
+    last_t, last_step = time.perf_counter(), start
+    summary: dict[str, Any] = {"start_step": start}
+    step = start
+    try:
+        with jax.set_mesh(mesh):
+            while step < total:
+                state, m = train_step(state, data.batch(step, sharding))
+                pending.append((step, m))
+                step += 1
+                log_now = step % c.train.log_every == 0 or step == total
+                eval_now = c.train.eval_every > 0 and (step % c.train.eval_every == 0
+                                                       or step == total)
+                save_now = (step % c.train.checkpoint_every == 0 or step == total
+                            or preempt.requested)
+                if not (log_now or eval_now or save_now):
+                    continue
+                rows = _fetch_checked(pending)  # raises before any bad state is saved
+                pending = []
+                now = time.perf_counter()
+                tok_s = (step - last_step) * tokens_per_step / max(now - last_t, 1e-9)
+                last_t, last_step = now, step
+                last = rows[-1]
+                last.update(tokens_per_s=tok_s,
+                            mfu=tok_s * flops_tok / (peak * jax.device_count()))
+                if log_now:
+                    writer.write(step, last)
+                    bar.update(step, last)
+                if eval_now:
+                    ev = evaluate_split(c, mesh, state["params"], c.data.eval_split, eval_step,
+                                        c.train.eval_batches)
+                    writer.write(step, ev, prefix="eval")
+                    bar.message(f"step {step}: {c.data.eval_split} bits/byte "
+                                f"{ev['bits_per_byte']:.4f} loss {ev['loss']:.4f}")
+                    summary["eval"] = ev
+                    last_t = time.perf_counter()  # eval time is not training time
+                if save_now:
+                    ckpt.save(step, state, ckpt_lib.meta_for(c, step, mesh), force=True)
+                summary["train"] = last
+                if preempt.requested:
+                    ckpt.wait()
+                    bar.message(f"SIGTERM: saved step {step}; exiting to be resumed")
+                    summary["preempted"] = True
+                    break
+    finally:
+        preempt.restore()
+        bar.close()
+        ckpt.close()
+        writer.close()
+    summary["step"] = step
+    return summary
+
+
+def _fetch_checked(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[dict[str, float]]:
+    rows = []
+    for s, m in jax.device_get(pending):
+        row = {k: float(v) for k, v in m.items()}
+        if not math.isfinite(row["loss"]) or not math.isfinite(row["grad_norm"]):
+            raise NonFiniteLossError(
+                f"non-finite loss {row['loss']} (grad norm {row['grad_norm']}) at step {s + 1}; "
+                "no checkpoint was written from it. Lower train.learning_rate or raise "
+                "train.warmup_steps, then resume from the last checkpoint.")
+        rows.append(row)
+    return rows
+
+
+class _progress:
+    """A tqdm bar on process 0 (loss, tokens/s, ETA); plain lines when not a terminal."""
+
+    def __init__(self, start: int, total: int):
+        self.enabled = jax.process_index() == 0
+        self.bar = None
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                            mininterval=1.0, disable=not sys.stderr.isatty())
+            self.n = start
+
+    def update(self, step: int, m: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(step - self.n)
+        self.n = step
+        self.bar.set_postfix(loss=f"{m['loss']:.3f}", bpb=f"{m['bits_per_byte']:.3f}",
+                             tok_s=f"{m['tokens_per_s']:.0f}", mfu=f"{m['mfu']:.1%}")
+        self.bar.write(f"step {step}: loss {m['loss']:.4f} bits/byte {m['bits_per_byte']:.4f} "
+                       f"lr {m['learning_rate']:.3g} grad_norm {m['grad_norm']:.3f} "
+                       f"tokens/s {m['tokens_per_s']:.0f} MFU {m['mfu']:.1%}")
+
+    def message(self, msg: str) -> None:
+        if self.enabled:
+            self.bar.write(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
