@@ -1,0 +1,149 @@
+"""Several JAX processes on this host through launch/local.py (gloo CPU collectives)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from gopher_jax.parallel import distributed
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from launch import local  # noqa: E402
+
+PY = sys.executable
+# Bounds a launch that should have stopped long before: a hang fails the test instead.
+HANG_S = 120
+
+
+def run_launch(cmd, **kw) -> tuple[int, str]:
+    lines: list[str] = []
+    result: dict[str, int] = {}
+
+    class _Null:
+        def write(self, s):
+            pass
+
+        def flush(self):
+            pass
+
+    t = threading.Thread(target=lambda: result.update(
+        rc=local.launch(cmd, out=_Null(), capture=lines, **kw)), daemon=True)
+    t.start()
+    t.join(HANG_S)
+    assert not t.is_alive(), "launcher did not return: it failed to stop the processes"
+    return result["rc"], "".join(lines)
+
+
+def test_env_setting():
+    assert distributed.env_setting({}) is None
+    s = distributed.env_setting({"GOPHER_COORDINATOR": "h:1", "GOPHER_NUM_PROCESSES": "4",
+                                 "GOPHER_PROCESS_ID": "3"})
+    assert s == {"mode": "explicit", "coordinator": "h:1", "num_processes": 4, "process_id": 3}
+    assert distributed.env_setting({"GOPHER_DISTRIBUTED": "auto"}) == {"mode": "auto"}
+    assert distributed.env_setting({"TPU_WORKER_HOSTNAMES": "a,b"}) == {"mode": "auto"}
+    assert distributed.env_setting({"TPU_WORKER_HOSTNAMES": "a"}) is None
+    assert distributed.env_setting({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "8"}) == {"mode": "auto"}
+    with pytest.raises(ValueError, match="GOPHER_PROCESS_ID"):
+        distributed.env_setting({"GOPHER_COORDINATOR": "h:1", "GOPHER_NUM_PROCESSES": "2"})
+    with pytest.raises(ValueError, match=r"must be in \[0"):
+        distributed.env_setting({"GOPHER_COORDINATOR": "h:1", "GOPHER_NUM_PROCESSES": "2",
+                                 "GOPHER_PROCESS_ID": "2"})
+
+
+def test_process_env():
+    env = local.process_env(1, 2, 4, 1234, base={"XLA_FLAGS": "--xla_foo=1 "
+                                                 "--xla_force_host_platform_device_count=8"})
+    assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=4"
+    assert (env["GOPHER_COORDINATOR"], env["GOPHER_NUM_PROCESSES"], env["GOPHER_PROCESS_ID"],
+            env["JAX_PLATFORMS"]) == ("127.0.0.1:1234", "2", "1", "cpu")
+
+
+def test_launcher_rejects_bad_input():
+    with pytest.raises(ValueError, match="after '--'"):
+        local.launch([])
+    assert local.main(["--num_processes", "2", "python"]) == 2
+
+
+def test_output_is_prefixed_and_success_is_zero():
+    rc, out = run_launch([PY, "-c", "import os; print('id', os.environ['GOPHER_PROCESS_ID'])"],
+                         num_processes=3, devices_per_process=1)
+    assert rc == 0
+    assert {"[p0] id 0\n", "[p1] id 1\n", "[p2] id 2\n"} <= set(out.splitlines(keepends=True))
+
+
+# Process 1 fails after start-up while process 0 waits in a cross-process collective that can
+# never complete: the launcher must stop process 0 and report process 1's failure.
+DYING = """
+import os, jax, jax.numpy as jnp, numpy as np
+from jax.experimental import multihost_utils
+from gopher_jax.parallel import distributed
+distributed.initialize_from_env()
+assert jax.process_count() == 2 and jax.device_count() == 4
+if jax.process_index() == 1:
+    raise RuntimeError("simulated failure")
+print("waiting in a collective", flush=True)
+multihost_utils.sync_global_devices("never")
+print("unreachable", flush=True)
+"""
+
+
+def test_dying_process_stops_the_others():
+    rc, out = run_launch([PY, "-c", DYING], num_processes=2, devices_per_process=2, grace_s=3)
+    assert rc != 0
+    assert "[launch] process 1 exited with code 1; stopping the others" in out
+    # Errors carry the index of the process that raised them.
+    assert "[p1] [process 1/2] uncaught RuntimeError: simulated failure" in out
+    assert "[p0] unreachable" not in out
+
+
+INIT_ONLY = "from gopher_jax.parallel import distributed; distributed.initialize_from_env()"
+
+
+def test_missing_process_gives_startup_timeout_naming_it():
+    # Processes 0 and 1 of 3 start; process 2 never does.
+    rc, out = run_launch([PY, "-c", INIT_ONLY], num_processes=3, devices_per_process=1,
+                         only=[0, 1], init_timeout_s=4, grace_s=3)
+    assert rc != 0
+    assert "reached the barrier: 2/3" in out
+    assert _missing_named(out) == {2}, out[-2000:]
+
+
+def _missing_named(out: str) -> set[int]:
+    """Process ids the coordinator lists after 'Some timed out task names:' (one a line)."""
+    lines = [ln.split("] ", 1)[-1].strip() for ln in out.splitlines() if ln.startswith("[p0]")]
+    named: set[int] = set()
+    for k, ln in enumerate(lines):
+        if ln.endswith("Some timed out task names:"):
+            for nxt in lines[k + 1:]:
+                if not nxt.isdigit():
+                    break
+                named.add(int(nxt))
+    return named
+
+
+def _train(data_dir: pathlib.Path, workdir: pathlib.Path, n: int, m: int) -> list[float]:
+    cmd = [PY, "-m", "gopher_jax", "train", "--config", str(ROOT / "experiments/tiny.py"),
+           "--workdir", str(workdir), "--config.train.steps=20", "--config.train.log_every=1",
+           "--config.train.eval_every=0", "--config.train.checkpoint_every=20"]
+    rc, out = run_launch(cmd, num_processes=n, devices_per_process=m,
+                         env={**os.environ, "GOPHER_JAX_DATA": str(data_dir)})
+    assert rc == 0, out[-3000:]
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    one = _train(data, tmp_path_factory.mktemp("one"), 1, 8)
+    two = _train(data, tmp_path_factory.mktemp("two"), 2, 4)
+    assert len(one) == len(two) == 20
+    assert one[-1] < one[0] - 0.5  # it learns
+    np.testing.assert_allclose(two, one, rtol=2e-4, atol=2e-4)
