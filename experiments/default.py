@@ -9,7 +9,7 @@ def get_config():
     # 8k pieces: a 32k BPE vocabulary on 5 MB of Shakespeare leaves most pieces unused.
     c.model.update(vocab_size=8000, num_layers=4, num_heads=4, head_dim=64, d_model=256,
                    dtype="auto", remat_policy="none")
-    c.data.seq_len = 256
-    c.train.update(steps=1200, batch_size=16, learning_rate=2e-3, warmup_steps=100,
-                   log_every=50, eval_every=400, checkpoint_every=400, b2=0.99)
+    c.data.seq_len = 128
+    c.train.update(steps=450, batch_size=16, learning_rate=2e-3, warmup_steps=50,
+                   log_every=25, eval_every=150, checkpoint_every=150, b2=0.99)
     return c

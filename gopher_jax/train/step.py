@@ -40,42 +40,49 @@ def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Ar
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
+def gradients(graphdef: nnx.GraphDef, params: Any, batch: Batch, microbatches: int,
+              batch_spec: PartitionSpec = PartitionSpec()) -> tuple[Any, jax.Array, jax.Array]:
+    """Gradients of the *summed* nll, the summed nll and the summed weight, accumulated over
+    `microbatches` slices of the batch (sums make k slices of b equal one batch of k*b)."""
+    k = microbatches
+
+    def f(p: Any, b: Batch) -> tuple[jax.Array, jax.Array]:
+        return loss_sums(graphdef, p, b)
+
+    if k == 1:
+        (nll, w), g = jax.value_and_grad(f, has_aux=True)(params, batch)
+        return g, nll, w
+
+    # Microbatch i takes rows i, i+k, ...: every data shard holds rows of every microbatch.
+    def micro(x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+        if jax.sharding.get_abstract_mesh().empty:
+            return x
+        spec = PartitionSpec(None, *batch_spec, *([None] * (x.ndim - 2)))
+        return jax.lax.with_sharding_constraint(x, spec)
+
+    def body(carry: Any, b: Batch) -> tuple[Any, None]:
+        g_acc, nll_acc, w_acc = carry
+        (nll, w), g = jax.value_and_grad(f, has_aux=True)(params, b)
+        return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, w_acc + w), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (g, nll, w), _ = jax.lax.scan(body, init, jax.tree.map(micro, batch))
+    return g, nll, w
+
+
 def make_train_step(c: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[State, Batch], Any]:
     """A jitted (state, batch) -> (state, metrics) with donated state and fixed shardings."""
     graphdef, _ = gopher.abstract(c.model)
     tx, lr_fn = optimizer(c.train), schedule(c.train)
-    k = c.train.microbatches
     rules = rules_lib.get_rules(c.mesh.rules)
     batch_spec = rules_lib.logical_to_spec(("batch",), rules)
-
-    def grads_of(params: Any, batch: Batch) -> tuple[Any, jax.Array, jax.Array]:
-        def f(p: Any, b: Batch) -> tuple[jax.Array, jax.Array]:
-            return loss_sums(graphdef, p, b)
-
-        if k == 1:
-            (nll, w), g = jax.value_and_grad(f, has_aux=True)(params, batch)
-            return g, nll, w
-
-        # Microbatch i takes rows i, i+k, ...: every data shard holds rows of every microbatch.
-        def micro(x: jax.Array) -> jax.Array:
-            x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
-            spec = PartitionSpec(None, *batch_spec, *([None] * (x.ndim - 2)))
-            return jax.lax.with_sharding_constraint(x, spec)
-
-        def body(carry: Any, b: Batch) -> tuple[Any, None]:
-            g_acc, nll_acc, w_acc = carry
-            (nll, w), g = jax.value_and_grad(f, has_aux=True)(params, b)
-            return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, w_acc + w), None
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (g, nll, w), _ = jax.lax.scan(body, init, jax.tree.map(micro, batch))
-        return g, nll, w
 
     def step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         with rules_lib.use_rules(rules):
             params = state["params"]
-            g, nll, w = grads_of(params, batch)
+            g, nll, w = gradients(graphdef, params, batch, c.train.microbatches, batch_spec)
             denom = jnp.maximum(w, 1.0)
             g = jax.tree.map(lambda x: x.astype(jnp.float32) / denom, g)
             if c.train.master_fp32:
@@ -91,7 +98,7 @@ def make_train_step(c: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[State
         metrics = {
             "loss": nll / denom,
             "bits_per_byte": nll / LN2 / jnp.maximum(nbytes, 1.0),
-            "grad_norm": optax.global_norm(g),
+            "grad_norm": optax.tree.norm(g),
             "learning_rate": lr_fn(state["step"]),
             "tokens": w,
         }

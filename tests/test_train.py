@@ -1,0 +1,197 @@
+"""Issue 4: the optimiser, the sharded train step, precision modes, and the train loop."""
+
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gopher_jax import config as config_lib
+from gopher_jax.data import pipeline
+from gopher_jax.metrics import read_jsonl
+from gopher_jax.model import gopher
+from gopher_jax.parallel import mesh as mesh_lib
+from gopher_jax.train import loop, optimizer, state as state_lib, step as step_lib
+
+from test_model import load_config
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    d = str(tmp_path_factory.mktemp("data"))
+    c = tiny(d)
+    pipeline.prepare(c, verbose=False)
+    return d
+
+
+def tiny(data_dir: str, **train) -> "config_lib.ml_collections.ConfigDict":
+    c = load_config("tiny")
+    c.data.data_dir = data_dir
+    c.train.update(**train)
+    return c
+
+
+def run_steps(c, n: int, devices=None) -> tuple[list[float], dict]:
+    mesh = mesh_lib.make_mesh(c, devices)
+    data = pipeline.TrainData(c)
+    sharding = loop.batch_sharding(c, mesh)
+    state = state_lib.create_state(c, mesh)
+    train_step = step_lib.make_train_step(c, mesh)
+    losses = []
+    with jax.set_mesh(mesh):
+        for s in range(n):
+            state, m = train_step(state, data.batch(s, sharding))
+            losses.append(m["loss"])
+    return [float(x) for x in jax.device_get(losses)], state
+
+
+# ---------------------------------------------------------------- optimiser
+
+
+def test_schedule_matches_formula():
+    t = config_lib.base_config().train
+    t.update(steps=10_000, warmup_steps=1500, learning_rate=6e-4, init_learning_rate=1e-7)
+    lr = optimizer.schedule(t)
+
+    def cosine(s):  # the paper: cosine from the peak down 10x at the last step
+        frac = (s - 1500) / (10_000 - 1500)
+        return 6e-5 + 0.5 * (6e-4 - 6e-5) * (1 + math.cos(math.pi * frac))
+
+    assert float(lr(0)) == pytest.approx(1e-7, rel=1e-5)
+    assert float(lr(750)) == pytest.approx(1e-7 + 0.5 * (6e-4 - 1e-7), rel=1e-5)
+    assert float(lr(1500)) == pytest.approx(6e-4, rel=1e-5)
+    assert float(lr(5750)) == pytest.approx(cosine(5750), rel=1e-5)
+    assert float(lr(10_000)) == pytest.approx(6e-5, rel=1e-5)
+
+
+def test_clipping_caps_the_global_norm():
+    t = config_lib.base_config().train
+    t.update(grad_clip=0.25, learning_rate=1.0, init_learning_rate=1.0, warmup_steps=0)
+    clip = optax.clip_by_global_norm(t.grad_clip)
+    g = {"a": jnp.full((10,), 3.0), "b": jnp.full((4, 4), -2.0)}
+    out, _ = clip.update(g, clip.init(g))
+    assert float(optax.global_norm(out)) == pytest.approx(0.25, rel=1e-5)
+    small = jax.tree.map(lambda x: x * 1e-3, g)
+    same, _ = clip.update(small, clip.init(small))
+    jax.tree.map(np.testing.assert_array_equal, same, small)
+    # the trainer's chain clips before Adam: a huge gradient moves SGD-like params no further
+    # than a clipped one (Adam's first step is lr * g / |g| per element either way)
+    tx = optimizer.optimizer(t)
+    upd_big, _ = tx.update(jax.tree.map(lambda x: x * 1e6, g), tx.init(g), g)
+    upd, _ = tx.update(g, tx.init(g), g)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), upd_big, upd)
+
+
+# ---------------------------------------------------------------- the step
+
+
+def test_microbatches_equal_one_big_batch(data_dir):
+    c = tiny(data_dir)
+    graphdef, _ = gopher.abstract(c.model)
+    params = state_lib.init_params(c, 0)
+    batch = pipeline.TrainData(c).local_rows(3)
+    out = {k: jax.jit(lambda p, b, k=k: step_lib.gradients(graphdef, p, b, k))(params, batch)
+           for k in (1, 4, 16)}
+    g1, nll1, w1 = out[1]
+    for k in (4, 16):
+        gk, nllk, wk = out[k]
+        assert float(wk) == float(w1)
+        np.testing.assert_allclose(nllk, nll1, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5), gk, g1)
+    # and through the full sharded step: same loss and same new params
+    losses = {}
+    for k in (1, 4):
+        ck = tiny(data_dir, microbatches=k)
+        ck.mesh.update(data=1, fsdp=2, tensor=1)
+        losses[k], _ = run_steps(ck, 2, jax.devices()[:2])
+    np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
+
+
+def test_eight_devices_fsdp_tensor_match_one_device(data_dir):
+    c8 = tiny(data_dir)
+    c8.mesh.update(rules="fsdp+tensor", data=2, fsdp=2, tensor=2)
+    c1 = tiny(data_dir)
+    c1.mesh.update(rules="fsdp", data=1, fsdp=1, tensor=1)
+    l8, s8 = run_steps(c8, 20)
+    l1, _ = run_steps(c1, 20, jax.devices()[:1])
+    np.testing.assert_allclose(l8, l1, rtol=2e-4)
+    # optimiser moments are sharded exactly like their params
+    p = s8["params"]["blocks"]["mlp"]["wi"]
+    adam = s8["opt_state"][1][0]
+    assert p.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    assert adam.mu["blocks"]["mlp"]["wi"].sharding == p.sharding
+    assert adam.nu["embed"]["table"].sharding == s8["params"]["embed"]["table"].sharding
+    assert adam.count.sharding.is_fully_replicated
+
+
+def test_bf16_params_with_fp32_master(data_dir):
+    c = tiny(data_dir, master_fp32=True, steps=40)
+    c.model.param_dtype = "bfloat16"
+    c.mesh.update(rules="fsdp", data=2, fsdp=4, tensor=1)
+    losses, st = run_steps(c, 40)
+    wi = st["params"]["blocks"]["mlp"]["wi"]
+    master = st["opt_state"]["master"]["blocks"]["mlp"]["wi"]
+    assert wi.dtype == jnp.bfloat16 and master.dtype == jnp.float32
+    assert master.sharding == wi.sharding and wi.sharding.spec == PartitionSpec(None, "fsdp", None)
+    assert st["opt_state"]["tx"][1][0].mu["blocks"]["mlp"]["wi"].dtype == jnp.float32
+    np.testing.assert_array_equal(jax.device_get(master).astype(jnp.bfloat16),
+                                  jax.device_get(wi))
+    assert np.mean(losses[-5:]) < math.log(c.model.vocab_size) - 1.0
+
+
+def test_bad_batch_for_mesh_is_rejected_before_compiling(data_dir):
+    c = tiny(data_dir, batch_size=12)
+    c.mesh.update(rules="fsdp", data=1, fsdp=8)
+    with pytest.raises(config_lib.ConfigError, match="data\\*fsdp = 1\\*8"):
+        mesh_lib.make_mesh(c)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def test_tiny_trains_and_runs_are_identical(data_dir, tmp_path):
+    c = tiny(data_dir, steps=40, log_every=1, eval_every=40, checkpoint_every=40)
+    c.mesh.update(rules="fsdp", data=2, fsdp=4, tensor=1)
+    runs = []
+    for name in ("a", "b"):
+        summary = loop.train(c, tmp_path / name)
+        rows = read_jsonl(tmp_path / name / "metrics.jsonl")
+        runs.append([r["loss"] for r in rows])
+        assert summary["step"] == 40
+    a, b = runs
+    assert len(a) == 40
+    assert a == b  # bit-identical loss sequences
+    first, last = a[0], float(np.mean(a[-5:]))
+    assert first == pytest.approx(math.log(c.model.vocab_size), rel=0.05)
+    assert last < first - 1.0
+    ev = read_jsonl(tmp_path / "a" / "metrics.jsonl", split="eval")
+    assert ev and 0 < ev[-1]["bits_per_byte"] < 8
+    assert (tmp_path / "a" / "tb").is_dir()
+
+
+def test_non_finite_loss_stops_with_the_step(data_dir, tmp_path):
+    c = tiny(data_dir, steps=20, learning_rate=1e38, init_learning_rate=1e38, warmup_steps=0,
+             grad_clip=1e9, log_every=5, checkpoint_every=5)
+    with pytest.raises(loop.NonFiniteLossError, match="at step \\d+") as e:
+        loop.train(c, tmp_path / "nan")
+    bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
+    ckpts = tmp_path / "nan" / "checkpoints"
+    saved = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
+    assert all(s < bad_step for s in saved)
+
+
+def test_batch_sharding_names_the_data_axes(data_dir):
+    c = tiny(data_dir)
+    c.mesh.update(rules="fsdp+tensor", data=2, fsdp=2, tensor=2)
+    mesh = mesh_lib.make_mesh(c)
+    sh = loop.batch_sharding(c, mesh)
+    assert isinstance(sh, NamedSharding) and sh.spec == PartitionSpec(("data", "fsdp"), None)
+
+
+def test_readme_mentions_test_command():
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    assert "pytest" in readme.read_text()
