@@ -18,6 +18,7 @@ COMMANDS = {
     "sample": "generate text from a trained workdir",
     "data": "data prepare: build the dataset, tokenizer and token chunks",
     "tokenizer": "tokenizer train: train the SentencePiece model",
+    "checkpoint": "checkpoint info: list a workdir's checkpoints (steps, sizes, layout, mesh)",
 }
 
 FLAGS = flags.FLAGS
@@ -71,6 +72,12 @@ def main(argv: list[str]) -> int:
             return 2
         from gopher_jax.data import tokenizer
         tokenizer.main_train(c)
+    elif cmd == "checkpoint":
+        if sub != "info":
+            print("usage: python -m gopher_jax checkpoint info --workdir DIR", file=sys.stderr)
+            return 2
+        from gopher_jax import checkpoint
+        checkpoint.main_info(FLAGS.workdir)
     return 0
 
 

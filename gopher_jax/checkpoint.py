@@ -3,7 +3,9 @@
 A checkpoint holds the train state (params, optimiser state, step) and JSON metadata: the
 config, the data position, the layout (scanned or not) and the mesh it was written from.
 Orbax writes each step to a temporary directory and renames it when complete, so an
-interrupted save is never listed as a step.
+interrupted save is never listed as a step. The data position is the step: the data order
+is a pure function of (seed, step), so the batch after a resume is the one the original run
+would have drawn next, on any topology.
 """
 
 from __future__ import annotations
@@ -11,75 +13,124 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gopher_jax.train.state import State
 
 log = logging.getLogger(__name__)
 
-# Config keys that change the shapes or structure of the state: a resume must not change them.
+# Config keys that change the shapes, dtypes or structure of the state: a resume must not
+# change them.
 SHAPE_KEYS = (
     "model.vocab_size", "model.num_layers", "model.num_heads", "model.head_dim",
     "model.d_model", "model.mlp_ratio", "model.tie_embeddings", "model.param_dtype",
     "model.scan_layers", "train.optimizer", "train.master_fp32",
 )
+BEST_METRIC = "eval_bits_per_byte"  # lower is better
+CORRUPT_DIR = "checkpoints_corrupt"
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
-def _get(d: dict, dotted: str) -> Any:
-    for k in dotted.split("."):
-        d = d.get(k, {}) if isinstance(d, dict) else {}
-    return d
+class ConfigMismatchError(CheckpointError):
+    """The workdir holds a checkpoint of a different model."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def config_diff(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """(shape-changing keys that differ, other keys that differ)."""
-    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    a, b = flat(saved), flat(current)
+    a, b = _flat(saved), _flat(current)
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     shape = [k for k in changed if k in SHAPE_KEYS]
     return shape, [k for k in changed if k not in SHAPE_KEYS]
 
 
+def check_config(meta: dict[str, Any], c: ml_collections.ConfigDict) -> list[str]:
+    """Raises ConfigMismatchError naming the shape-changing keys that differ from the
+    checkpoint's config; returns the other (allowed) differing keys."""
+    saved = meta["config"]
+    shape, other = config_diff(saved, json.loads(c.to_json()))
+    if shape:
+        a, b = _flat(saved), _flat(json.loads(c.to_json()))
+        diffs = ", ".join(f"{k}: {a.get(k)!r} in the checkpoint vs {b.get(k)!r} now"
+                          for k in shape)
+        raise ConfigMismatchError(
+            f"the checkpoint at step {meta.get('step')} holds a different model ({diffs}). "
+            "Use another --workdir, or the checkpoint's config (config.json in the workdir).")
+    return other
+
+
 class Checkpointer:
-    def __init__(self, workdir: str | pathlib.Path, keep: int = 3, async_save: bool = True):
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    """An Orbax CheckpointManager over <workdir>/checkpoints.
+
+    Keeps the newest `keep` steps and, with keep_best > 0, also the `keep_best` steps with the
+    lowest validation bits per byte (saves given `metrics={BEST_METRIC: ...}`).
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, keep: int = 3, keep_best: int = 0,
+                 async_save: bool = True):
+        self.workdir = pathlib.Path(workdir).absolute()
+        self.directory = self.workdir / "checkpoints"
+        cm = ocp.checkpoint_managers
+        self.keep_best = keep_best
+        policies = [cm.LatestN(n=keep)]
+        best = {}
+        if keep_best > 0:
+            metric = lambda m: m[BEST_METRIC]  # noqa: E731
+            # Saves without an evaluation are kept only while they are among the newest.
+            policies.append(cm.BestN(get_metric_fn=metric, reverse=True, n=keep_best,
+                                     keep_checkpoints_without_metrics=False))
+            # best_fn makes Orbax write the metrics into each step (read back on restart).
+            best = {"best_fn": metric, "best_mode": "min"}
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+            preservation_policy=cm.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save, create=True, **best)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: State, meta: dict[str, Any], force: bool = False) -> bool:
-        """Starts an async save; returns at once (the previous save is awaited first)."""
+    def save(self, step: int, state: State, meta: dict[str, Any],
+             metrics: dict[str, float] | None = None, force: bool = False) -> bool:
+        """Starts an async save and returns once the arrays are copied off the devices (the
+        previous save is awaited first); the files are written in the background."""
         return self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                     meta=ocp.args.JsonSave(meta)),
-            force=force)
+            metrics=metrics, force=force)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def read_meta(self, step: int) -> dict[str, Any]:
-        path = self.directory / str(step) / "meta" / "metadata"
-        return json.loads(path.read_text())
+        return read_meta(self.directory, step)
+
+    def best_step(self) -> int | None:
+        """The kept step with the lowest validation bits per byte (None without keep_best
+        or without any evaluated step)."""
+        return self.manager.best_step() if self.keep_best > 0 else None
 
     def restore(self, step: int, target: State) -> State:
         """Restores into `target` (ShapeDtypeStructs with the *current* mesh's shardings)."""
@@ -87,38 +138,87 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         return out["state"]
 
-    def restore_latest(self, target: State) -> tuple[State, dict[str, Any]] | None:
-        """The newest checkpoint that restores; a broken one is skipped with a warning (and
-        kept on disk for inspection). None when there is no checkpoint at all."""
-        steps = self.steps()
-        errors = []
-        for step in reversed(steps):
+    def restore_latest(self, target: State,
+                       check: Callable[[dict[str, Any]], Any] | None = None
+                       ) -> tuple[State, dict[str, Any]] | None:
+        """The newest checkpoint that restores, or None when there is none.
+
+        `check(meta)` runs before each restore; what it raises (e.g. ConfigMismatchError)
+        propagates. A checkpoint that fails to restore is skipped with a warning naming its
+        step; once an earlier one restores, the broken ones are moved to
+        <workdir>/checkpoints_corrupt/ for inspection (never deleted), so that new saves of
+        those steps do not collide with them.
+        """
+        bad: list[int] = []
+        errors: list[str] = []
+        for step in reversed(self.steps()):
+            meta = None
             try:
                 meta = self.read_meta(step)
-                state = self.restore(step, target)
-                _check_finite(state, step)
-            except Exception as e:  # noqa: BLE001 - any failure means "this one is bad"
-                msg = f"checkpoint step {step} in {self.directory} is unreadable ({e!r:.300})"
-                log.warning("%s; falling back to an earlier one", msg)
-                print(f"WARNING: {msg}; falling back to an earlier one", flush=True)
-                errors.append(msg)
-                continue
-            return state, meta
+            except Exception as e:  # noqa: BLE001 - unreadable metadata: a broken checkpoint
+                err = e
+            if meta is not None and check is not None:
+                check(meta)
+            if meta is not None:
+                try:
+                    state = self.restore(step, target)
+                    _check_finite(state, step)
+                    err = None
+                except Exception as e:  # noqa: BLE001 - any failure means "this one is bad"
+                    err = e
+            if _all_processes(err is None):
+                if bad:
+                    self._set_aside(bad)
+                return state, meta
+            msg = (f"checkpoint step {step} in {self.directory} is unreadable "
+                   f"({'another process failed to read it' if err is None else repr(err)[:300]})")
+            log.warning("%s; falling back to an earlier one", msg)
+            bad.append(step)
+            errors.append(msg)
         if errors:
             raise CheckpointError("no checkpoint could be restored:\n" + "\n".join(errors)
-                                  + "\nMove the checkpoints directory away to start afresh.")
+                                  + f"\nMove {self.directory} away to start afresh.")
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        self.wait()
+        if jax.process_index() == 0:
+            dest_root = self.workdir / CORRUPT_DIR
+            dest_root.mkdir(exist_ok=True)
+            for step in steps:
+                dest = dest_root / str(step)
+                if dest.exists():
+                    dest = dest_root / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
+                (self.directory / str(step)).rename(dest)
+                log.warning("broken checkpoint step %d moved to %s", step, dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("gopher_jax:checkpoint_set_aside")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
 
 
-def _check_finite(state: State, step: int) -> None:
-    import jax.numpy as jnp
+def _all_processes(ok: bool) -> bool:
+    """Whether every process got `ok` (they must agree on which checkpoint they resume)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
 
-    bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(state)
-           if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(x)))]
+
+def _check_finite(state: State, step: int) -> None:
+    leaves = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(state)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    if not leaves:
+        return
+    sharding = leaves[0][1].sharding
+    # Replicated, so that every process can read the answer.
+    out = (NamedSharding(sharding.mesh, PartitionSpec())
+           if isinstance(sharding, NamedSharding) else None)
+    finite = jax.jit(lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]),
+                     out_shardings=out)([x for _, x in leaves])
+    bad = [name for (name, _), ok in zip(leaves, np.asarray(finite), strict=True) if not ok]
     if bad:
         raise CheckpointError(f"non-finite values in {bad[:3]} at step {step}")
 
@@ -134,3 +234,75 @@ def meta_for(c: ml_collections.ConfigDict, step: int, mesh: jax.sharding.Mesh) -
         "process_count": jax.process_count(),
         "device_count": jax.device_count(),
     }
+
+
+def read_meta(directory: str | pathlib.Path, step: int) -> dict[str, Any]:
+    return json.loads((pathlib.Path(directory) / str(step) / "meta" / "metadata").read_text())
+
+
+def _step_metrics(step_dir: pathlib.Path) -> dict[str, Any] | None:
+    """What Orbax stored with the step (validation bits per byte with keep_best)."""
+    try:
+        return json.loads((step_dir / "metrics" / "metrics").read_text()) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _dir_bytes(path: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def info(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+    """One row per step directory (complete, incomplete save, or set aside as broken)."""
+    workdir = pathlib.Path(workdir)
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoints in {workdir}: {directory} does not exist. "
+                              "Pass the --workdir of a training run.")
+    rows = []
+    complete = set(ocp.utils.checkpoint_steps(directory))
+    entries = [(p, "complete" if p.name.isdigit() and int(p.name) in complete else "incomplete")
+               for p in directory.iterdir() if p.is_dir()]
+    corrupt = workdir / CORRUPT_DIR
+    if corrupt.is_dir():
+        entries += [(p, "set aside (broken)") for p in corrupt.iterdir() if p.is_dir()]
+    for path, status in entries:
+        step_str = path.name.split(".")[0]
+        row: dict[str, Any] = {"step": int(step_str) if step_str.isdigit() else None,
+                               "status": status, "path": str(path), "bytes": _dir_bytes(path)}
+        try:
+            meta = json.loads((path / "meta" / "metadata").read_text())
+            row.update(layout=meta["layout"], mesh=meta["mesh"], rules=meta["rules"],
+                       processes=meta["process_count"], devices=meta["device_count"],
+                       data_step=meta["data_step"])
+        except (OSError, ValueError, KeyError):
+            row["layout"] = None
+        metrics = _step_metrics(path)
+        if metrics:
+            row["metrics"] = metrics
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["step"] is None, r["step"] or 0, r["status"]))
+
+
+def format_info(workdir: str | pathlib.Path) -> str:
+    rows = info(workdir)
+    if not rows:
+        return f"{workdir}: no checkpoints yet"
+    lines = [f"{'step':>8}  {'size':>11}  {'layout':<9}  {'mesh (data,fsdp,tensor)':<23}  "
+             f"{'rules':<11}  {'procs x devices':<15}  status"]
+    for r in rows:
+        mesh = r.get("mesh") or {}
+        mesh_s = ",".join(str(mesh.get(a, "?")) for a in ("data", "fsdp", "tensor"))
+        topo = f"{r['processes']} x {r['devices'] // r['processes']}" if "processes" in r else "?"
+        extra = "".join(f"  {k}={v:.4f}" for k, v in (r.get("metrics") or {}).items())
+        lines.append(f"{r['step'] if r['step'] is not None else '?':>8}  "
+                     f"{r['bytes'] / 2**20:>7.2f} MiB  {r['layout'] or '?':<9}  {mesh_s:<23}  "
+                     f"{r.get('rules', '?'):<11}  {topo:<15}  {r['status']}{extra}")
+    return "\n".join(lines)
+
+
+def main_info(workdir: str | pathlib.Path) -> None:
+    try:
+        print(format_info(workdir))
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None

@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_batches = -1  # -1: the whole validation split
     t.checkpoint_every = 200
     t.checkpoint_keep = 3
+    t.checkpoint_keep_best = 0  # >0: also keep the N best by validation bits/byte
     t.metrics_every = 10
 
     c.mesh = ms = ml_collections.ConfigDict()

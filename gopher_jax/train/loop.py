@@ -6,7 +6,6 @@ per-step metrics stay on device until then, so dispatch runs ahead of the comput
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import signal
@@ -70,6 +69,18 @@ class Preemption:
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
 
+    def should_stop(self, sync: bool) -> bool:
+        """With several processes all must stop at the same step: they agree (a host
+        all-gather) only at steps where the loop syncs anyway."""
+        if jax.process_count() == 1:
+            return self.requested
+        if not sync:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([self.requested]))
+        return bool(np.any(flags))
+
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._old)
 
@@ -89,18 +100,17 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
     data = pipeline.TrainData(c)
     sharding = batch_sharding(c, mesh)
 
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.checkpoint_keep)
-    restored = ckpt.restore_latest(state_lib.abstract_state(c, mesh))
+    keep_best = c.train.get("checkpoint_keep_best", 0)
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.checkpoint_keep, keep_best=keep_best)
+    # The config check runs before any restore: a different model is refused by name.
+    restored = ckpt.restore_latest(state_lib.abstract_state(c, mesh),
+                                   check=lambda meta: ckpt_lib.check_config(meta, c))
     if restored is None:
         state = state_lib.create_state(c, mesh)
         say(f"new run in {workdir}: initialised state (seed {c.seed})")
     else:
         state, meta = restored
-        shape_keys, other = ckpt_lib.config_diff(meta["config"], json.loads(c.to_json()))
-        if shape_keys:
-            raise ckpt_lib.CheckpointError(
-                f"{workdir} holds a checkpoint of a different model: {shape_keys} differ from "
-                "the current config. Use another --workdir, or the original config.")
+        other = ckpt_lib.check_config(meta, c)
         say(f"resumed from step {meta['step']} in {ckpt.directory} (written on mesh "
             f"{meta['mesh']}, {meta['process_count']} process(es))"
             + (f"; config changes allowed: {other}" if other else ""))
@@ -136,8 +146,10 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
                 log_now = step % c.train.log_every == 0 or step == total
                 eval_now = c.train.eval_every > 0 and (step % c.train.eval_every == 0
                                                        or step == total)
-                save_now = (step % c.train.checkpoint_every == 0 or step == total
-                            or preempt.requested)
+                save_now = step % c.train.checkpoint_every == 0 or step == total
+                # One decision per step (a signal during eval is seen at the next step).
+                stop = preempt.should_stop(sync=log_now or eval_now or save_now)
+                save_now = save_now or stop or (eval_now and keep_best > 0)
                 if not (log_now or eval_now or save_now):
                     continue
                 rows = _fetch_checked(pending)  # raises before any bad state is saved
@@ -160,9 +172,12 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
                     summary["eval"] = ev
                     last_t = time.perf_counter()  # eval time is not training time
                 if save_now:
-                    ckpt.save(step, state, ckpt_lib.meta_for(c, step, mesh), force=True)
+                    best = ({ckpt_lib.BEST_METRIC: float(ev["bits_per_byte"])}
+                            if eval_now and keep_best > 0 else None)
+                    ckpt.save(step, state, ckpt_lib.meta_for(c, step, mesh), metrics=best,
+                              force=True)
                 summary["train"] = last
-                if preempt.requested:
+                if stop:
                     ckpt.wait()
                     bar.message(f"SIGTERM: saved step {step}; exiting to be resumed")
                     summary["preempted"] = True
