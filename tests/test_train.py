@@ -9,15 +9,16 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
+from test_model import load_config
 
 from gopher_jax import config as config_lib
 from gopher_jax.data import pipeline
 from gopher_jax.metrics import read_jsonl
 from gopher_jax.model import gopher
 from gopher_jax.parallel import mesh as mesh_lib
-from gopher_jax.train import loop, optimizer, state as state_lib, step as step_lib
-
-from test_model import load_config
+from gopher_jax.train import loop, optimizer
+from gopher_jax.train import state as state_lib
+from gopher_jax.train import step as step_lib
 
 
 @pytest.fixture(scope="session")
@@ -195,3 +196,16 @@ def test_batch_sharding_names_the_data_axes(data_dir):
 def test_readme_mentions_test_command():
     readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
     assert "pytest" in readme.read_text()
+
+
+def test_step_loop_has_no_host_sync_between_logging_steps(data_dir, tmp_path):
+    """The loop dispatches steps under a device-to-host transfer guard; a run with logging
+    every 10 steps completes, and the guard does reject a transfer (the control)."""
+    x = jnp.ones(3)
+    with pytest.raises(Exception, match="[Dd]isallowed"):
+        with jax.transfer_guard_device_to_host("disallow_explicit"):
+            jax.device_get(x + 1)
+    c = tiny(data_dir, steps=20, log_every=10, eval_every=0, checkpoint_every=20)
+    c.mesh.update(rules="fsdp", data=1, fsdp=8, tensor=1)
+    assert loop.train(c, tmp_path / "guarded")["step"] == 20
+    assert len(read_jsonl(tmp_path / "guarded" / "metrics.jsonl")) == 2

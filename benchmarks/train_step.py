@@ -1,0 +1,134 @@
+"""Training-step throughput against this machine's matmul peak, measured in the same run.
+
+    python benchmarks/train_step.py                      # gopher_44m shapes, L=512, 1 device
+    python benchmarks/train_step.py --devices 8 --rules fsdp
+
+Prints and writes JSON (benchmarks/results/train_step_<devices>dev.json): step time (median
+of >= 10 steady-state steps), tokens/s, model FLOP/s, MFU against the measured matmul peak,
+and the compiler's FLOPs per step against the model formula (the remat recompute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="experiments/gopher_44m.py")
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--rules", default="fsdp")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={a.devices}")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    import importlib.util
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from gopher_jax import config as config_lib
+    from gopher_jax import hardware
+    from gopher_jax.parallel import mesh as mesh_lib
+    from gopher_jax.train import state as state_lib
+    from gopher_jax.train import step as step_lib
+
+    spec = importlib.util.spec_from_file_location("cfg", a.config)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.data.seq_len = a.seq_len
+    c.train.batch_size = a.batch
+    c.train.microbatches = 1
+    c.model.update(remat_policy=a.remat, dtype=a.dtype, param_dtype="float32")
+    c.train.master_fp32 = False
+    c.mesh.update(rules=a.rules, data=1, fsdp=-1, tensor=1)
+    if a.rules == "data-only":
+        c.mesh.update(data=-1, fsdp=1)
+    mesh = mesh_lib.make_mesh(c)
+
+    load_before = os.getloadavg()[0]
+    peak_total = hardware.measure_matmul_peak(a.dtype, n=2048, reps=5)
+
+    state = state_lib.create_state(c, mesh)
+    train_step = step_lib.make_train_step(c, mesh)
+    rng = np.random.default_rng(0)
+    b, t = a.batch, a.seq_len
+    batch = {
+        "tokens": rng.integers(0, c.model.vocab_size, (b, t + 1), dtype=np.int32),
+        "segment_ids": np.ones((b, t + 1), np.int32),
+        "num_bytes": np.full((b,), 4 * t, np.int32),
+    }
+    data_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    batch = jax.device_put(batch, data_sh)
+
+    # The compiler's count, on the unscanned model (XLA counts a scanned body once).
+    cu = c.copy_and_resolve_references()
+    cu.model.scan_layers = False
+    with jax.set_mesh(mesh):
+        lowered = step_lib.make_train_step(cu, mesh).lower(
+            state_lib.abstract_state(cu, mesh), jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch))
+        cost = lowered.compile().cost_analysis()
+        compiler_flops = float(cost.get("flops", float("nan")))
+
+        t0 = time.perf_counter()
+        state, m = train_step(state, batch)
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t0
+        for _ in range(2):  # warm-up
+            state, m = train_step(state, batch)
+        jax.block_until_ready(m)
+        times = []
+        for _ in range(a.steps):
+            t0 = time.perf_counter()
+            state, m = train_step(state, batch)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    tokens = b * t
+    model_flops = config_lib.flops_per_token(c.model, t)["train"] * tokens
+    peak_after = hardware.measure_matmul_peak(a.dtype, n=2048, reps=5)
+    peak = max(peak_total, peak_after)
+    res = {
+        "config": a.config, "seq_len": t, "batch": b, "devices": a.devices, "rules": a.rules,
+        "remat": a.remat, "dtype": a.dtype,
+        "step_time_s_median": step_s, "step_times_s": times, "compile_s": compile_s,
+        "tokens_per_s": tokens / step_s,
+        "model_flops_per_step": model_flops,
+        "model_flops_per_s": model_flops / step_s,
+        "matmul_peak_flops_per_s": peak,
+        "matmul_peak_before_after": [peak_total, peak_after],
+        "mfu": model_flops / step_s / peak,
+        "compiler_flops_per_step": compiler_flops,
+        "compiler_over_model_flops": compiler_flops / model_flops,
+        "loadavg_1min_before_after": [load_before, os.getloadavg()[0]],
+        "cpu_count": os.cpu_count(),
+        "loss_finite": bool(jnp.isfinite(m["loss"])),
+    }
+    for k in ("step_time_s_median", "tokens_per_s", "model_flops_per_s",
+              "matmul_peak_flops_per_s", "mfu", "compiler_over_model_flops",
+              "loadavg_1min_before_after"):
+        print(f"{k:>28}: {res[k]}")
+    out = pathlib.Path(a.out or f"benchmarks/results/train_step_{a.devices}dev.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
