@@ -18,6 +18,7 @@ COMMANDS = {
     "sample": "generate text from a trained workdir",
     "data": "data prepare: build the dataset, tokenizer and token chunks",
     "tokenizer": "tokenizer train: train the SentencePiece model",
+    "aot": "compile the train step for a TPU topology here (needs .[tpu]): memory, FLOPs",
     "checkpoint": "checkpoint info: list a workdir's checkpoints (steps, sizes, layout, mesh)",
 }
 
@@ -29,6 +30,12 @@ flags.DEFINE_integer("max_new_tokens", 200, "sample: tokens to generate")
 flags.DEFINE_float("temperature", 0.8, "sample: softmax temperature (0 = greedy)")
 flags.DEFINE_integer("top_k", 40, "sample: keep the k most likely tokens (0 = all)")
 flags.DEFINE_integer("sample_seed", 0, "sample: random seed")
+flags.DEFINE_string("topology", "v5p:2x2x1", "aot: TPU generation and chip grid, e.g. v3:32x32")
+flags.DEFINE_integer("num_slices", 1, "aot: slices of --topology (data parallel across them)")
+flags.DEFINE_string("aot_json", "", "aot: also write the report as JSON here")
+flags.DEFINE_string("coordinator", "", "multi-process: host:port of process 0")
+flags.DEFINE_integer("num_processes", 0, "multi-process: number of processes")
+flags.DEFINE_integer("process_id", -1, "multi-process: this process's index")
 
 
 def usage() -> str:
@@ -47,9 +54,17 @@ def main(argv: list[str]) -> int:
         rest = rest[1:]
     FLAGS([argv[0], *rest])
     c = FLAGS.config
+    if FLAGS.coordinator:  # read by parallel.distributed.initialize_from_env
+        import os
+        os.environ.update(GOPHER_COORDINATOR=FLAGS.coordinator,
+                          GOPHER_NUM_PROCESSES=str(FLAGS.num_processes),
+                          GOPHER_PROCESS_ID=str(FLAGS.process_id))
     if cmd == "params":
         from gopher_jax import report
         print(report.params_report(c))
+    elif cmd == "aot":
+        from gopher_jax import aot
+        return aot.main(c, FLAGS.topology, FLAGS.num_slices, FLAGS.aot_json)
     elif cmd == "train":
         from gopher_jax.train import loop
         loop.train(c, FLAGS.workdir)

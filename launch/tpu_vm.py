@@ -1,0 +1,187 @@
+"""Train on Cloud TPU VMs: create a slice (or a multislice) with queued resources, copy the
+code, run on every worker, tail the logs, delete.
+
+    python launch/tpu_vm.py create --name gopher --accelerator v5p-128 --zone us-east5-a \
+        --project P [--num_slices 2] [--spot] [--dry-run]
+    python launch/tpu_vm.py setup  --name gopher ...   # copy this checkout, pip install -e .[tpu]
+    python launch/tpu_vm.py run    --name gopher ... -- --config experiments/gopher_7_1b.py \
+        --workdir gs://BUCKET/runs/7b          # detached: nohup on every worker
+    python launch/tpu_vm.py logs   --name gopher ...   # tail -f process 0's log
+    python launch/tpu_vm.py delete --name gopher ...
+    python launch/tpu_vm.py all    --name gopher ... -- --config ...
+        # create, setup, run in the foreground (output streams back), delete
+
+Every command it runs is printed first; --dry-run prints them and runs nothing. Each worker
+runs `python -m gopher_jax train` with GOPHER_DISTRIBUTED=auto: jax.distributed.initialize()
+finds the coordinator from the TPU metadata, and with several slices libtpu connects the
+slices over DCN through the MEGASCALE_* variables that queued resources set. A multislice
+job needs mesh.num_slices = --num_slices (passed on automatically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REMOTE_DIR = "gopher_jax"
+LOG = "/tmp/gopher_jax_train.log"
+# Default runtime images per generation (gcloud compute tpus versions list).
+RUNTIME = {"v3": "tpu-ubuntu2204-base", "v4": "tpu-ubuntu2204-base",
+           "v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite",
+           "v6e": "v2-alpha-tpuv6e"}
+
+
+def runtime_for(accelerator: str) -> str:
+    gen = accelerator.rsplit("-", 1)[0]
+    if gen not in RUNTIME:
+        raise ValueError(f"--accelerator={accelerator!r}: expected GEN-N with GEN one of "
+                         f"{sorted(RUNTIME)}, e.g. v5p-128 or v3-2048; or pass --runtime")
+    return RUNTIME[gen]
+
+
+def slice_names(a: argparse.Namespace) -> list[str]:
+    """Queued resources name multislice nodes <node-prefix>-0, -1, ..."""
+    if a.num_slices == 1:
+        return [a.name]
+    return [f"{a.name}-{i}" for i in range(a.num_slices)]
+
+
+def _gcloud(a: argparse.Namespace, *args: str) -> list[str]:
+    return ["gcloud", *args, f"--zone={a.zone}", f"--project={a.project}"]
+
+
+def create_cmds(a: argparse.Namespace) -> list[list[str]]:
+    cmd = _gcloud(a, "alpha", "compute", "tpus", "queued-resources", "create", a.name,
+                  f"--accelerator-type={a.accelerator}",
+                  f"--runtime-version={a.runtime or runtime_for(a.accelerator)}")
+    if a.num_slices == 1:
+        cmd.append(f"--node-id={a.name}")
+    else:
+        cmd += [f"--node-count={a.num_slices}", f"--node-prefix={a.name}"]
+    if a.spot:
+        cmd.append("--spot")
+    # Blocks until the slices are ACTIVE (queued resources may wait for capacity).
+    wait = _gcloud(a, "alpha", "compute", "tpus", "queued-resources", "describe", a.name,
+                   "--format=value(state.state)")
+    return [cmd, ["bash", "-c", f"until [ \"$({shlex.join(wait)})\" = ACTIVE ]; do "
+                                 "sleep 30; done"]]
+
+
+def _ssh(a: argparse.Namespace, node: str, command: str) -> list[str]:
+    return _gcloud(a, "compute", "tpus", "tpu-vm", "ssh", node, "--worker=all",
+                   f"--command={command}")
+
+
+def setup_cmds(a: argparse.Namespace) -> list[list[str]]:
+    archive = "/tmp/gopher_jax_src.tar.gz"
+    cmds = [["git", "-C", str(ROOT), "archive", "--format=tar.gz", f"--output={archive}",
+             "HEAD"]]
+    install = (f"rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && "
+               f"tar -xzf /tmp/gopher_jax_src.tar.gz -C {REMOTE_DIR} && "
+               f"cd {REMOTE_DIR} && python3 -m pip install -q -e '.[tpu]'")
+    for node in slice_names(a):
+        cmds.append(_gcloud(a, "compute", "tpus", "tpu-vm", "scp", archive,
+                            f"{node}:/tmp/gopher_jax_src.tar.gz", "--worker=all"))
+        cmds.append(_ssh(a, node, install))
+    return cmds
+
+
+def train_command(a: argparse.Namespace, train_args: Sequence[str], detach: bool) -> str:
+    args = list(train_args)
+    if a.num_slices > 1 and not any(x.startswith("--config.mesh.num_slices") for x in args):
+        args.append(f"--config.mesh.num_slices={a.num_slices}")
+    env = "GOPHER_DISTRIBUTED=auto"
+    train = f"{env} python3 -m gopher_jax train {shlex.join(args)}"
+    if detach:
+        return f"cd {REMOTE_DIR} && nohup {train} > {LOG} 2>&1 &"
+    return f"cd {REMOTE_DIR} && {train} 2>&1 | tee {LOG}"
+
+
+def run_cmds(a: argparse.Namespace, train_args: Sequence[str], detach: bool = True
+             ) -> list[list[str]]:
+    if not train_args:
+        raise ValueError("run: give the train flags after '--', e.g. -- --config "
+                         "experiments/gopher_44m.py --workdir gs://BUCKET/run")
+    cmds = [_ssh(a, node, train_command(a, train_args, detach)) for node in slice_names(a)]
+    if not detach and len(cmds) > 1:
+        # Every slice must start before any can finish: run the ssh sessions side by side.
+        return [["bash", "-c", " & ".join(shlex.join(c) for c in cmds) + " & wait"]]
+    return cmds
+
+
+def logs_cmds(a: argparse.Namespace) -> list[list[str]]:
+    # Worker 0 of slice 0 is process 0: the one that prints progress and metrics.
+    node = slice_names(a)[0]
+    return [_gcloud(a, "compute", "tpus", "tpu-vm", "ssh", node, "--worker=0",
+                    f"--command=tail -n 100 -f {LOG}")]
+
+
+def delete_cmds(a: argparse.Namespace) -> list[list[str]]:
+    return [_gcloud(a, "alpha", "compute", "tpus", "queued-resources", "delete", a.name,
+                    "--force", "--quiet", "--async")]
+
+
+def plan(a: argparse.Namespace, train_args: Sequence[str]) -> list[list[str]]:
+    steps = {"create": lambda: create_cmds(a), "setup": lambda: setup_cmds(a),
+             "run": lambda: run_cmds(a, train_args), "logs": lambda: logs_cmds(a),
+             "delete": lambda: delete_cmds(a)}
+    if a.action == "all":
+        # Training runs in the foreground (its output streams back), then the slices go.
+        return create_cmds(a) + setup_cmds(a) + run_cmds(a, train_args, detach=False) + \
+            delete_cmds(a)
+    return steps[a.action]()
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["create", "setup", "run", "logs", "delete", "all"])
+    ap.add_argument("--name", required=True, help="queued resource / TPU VM name")
+    ap.add_argument("--accelerator", default="v5p-8", help="e.g. v5p-128, v3-2048, v6e-256")
+    ap.add_argument("--zone", required=True)
+    ap.add_argument("--project", required=True)
+    ap.add_argument("--num_slices", type=int, default=1)
+    ap.add_argument("--runtime", default="", help="TPU runtime version (default by generation)")
+    ap.add_argument("--spot", action="store_true")
+    ap.add_argument("--dry-run", dest="dry_run", action="store_true",
+                    help="print the commands without running them")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, train_args = argv[:cut], argv[cut + 1:]
+    a = parser().parse_args(argv)
+    if a.num_slices < 1:
+        print("tpu_vm.py: --num_slices must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        cmds = plan(a, train_args)
+    except ValueError as e:
+        print(f"tpu_vm.py: {e}", file=sys.stderr)
+        return 2
+    for cmd in cmds:
+        print("+ " + shlex.join(cmd), flush=True)
+        if a.dry_run:
+            continue
+        rc = subprocess.call(cmd)
+        if rc != 0 and cmd not in delete_cmds(a):
+            print(f"tpu_vm.py: command failed with code {rc}", file=sys.stderr)
+            if a.action == "all":  # never leave a slice running after a failure
+                for d in delete_cmds(a):
+                    print("+ " + shlex.join(d), flush=True)
+                    subprocess.call(d)
+            return rc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
