@@ -172,7 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("+ " + shlex.join(cmd), flush=True)
         if a.dry_run:
             continue
-        rc = subprocess.call(cmd)
+        try:
+            rc = subprocess.call(cmd)
+        except FileNotFoundError:
+            print(f"tpu_vm.py: {cmd[0]} not found: install the Google Cloud SDK (gcloud)",
+                  file=sys.stderr)
+            return 127
         if rc != 0 and cmd not in delete_cmds(a):
             print(f"tpu_vm.py: command failed with code {rc}", file=sys.stderr)
             if a.action == "all":  # never leave a slice running after a failure
