@@ -20,6 +20,7 @@ COMMANDS = {
     "tokenizer": "tokenizer train: train the SentencePiece model",
     "aot": "compile the train step for a TPU topology here (needs .[tpu]): memory, FLOPs",
     "checkpoint": "checkpoint info: list a workdir's checkpoints (steps, sizes, layout, mesh)",
+    "scaling": "scaling run | fit: train a ladder of sizes (--member i for one), fit the law",
 }
 
 FLAGS = flags.FLAGS
@@ -36,6 +37,7 @@ flags.DEFINE_string("aot_json", "", "aot: also write the report as JSON here")
 flags.DEFINE_string("coordinator", "", "multi-process: host:port of process 0")
 flags.DEFINE_integer("num_processes", 0, "multi-process: number of processes")
 flags.DEFINE_integer("process_id", -1, "multi-process: this process's index")
+flags.DEFINE_string("member", "", "scaling run: only this member (index, smallest first, or name)")
 
 
 def usage() -> str:
@@ -93,6 +95,17 @@ def main(argv: list[str]) -> int:
             return 2
         from gopher_jax import checkpoint
         checkpoint.main_info(FLAGS.workdir)
+    elif cmd == "scaling":
+        from gopher_jax import scaling
+        if sub == "run":
+            out = scaling.run(c, FLAGS.workdir, FLAGS.member or None)
+            return 1 if out["failed"] else 0
+        if sub == "fit":
+            scaling.fit(FLAGS.workdir)
+            return 0
+        print("usage: python -m gopher_jax scaling run|fit --config experiments/scaling_ladder.py "
+              "--workdir DIR [--member i]", file=sys.stderr)
+        return 2
     return 0
 
 
