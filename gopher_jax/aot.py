@@ -44,6 +44,10 @@ class AotError(RuntimeError):
     pass
 
 
+class DoesNotFit(AotError):
+    """The compiler rejected the program: it needs more HBM than a device has."""
+
+
 def parse_topology(spec: str) -> tuple[str, tuple[int, ...]]:
     """'v5p:16x16x16' -> ('v5p', (16, 16, 16)), checked against the generation's torus."""
     m = re.fullmatch(r"(v\d+[a-z]*):(\d+(?:x\d+)*)", spec.strip())
@@ -65,7 +69,7 @@ def topology_devices(spec: str, num_slices: int = 1) -> list[jax.Device]:
     gen, dims = parse_topology(spec)
     name, chip_config, ndim, pod = GENERATIONS[gen]
     # Full pods are tori; smaller slices of 2-D generations are meshes (no wraparound links).
-    wrap = tuple(d >= 4 for d in dims) if ndim == 3 else tuple(d == pod for d in dims)
+    wrap = tuple(d >= 4 for d in dims) if ndim == 3 else (*(d == pod for d in dims), False)
     try:
         topo = topologies.get_topology_desc(
             platform="tpu", topology_name=f"{name}:{'x'.join(map(str, dims))}",
@@ -145,7 +149,14 @@ def compile_train_step(c: ml_collections.ConfigDict, devices: list[jax.Device],
     step_fn = step_lib.make_train_step(c, mesh)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = step_fn.lower(state, batch).compile()
+        lowered = step_fn.lower(state, batch)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            # The TPU compiler itself refuses programs that exceed the chip's HBM.
+            if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
+                raise DoesNotFit(str(e).strip().splitlines()[0][:600]) from e
+            raise
     compile_s = time.perf_counter() - t0
 
     mem = compiled.memory_analysis()
@@ -189,9 +200,16 @@ def aot_compile(c: ml_collections.ConfigDict, topology: str, num_slices: int = 1
     quiet_libtpu()
     with c.unlocked():
         c.mesh.num_slices = num_slices
+        if num_slices > 1 and c.mesh.data == 1:
+            # Data parallel across slices, as Gopher ran across pods.
+            c.mesh.data = num_slices
     devices = topology_devices(topology, num_slices)
     report, _ = compile_train_step(c, devices, topology, num_slices)
     return report
+
+
+_ADVICE = ("  try: more devices, a larger mesh.tensor or fsdp, more train.microbatches, or "
+           "model.remat_policy=nothing_saveable")
 
 
 def _gib(x: float) -> str:
@@ -220,8 +238,7 @@ def format_report(r: Report) -> str:
         " per device",
     ]
     lines += [f"  note: {n}" for n in r.notes]
-    lines.append("  FITS" if r.fits else "  DOES NOT FIT: more devices, a larger mesh.tensor/"
-                 "fsdp, more train.microbatches or model.remat_policy=nothing_saveable")
+    lines.append("  FITS" if r.fits else f"  DOES NOT FIT\n{_ADVICE}")
     return "\n".join(x for x in lines if x)
 
 
@@ -229,6 +246,14 @@ def main(c: ml_collections.ConfigDict, topology: str, num_slices: int = 1,
          json_out: str = "") -> int:
     try:
         r = aot_compile(c, topology, num_slices)
+    except DoesNotFit as e:
+        print(f"{c.name} on {topology} x {num_slices}: DOES NOT FIT (the compiler ran out of "
+              f"HBM): {e}\n{_ADVICE}")
+        if json_out:
+            with open(json_out, "w") as f:
+                json.dump({"config": c.name, "topology": topology, "num_slices": num_slices,
+                           "fits": False, "error": str(e)}, f, indent=2)
+        return 1
     except (AotError, config_lib.ConfigError) as e:
         print(f"aot: {e}", file=sys.stderr)
         return 2
