@@ -15,7 +15,7 @@ Every command it runs is printed first; --dry-run prints them and runs nothing. 
 runs `python -m gopher_jax train` with GOPHER_DISTRIBUTED=auto: jax.distributed.initialize()
 finds the coordinator from the TPU metadata, and with several slices libtpu connects the
 slices over DCN through the MEGASCALE_* variables that queued resources set. A multislice
-job needs mesh.num_slices = --num_slices (passed on automatically).
+job gets --config.mesh.num_slices=N and --config.mesh.data=N unless they are given.
 """
 
 from __future__ import annotations
@@ -91,10 +91,21 @@ def setup_cmds(a: argparse.Namespace) -> list[list[str]]:
     return cmds
 
 
+def slice_flags(num_slices: int, args: Sequence[str]) -> list[str]:
+    """Config flags for a multislice run: the data axis spans the slices (unless given)."""
+    if num_slices == 1:
+        return []
+    out = []
+    if not any(x.startswith("--config.mesh.num_slices") for x in args):
+        out.append(f"--config.mesh.num_slices={num_slices}")
+    if not any(x.startswith("--config.mesh.data") for x in args):
+        out.append(f"--config.mesh.data={num_slices}")
+    return out
+
+
 def train_command(a: argparse.Namespace, train_args: Sequence[str], detach: bool) -> str:
     args = list(train_args)
-    if a.num_slices > 1 and not any(x.startswith("--config.mesh.num_slices") for x in args):
-        args.append(f"--config.mesh.num_slices={a.num_slices}")
+    args += slice_flags(a.num_slices, args)
     env = "GOPHER_DISTRIBUTED=auto"
     train = f"{env} python3 -m gopher_jax train {shlex.join(args)}"
     if detach:

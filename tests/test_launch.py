@@ -65,7 +65,7 @@ def test_two_slice_plan():
     run = cmds[-2]
     assert run[:2] == ["bash", "-c"] and run[2].endswith("& wait")
     assert run[2].count("gopher_jax train") == 2
-    assert run[2].count("--config.mesh.num_slices=2") == 2
+    assert run[2].count("--config.mesh.num_slices=2 --config.mesh.data=2") == 2
     assert "ssh gopher-0 --worker=all" in run[2] and "ssh gopher-1 --worker=all" in run[2]
     assert cmds[-1][5] == "delete"
 
@@ -94,7 +94,7 @@ def test_gke_manifest():
     assert "cloud.google.com/gke-tpu-accelerator: tpu-v5p-slice" in text
     assert "cloud.google.com/gke-tpu-topology: 4x4x8" in text
     assert "google.com/tpu: 4" in text
-    assert "--config.mesh.num_slices=2 --config.train.steps=10" in text
+    assert "--config.train.steps=10 --config.mesh.num_slices=2 --config.mesh.data=2" in text
     assert 'value: "auto"' in text and 'value: "gs://b/data"' in text
     yaml = pytest.importorskip("yaml")
     doc = yaml.safe_load(text)

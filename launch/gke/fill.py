@@ -16,6 +16,10 @@ import string
 import sys
 from collections.abc import Sequence
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
+from launch.tpu_vm import slice_flags  # noqa: E402
+
 TEMPLATE = pathlib.Path(__file__).with_name("jobset.yaml.tmpl")
 # Generation -> (GKE accelerator label, chips per host, topology dimensions).
 GKE = {
@@ -52,7 +56,8 @@ def fill(name: str, accelerator: str, topology: str, num_slices: int, image: str
         NAME=name, NUM_SLICES=num_slices, HOSTS_PER_SLICE=chips // per_host,
         CHIPS_PER_HOST=per_host, GKE_ACCELERATOR=label, TOPOLOGY=topology, IMAGE=image,
         CONFIG=config, WORKDIR=workdir, DATA_DIR=data_dir,
-        EXTRA_ARGS=" ".join(extra_args), MAX_RESTARTS=max_restarts)
+        EXTRA_ARGS=" ".join([*extra_args, *slice_flags(num_slices, extra_args)]),
+        MAX_RESTARTS=max_restarts)
     return string.Template(TEMPLATE.read_text()).substitute(values)
 
 
