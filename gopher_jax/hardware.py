@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 # Dense bf16 peak per device as JAX enumerates devices (a v4/v5p megacore chip is one device).
 PEAK_BF16 = {
+    "TPU v2": 45e12 / 2,  # one device per core
     "TPU v3": 123e12 / 2,  # one device per core
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
@@ -23,9 +24,9 @@ PEAK_BF16 = {
     "NVIDIA H200": 989e12,
     "NVIDIA B200": 2250e12,
 }
-# HBM per device in bytes, for the AOT report.
+# HBM per device in bytes, for the AOT report (v2/v3: per TensorCore, half a chip).
 HBM_BYTES = {
-    "TPU v3": 16 * 2**30, "TPU v4": 32 * 2**30, "TPU v5 lite": 16 * 2**30,
+    "TPU v2": 8 * 2**30, "TPU v3": 16 * 2**30, "TPU v4": 32 * 2**30, "TPU v5 lite": 16 * 2**30,
     "TPU v5e": 16 * 2**30, "TPU v5p": 95 * 2**30, "TPU v5": 95 * 2**30,
     "TPU v6 lite": 32 * 2**30, "TPU v6e": 32 * 2**30,
 }
