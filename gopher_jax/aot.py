@@ -67,6 +67,7 @@ def topology_devices(spec: str, num_slices: int = 1) -> list[jax.Device]:
     from jax.experimental import topologies
 
     gen, dims = parse_topology(spec)
+    quiet_libtpu()
     name, chip_config, ndim, pod = GENERATIONS[gen]
     # Full pods are tori; smaller slices of 2-D generations are meshes (no wraparound links).
     wrap = tuple(d >= 4 for d in dims) if ndim == 3 else (*(d == pod for d in dims), False)

@@ -170,6 +170,12 @@ def setup_process_logging() -> None:
     def hook(tp, value, tb):  # noqa: ANN001 (the sys.excepthook signature)
         print(f"{prefix}uncaught {tp.__name__}: {value}", file=sys.stderr, flush=True)
         previous(tp, value, tb)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # A normal exit would wait in jax.distributed's shutdown barrier for processes that
+        # are themselves stuck in a collective with this one; exit now so the launcher
+        # (launch/local.py, srun --kill-on-bad-exit, the JobSet) stops the rest.
+        os._exit(1)
 
     sys.excepthook = hook
 
