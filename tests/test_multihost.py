@@ -86,6 +86,8 @@ from jax.experimental import multihost_utils
 from gopher_jax.parallel import distributed
 distributed.initialize_from_env()
 assert jax.process_count() == 2 and jax.device_count() == 4
+import logging
+logging.getLogger("some.library").warning("a warning")
 if jax.process_index() == 1:
     raise RuntimeError("simulated failure")
 print("waiting in a collective", flush=True)
@@ -100,6 +102,7 @@ def test_dying_process_stops_the_others():
     assert "[launch] process 1 exited with code 1; stopping the others" in out
     # Errors carry the index of the process that raised them.
     assert "[p1] [process 1/2] uncaught RuntimeError: simulated failure" in out
+    assert "[p0] [process 0/2] a warning" in out and "[p1] [process 1/2] a warning" in out
     assert "[p0] unreachable" not in out
 
 

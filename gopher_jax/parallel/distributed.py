@@ -135,17 +135,6 @@ def _watchdog(seconds: float, what: str) -> Iterator[None]:
         done.set()
 
 
-class _ProcessPrefix(logging.Filter):
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.prefix):
-            record.msg = f"{self.prefix}{record.msg}"
-        return True
-
-
 _LOGGING_SET_UP = False
 
 
@@ -160,11 +149,16 @@ def setup_process_logging() -> None:
         return
     _LOGGING_SET_UP = True
     prefix = f"[process {jax.process_index()}/{jax.process_count()}] "
-    flt = _ProcessPrefix(prefix)
-    root = logging.getLogger()
-    root.addFilter(flt)
-    for h in root.handlers:
-        h.addFilter(flt)
+    # The record factory, not a filter: it reaches every logger and handler (absl's and
+    # orbax's too), including handlers added later.
+    make_record = logging.getLogRecordFactory()
+
+    def prefixed(*args, **kwargs) -> logging.LogRecord:  # noqa: ANN002, ANN003
+        record = make_record(*args, **kwargs)
+        record.msg = f"{prefix}{record.msg}"
+        return record
+
+    logging.setLogRecordFactory(prefixed)
     previous = sys.excepthook
 
     def hook(tp, value, tb):  # noqa: ANN001 (the sys.excepthook signature)
