@@ -140,7 +140,10 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
     try:
         with jax.set_mesh(mesh):
             while step < total:
-                state, m = train_step(state, data.batch(step, sharding))
+                # Between logging steps nothing may come back to the host: the guard turns
+                # an accidental sync (a float() of a metric, say) into an error.
+                with jax.transfer_guard_device_to_host("disallow_explicit"):
+                    state, m = train_step(state, data.batch(step, sharding))
                 pending.append((step, m))
                 step += 1
                 log_now = step % c.train.log_every == 0 or step == total
