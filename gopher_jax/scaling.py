@@ -58,6 +58,7 @@ def member_config(ladder: ml_collections.ConfigDict, name: str) -> ml_collection
         raise config_lib.ConfigError(f"no member {name!r} in the ladder; it has "
                                      f"{sorted(ladder.members.keys())}.")
     c = copy.deepcopy(ladder)
+    c.unlock()  # config_flags hands over a locked ladder
     del c["members"]
     if "scaling" in c:
         del c["scaling"]
@@ -452,6 +453,7 @@ def plot(results: dict[str, Any], fits: dict[str, Any], path: pathlib.Path) -> N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     ok = [m for m in results["members"] if m["status"] == "ok"]
     n = np.array([m["params_non_embedding"] for m in ok], np.float64)
@@ -477,6 +479,8 @@ def plot(results: dict[str, Any], fits: dict[str, Any], path: pathlib.Path) -> N
                            label=f"predicted largest ({loo['relative_error']:+.1%})")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(FormatStrFormatter("%.2f"))  # a narrow log range: plain numbers read better
         ax.set_xlabel("non-embedding parameters")
         ax.set_ylabel(f"{split} bits per byte")
         ax.set_title(f"{results['ladder']}: {split}")

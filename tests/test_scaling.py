@@ -46,6 +46,7 @@ def mini_ladder(data_dir: str, steps: int = 3, with_nan: bool = True
             "model": {"num_layers": 1, "d_model": 16, "num_heads": 1, "head_dim": 16},
             "train": {"learning_rate": 1e38, "init_learning_rate": 1e38, "warmup_steps": 0}}
     c.scaling = ml_collections.ConfigDict({"eval_batches": 2})
+    c.lock()  # as config_flags hands it over
     return c
 
 
@@ -161,8 +162,10 @@ def test_run_skip_fail_and_fit_with_stand_in_training(data_dir, tmp_path, monkey
     monkeypatch.setattr(loop, "train", fake_train)
     monkeypatch.setattr(scaling, "evaluate_member", fake_eval)
     ladder = mini_ladder(data_dir)
+    ladder.unlock()
     ladder.members["L2_d64"] = {"model": {"num_layers": 2, "d_model": 64, "num_heads": 4,
                                           "head_dim": 16}, "train": {"learning_rate": 2e-3}}
+    ladder.lock()
     wd = tmp_path / "ladder"
     out = scaling.run(ladder, wd, log=lambda s: None)
     good = ["L1_d16", "L1_d32", "L2_d48", "L2_d64"]
