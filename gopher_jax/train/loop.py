@@ -227,13 +227,14 @@ class _progress:
         self.n = step
         self.bar.set_postfix(loss=f"{m['loss']:.3f}", bpb=f"{m['bits_per_byte']:.3f}",
                              tok_s=f"{m['tokens_per_s']:.0f}", mfu=f"{m['mfu']:.1%}")
-        self.bar.write(f"step {step}: loss {m['loss']:.4f} bits/byte {m['bits_per_byte']:.4f} "
-                       f"lr {m['learning_rate']:.3g} grad_norm {m['grad_norm']:.3f} "
-                       f"tokens/s {m['tokens_per_s']:.0f} MFU {m['mfu']:.1%}")
+        self.message(f"step {step}: loss {m['loss']:.4f} bits/byte {m['bits_per_byte']:.4f} "
+                     f"lr {m['learning_rate']:.3g} grad_norm {m['grad_norm']:.3f} "
+                     f"tokens/s {m['tokens_per_s']:.0f} MFU {m['mfu']:.1%}")
 
     def message(self, msg: str) -> None:
         if self.enabled:
             self.bar.write(msg)
+            sys.stdout.flush()  # lines reach a log file as they happen
 
     def close(self) -> None:
         if self.bar is not None:

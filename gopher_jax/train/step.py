@@ -41,7 +41,7 @@ def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Ar
 
 
 def gradients(graphdef: nnx.GraphDef, params: Any, batch: Batch, microbatches: int,
-              batch_spec: PartitionSpec = PartitionSpec()) -> tuple[Any, jax.Array, jax.Array]:
+              batch_spec: PartitionSpec | None = None) -> tuple[Any, jax.Array, jax.Array]:
     """Gradients of the *summed* nll, the summed nll and the summed weight, accumulated over
     `microbatches` slices of the batch (sums make k slices of b equal one batch of k*b)."""
     k = microbatches
@@ -58,7 +58,7 @@ def gradients(graphdef: nnx.GraphDef, params: Any, batch: Batch, microbatches: i
         x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
         if jax.sharding.get_abstract_mesh().empty:
             return x
-        spec = PartitionSpec(None, *batch_spec, *([None] * (x.ndim - 2)))
+        spec = PartitionSpec(None, *(batch_spec or ()), *([None] * (x.ndim - 2)))
         return jax.lax.with_sharding_constraint(x, spec)
 
     def body(carry: Any, b: Batch) -> tuple[Any, None]:
