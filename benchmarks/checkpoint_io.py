@@ -33,7 +33,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gopher_jax import checkpoint as ckpt_lib
 from gopher_jax.parallel import mesh as mesh_lib
-from gopher_jax.train import loop
 from gopher_jax.train import state as state_lib
 from gopher_jax.train import step as step_lib
 
@@ -95,7 +94,7 @@ def main() -> None:
     train_step = step_lib.make_train_step(c, mesh)
     rng = np.random.default_rng(0)
     B, L = c.train.batch_size, c.data.seq_len
-    rows = loop.batch_sharding(c, mesh)
+    rows = mesh_lib.batch_sharding(c, mesh)
     batch = {"tokens": jax.device_put(
                  rng.integers(0, c.model.vocab_size, (B, L + 1), dtype=np.int32), rows),
              "segment_ids": jax.device_put(np.ones((B, L + 1), np.int32), rows),

@@ -62,7 +62,7 @@ def main() -> None:
     mesh = mesh_lib.make_mesh(c)
 
     load_before = os.getloadavg()[0]
-    peak_total = hardware.measure_matmul_peak(a.dtype, n=2048, reps=5)
+    peak_total = hardware.measure_matmul_peak(a.dtype, n=4096, reps=3)
 
     state = state_lib.create_state(c, mesh)
     train_step = step_lib.make_train_step(c, mesh)
@@ -102,7 +102,7 @@ def main() -> None:
     step_s = float(np.median(times))
     tokens = b * t
     model_flops = config_lib.flops_per_token(c.model, t)["train"] * tokens
-    peak_after = hardware.measure_matmul_peak(a.dtype, n=2048, reps=5)
+    peak_after = hardware.measure_matmul_peak(a.dtype, n=4096, reps=3)
     peak = max(peak_total, peak_after)
     res = {
         "config": a.config, "seq_len": t, "batch": b, "devices": a.devices, "rules": a.rules,

@@ -199,6 +199,7 @@ def aot_compile(c: ml_collections.ConfigDict, topology: str, num_slices: int = 1
         raise AotError("libtpu is not installed: pip install -e '.[tpu]' (jax[tpu]==0.10.2 "
                        "pulls the matching libtpu 0.0.42.*)")
     quiet_libtpu()
+    c = copy.deepcopy(c)  # the caller's config is left as it was
     with c.unlocked():
         c.mesh.num_slices = num_slices
         if num_slices > 1 and c.mesh.data == 1:

@@ -29,12 +29,15 @@ from gopher_jax.train.state import State
 
 log = logging.getLogger(__name__)
 
-# Config keys that change the shapes, dtypes or structure of the state: a resume must not
-# change them.
+# Config keys that change the shapes, dtypes or structure of the state, or the data order: a
+# resume must not change them.
 SHAPE_KEYS = (
     "model.vocab_size", "model.num_layers", "model.num_heads", "model.head_dim",
     "model.d_model", "model.mlp_ratio", "model.tie_embeddings", "model.param_dtype",
     "model.scan_layers", "train.optimizer", "train.master_fp32",
+    # and what decides which chunks step s reads: changing them breaks the exact resume
+    "seed", "train.batch_size", "data.dataset", "data.text_files", "data.seq_len",
+    "data.train_split", "data.nfkc", "data.tokenizer_path",
 )
 BEST_METRIC = "eval_bits_per_byte"  # lower is better
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -76,7 +79,8 @@ def check_config(meta: dict[str, Any], c: ml_collections.ConfigDict) -> list[str
         diffs = ", ".join(f"{k}: {a.get(k)!r} in the checkpoint vs {b.get(k)!r} now"
                           for k in shape)
         raise ConfigMismatchError(
-            f"the checkpoint at step {meta.get('step')} holds a different model ({diffs}). "
+            f"the checkpoint at step {meta.get('step')} was trained with another model or data "
+            f"order ({diffs}). "
             "Use another --workdir, or the checkpoint's config (config.json in the workdir).")
     return other
 
@@ -177,7 +181,9 @@ class Checkpointer:
             errors.append(msg)
         if errors:
             raise CheckpointError("no checkpoint could be restored:\n" + "\n".join(errors)
-                                  + f"\nMove {self.directory} away to start afresh.")
+                                  + "\nIf the config differs from the one trained (see "
+                                  "config.json in the workdir), pass that one; to start "
+                                  "afresh, use another --workdir.")
         return None
 
     def _set_aside(self, steps: list[int]) -> None:

@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.tokenizer_path = ""  # empty: <data_dir>/tokenizers/<dataset>_<vocab>.model
 
     c.train = t = ml_collections.ConfigDict()
-    t.steps = 1000
+    t.steps = 10_000
     t.batch_size = 128  # global, in sequences of seq_len tokens
     t.microbatches = 1  # gradient accumulation: batch_size / microbatches per forward
     t.optimizer = "adam"  # adam (the paper) | adamw
@@ -191,6 +191,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
             raise ConfigError(f"{what} = {value} is not divisible by the mesh axes that rule set "
                               f"{ms.rules!r} shards '{logical}' over ({axes} = {n}); change the "
                               "mesh or the rule set.")
+    if t.warmup_steps >= t.steps:
+        raise ConfigError(f"train.warmup_steps = {t.warmup_steps} >= train.steps = {t.steps}: "
+                          "the learning rate would never reach its peak nor decay; lower "
+                          "train.warmup_steps or raise train.steps.")
     if t.batch_size % t.microbatches:
         raise ConfigError(f"train.batch_size = {t.batch_size} is not divisible by "
                           f"train.microbatches = {t.microbatches}.")

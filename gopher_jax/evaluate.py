@@ -18,14 +18,34 @@ from gopher_jax.parallel import distributed
 from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.train import state as state_lib
 from gopher_jax.train import step as step_lib
-from gopher_jax.train.loop import evaluate_split
+
+
+def eval_batch_size(c: ml_collections.ConfigDict) -> int:
+    """A training microbatch: what is known to fit in memory with this mesh."""
+    return c.train.batch_size // c.train.microbatches
+
+
+def evaluate_split(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, params: Any,
+                   split: str, eval_step: Any = None, max_batches: int = -1) -> dict[str, float]:
+    """Exact bits per byte: summed -log2 p over the summed UTF-8 bytes of the split."""
+    eval_step = eval_step or step_lib.make_eval_step(c, mesh)
+    sharding = mesh_lib.batch_sharding(c, mesh)
+    sums = np.zeros(3)
+    with jax.set_mesh(mesh):
+        for batch in pipeline.eval_batches(c, split, eval_batch_size(c), sharding,
+                                           max_batches=max_batches):
+            sums += np.array(jax.device_get(eval_step(params, batch)), dtype=np.float64)
+    nll, tokens, nbytes = sums
+    return {"loss": nll / max(tokens, 1), "bits_per_byte": nll / math.log(2) / max(nbytes, 1),
+            "tokens": tokens, "bytes": nbytes}
 
 
 def restore_params(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                    mesh: jax.sharding.Mesh) -> tuple[Any, int]:
     ckpt = ckpt_lib.Checkpointer(workdir)
     try:
-        restored = ckpt.restore_latest(state_lib.abstract_state(c, mesh))
+        restored = ckpt.restore_latest(state_lib.abstract_state(c, mesh),
+                                       check=lambda meta: ckpt_lib.check_config(meta, c))
     finally:
         ckpt.close()
     if restored is None:
@@ -55,7 +75,7 @@ def unigram_bits_per_byte(c: ml_collections.ConfigDict, split: str) -> float:
 def main(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
     distributed.initialize_from_env()
     mesh = mesh_lib.make_mesh(c)
-    pipeline.prepare(c, verbose=False)
+    distributed.run_on_process_zero_first(lambda: pipeline.prepare(c, verbose=False))
     params, step = restore_params(c, workdir, mesh)
     eval_step = step_lib.make_eval_step(c, mesh)
     results: dict[str, Any] = {"step": step}

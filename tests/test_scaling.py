@@ -34,7 +34,8 @@ def mini_ladder(data_dir: str, steps: int = 3, with_nan: bool = True
     c = load_config("tiny")
     c.name = "mini"
     c.data.data_dir = data_dir
-    c.train.update(steps=steps, eval_every=0, log_every=steps, checkpoint_every=steps)
+    c.train.update(steps=steps, warmup_steps=1, eval_every=0, log_every=steps,
+                   checkpoint_every=steps)
     c.members = ml_collections.ConfigDict()
     for layers, d_model in ((1, 16), (1, 32), (2, 48)):
         c.members[f"L{layers}_d{d_model}"] = {

@@ -5,7 +5,8 @@ as [eos] + encode(doc), so EOS *starts* a document and every real token is predi
 its own document. Chunk k is tokens[k*L : k*L + L + 1] (neighbours share one token, so every
 token but the split's first is a target exactly once). segment_ids number the documents
 1, 2, 3... within each chunk; 0 marks padding (only in the last chunk). The loss weight of
-target j is `target_weights(segment_ids)`; num_bytes[k] is the UTF-8 bytes of chunk k's
+target j is `target_weights(tokens, segment_ids)` (EOS, which has no bytes, is a target
+too); num_bytes[k] is the UTF-8 bytes of chunk k's
 weighted targets, so it sums to the split's byte count (with an NFKC tokenizer: the byte
 count of the normalised text, which is what the model sees; `num_text_bytes` has the raw one).
 
@@ -24,27 +25,21 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from gopher_jax.data.tokenizer import EOS_ID
+
 FORMAT_VERSION = 1
 # One record per group: random access reads one chunk, not a block of them.
 WRITER_OPTIONS = "group_size:1"
 ENCODE_BATCH = 256  # documents per SentencePiece call
 
 
-def target_weights(segment_ids: np.ndarray) -> np.ndarray:
-    """Which targets (tokens[..., 1:]) count: same document as their input, not padding."""
-    s = np.asarray(segment_ids)
-    return (s[..., 1:] == s[..., :-1]) & (s[..., 1:] != 0)
-
-
-def positions(segment_ids: np.ndarray) -> np.ndarray:
-    """Position of each token within its document piece in the chunk (0 at a doc start)."""
-    s = np.asarray(segment_ids)
-    idx = np.broadcast_to(np.arange(s.shape[-1]), s.shape)
-    start = np.zeros(s.shape, dtype=bool)
-    start[..., 0] = True
-    start[..., 1:] = s[..., 1:] != s[..., :-1]
-    first = np.maximum.accumulate(np.where(start, idx, 0), axis=-1)
-    return (idx - first).astype(np.int32)
+def target_weights(tokens, segment_ids, eos_id: int = EOS_ID):
+    """Which targets (tokens[..., 1:]) count, for numpy or jax arrays: those in their input's
+    document, and the EOS that opens the next document (predicted from the end of the previous
+    one, so the model learns where documents end; its input never sees the next document).
+    Padding (segment 0) never counts."""
+    s, t = segment_ids, tokens
+    return ((s[..., 1:] == s[..., :-1]) | (t[..., 1:] == eos_id)) & (s[..., 1:] != 0)
 
 
 class ChunkPacker:
@@ -89,7 +84,7 @@ class ChunkPacker:
         t = window(tok[: n * L + 1], L + 1)[::L]
         d = window(doc[: n * L + 1], L + 1)[::L]
         seg = np.where(d >= 0, d - d[:, :1] + 1, 0).astype(np.int32)
-        nbytes = (self.piece_bytes[t[:, 1:]] * target_weights(seg)).sum(axis=1)
+        nbytes = (self.piece_bytes[t[:, 1:]] * target_weights(t, seg)).sum(axis=1)
         self._tokens, self._docs = tok[n * L:], doc[n * L:]
         if final:
             self._tokens, self._docs = self._tokens[:0], self._docs[:0]

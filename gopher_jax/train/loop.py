@@ -16,16 +16,15 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from gopher_jax import checkpoint as ckpt_lib
 from gopher_jax import config as config_lib
 from gopher_jax import hardware
 from gopher_jax.data import pipeline
+from gopher_jax.evaluate import evaluate_split
 from gopher_jax.metrics import MetricsWriter
 from gopher_jax.model.gopher import compute_dtype
 from gopher_jax.parallel import mesh as mesh_lib
-from gopher_jax.parallel import rules as rules_lib
 from gopher_jax.train import state as state_lib
 from gopher_jax.train import step as step_lib
 
@@ -37,26 +36,6 @@ class NonFiniteLossError(FloatingPointError):
 def say(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
-
-
-def batch_sharding(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> NamedSharding:
-    spec = rules_lib.logical_to_spec(("batch",), rules_lib.get_rules(c.mesh.rules))
-    return NamedSharding(mesh, PartitionSpec(*spec, None))
-
-
-def evaluate_split(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, params: Any,
-                   split: str, eval_step: Any = None, max_batches: int = -1) -> dict[str, float]:
-    """Exact bits per byte: summed -log2 p over the summed UTF-8 bytes of the split."""
-    eval_step = eval_step or step_lib.make_eval_step(c, mesh)
-    sharding = batch_sharding(c, mesh)
-    sums = np.zeros(3)
-    with jax.set_mesh(mesh):
-        for batch in pipeline.eval_batches(c, split, c.train.batch_size, sharding,
-                                           max_batches=max_batches):
-            sums += np.array(jax.device_get(eval_step(params, batch)), dtype=np.float64)
-    nll, tokens, nbytes = sums
-    return {"loss": nll / max(tokens, 1), "bits_per_byte": nll / math.log(2) / max(nbytes, 1),
-            "tokens": tokens, "bytes": nbytes}
 
 
 class Preemption:
@@ -98,7 +77,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
 
     info = distributed.run_on_process_zero_first(lambda: pipeline.prepare(c, verbose=True))
     data = pipeline.TrainData(c)
-    sharding = batch_sharding(c, mesh)
+    sharding = mesh_lib.batch_sharding(c, mesh)
 
     keep_best = c.train.get("checkpoint_keep_best", 0)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.checkpoint_keep, keep_best=keep_best)
@@ -140,8 +119,9 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
     try:
         with jax.set_mesh(mesh):
             while step < total:
-                # Between logging steps nothing may come back to the host: the guard turns
-                # an accidental sync (a float() of a metric, say) into an error.
+                # Between logging steps nothing may come back to the host: on TPU/GPU the
+                # guard turns an accidental sync (a float() of a metric) into an error (CPU
+                # buffers bypass transfer guards; tests count host reads there instead).
                 with jax.transfer_guard_device_to_host("disallow_explicit"):
                     state, m = train_step(state, data.batch(step, sharding))
                 pending.append((step, m))

@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gopher_jax.data import tokenized
 from gopher_jax.model import gopher
 from gopher_jax.parallel import rules as rules_lib
 from gopher_jax.train.optimizer import optimizer, schedule
@@ -23,12 +24,10 @@ LN2 = math.log(2.0)
 
 
 def split_batch(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Chunks of seq_len + 1 tokens -> inputs, input segment ids, targets, target weights.
-
-    A target counts when it lies in the same document as its input and is not padding.
-    """
+    """Chunks of seq_len + 1 tokens -> inputs, input segment ids, targets, target weights
+    (the data format's `target_weights`: same document or a document-ending EOS)."""
     tokens, seg = batch["tokens"], batch["segment_ids"]
-    weights = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+    weights = tokenized.target_weights(tokens, seg)
     return tokens[:, :-1], seg[:, :-1], tokens[:, 1:], weights.astype(jnp.float32)
 
 
