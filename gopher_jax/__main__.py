@@ -6,16 +6,19 @@ Thin: parses flags, then calls the module that does the work.
 
 from __future__ import annotations
 
+import json
+import pathlib
 import sys
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
 COMMANDS = {
     "params": "print parameter counts and training FLOPs per token (no allocation)",
     "train": "train (resumes from the newest checkpoint in --workdir)",
-    "eval": "bits per byte on the validation and test splits",
-    "sample": "generate text from a trained workdir",
+    "eval": "bits per byte on validation and test (config: --config, else the workdir's)",
+    "sample": "generate text from a trained workdir (config as for eval)",
     "data": "data prepare: build the dataset, tokenizer and token chunks",
     "tokenizer": "tokenizer train: train the SentencePiece model",
     "aot": "compile the train step for a TPU topology here (needs .[tpu]): memory, FLOPs",
@@ -46,6 +49,14 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def trained_config(workdir: str) -> ml_collections.ConfigDict | None:
+    """The config a workdir was trained with (written by `train`), if any."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        return None
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[1] not in COMMANDS:
         print(usage(), file=sys.stderr)
@@ -56,6 +67,8 @@ def main(argv: list[str]) -> int:
         rest = rest[1:]
     FLAGS([argv[0], *rest])
     c = FLAGS.config
+    if cmd in ("eval", "sample") and not FLAGS["config"].present:
+        c = trained_config(FLAGS.workdir) or c
     if FLAGS.coordinator:  # read by parallel.distributed.initialize_from_env
         import os
         os.environ.update(GOPHER_COORDINATOR=FLAGS.coordinator,
