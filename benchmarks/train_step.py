@@ -113,6 +113,7 @@ def main() -> None:
         "model_flops_per_s": model_flops / step_s,
         "matmul_peak_flops_per_s": peak,
         "matmul_peak_before_after": [peak_total, peak_after],
+        "matmul_n": 4096,
         "mfu": model_flops / step_s / peak,
         "compiler_flops_per_step": compiler_flops,
         "compiler_over_model_flops": compiler_flops / model_flops,
