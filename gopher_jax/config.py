@@ -83,9 +83,18 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def table1(name: str, layers: int, heads: int, kv: int, d_model: int, lr: float,
-           batch_tokens: int, grad_clip: float = 1.0) -> ml_collections.ConfigDict:
-    """A row of the paper's Table 1 on top of the base config (context 2,048 tokens)."""
+           batch_tokens: int, grad_clip: float = 1.0, tensor: int = 1
+           ) -> ml_collections.ConfigDict:
+    """A row of the paper's Table 1 on top of the base config (context 2,048 tokens).
+
+    With tensor > 1 (the 7.1B and 280B rows): the paper's large-model recipe, bf16 params
+    with an fp32 master copy in the partitioned optimiser state, fsdp+tensor parallelism.
+    """
     c = base_config()
+    if tensor > 1:
+        c.model.param_dtype = "bfloat16"
+        c.train.master_fp32 = True
+        c.mesh.update(rules="fsdp+tensor", tensor=tensor)
     c.model.update(num_layers=layers, num_heads=heads, head_dim=kv, d_model=d_model)
     c.data.seq_len = 2048
     c.train.update(learning_rate=lr, batch_size=batch_tokens // 2048, grad_clip=grad_clip)
