@@ -74,7 +74,7 @@ def test_clipping_caps_the_global_norm():
     clip = optax.clip_by_global_norm(t.grad_clip)
     g = {"a": jnp.full((10,), 3.0), "b": jnp.full((4, 4), -2.0)}
     out, _ = clip.update(g, clip.init(g))
-    assert float(optax.global_norm(out)) == pytest.approx(0.25, rel=1e-5)
+    assert float(optax.tree.norm(out)) == pytest.approx(0.25, rel=1e-5)
     small = jax.tree.map(lambda x: x * 1e-3, g)
     same, _ = clip.update(small, clip.init(small))
     jax.tree.map(np.testing.assert_array_equal, same, small)
