@@ -2,6 +2,8 @@
 
 score(i, j) = (q_i + u) . k_j  +  (q_i + v) . (W_r R_{i-j})
 with R_d the sinusoid of distance d, W_r a per-layer projection, u and v learned per head.
+(Transformer-XL shares u and v across layers; here each layer has its own, which keeps the
+scanned block self-contained and costs 2 x d_model parameters per layer.)
 The position term is one batched contraction against the projected sinusoids of every
 distance, followed by the "relative shift" that lines distance i-j up with key j.
 """
