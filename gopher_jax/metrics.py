@@ -34,10 +34,6 @@ class MetricsWriter:
         for k, v in scalars.items():
             self._tb.add_scalar(f"{prefix}/{k}", float(v), step)
 
-    def flush(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
-
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

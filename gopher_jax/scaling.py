@@ -306,13 +306,9 @@ def _csv(members: list[dict[str, Any]], splits: tuple[str, str]) -> str:
     return buf.getvalue()
 
 
-def _human(n: float) -> str:
+def markdown_table(results: dict[str, Any]) -> str:
     from gopher_jax.report import human
 
-    return human(n)
-
-
-def markdown_table(results: dict[str, Any]) -> str:
     ev, te = results["splits"]
     lines = [
         f"Ladder `{results['ladder']}`: every member trained on the same "
@@ -336,7 +332,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             status += f": {m['error']}".replace("|", "/").replace("\n", " ")[:200]
         lines.append(
             f"| {m['member']} | {m['num_layers']} x {m['d_model']} | {m['learning_rate']:g} "
-            f"| {_human(m['params_non_embedding'])} | {_human(m['params_total'])} "
+            f"| {human(m['params_non_embedding'])} | {human(m['params_total'])} "
             f"| {m['train_flops']:.3g} | {bpb[0]} | {bpb[1]} | {wall} | {status} |")
     uni = results.get("unigram_bits_per_byte")
     if uni and "error" not in uni:

@@ -207,9 +207,6 @@ class TrainData:
     def shape(self) -> tuple[int, int]:
         return (self.batch_size, self.seq_len + 1)
 
-    def epoch(self, step: int) -> float:
-        return step * self.batch_size / self.num_chunks
-
     def global_indices(self, step: int, rows: Sequence[int] | None = None) -> np.ndarray:
         """The chunk index of every row (or of `rows`) of the global batch at `step`."""
         if rows is None:

@@ -174,13 +174,6 @@ def setup_process_logging() -> None:
     sys.excepthook = hook
 
 
-def process_prefix() -> str:
-    """'[process i/N] ' in a multi-process run, '' otherwise: for error messages."""
-    if jax.process_count() == 1:
-        return ""
-    return f"[process {jax.process_index()}/{jax.process_count()}] "
-
-
 def run_on_process_zero_first(fn: Callable[[], T]) -> T:
     """Process 0 runs `fn` (e.g. preparing shared data) before the others do."""
     if jax.process_count() == 1:
