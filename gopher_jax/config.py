@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.scan_layers = True
     m.remat_policy = "nothing_saveable"  # see REMAT_POLICIES
     m.rel_pos_max_wavelength = 10_000.0
+    m.attention_block_q = 128  # queries per attention block (0: one block); see attention.py
     m.norm_eps = 1e-6
 
     c.data = d = ml_collections.ConfigDict()
@@ -216,6 +217,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
     if m.remat_policy not in REMAT_POLICIES:
         raise ConfigError(f"unknown model.remat_policy={m.remat_policy!r}; choose one of "
                           f"{REMAT_POLICIES}.")
+    if m.attention_block_q < 0:
+        raise ConfigError(f"model.attention_block_q = {m.attention_block_q} must be >= 0 "
+                          "(0 runs all queries in one block).")
     if ms.num_slices > 1 and data % ms.num_slices:
         raise ConfigError(f"mesh.data = {data} must be a multiple of mesh.num_slices = "
                           f"{ms.num_slices} (data parallelism spans slices).")

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gopher_jax import config as config_lib
-from gopher_jax.model import attention, gopher
+from gopher_jax.model import attention, gopher, layers
 from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.parallel import rules as rules_lib
 from gopher_jax.train import state as state_lib
@@ -85,9 +85,11 @@ def reference_attention(x, p, segment_ids, max_wavelength):
     return out
 
 
-def test_relative_attention_matches_reference():
+@pytest.mark.parametrize("block_q", [0, 1, 3, 7, 8])
+def test_relative_attention_matches_reference(block_q):
     d, h, k, t = 16, 2, 8, 7
-    attn = attention.RelativeAttention(d, h, k, 1.0, jnp.float32, jnp.float32, nnx.Rngs(0))
+    attn = attention.RelativeAttention(d, h, k, 1.0, jnp.float32, jnp.float32, nnx.Rngs(0),
+                                       block_q=block_q)
     nnx.update(attn, randomize(nnx.state(attn)))
     x = jax.random.normal(jax.random.key(3), (2, t, d))
     seg = np.array([[1] * t, [1, 1, 1, 2, 2, 2, 2]])
@@ -98,12 +100,38 @@ def test_relative_attention_matches_reference():
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-5)
 
 
-def test_rel_shift_lines_up_distances():
-    t = 5
-    raw = jnp.broadcast_to(jnp.arange(t - 1, -1, -1.0), (t, t))  # column m holds distance T-1-m
+def test_blocked_attention_gradients_match_one_block():
+    d, h, k, t = 16, 2, 8, 10
+    x = jax.random.normal(jax.random.key(3), (2, t, d))
+    rel = attention.relative_sinusoids(t, d, 10_000.0)
+    mask = attention.attention_mask(jnp.asarray([[1] * t, [1] * 4 + [2] * 6]))
+    grads = []
+    for block_q in (0, 4):
+        attn = attention.RelativeAttention(d, h, k, 1.0, jnp.float32, jnp.float32,
+                                           nnx.Rngs(0), block_q=block_q)
+        nnx.update(attn, randomize(nnx.state(attn)))
+        grads.append(nnx.grad(lambda a, x: jnp.sum(jnp.sin(a(x, rel, mask))),
+                              argnums=(0, 1))(attn, x))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_gelu_gradient_matches_autodiff_of_jax_gelu():
+    x = jnp.linspace(-8.0, 8.0, 2001)
+    np.testing.assert_array_equal(np.asarray(layers.gelu(x)), np.asarray(jax.nn.gelu(x)))
+    ours = jax.vmap(jax.grad(layers.gelu))(x)
+    theirs = jax.vmap(jax.grad(jax.nn.gelu))(x)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("q", [5, 3, 1])
+def test_rel_shift_lines_up_distances(q):
+    k = 5  # q queries at positions k-q, ..., k-1; column m holds distance k-1-m
+    raw = jnp.broadcast_to(jnp.arange(k - 1, -1, -1.0), (q, k))
     shifted = np.asarray(attention.rel_shift(raw))
-    i, j = np.tril_indices(t)
-    np.testing.assert_array_equal(shifted[i, j], i - j)
+    for i in range(q):
+        for j in range(k - q + i + 1):
+            assert shifted[i, j] == (k - q + i) - j, (i, j)
 
 
 # ---------------------------------------------------------------- causality and packing
@@ -280,6 +308,7 @@ def test_untied_embeddings_add_a_matrix():
     (dict(rules="fsdp", data=1, fsdp=4, tensor=2), "does not use the tensor axis"),
     (dict(data=3, fsdp=-1), "8 devices cannot be split"),
     (dict(rules="fsdp", data=1, fsdp=8, microbatches=3, batch=16), "not divisible by train.micro"),
+    (dict(block_q=-1), "attention_block_q = -1 must be >= 0"),
 ])
 def test_bad_configs_are_rejected(case, match):
     c = load_config("gopher_117m")  # 12 heads, vocab 32,000, d_model 768
@@ -287,6 +316,7 @@ def test_bad_configs_are_rejected(case, match):
     c.train.microbatches = case.pop("microbatches", 1)
     if "heads" in case:
         c.model.num_heads, c.model.head_dim = case.pop("heads"), 64
+    c.model.attention_block_q = case.pop("block_q", 128)
     if "vocab" in case:
         c.model.vocab_size = case.pop("vocab")
         c.model.num_heads, c.model.head_dim = 16, 48

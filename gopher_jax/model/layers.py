@@ -34,6 +34,33 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """GELU, tanh approximation (as `jax.nn.gelu`), with its own VJP: autodiff of
+    `jax.nn.gelu` keeps five [B, T, d_ff] intermediates per layer for the backward pass, this
+    keeps only the input (the scanned gopher_44m training step on CPU is ~7% faster)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return gelu(x), x
+
+
+def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    x32 = x.astype(jnp.float32)
+    inner = _SQRT_2_OVER_PI * (x32 + 0.044715 * x32**3)
+    t = jnp.tanh(inner)
+    d_inner = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x32 * x32)
+    grad = 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * d_inner
+    return ((g.astype(jnp.float32) * grad).astype(g.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 class MLP(nnx.Module):
     """d_model -> mlp_ratio * d_model (GELU) -> d_model, no biases."""
 
@@ -46,7 +73,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jnp.einsum("btd,df->btf", x, self.wi[...].astype(self.dtype))
-        h = constrain(jax.nn.gelu(h), ("act_batch", "act_length", "act_mlp"))
+        h = constrain(gelu(h), ("act_batch", "act_length", "act_mlp"))
         return jnp.einsum("btf,fd->btd", h, self.wo[...].astype(self.dtype))
 
 
