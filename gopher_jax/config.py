@@ -125,16 +125,21 @@ def param_counts(m: ml_collections.ConfigDict) -> dict[str, int]:
     return {"total": non_emb + emb, "non_embedding": non_emb, "embedding": emb}
 
 
-def flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> dict[str, float]:
+def flops_per_token(m: ml_collections.ConfigDict, seq_len: int,
+                    causal: bool = False) -> dict[str, float]:
     """Training FLOPs per token (forward + backward = 3 x forward), without remat recompute.
 
     Matmuls count 2 FLOPs per multiply-add. Attention counts the full T x T score matrices
-    (content and position terms) and the weighted sum of values, as the kernels compute them.
+    (content and position terms) and the weighted sum of values: PaLM's convention
+    (Chowdhery et al. 2022, appendix B), which ignores the causal mask. `causal=True` counts
+    only the scores on or below the diagonal, (T + 1) / 2 keys per query: the useful work.
+    The blocked attention (model/attention.py) computes between the two.
     """
     h = m.num_heads * m.head_dim
+    keys = (seq_len + 1) / 2 if causal else seq_len
     proj = 2 * (4 * m.d_model * h + 2 * m.d_model * d_ff(m))
     rel = 2 * m.d_model * h  # projecting one sinusoid per position
-    attn = 2 * 3 * seq_len * h  # content scores, position scores, values
+    attn = 2 * 3 * keys * h  # content scores, position scores, values
     head = 2 * m.d_model * m.vocab_size
     fwd = m.num_layers * (proj + rel + attn) + head
     return {"forward": float(fwd), "train": float(3 * fwd)}

@@ -44,8 +44,11 @@ class Block(nnx.Module):
         self.mlp = MLP(m.d_model, d_ff(m), out_scale, param_dtype, dtype, rngs)
 
     def __call__(self, x: jax.Array, rel: jax.Array, mask: jax.Array) -> jax.Array:
-        x = constrain(x + self.attn(self.attn_norm(x), rel, mask), EMBED_ACT)
-        return constrain(x + self.mlp(self.mlp_norm(x)), EMBED_ACT)
+        # Named scopes label the ops in profiles (benchmarks/train_step.py --profile).
+        with jax.named_scope("attention"):
+            x = constrain(x + self.attn(self.attn_norm(x), rel, mask), EMBED_ACT)
+        with jax.named_scope("mlp"):
+            return constrain(x + self.mlp(self.mlp_norm(x)), EMBED_ACT)
 
 
 class Gopher(nnx.Module):
@@ -76,7 +79,8 @@ class Gopher(nnx.Module):
             segment_ids = jnp.ones_like(tokens)
         mask = attention_mask(segment_ids)
         rel = relative_sinusoids(tokens.shape[1], m.d_model, m.rel_pos_max_wavelength)
-        x = constrain(self.embed(tokens), EMBED_ACT)
+        with jax.named_scope("embed"):
+            x = constrain(self.embed(tokens), EMBED_ACT)
 
         def block_fn(block: Block, x: jax.Array) -> jax.Array:
             return block(x, rel, mask)
@@ -93,13 +97,14 @@ class Gopher(nnx.Module):
         else:
             for block in self.blocks:
                 x = block_fn(block, x)
-        x = self.final_norm(x)
-        if m.tie_embeddings:
-            logits = self.embed.attend(x)
-        else:
-            logits = jnp.einsum("btd,vd->btv", x, self.unembed[...].astype(self.dtype),
-                                preferred_element_type=jnp.float32)
-        return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+        with jax.named_scope("logits"):
+            x = self.final_norm(x)
+            if m.tie_embeddings:
+                logits = self.embed.attend(x)
+            else:
+                logits = jnp.einsum("btd,vd->btv", x, self.unembed[...].astype(self.dtype),
+                                    preferred_element_type=jnp.float32)
+            return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
 
 def create(m: ml_collections.ConfigDict, seed: int | jax.Array = 0,

@@ -35,8 +35,10 @@ def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Ar
     """(summed nll in nats, summed target weight), cross-entropy in float32."""
     inputs, seg, targets, weights = split_batch(batch)
     logits = gopher.apply(graphdef, params, inputs, seg)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return jnp.sum(nll * weights), jnp.sum(weights)
+    with jax.named_scope("cross_entropy"):
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                              targets)
+        return jnp.sum(nll * weights), jnp.sum(weights)
 
 
 def gradients(graphdef: nnx.GraphDef, params: Any, batch: Batch, microbatches: int,
@@ -82,6 +84,7 @@ def make_train_step(c: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[State
         with rules_lib.use_rules(rules):
             params = state["params"]
             g, nll, w = gradients(graphdef, params, batch, c.train.microbatches, batch_spec)
+        with rules_lib.use_rules(rules), jax.named_scope("optimizer"):
             denom = jnp.maximum(w, 1.0)
             g = jax.tree.map(lambda x: x.astype(jnp.float32) / denom, g)
             if c.train.master_fp32:
