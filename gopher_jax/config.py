@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat_policy = "nothing_saveable"  # see REMAT_POLICIES
     m.rel_pos_max_wavelength = 10_000.0
     m.attention_block_q = 128  # queries per attention block (0: one block); see attention.py
+    m.loss_chunk = 512  # positions per cross-entropy chunk (0: one); see cross_entropy.py
     m.norm_eps = 1e-6
 
     c.data = d = ml_collections.ConfigDict()
@@ -222,6 +223,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
     if m.remat_policy not in REMAT_POLICIES:
         raise ConfigError(f"unknown model.remat_policy={m.remat_policy!r}; choose one of "
                           f"{REMAT_POLICIES}.")
+    if m.loss_chunk < 0 or (0 < m.loss_chunk < c.data.seq_len
+                            and c.data.seq_len % m.loss_chunk):
+        raise ConfigError(f"model.loss_chunk = {m.loss_chunk} must divide data.seq_len = "
+                          f"{c.data.seq_len} (or be 0 or >= seq_len: one chunk).")
     if m.attention_block_q < 0:
         raise ConfigError(f"model.attention_block_q = {m.attention_block_q} must be >= 0 "
                           "(0 runs all queries in one block).")

@@ -8,12 +8,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gopher_jax import config as config_lib
-from gopher_jax.model import attention, gopher, layers
+from gopher_jax.model import attention, cross_entropy, gopher, layers
 from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.parallel import rules as rules_lib
 from gopher_jax.train import state as state_lib
@@ -114,6 +115,34 @@ def test_blocked_attention_gradients_match_one_block():
                               argnums=(0, 1))(attn, x))
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 2, 4, 3, 8])
+def test_chunked_cross_entropy_matches_optax(chunk):
+    b, t, d, v = 3, 8, 16, 50
+    ks = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(ks[0], (b, t, d))
+    w = jax.random.normal(ks[1], (v, d))
+    targets = jax.random.randint(ks[2], (b, t), 0, v)
+    weights = (jax.random.uniform(ks[3], (b, t)) > 0.3).astype(jnp.float32)
+
+    def reference(x, w):
+        logits = jnp.einsum("btd,vd->btv", x, w)
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights)
+
+    def ours(x, w):
+        return cross_entropy.nll_sum(x, w, targets, weights, chunk)
+
+    want, want_g = jax.value_and_grad(reference, argnums=(0, 1))(x, w)
+    got, got_g = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(x, w)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    np.testing.assert_allclose(float(jax.jit(ours)(x, w)), float(want), rtol=1e-5)
+    for a, e in zip(got_g, want_g, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-5)
+    # A cotangent other than 1 scales both gradients.
+    g2 = jax.grad(lambda x, w: 3.0 * ours(x, w), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(np.asarray(g2[1]), 3.0 * np.asarray(want_g[1]), rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_gelu_gradient_matches_autodiff_of_jax_gelu():
@@ -309,6 +338,7 @@ def test_untied_embeddings_add_a_matrix():
     (dict(data=3, fsdp=-1), "8 devices cannot be split"),
     (dict(rules="fsdp", data=1, fsdp=8, microbatches=3, batch=16), "not divisible by train.micro"),
     (dict(block_q=-1), "attention_block_q = -1 must be >= 0"),
+    (dict(loss_chunk=300), "loss_chunk = 300 must divide data.seq_len = 2048"),
 ])
 def test_bad_configs_are_rejected(case, match):
     c = load_config("gopher_117m")  # 12 heads, vocab 32,000, d_model 768
@@ -317,6 +347,7 @@ def test_bad_configs_are_rejected(case, match):
     if "heads" in case:
         c.model.num_heads, c.model.head_dim = case.pop("heads"), 64
     c.model.attention_block_q = case.pop("block_q", 128)
+    c.model.loss_chunk = case.pop("loss_chunk", 512)
     if "vocab" in case:
         c.model.vocab_size = case.pop("vocab")
         c.model.num_heads, c.model.head_dim = 16, 48

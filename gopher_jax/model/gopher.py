@@ -10,6 +10,7 @@ import ml_collections
 from flax import nnx
 
 from gopher_jax.config import d_ff
+from gopher_jax.model import cross_entropy
 from gopher_jax.model.attention import RelativeAttention, attention_mask, relative_sinusoids
 from gopher_jax.model.layers import MLP, Dtype, Embed, RMSNorm, fan_in_init, param
 from gopher_jax.parallel.rules import constrain
@@ -72,8 +73,9 @@ class Gopher(nnx.Module):
             self.unembed = param(rngs, fan_in_init(m.d_model), (m.vocab_size, m.d_model),
                                  ("vocab", "embed"), param_dtype)
 
-    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        """tokens [B, T] int -> float32 logits [B, T, vocab]. Any T: positions are relative."""
+    def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens [B, T] int -> final (normed) hidden states [B, T, D]. Any T: positions are
+        relative."""
         m = self.m
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
@@ -97,14 +99,29 @@ class Gopher(nnx.Module):
         else:
             for block in self.blocks:
                 x = block_fn(block, x)
+        return self.final_norm(x)
+
+    def output_embedding(self) -> jax.Array:
+        """[vocab, D] in the compute dtype: the embedding table when tied."""
+        table = self.embed.table if self.m.tie_embeddings else self.unembed
+        return table[...].astype(self.dtype)
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens [B, T] int -> float32 logits [B, T, vocab]."""
+        x = self.hidden(tokens, segment_ids)
         with jax.named_scope("logits"):
-            x = self.final_norm(x)
-            if m.tie_embeddings:
-                logits = self.embed.attend(x)
-            else:
-                logits = jnp.einsum("btd,vd->btv", x, self.unembed[...].astype(self.dtype),
-                                    preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,vd->btv", x, self.output_embedding(),
+                                preferred_element_type=jnp.float32)
             return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+    def nll_sum(self, tokens: jax.Array, segment_ids: jax.Array, targets: jax.Array,
+                weights: jax.Array) -> jax.Array:
+        """Summed weighted next-token nll in nats (float32), without [B, T, vocab] logits kept
+        for the backward pass: `cross_entropy.nll_sum` in chunks of `model.loss_chunk`."""
+        x = self.hidden(tokens, segment_ids)
+        with jax.named_scope("cross_entropy"):
+            return cross_entropy.nll_sum(x, self.output_embedding(), targets, weights,
+                                         self.m.loss_chunk)
 
 
 def create(m: ml_collections.ConfigDict, seed: int | jax.Array = 0,
@@ -138,6 +155,12 @@ def logical_axes(state: nnx.State) -> Any:
 
 def apply(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array,
           segment_ids: jax.Array | None = None) -> jax.Array:
-    """Functional forward pass over a pure-dict param tree."""
+    """Functional forward pass (logits) over a pure-dict param tree."""
     model = nnx.merge(graphdef, params)
     return model(tokens, segment_ids)
+
+
+def nll_sum(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, segment_ids: jax.Array,
+            targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """Functional `Gopher.nll_sum` over a pure-dict param tree."""
+    return nnx.merge(graphdef, params).nll_sum(tokens, segment_ids, targets, weights)

@@ -34,11 +34,7 @@ def split_batch(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Arra
 def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """(summed nll in nats, summed target weight), cross-entropy in float32."""
     inputs, seg, targets, weights = split_batch(batch)
-    logits = gopher.apply(graphdef, params, inputs, seg)
-    with jax.named_scope("cross_entropy"):
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                              targets)
-        return jnp.sum(nll * weights), jnp.sum(weights)
+    return gopher.nll_sum(graphdef, params, inputs, seg, targets, weights), jnp.sum(weights)
 
 
 def gradients(graphdef: nnx.GraphDef, params: Any, batch: Batch, microbatches: int,
