@@ -58,7 +58,7 @@ def profile_breakdown(trace_dir: pathlib.Path, hlo_text: str, steps: int) -> dic
         if e.get("ph") != "X" or not name:
             continue
         op_name, is_dot = ops.get(name, ("", False))
-        part = next((sc for sc in SCOPES if f"{sc}" in op_name), "other")
+        part = next((sc for sc in SCOPES if sc in op_name), "other")
         pas = "backward" if "transpose(" in op_name else "forward"
         if part == "optimizer":
             pas = "update"

@@ -97,5 +97,5 @@ class RelativeAttention(nnx.Module):
             scores = jnp.where(mask[:, :, start:end, :end], scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
             outs.append(jnp.einsum("bhqt,bthk->bqhk", probs, v[:, :end]))
-        out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
-        return jnp.einsum("bqhk,hkd->bqd", out, self.wo[...].astype(dt))
+        return jnp.einsum("bqhk,hkd->bqd", jnp.concatenate(outs, axis=1),
+                          self.wo[...].astype(dt))

@@ -44,8 +44,13 @@ def _chunk_nll(xc: jax.Array, w_out: jax.Array, tc: jax.Array
     return logits, lse, lse - picked
 
 
-def _num_chunks(t: int, chunk: int) -> int:
-    return t // chunk if 0 < chunk < t and t % chunk == 0 else 1
+def _chunked(x: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The scan's inputs: x, targets and weights split into chunks of `chunk` positions (one
+    chunk when it does not divide T; XLA drops a loop of one trip)."""
+    t = x.shape[1]
+    n = t // chunk if 0 < chunk < t and t % chunk == 0 else 1
+    return _chunks(x, n), _chunks(targets, n), _chunks(weights, n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -53,20 +58,18 @@ def nll_sum(x: jax.Array, w_out: jax.Array, targets: jax.Array, weights: jax.Arr
             chunk: int) -> jax.Array:
     """x [B, T, D] (final hidden states), w_out [V, D], targets [B, T] int, weights [B, T]
     -> float32 scalar. `chunk` positions per chunk (one chunk when it does not divide T)."""
-    n = _num_chunks(x.shape[1], chunk)
 
     def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
         xc, tc, wc = xs
         return total + jnp.sum(_chunk_nll(xc, w_out, tc)[2] * wc), None
 
-    xs = (_chunks(x, n), _chunks(targets, n), _chunks(weights, n))
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                            _chunked(x, targets, weights, chunk))
     return total
 
 
 def _fwd(x: jax.Array, w_out: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int
          ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    n = _num_chunks(x.shape[1], chunk)
     vocab = w_out.shape[0]
 
     def body(carry: tuple[jax.Array, jax.Array], xs: tuple[jax.Array, ...]
@@ -83,13 +86,8 @@ def _fwd(x: jax.Array, w_out: jax.Array, targets: jax.Array, weights: jax.Array,
         return (total + jnp.sum(nll * wc), constrain(dwt, OUT_AXES[::-1])), dxc
 
     dwt0 = constrain(jnp.zeros(w_out.shape[::-1], jnp.float32), OUT_AXES[::-1])
-    xs = (_chunks(x, n), _chunks(targets, n), _chunks(weights, n))
-    if n == 1:
-        init = (jnp.zeros((), jnp.float32), dwt0)
-        (total, dwt), dx = body(init, jax.tree.map(lambda a: a[0], xs))
-        dx = dx[None]
-    else:
-        (total, dwt), dx = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dwt0), xs)
+    (total, dwt), dx = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dwt0),
+                                    _chunked(x, targets, weights, chunk))
     return total, (_unchunk(dx).astype(x.dtype), dwt.T.astype(w_out.dtype))
 
 

@@ -78,7 +78,8 @@ class MLP(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding [vocab, d_model]; `attend` gives logits, so the table can be tied."""
+    """Token embedding [vocab, d_model]; when tied, `Gopher.output_embedding` reuses the table
+    for the logits."""
 
     def __init__(self, vocab: int, d_model: int, param_dtype: Dtype, dtype: Dtype,
                  rngs: nnx.Rngs):
@@ -89,8 +90,3 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.table[...], tokens, axis=0).astype(self.dtype)
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        """[B, T, D] -> float32 logits [B, T, V]."""
-        return jnp.einsum("btd,vd->btv", x, self.table[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
