@@ -10,9 +10,6 @@ import os
 
 import ml_collections
 
-RULE_SETS = ("data-only", "fsdp", "tensor", "fsdp+tensor")
-REMAT_POLICIES = ("none", "nothing_saveable", "dots", "dots_no_batch")
-
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the numbers and the fix."""
@@ -34,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.dtype = "bfloat16"  # compute dtype; softmax and cross-entropy always run in float32
     m.scan_layers = True
-    m.remat_policy = "nothing_saveable"  # see REMAT_POLICIES
+    m.remat_policy = "nothing_saveable"  # see model/gopher.py REMAT_POLICIES
     m.rel_pos_max_wavelength = 10_000.0
     m.attention_block_q = 128  # queries per attention block (0: one block); see attention.py
     m.loss_chunk = 512  # positions per cross-entropy chunk (0: one); see cross_entropy.py
@@ -172,11 +169,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
 
     Returns the resolved (data, fsdp, tensor) mesh shape.
     """
+    from gopher_jax.model.gopher import REMAT_POLICIES
     from gopher_jax.parallel import rules as rules_lib
 
     m, t, ms = c.model, c.train, c.mesh
-    if ms.rules not in RULE_SETS:
-        raise ConfigError(f"unknown rule set mesh.rules={ms.rules!r}; choose one of {RULE_SETS}.")
+    if ms.rules not in rules_lib.RULE_SETS:
+        raise ConfigError(f"unknown rule set mesh.rules={ms.rules!r}; choose one of "
+                          f"{tuple(rules_lib.RULE_SETS)}.")
     data, fsdp, tensor = mesh_shape(ms, num_devices)
     if m.num_heads * m.head_dim != m.d_model:
         raise ConfigError(f"num_heads * head_dim = {m.num_heads} * {m.head_dim} = "
@@ -222,7 +221,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
                           f"{data}*{fsdp} = {n_batch}; make it a multiple of {n_batch}.")
     if m.remat_policy not in REMAT_POLICIES:
         raise ConfigError(f"unknown model.remat_policy={m.remat_policy!r}; choose one of "
-                          f"{REMAT_POLICIES}.")
+                          f"{tuple(REMAT_POLICIES)}.")
     if m.loss_chunk < 0 or (0 < m.loss_chunk < c.data.seq_len
                             and c.data.seq_len % m.loss_chunk):
         raise ConfigError(f"model.loss_chunk = {m.loss_chunk} must divide data.seq_len = "

@@ -17,7 +17,9 @@ from gopher_jax.parallel.rules import constrain
 
 EMBED_ACT = ("act_batch", "act_length", "act_embed")
 
+# model.remat_policy -> what the backward pass may keep of each block's forward pass.
 REMAT_POLICIES = {
+    "none": None,  # no remat: everything is kept
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
