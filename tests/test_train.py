@@ -68,22 +68,39 @@ def test_schedule_matches_formula():
     assert float(lr(10_000)) == pytest.approx(6e-5, rel=1e-5)
 
 
-def test_clipping_caps_the_global_norm():
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_our_optimizer_clips_by_the_global_norm_before_adam(name):
+    """optimizer.optimizer (not optax's clip alone): a gradient whose global norm exceeds
+    grad_clip reaches Adam scaled by grad_clip / norm, as one tree (leaves of different norms
+    keep their ratio); a gradient below the clip reaches Adam unchanged."""
     t = config_lib.base_config().train
-    t.update(grad_clip=0.25, learning_rate=1.0, init_learning_rate=1.0, warmup_steps=0)
-    clip = optax.clip_by_global_norm(t.grad_clip)
-    g = {"a": jnp.full((10,), 3.0), "b": jnp.full((4, 4), -2.0)}
-    out, _ = clip.update(g, clip.init(g))
-    assert float(optax.tree.norm(out)) == pytest.approx(0.25, rel=1e-5)
-    small = jax.tree.map(lambda x: x * 1e-3, g)
-    same, _ = clip.update(small, clip.init(small))
-    jax.tree.map(np.testing.assert_array_equal, same, small)
-    # the trainer's chain clips before Adam: Adam's first moment after one huge gradient is
-    # (1 - b1) times the *clipped* gradient, so its norm is (1 - b1) * grad_clip
+    t.update(optimizer=name, grad_clip=0.25, learning_rate=1e-3, init_learning_rate=1e-3,
+             warmup_steps=0)
     tx = optimizer.optimizer(t)
-    _, st = tx.update(jax.tree.map(lambda x: x * 1e6, g), tx.init(g), g)
-    mu = st[1][0].mu
-    assert float(optax.tree.norm(mu)) == pytest.approx((1 - t.b1) * t.grad_clip, rel=1e-5)
+    # Leaves of different norms (sqrt(10) * 3 and 4 * 2): a per-leaf clip would change their
+    # ratio. The global norm is sqrt(90 + 64) = sqrt(154).
+    g = {"a": jnp.full((10,), 3.0), "b": jnp.full((4, 4), -2.0)}
+    params = jax.tree.map(jnp.ones_like, g)
+    norm = math.sqrt(10 * 3.0**2 + 16 * 2.0**2)
+    assert float(optax.tree.norm(g)) == pytest.approx(norm, rel=1e-6)
+
+    def first_step(grad):
+        updates, st = tx.update(grad, tx.init(params), params)
+        return (updates, optax.tree_utils.tree_get(st, "mu"),
+                optax.tree_utils.tree_get(st, "nu"))
+
+    clipped = {k: v * (t.grad_clip / norm) for k, v in g.items()}
+    small = {k: v * 1e-3 for k, v in g.items()}  # global norm 0.0124 < 0.25: untouched
+    for grad, reaches_adam in ((g, clipped), (small, small)):
+        updates, mu, nu = first_step(grad)
+        for k in g:
+            c = np.asarray(reaches_adam[k], np.float64)
+            np.testing.assert_allclose(mu[k], (1 - t.b1) * c, rtol=1e-6, err_msg=k)
+            np.testing.assert_allclose(nu[k], (1 - t.b2) * c**2, rtol=1e-6, err_msg=k)
+            # Adam's first step: bias-corrected moments are c and c**2, so the update is
+            # -lr * c / (|c| + eps).
+            np.testing.assert_allclose(updates[k], -t.learning_rate * c / (np.abs(c) + t.eps),
+                                       rtol=1e-6, err_msg=k)
 
 
 # ---------------------------------------------------------------- the step
