@@ -29,16 +29,6 @@ from gopher_jax import config as config_lib
 from gopher_jax import hardware
 from gopher_jax.model.gopher import compute_dtype
 
-# Generation -> (name libtpu knows, chip config, torus dims, 2D chip-grid size of a full pod).
-# v4/v5p: one JAX device per chip (megacore); v3: one per TensorCore (two per chip).
-GENERATIONS = {
-    "v3": ("v3", "default", 2, 32),
-    "v4": ("v4", "megacore", 3, None),
-    "v5p": ("v5p", "megacore", 3, None),
-    "v5e": ("v5e", "default", 2, 16),
-    "v6e": ("v6e", "default", 2, 16),
-}
-
 
 class AotError(RuntimeError):
     pass
@@ -51,11 +41,11 @@ class DoesNotFit(AotError):
 def parse_topology(spec: str) -> tuple[str, tuple[int, ...]]:
     """'v5p:16x16x16' -> ('v5p', (16, 16, 16)), checked against the generation's torus."""
     m = re.fullmatch(r"(v\d+[a-z]*):(\d+(?:x\d+)*)", spec.strip())
-    if not m or m.group(1) not in GENERATIONS:
+    if not m or m.group(1) not in hardware.TPU_GENERATIONS:
         raise AotError(f"--topology={spec!r}: expected GEN:AxB[xC] with GEN one of "
-                       f"{sorted(GENERATIONS)}, e.g. v5p:16x16x16 or v3:32x32")
+                       f"{sorted(hardware.TPU_GENERATIONS)}, e.g. v5p:16x16x16 or v3:32x32")
     gen, dims = m.group(1), tuple(int(x) for x in m.group(2).split("x"))
-    ndim = GENERATIONS[gen][2]
+    ndim = hardware.TPU_GENERATIONS[gen].torus_dims
     if len(dims) != ndim:
         raise AotError(f"--topology={spec!r}: {gen} chips form a {ndim}-D torus; give "
                        f"{ndim} dimensions")
@@ -68,14 +58,12 @@ def topology_devices(spec: str, num_slices: int = 1) -> list[jax.Device]:
 
     gen, dims = parse_topology(spec)
     quiet_libtpu()
-    name, chip_config, ndim, pod = GENERATIONS[gen]
-    # Full pods are tori; smaller slices of 2-D generations are meshes (no wraparound links).
-    wrap = tuple(d >= 4 for d in dims) if ndim == 3 else (*(d == pod for d in dims), False)
+    g = hardware.TPU_GENERATIONS[gen]
     try:
         topo = topologies.get_topology_desc(
-            platform="tpu", topology_name=f"{name}:{'x'.join(map(str, dims))}",
-            chip_config_name=chip_config, chips_per_host_bounds=(2, 2, 1),
-            num_slices=num_slices, wrap=wrap)
+            platform="tpu", topology_name=f"{g.name}:{'x'.join(map(str, dims))}",
+            chip_config_name=g.chip_config, chips_per_host_bounds=(2, 2, 1),
+            num_slices=num_slices, wrap=g.wraparound(dims))
     except RuntimeError as e:
         raise AotError(f"libtpu could not describe topology {spec} x {num_slices} slice(s): "
                        f"{e}") from e
@@ -165,7 +153,7 @@ def compile_train_step(c: ml_collections.ConfigDict, devices: list[jax.Device],
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     n = len(devices)
     kind = devices[0].device_kind
-    hbm = hardware.lookup(hardware.HBM_BYTES, kind)
+    hbm = hardware.hbm_bytes(kind)
     # Donated state is both argument and output; count it once.
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)

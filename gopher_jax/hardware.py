@@ -1,45 +1,104 @@
-"""Peak FLOP/s per device, for MFU: vendor numbers for accelerators, a measurement on CPU."""
+"""What the code knows about accelerators: one table of TPU generations (for AOT topologies,
+the TPU VM and GKE launchers, HBM and MFU) and the bf16 peaks of GPUs; a measured peak on CPU.
+
+Importing it does not import jax: the launchers read the table on machines without it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
-import jax
-import jax.numpy as jnp
+GIB = 2**30
 
-# Dense bf16 peak per device as JAX enumerates devices (a v4/v5p megacore chip is one device).
-PEAK_BF16 = {
-    "TPU v2": 45e12 / 2,  # one device per core
-    "TPU v3": 123e12 / 2,  # one device per core
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+    """One TPU generation. Per-device numbers follow JAX's devices: one per chip with megacore
+    (v4, v5p) and on single-core chips (v5e, v6e), one per TensorCore on v2/v3."""
+
+    name: str  # as libtpu, --topology (v5p:4x4x4) and the GKE launcher's --accelerator name it
+    device_kinds: tuple[str, ...]  # prefixes of jax's Device.device_kind
+    chip_config: str  # libtpu chip config: 'megacore' or 'default'
+    torus_dims: int  # 2 or 3
+    pod_side: int | None  # chips along each axis of a full 2-D pod; None for 3-D tori
+    devices_per_chip: int
+    peak_bf16_per_chip: float  # dense bf16 FLOP/s
+    hbm_per_chip: int  # bytes
+    tpu_vm_type: str  # gcloud accelerator-type prefix: v5litepod-16
+    tpu_vm_runtime: str  # default runtime image (gcloud compute tpus versions list)
+    gke_accelerator: str | None  # GKE node label; None: no GKE TPU node pool
+    chips_per_host: int
+
+    @property
+    def peak_bf16_per_device(self) -> float:
+        return self.peak_bf16_per_chip / self.devices_per_chip
+
+    @property
+    def hbm_per_device(self) -> int:
+        return self.hbm_per_chip // self.devices_per_chip
+
+    def wraparound(self, dims: tuple[int, ...]) -> tuple[bool, bool, bool]:
+        """Which axes of a slice of `dims` chips have wraparound links: full pods of 2-D
+        generations are tori, smaller slices are meshes; 3-D slices wrap along axes of 4+."""
+        if self.torus_dims == 3:
+            return tuple(d >= 4 for d in dims)
+        return (*(d == self.pod_side for d in dims), False)
+
+
+TPU_GENERATIONS: dict[str, TpuGeneration] = {g.name: g for g in (
+    TpuGeneration("v2", ("TPU v2",), "default", 2, 16, 2, 45e12, 16 * GIB,
+                  "v2", "tpu-ubuntu2204-base", None, 4),
+    TpuGeneration("v3", ("TPU v3",), "default", 2, 32, 2, 123e12, 32 * GIB,
+                  "v3", "tpu-ubuntu2204-base", None, 4),
+    TpuGeneration("v4", ("TPU v4",), "megacore", 3, None, 1, 275e12, 32 * GIB,
+                  "v4", "tpu-ubuntu2204-base", "tpu-v4-podslice", 4),
+    TpuGeneration("v5e", ("TPU v5 lite", "TPU v5e"), "default", 2, 16, 1, 197e12, 16 * GIB,
+                  "v5litepod", "v2-alpha-tpuv5-lite", "tpu-v5-lite-podslice", 4),
+    TpuGeneration("v5p", ("TPU v5p", "TPU v5"), "megacore", 3, None, 1, 459e12, 95 * GIB,
+                  "v5p", "v2-alpha-tpuv5", "tpu-v5p-slice", 4),
+    TpuGeneration("v6e", ("TPU v6 lite", "TPU v6e"), "default", 2, 16, 1, 918e12, 32 * GIB,
+                  "v6e", "v2-alpha-tpuv6e", "tpu-v6e-slice", 4),
+)}
+
+# Dense bf16 peak per GPU.
+GPU_PEAK_BF16 = {
     "NVIDIA A100": 312e12,
     "NVIDIA H100": 989e12,
     "NVIDIA H200": 989e12,
     "NVIDIA B200": 2250e12,
 }
-# HBM per device in bytes, for the AOT report (v2/v3: per TensorCore, half a chip).
-HBM_BYTES = {
-    "TPU v2": 8 * 2**30, "TPU v3": 16 * 2**30, "TPU v4": 32 * 2**30, "TPU v5 lite": 16 * 2**30,
-    "TPU v5e": 16 * 2**30, "TPU v5p": 95 * 2**30, "TPU v5": 95 * 2**30,
-    "TPU v6 lite": 32 * 2**30, "TPU v6e": 32 * 2**30,
-}
 
 
-def lookup(table: dict[str, float], kind: str) -> float | None:
-    """Longest table key that prefixes the device kind ('NVIDIA H100 80GB HBM3' -> H100)."""
+def _longest_prefix(table: dict[str, object], kind: str) -> object | None:
     keys = [k for k in table if kind.startswith(k)]
     return table[max(keys, key=len)] if keys else None
 
 
+def tpu_generation(device_kind: str) -> TpuGeneration | None:
+    """The generation of a jax device kind ('TPU v5 lite' -> v5e), or None."""
+    kinds = {k: g for g in TPU_GENERATIONS.values() for k in g.device_kinds}
+    return _longest_prefix(kinds, device_kind)
+
+
+def peak_bf16(device_kind: str) -> float | None:
+    """Datasheet dense bf16 FLOP/s of one device ('NVIDIA H100 80GB HBM3' -> H100's)."""
+    gen = tpu_generation(device_kind)
+    return gen.peak_bf16_per_device if gen else _longest_prefix(GPU_PEAK_BF16, device_kind)
+
+
+def hbm_bytes(device_kind: str) -> int | None:
+    """HBM of one TPU device in bytes (v2/v3: per TensorCore, half a chip), or None."""
+    gen = tpu_generation(device_kind)
+    return gen.hbm_per_device if gen else None
+
+
 def measure_matmul_peak(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
     """FLOP/s of a jitted n^3 matmul on the first device, best of `reps` (after compiling)."""
+    import jax
+    import jax.numpy as jnp
+
     dt = jnp.dtype(dtype)
     out_dt = jnp.float32
     a = jnp.ones((n, n), dt)
@@ -56,10 +115,12 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 2048, reps: int = 5) ->
 @functools.cache
 def peak_flops_per_device(compute_dtype: str = "float32") -> tuple[float, str]:
     """(peak FLOP/s of one device, where the number came from)."""
+    import jax
+
     dev = jax.devices()[0]
     if dev.platform != "cpu":
         # MFU on accelerators is quoted against the bf16 peak, whatever the compute dtype.
-        peak = lookup(PEAK_BF16, dev.device_kind)
+        peak = peak_bf16(dev.device_kind)
         if peak is not None:
             return peak, f"{dev.device_kind} bf16 datasheet"
     # The CPU's devices share its cores: the measured matmul is the whole machine's peak.

@@ -1,14 +1,14 @@
 """Train on Cloud TPU VMs: create a slice (or a multislice) with queued resources, copy the
 code, run on every worker, tail the logs, delete.
 
-    python launch/tpu_vm.py create --name gopher --accelerator v5p-128 --zone us-east5-a \
+    python -m launch.tpu_vm create --name gopher --accelerator v5p-128 --zone us-east5-a \
         --project P [--num_slices 2] [--spot] [--dry-run]
-    python launch/tpu_vm.py setup  --name gopher ...   # copy this checkout, pip install -e .[tpu]
-    python launch/tpu_vm.py run    --name gopher ... -- --config experiments/gopher_7_1b.py \
+    python -m launch.tpu_vm setup  --name gopher ...   # copy this checkout, pip install -e .[tpu]
+    python -m launch.tpu_vm run    --name gopher ... -- --config experiments/gopher_7_1b.py \
         --workdir gs://BUCKET/runs/7b          # detached: nohup on every worker
-    python launch/tpu_vm.py logs   --name gopher ...   # tail -f process 0's log
-    python launch/tpu_vm.py delete --name gopher ...
-    python launch/tpu_vm.py all    --name gopher ... -- --config ...
+    python -m launch.tpu_vm logs   --name gopher ...   # tail -f process 0's log
+    python -m launch.tpu_vm delete --name gopher ...
+    python -m launch.tpu_vm all    --name gopher ... -- --config ...
         # create, setup, run in the foreground (output streams back), delete
 
 Every command it runs is printed first; --dry-run prints them and runs nothing. Each worker
@@ -27,21 +27,21 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from gopher_jax.hardware import TPU_GENERATIONS
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REMOTE_DIR = "gopher_jax"
 LOG = "/tmp/gopher_jax_train.log"
-# Default runtime images per generation (gcloud compute tpus versions list).
-RUNTIME = {"v3": "tpu-ubuntu2204-base", "v4": "tpu-ubuntu2204-base",
-           "v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite",
-           "v6e": "v2-alpha-tpuv6e"}
 
 
 def runtime_for(accelerator: str) -> str:
+    """The default runtime image for an accelerator type such as v5litepod-16."""
+    runtimes = {g.tpu_vm_type: g.tpu_vm_runtime for g in TPU_GENERATIONS.values()}
     gen = accelerator.rsplit("-", 1)[0]
-    if gen not in RUNTIME:
+    if gen not in runtimes:
         raise ValueError(f"--accelerator={accelerator!r}: expected GEN-N with GEN one of "
-                         f"{sorted(RUNTIME)}, e.g. v5p-128 or v3-2048; or pass --runtime")
-    return RUNTIME[gen]
+                         f"{sorted(runtimes)}, e.g. v5p-128 or v3-2048; or pass --runtime")
+    return runtimes[gen]
 
 
 def slice_names(a: argparse.Namespace) -> list[str]:

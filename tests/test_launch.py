@@ -20,8 +20,8 @@ TRAIN = ["--", "--config", "experiments/gopher_7_1b.py", "--workdir", "gs://b/ru
 
 def dry_run(*args: str) -> list[list[str]]:
     """Runs the real script with --dry-run; returns the commands it printed, parsed."""
-    out = subprocess.run([sys.executable, str(ROOT / "launch/tpu_vm.py"), "--dry-run", *args],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "launch.tpu_vm", "--dry-run", *args],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
     lines = [ln for ln in out.splitlines() if ln.startswith("+ ")]
     assert len(lines) == len(out.splitlines()), out
     return [shlex.split(ln[2:]) for ln in lines]
@@ -101,6 +101,19 @@ def test_gke_manifest():
     assert doc["kind"] == "JobSet"
     job = doc["spec"]["replicatedJobs"][0]
     assert job["replicas"] == 2
+
+
+def test_launchers_read_the_tpu_table():
+    from gopher_jax import hardware
+
+    assert tpu_vm.runtime_for("v5litepod-16") == "v2-alpha-tpuv5-lite"
+    assert tpu_vm.runtime_for("v3-2048") == "tpu-ubuntu2204-base"
+    assert sorted(gke.GKE) == ["v4", "v5e", "v5p", "v6e"]  # no GKE node pools for v2/v3
+    assert hardware.hbm_bytes("TPU v3") == 16 * 2**30  # per TensorCore
+    assert hardware.hbm_bytes("TPU v5 lite") == 16 * 2**30
+    assert hardware.peak_bf16("TPU v5p") == 459e12
+    assert hardware.peak_bf16("NVIDIA H100 80GB HBM3") == 989e12
+    assert hardware.hbm_bytes("cpu") is None
 
 
 def test_gke_bad_input():

@@ -1,6 +1,6 @@
 """Fills launch/gke/jobset.yaml.tmpl for a TPU slice shape and an experiment config.
 
-    python launch/gke/fill.py --name gopher-7b --accelerator v5p --topology 4x4x8 \
+    python -m launch.gke.fill --name gopher-7b --accelerator v5p --topology 4x4x8 \
         --num_slices 2 --image REGION-docker.pkg.dev/PROJECT/REPO/gopher_jax:TAG \
         --config experiments/gopher_7_1b.py --workdir gs://BUCKET/runs/7b \
         --data_dir gs://BUCKET/data > jobset.yaml
@@ -16,18 +16,13 @@ import string
 import sys
 from collections.abc import Sequence
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-
-from launch.tpu_vm import slice_flags  # noqa: E402
+from gopher_jax.hardware import TPU_GENERATIONS, TpuGeneration
+from launch.tpu_vm import slice_flags
 
 TEMPLATE = pathlib.Path(__file__).with_name("jobset.yaml.tmpl")
-# Generation -> (GKE accelerator label, chips per host, topology dimensions).
-GKE = {
-    "v4": ("tpu-v4-podslice", 4, 3),
-    "v5p": ("tpu-v5p-slice", 4, 3),
-    "v5e": ("tpu-v5-lite-podslice", 4, 2),
-    "v6e": ("tpu-v6e-slice", 4, 2),
-}
+# The generations that GKE has TPU node pools for.
+GKE: dict[str, TpuGeneration] = {name: g for name, g in TPU_GENERATIONS.items()
+                                 if g.gke_accelerator}
 
 
 def fill(name: str, accelerator: str, topology: str, num_slices: int, image: str, config: str,
@@ -37,7 +32,8 @@ def fill(name: str, accelerator: str, topology: str, num_slices: int, image: str
     if accelerator not in GKE:
         raise ValueError(f"--accelerator={accelerator!r}: GKE TPU node pools here are "
                          f"{sorted(GKE)}")
-    label, chips_per_host, ndim = GKE[accelerator]
+    gen = GKE[accelerator]
+    label, chips_per_host, ndim = gen.gke_accelerator, gen.chips_per_host, gen.torus_dims
     try:
         dims = [int(x) for x in topology.split("x")]
     except ValueError:
