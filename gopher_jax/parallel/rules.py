@@ -1,7 +1,8 @@
 """Logical axis rules as data: each rule set maps logical axis names to mesh axes.
 
-Parameters carry the names on the left of `PARAM_AXES`; activations the `act_*` names.
-Mesh axes are ('data', 'fsdp', 'tensor'). A logical name absent from a rule set is replicated.
+Every logical name is declared here: parameters carry `PARAM_AXES`, data batches and
+activations `ACTIVATION_AXES`. Mesh axes are ('data', 'fsdp', 'tensor'). A declared name
+absent from a rule set is replicated; a name that is not declared is an error.
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ import jax
 from jax.sharding import PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# vocab: vocabulary entries, embed: d_model, kv: the key/value size of a head, mlp: the
+# feed-forward hidden units, layers: the stacked layers of the scanned model, norm: RMSNorm scales.
+PARAM_AXES = ("vocab", "embed", "heads", "kv", "mlp", "layers", "norm")
+# batch: the rows of a data batch; act_*: activations, constrained at block boundaries.
+ACTIVATION_AXES = ("batch", "act_batch", "act_length", "act_embed", "act_heads", "act_mlp",
+                   "act_vocab")
+LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 # The batch of activations is split over every data-parallel axis in all rule sets.
@@ -37,13 +45,42 @@ RULE_SETS: dict[str, Rules] = {
 }
 
 
+def check_rule_set(name: str, rules: Rules) -> None:
+    """Raises ValueError unless `rules` maps declared logical names, once each, to mesh axes."""
+    seen = set()
+    for logical, axes in rules:
+        if logical not in LOGICAL_AXES:
+            raise ValueError(f"rule set {name!r} maps undeclared logical axis {logical!r}; "
+                             f"declared names: {LOGICAL_AXES}")
+        if logical in seen:
+            raise ValueError(f"rule set {name!r} maps logical axis {logical!r} twice")
+        seen.add(logical)
+        for a in () if axes is None else (axes,) if isinstance(axes, str) else axes:
+            if a not in MESH_AXES:
+                raise ValueError(f"rule set {name!r} maps {logical!r} to {a!r}, which is not "
+                                 f"a mesh axis {MESH_AXES}")
+
+
+for _name, _rules in RULE_SETS.items():
+    check_rule_set(_name, _rules)
+
+
 def get_rules(name: str) -> Rules:
     if name not in RULE_SETS:
         raise ValueError(f"unknown rule set {name!r}; choose one of {tuple(RULE_SETS)}")
     return RULE_SETS[name]
 
 
+def _check_declared(names: Sequence[str | None]) -> None:
+    for n in names:
+        if n is not None and n not in LOGICAL_AXES:
+            raise ValueError(f"unknown logical axis name {n!r}; declared names (in "
+                             f"parallel/rules.py): {LOGICAL_AXES}")
+
+
 def mesh_axes_for(rules: Rules, logical: str) -> tuple[str, ...]:
+    """The mesh axes `logical` is split over (none: replicated). Undeclared names raise."""
+    _check_declared((logical,))
     for name, axes in rules:
         if name == logical:
             if axes is None:
@@ -82,6 +119,7 @@ def use_rules(rules: Rules) -> Iterator[None]:
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint on an activation by logical names, under the active rules and mesh."""
+    _check_declared(names)
     if not _ACTIVE or jax.sharding.get_abstract_mesh().empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, _ACTIVE[-1]))
