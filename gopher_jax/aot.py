@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import re
-import sys
 import time
 from typing import Any
 
@@ -27,15 +25,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gopher_jax import config as config_lib
 from gopher_jax import hardware
+from gopher_jax.errors import UsageError
 from gopher_jax.model.gopher import compute_dtype
 
 
-class AotError(RuntimeError):
+class AotError(UsageError, RuntimeError):
     pass
 
 
 class DoesNotFit(AotError):
     """The compiler rejected the program: it needs more HBM than a device has."""
+
+    exit_code = 1
 
 
 def parse_topology(spec: str) -> tuple[str, tuple[int, ...]]:
@@ -198,7 +199,7 @@ def aot_compile(c: ml_collections.ConfigDict, topology: str, num_slices: int = 1
     return report
 
 
-_ADVICE = ("  try: more devices, a larger mesh.tensor or fsdp, more train.microbatches, or "
+ADVICE = ("  try: more devices, a larger mesh.tensor or fsdp, more train.microbatches, or "
            "model.remat_policy=nothing_saveable")
 
 
@@ -228,30 +229,8 @@ def format_report(r: Report) -> str:
         " per device",
     ]
     lines += [f"  note: {n}" for n in r.notes]
-    lines.append("  FITS" if r.fits else f"  DOES NOT FIT\n{_ADVICE}")
+    lines.append("  FITS" if r.fits else f"  DOES NOT FIT\n{ADVICE}")
     return "\n".join(x for x in lines if x)
-
-
-def main(c: ml_collections.ConfigDict, topology: str, num_slices: int = 1,
-         json_out: str = "") -> int:
-    try:
-        r = aot_compile(c, topology, num_slices)
-    except DoesNotFit as e:
-        print(f"{c.name} on {topology} x {num_slices}: DOES NOT FIT (the compiler ran out of "
-              f"HBM): {e}\n{_ADVICE}")
-        if json_out:
-            with open(json_out, "w") as f:
-                json.dump({"config": c.name, "topology": topology, "num_slices": num_slices,
-                           "fits": False, "error": str(e)}, f, indent=2)
-        return 1
-    except (AotError, config_lib.ConfigError) as e:
-        print(f"aot: {e}", file=sys.stderr)
-        return 2
-    print(format_report(r))
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(r.to_dict(), f, indent=2)
-    return 0 if r.fits else 1
 
 
 def quiet_libtpu() -> None:

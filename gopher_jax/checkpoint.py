@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gopher_jax.errors import UserError
 from gopher_jax.train.state import State
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ BEST_METRIC = "eval_bits_per_byte"  # lower is better
 CORRUPT_DIR = "checkpoints_corrupt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
@@ -93,7 +94,7 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str | pathlib.Path, keep: int = 3, keep_best: int = 0,
-                 async_save: bool = True):
+                 async_save: bool = True, read_only: bool = False):
         self.workdir = pathlib.Path(workdir).absolute()
         self.directory = self.workdir / "checkpoints"
         cm = ocp.checkpoint_managers
@@ -109,7 +110,8 @@ class Checkpointer:
             best = {"best_fn": metric, "best_mode": "min"}
         options = ocp.CheckpointManagerOptions(
             preservation_policy=cm.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=async_save, create=True, **best)
+            enable_async_checkpointing=async_save, create=not read_only,
+            read_only=read_only, **best)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
@@ -305,10 +307,3 @@ def format_info(workdir: str | pathlib.Path) -> str:
                      f"{r['bytes'] / 2**20:>7.2f} MiB  {r['layout'] or '?':<9}  {mesh_s:<23}  "
                      f"{r.get('rules', '?'):<11}  {topo:<15}  {r['status']}{extra}")
     return "\n".join(lines)
-
-
-def main_info(workdir: str | pathlib.Path) -> None:
-    try:
-        print(format_info(workdir))
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None

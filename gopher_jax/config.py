@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import math
 import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
+from gopher_jax.errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError, ValueError):
     """A config that cannot run; the message names the numbers and the fix."""
 
 
@@ -79,6 +84,92 @@ def base_config() -> ml_collections.ConfigDict:
     ms.rules = "fsdp"
     ms.num_slices = 1  # >1: the data axis spans slices over DCN
     return c
+
+
+def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config of an experiment file's `get_config()`, with `a.b=v` overrides applied.
+
+    An override is typed like the value it replaces; an unknown key or a value of the wrong
+    type raises ConfigError naming it (and the closest known key). The result is locked:
+    no key can be added by mistake later.
+    """
+    import importlib.util
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found",
+                          "pass --config experiments/NAME.py (see experiments/)")
+    spec = importlib.util.spec_from_file_location(f"gopher_jax_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {str(path)!r} has no get_config()",
+                          "define get_config() returning an ml_collections.ConfigDict")
+    c = module.get_config()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} has no value", f"write --config.{key}=VALUE")
+        set_value(c, key, value)
+    c.lock()
+    return c
+
+
+def flat_keys(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in c.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out += flat_keys(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def set_value(c: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """c[key] = text parsed as the type of the current value."""
+    import difflib
+
+    keys = flat_keys(c)
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}?" if close else "see the experiment file for the keys"
+        raise ConfigError(f"unknown config key {key!r}", hint)
+    old = get(c, key)
+    try:
+        value = _parse_like(old, text)
+    except ValueError:
+        raise ConfigError(f"--config.{key}={text!r} is not a valid {type(old).__name__}",
+                          f"give a {type(old).__name__} like {old!r}") from None
+    *parents, leaf = key.split(".")
+    node = c
+    for part in parents:
+        node = node[part]
+    with node.unlocked():
+        node[leaf] = value
+
+
+def _parse_like(old: Any, text: str) -> Any:
+    import ast
+
+    if isinstance(old, bool):
+        low = text.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValueError(text)
+    if isinstance(old, int):
+        return int(text)
+    if isinstance(old, float):
+        return float(text)
+    if isinstance(old, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if old is None:
+            return text
+        raise ValueError(text) from None
 
 
 def table1(name: str, layers: int, heads: int, kv: int, d_model: int, lr: float,
@@ -164,23 +255,98 @@ def mesh_shape(ms: ml_collections.ConfigDict, num_devices: int) -> tuple[int, in
     return tuple(dims)
 
 
+# (key, smallest allowed value): counts and sizes that must be positive (or non-negative).
+_MINIMUM = (
+    ("model.vocab_size", 1), ("model.num_layers", 1), ("model.num_heads", 1),
+    ("model.head_dim", 1), ("model.d_model", 1), ("model.mlp_ratio", 1),
+    ("model.attention_block_q", 0), ("model.loss_chunk", 0),
+    ("data.seq_len", 1),
+    ("train.steps", 1), ("train.batch_size", 1), ("train.microbatches", 1),
+    ("train.warmup_steps", 0), ("train.log_every", 1), ("train.eval_every", 0),
+    ("train.checkpoint_every", 1), ("train.checkpoint_keep", 1),
+    ("train.checkpoint_keep_best", 0), ("train.metrics_every", 1), ("train.grad_clip", 0),
+    ("mesh.num_slices", 1),
+)
+_POSITIVE_FLOATS = ("model.norm_eps", "model.rel_pos_max_wavelength", "train.learning_rate",
+                    "train.lr_decay_factor")
+OPTIMIZERS = ("adam", "adamw")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def get(c: ml_collections.ConfigDict, key: str) -> Any:
+    """c['a.b.c'] for a dotted key."""
+    node = c
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check(c: ml_collections.ConfigDict) -> None:
+    """The checks that need no devices: ranges, enumerations, Gopher's shape rule.
+
+    Every command runs them before any work, so a bad value never reaches a division or
+    leaves a half-written file behind.
+    """
+    from gopher_jax.model.gopher import REMAT_POLICIES
+
+    for key, low in _MINIMUM:
+        v = get(c, key)
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < low:
+            what = "a positive" if low == 1 else "a non-negative"
+            raise ConfigError(f"{key} = {v!r} must be {what} number",
+                              f"set --config.{key} to a value >= {low}")
+    for key in _POSITIVE_FLOATS:
+        v = get(c, key)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+            raise ConfigError(f"{key} = {v!r} must be > 0", f"set --config.{key}")
+    t, m = c.train, c.model
+    if t.eval_batches == 0 or t.eval_batches < -1:
+        raise ConfigError(f"train.eval_batches = {t.eval_batches} must be -1 (the whole split) "
+                          "or >= 1", "set --config.train.eval_batches=-1")
+    if t.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown train.optimizer={t.optimizer!r}",
+                          f"choose one of {OPTIMIZERS}")
+    for key in ("model.param_dtype", "model.dtype"):
+        v = get(c, key)
+        if v not in DTYPES and not (key == "model.dtype" and v == "auto"):
+            extra = " or 'auto'" if key == "model.dtype" else ""
+            raise ConfigError(f"unknown {key}={v!r}", f"choose one of {DTYPES}{extra}")
+    if m.remat_policy not in REMAT_POLICIES:
+        raise ConfigError(f"unknown model.remat_policy={m.remat_policy!r}",
+                          f"choose one of {tuple(REMAT_POLICIES)}")
+    if t.warmup_steps >= t.steps:
+        raise ConfigError(f"train.warmup_steps = {t.warmup_steps} >= train.steps = {t.steps}: "
+                          "the learning rate would never reach its peak nor decay",
+                          "lower train.warmup_steps or raise train.steps")
+    if t.batch_size % t.microbatches:
+        raise ConfigError(f"train.batch_size = {t.batch_size} is not divisible by "
+                          f"train.microbatches = {t.microbatches}",
+                          "make the batch a multiple of the microbatches")
+    if m.num_heads * m.head_dim != m.d_model:
+        raise ConfigError(f"num_heads * head_dim = {m.num_heads} * {m.head_dim} = "
+                          f"{m.num_heads * m.head_dim} must equal d_model = {m.d_model} "
+                          "(Gopher's shape rule)", "change one of the three")
+    if 0 < m.loss_chunk < c.data.seq_len and c.data.seq_len % m.loss_chunk:
+        raise ConfigError(f"model.loss_chunk = {m.loss_chunk} must divide data.seq_len = "
+                          f"{c.data.seq_len}", "or be 0 or >= seq_len: one chunk")
+    if c.data.dataset == "text_files" and not c.data.text_files:
+        raise ConfigError("data.dataset='text_files' needs data.text_files",
+                          "set --config.data.text_files='/path/*.txt'")
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
     """Reject a config that cannot run on `num_devices`, before anything compiles.
 
     Returns the resolved (data, fsdp, tensor) mesh shape.
     """
-    from gopher_jax.model.gopher import REMAT_POLICIES
     from gopher_jax.parallel import rules as rules_lib
 
+    check(c)
     m, t, ms = c.model, c.train, c.mesh
     if ms.rules not in rules_lib.RULE_SETS:
         raise ConfigError(f"unknown rule set mesh.rules={ms.rules!r}; choose one of "
                           f"{tuple(rules_lib.RULE_SETS)}.")
     data, fsdp, tensor = mesh_shape(ms, num_devices)
-    if m.num_heads * m.head_dim != m.d_model:
-        raise ConfigError(f"num_heads * head_dim = {m.num_heads} * {m.head_dim} = "
-                          f"{m.num_heads * m.head_dim} must equal d_model = {m.d_model} "
-                          "(Gopher's shape rule).")
     rules = rules_lib.get_rules(ms.rules)
     axis_size = {"data": data, "fsdp": fsdp, "tensor": tensor}
     for logical in ("fsdp", "tensor"):
@@ -206,29 +372,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
             raise ConfigError(f"{what} = {value} is not divisible by the mesh axes that rule set "
                               f"{ms.rules!r} shards '{logical}' over ({axes} = {n}); change the "
                               "mesh or the rule set.")
-    if t.warmup_steps >= t.steps:
-        raise ConfigError(f"train.warmup_steps = {t.warmup_steps} >= train.steps = {t.steps}: "
-                          "the learning rate would never reach its peak nor decay; lower "
-                          "train.warmup_steps or raise train.steps.")
-    if t.batch_size % t.microbatches:
-        raise ConfigError(f"train.batch_size = {t.batch_size} is not divisible by "
-                          f"train.microbatches = {t.microbatches}.")
     n_batch = size("batch")
     micro = t.batch_size // t.microbatches
     if micro % n_batch:
         raise ConfigError(f"the per-microbatch batch {micro} (train.batch_size {t.batch_size} / "
                           f"microbatches {t.microbatches}) is not divisible by data*fsdp = "
                           f"{data}*{fsdp} = {n_batch}; make it a multiple of {n_batch}.")
-    if m.remat_policy not in REMAT_POLICIES:
-        raise ConfigError(f"unknown model.remat_policy={m.remat_policy!r}; choose one of "
-                          f"{tuple(REMAT_POLICIES)}.")
-    if m.loss_chunk < 0 or (0 < m.loss_chunk < c.data.seq_len
-                            and c.data.seq_len % m.loss_chunk):
-        raise ConfigError(f"model.loss_chunk = {m.loss_chunk} must divide data.seq_len = "
-                          f"{c.data.seq_len} (or be 0 or >= seq_len: one chunk).")
-    if m.attention_block_q < 0:
-        raise ConfigError(f"model.attention_block_q = {m.attention_block_q} must be >= 0 "
-                          "(0 runs all queries in one block).")
     if ms.num_slices > 1 and data % ms.num_slices:
         raise ConfigError(f"mesh.data = {data} must be a multiple of mesh.num_slices = "
                           f"{ms.num_slices} (data parallelism spans slices).")

@@ -36,13 +36,20 @@ def evaluate_split(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, params
                                            max_batches=max_batches):
             sums += np.array(jax.device_get(eval_step(params, batch)), dtype=np.float64)
     nll, tokens, nbytes = sums
-    return {"loss": nll / max(tokens, 1), "bits_per_byte": nll / math.log(2) / max(nbytes, 1),
+    if tokens == 0:  # an empty split measures nothing: NaN, not a perfect 0 bits per byte
+        return {"loss": math.nan, "bits_per_byte": math.nan, "tokens": 0.0, "bytes": nbytes}
+    return {"loss": nll / tokens, "bits_per_byte": nll / math.log(2) / nbytes,
             "tokens": tokens, "bytes": nbytes}
 
 
 def restore_params(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                    mesh: jax.sharding.Mesh) -> tuple[Any, int]:
-    ckpt = ckpt_lib.Checkpointer(workdir)
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise ckpt_lib.CheckpointError(
+            f"no checkpoints in {workdir}", f"train first with `python -m gopher_jax train "
+            f"--config ... --workdir {workdir}`, or pass the --workdir of a trained run")
+    ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
     try:
         restored = ckpt.restore_latest(state_lib.abstract_state(c, mesh),
                                        check=lambda meta: ckpt_lib.check_config(meta, c))
@@ -50,8 +57,8 @@ def restore_params(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         ckpt.close()
     if restored is None:
         raise ckpt_lib.CheckpointError(
-            f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first with "
-            f"`python -m gopher_jax train --config ... --workdir {workdir}`.")
+            f"no checkpoint in {directory}", "train first with `python -m gopher_jax train "
+            f"--config ... --workdir {workdir}`")
     state, meta = restored
     return state["params"], meta["step"]
 
@@ -72,21 +79,22 @@ def unigram_bits_per_byte(c: ml_collections.ConfigDict, split: str) -> float:
     return nll / math.log(2) / nbytes
 
 
-def main(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Bits per byte of the workdir's newest checkpoint on the eval and test splits, each with
+    its unigram baseline; written to <workdir>/eval.json (process 0) and returned."""
     distributed.initialize_from_env()
     mesh = mesh_lib.make_mesh(c)
-    distributed.run_on_process_zero_first(lambda: pipeline.prepare(c, verbose=False))
+    # The checkpoint first: a workdir without one is refused before any data is built.
     params, step = restore_params(c, workdir, mesh)
+    info = distributed.run_on_process_zero_first(lambda: pipeline.prepare(c))
     eval_step = step_lib.make_eval_step(c, mesh)
-    results: dict[str, Any] = {"step": step}
-    for split in (c.data.eval_split, c.data.test_split):
+    results: dict[str, Any] = {"step": step, "warnings": info["warnings"], "splits": {}}
+    for split in dict.fromkeys((c.data.eval_split, c.data.test_split)):
+        if split not in info["splits"]:
+            continue
         r = evaluate_split(c, mesh, params, split, eval_step)
         r["unigram_bits_per_byte"] = unigram_bits_per_byte(c, split)
-        results[split] = r
-        if jax.process_index() == 0:
-            print(f"{split:>10}: bits/byte {r['bits_per_byte']:.4f} (unigram baseline "
-                  f"{r['unigram_bits_per_byte']:.4f}), loss {r['loss']:.4f} nats/token over "
-                  f"{r['tokens']:,.0f} tokens, {r['bytes']:,.0f} bytes  [step {step}]")
+        results["splits"][split] = r
     if jax.process_index() == 0:
         (pathlib.Path(workdir) / "eval.json").write_text(json.dumps(results, indent=2))
     return results

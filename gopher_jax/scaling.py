@@ -130,7 +130,7 @@ def is_finished(ladder: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
 
 def run_member(ladder: ml_collections.ConfigDict, workdir: str | pathlib.Path, name: str,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+               log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Trains (resuming) and evaluates one member; a failure is recorded, not raised."""
     from gopher_jax.train import loop
 
@@ -198,7 +198,7 @@ def unigram_baseline(ladder: ml_collections.ConfigDict, workdir: pathlib.Path
 
 
 def run(ladder: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-        member: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+        member: str | None = None, log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Runs every unfinished member (or only `member`), then rewrites the results files.
 
     Returns {"trained": [...], "skipped": [...], "failed": [...], "results": <results.json>}.
@@ -214,7 +214,7 @@ def run(ladder: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     from gopher_jax.parallel import distributed
 
     first = member_config(ladder, names[0])
-    distributed.run_on_process_zero_first(lambda: pipeline.prepare(first, verbose=False))
+    distributed.run_on_process_zero_first(lambda: pipeline.prepare(first))
     _write_atomic(workdir / "ladder.json", ladder.to_json(indent=2))
     trained, skipped, failed = [], [], []
     for name in todo:
@@ -409,7 +409,7 @@ def fit_split(n: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def fit(workdir: str | pathlib.Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+def fit(workdir: str | pathlib.Path, log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """`scaling fit`: fits each split of results.json; writes fit.json and fit.png."""
     workdir = pathlib.Path(workdir)
     path = workdir / "results.json"

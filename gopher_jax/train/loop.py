@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import pathlib
 import signal
-import sys
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ from gopher_jax import checkpoint as ckpt_lib
 from gopher_jax import config as config_lib
 from gopher_jax import hardware
 from gopher_jax.data import pipeline
+from gopher_jax.errors import UserError
 from gopher_jax.evaluate import evaluate_split
 from gopher_jax.metrics import MetricsWriter
 from gopher_jax.model.gopher import compute_dtype
@@ -29,13 +29,21 @@ from gopher_jax.train import state as state_lib
 from gopher_jax.train import step as step_lib
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Training diverged; no checkpoint was written from the bad state."""
 
 
-def say(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, flush=True)
+class Reporter:
+    """Where the loop reports to; the CLI's console shows it, library callers may ignore it.
+    Only process 0's reports are shown."""
+
+    def start(self, step: int, total: int) -> None: ...
+
+    def metrics(self, step: int, row: dict[str, Any]) -> None: ...
+
+    def message(self, msg: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Preemption:
@@ -64,10 +72,14 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._old)
 
 
-def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+          reporter: Reporter | None = None) -> dict[str, Any]:
     """Trains to c.train.steps, resuming from the newest checkpoint in workdir. Returns a
     summary with the final metrics."""
     from gopher_jax.parallel import distributed
+
+    reporter = reporter or Reporter()
+    say = reporter.message
 
     distributed.initialize_from_env()
     workdir = pathlib.Path(workdir)
@@ -75,7 +87,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
     say(f"mesh {dict(mesh.shape)} rules={c.mesh.rules} devices={jax.device_count()} "
         f"processes={jax.process_count()}")
 
-    info = distributed.run_on_process_zero_first(lambda: pipeline.prepare(c, verbose=True))
+    info = distributed.run_on_process_zero_first(lambda: pipeline.prepare(c, log=say))
     data = pipeline.TrainData(c)
     sharding = mesh_lib.batch_sharding(c, mesh)
 
@@ -101,9 +113,8 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
     eval_step = step_lib.make_eval_step(c, mesh)
     writer = MetricsWriter(workdir)
     flops_tok = config_lib.flops_per_token(c.model, c.data.seq_len)["train"]
-    dtype = str(compute_dtype(c.model.dtype))
-    peak, peak_src = hardware.peak_flops_per_device(dtype)
-    say(f"peak {peak / 1e9:.1f} GFLOP/s per device ({peak_src}); "
+    peak = hardware.Peak(str(compute_dtype(c.model.dtype)))
+    say(f"peak {peak.per_device / 1e9:.1f} GFLOP/s per device ({peak.source}); "
         f"{flops_tok:.3g} train FLOPs/token; {data.num_chunks:,} train chunks "
         f"({info['splits'][c.data.train_split]['num_tokens']:,} tokens)")
     tokens_per_step = c.train.batch_size * c.data.seq_len
@@ -112,7 +123,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
     total = c.train.steps
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     preempt = Preemption()
-    bar = _progress(start, total)
+    reporter.start(start, total)
     last_t, last_step = time.perf_counter(), start
     summary: dict[str, Any] = {"start_step": start}
     step = start
@@ -141,16 +152,16 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
                 tok_s = (step - last_step) * tokens_per_step / max(now - last_t, 1e-9)
                 last_t, last_step = now, step
                 last = rows[-1]
-                last.update(tokens_per_s=tok_s,
-                            mfu=tok_s * flops_tok / (peak * jax.device_count()))
+                rate = tok_s * flops_tok / jax.device_count()  # model FLOP/s per device
+                last.update(tokens_per_s=tok_s, model_flops_per_s=rate, mfu=peak.mfu(rate))
                 if log_now:
                     writer.write(step, last)
-                    bar.update(step, last)
+                    reporter.metrics(step, last)
                 if eval_now:
                     ev = evaluate_split(c, mesh, state["params"], c.data.eval_split, eval_step,
                                         c.train.eval_batches)
                     writer.write(step, ev, prefix="eval")
-                    bar.message(f"step {step}: {c.data.eval_split} bits/byte "
+                    reporter.message(f"step {step}: {c.data.eval_split} bits/byte "
                                 f"{ev['bits_per_byte']:.4f} loss {ev['loss']:.4f}")
                     summary["eval"] = ev
                     last_t = time.perf_counter()  # eval time is not training time
@@ -162,12 +173,12 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str
                 summary["train"] = last
                 if stop:
                     ckpt.wait()
-                    bar.message(f"SIGTERM: saved step {step}; exiting to be resumed")
+                    reporter.message(f"SIGTERM: saved step {step}; exiting to be resumed")
                     summary["preempted"] = True
                     break
     finally:
         preempt.restore()
-        bar.close()
+        reporter.close()
         ckpt.close()
         writer.close()
     summary["step"] = step
@@ -185,37 +196,3 @@ def _fetch_checked(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[dict
                 "train.warmup_steps, then resume from the last checkpoint.")
         rows.append(row)
     return rows
-
-
-class _progress:
-    """A tqdm bar on process 0 (loss, tokens/s, ETA); plain lines when not a terminal."""
-
-    def __init__(self, start: int, total: int):
-        self.enabled = jax.process_index() == 0
-        self.bar = None
-        if self.enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-                            mininterval=1.0, disable=not sys.stderr.isatty())
-            self.n = start
-
-    def update(self, step: int, m: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.bar.update(step - self.n)
-        self.n = step
-        self.bar.set_postfix(loss=f"{m['loss']:.3f}", bpb=f"{m['bits_per_byte']:.3f}",
-                             tok_s=f"{m['tokens_per_s']:.0f}", mfu=f"{m['mfu']:.1%}")
-        self.message(f"step {step}: loss {m['loss']:.4f} bits/byte {m['bits_per_byte']:.4f} "
-                     f"lr {m['learning_rate']:.3g} grad_norm {m['grad_norm']:.3f} "
-                     f"tokens/s {m['tokens_per_s']:.0f} MFU {m['mfu']:.1%}")
-
-    def message(self, msg: str) -> None:
-        if self.enabled:
-            self.bar.write(msg)
-            sys.stdout.flush()  # lines reach a log file as they happen
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

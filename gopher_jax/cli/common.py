@@ -1,0 +1,126 @@
+"""Flags and checks shared by several commands: the config, the workdir, multi-process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import tempfile
+
+import ml_collections
+
+from gopher_jax import config as config_lib
+from gopher_jax.errors import UsageError, UserError
+
+DEFAULT_CONFIG = "experiments/default.py"
+DEFAULT_WORKDIR = "runs/default"
+CONFIG_JSON = "config.json"  # the config a workdir was trained with, written by `train`
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without them, ['a.b=v', ...]) from `--config.a.b=v` or `--config.a.b v`."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--config."):
+            key = a[len("--config."):]
+            if "=" in key:
+                overrides.append(key)
+            elif i + 1 < len(argv):
+                overrides.append(f"{key}={argv[i + 1]}")
+                i += 1
+            else:
+                raise UsageError(f"{a} has no value", f"write {a}=VALUE")
+        else:
+            rest.append(a)
+        i += 1
+    return rest, overrides
+
+
+def add_config(p: argparse.ArgumentParser, default: str | None = DEFAULT_CONFIG) -> None:
+    text = "experiment config file (a get_config() .py); override keys as --config.a.b=v"
+    if default is None:
+        text += "; default: the config the workdir was trained with"
+    p.add_argument("--config", default=default, metavar="FILE", help=text)
+
+
+def add_workdir(p: argparse.ArgumentParser, default: str | None = DEFAULT_WORKDIR) -> None:
+    p.add_argument("--workdir", default=default, required=default is None, metavar="DIR",
+                   help="run directory (checkpoints, metrics, config.json)")
+
+
+def add_multiprocess(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-process (launch/local.py, SLURM and TPU VMs set these)")
+    g.add_argument("--coordinator", default="", metavar="HOST:PORT",
+                   help="address of process 0")
+    g.add_argument("--num_processes", type=int, default=0)
+    g.add_argument("--process_id", type=int, default=-1)
+
+
+def apply_multiprocess(args: argparse.Namespace) -> None:
+    """The flags become the environment that parallel.distributed reads."""
+    if args.coordinator:
+        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+            raise UsageError(f"--coordinator needs --num_processes >= 1 and 0 <= --process_id "
+                             f"< num_processes (got {args.num_processes}, {args.process_id})",
+                             "pass all three flags")
+        os.environ.update(GOPHER_COORDINATOR=args.coordinator,
+                          GOPHER_NUM_PROCESSES=str(args.num_processes),
+                          GOPHER_PROCESS_ID=str(args.process_id))
+
+
+def load_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+    """--config FILE with the overrides, checked (ranges, names) before any work."""
+    c = config_lib.load(args.config, args.overrides)
+    config_lib.check(c)
+    return c
+
+
+def trained_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+    """For commands on a trained workdir: --config if given, else the workdir's config.json
+    (with the overrides applied to it)."""
+    workdir = existing_workdir(args.workdir)
+    if args.config is not None:
+        return load_config(args)
+    path = workdir / CONFIG_JSON
+    if not path.is_file():
+        raise UserError(f"{workdir} has no {CONFIG_JSON} (not a training workdir?)",
+                        "pass the --workdir of a `train` run, or --config FILE")
+    c = ml_collections.ConfigDict(json.loads(path.read_text()))
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"override {item!r} has no value", f"write --config.{key}=VALUE")
+        config_lib.set_value(c, key, value)
+    c.lock()
+    config_lib.check(c)
+    return c
+
+
+def existing_workdir(workdir: str) -> pathlib.Path:
+    path = pathlib.Path(workdir)
+    if not path.is_dir():
+        raise UserError(f"workdir {workdir} does not exist",
+                        "pass the --workdir of a `train` run")
+    return path
+
+
+def writable_dir(path: str | pathlib.Path, what: str = "workdir") -> pathlib.Path:
+    """Refuses a directory that cannot be written (checked by writing a probe file, since
+    permission bits say little for root or network file systems); for a directory not made
+    yet, its nearest existing parent is checked. Creates nothing."""
+    path = pathlib.Path(path)
+    probe = next((p for p in (path, *path.parents) if p.exists()), None)
+    target = path if path.exists() else probe
+    if target is None or not target.is_dir():
+        raise UserError(f"{what} {path} cannot be created: {target} is not a directory",
+                        "pass another path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".gopher_jax_probe"):
+            pass
+    except OSError as e:
+        raise UserError(f"{what} {path} is not writable ({e.strerror})",
+                        "pass a writable path or fix its permissions") from None
+    return path
