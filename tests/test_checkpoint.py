@@ -1,4 +1,4 @@
-"""Issue 5: checkpoints. Exact resume after SIGKILL and SIGTERM, restore onto other meshes and
+"""Checkpoints: exact resume after SIGKILL and SIGTERM, restore onto other meshes and
 process counts, fallback from a truncated checkpoint, config refusal, keep-best, `info`.
 
 Also a worker for the multi-process tests: `python tests/test_checkpoint.py save|restore

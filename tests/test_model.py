@@ -1,4 +1,4 @@
-"""Issue 2: the Gopher model, its attention, layouts, sharding rules and configs."""
+"""The Gopher model, its attention, layouts, sharding rules and configs."""
 
 import importlib.util
 import pathlib

@@ -1,4 +1,4 @@
-"""Issue 7: scaling ladders (members on the same tokens), results files, resume-skip, failed
+"""Scaling ladders (members on the same tokens), results files, resume-skip, failed
 members, and the power-law fit."""
 
 import csv

@@ -1,4 +1,4 @@
-"""Issue 4: the optimiser, the sharded train step, precision modes, and the train loop."""
+"""The optimiser, the sharded train step, precision modes, and the train loop."""
 
 import math
 
