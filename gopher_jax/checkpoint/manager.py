@@ -1,12 +1,6 @@
-"""Orbax checkpoints: async atomic saves, exact resume, restore onto any mesh.
-
-A checkpoint holds the train state (params, optimiser state, step) and JSON metadata: the
-config, the data position, the layout (scanned or not) and the mesh it was written from.
-Orbax writes each step to a temporary directory and renames it when complete, so an
-interrupted save is never listed as a step. The data position is the step: the data order
-is a pure function of (seed, step), so the batch after a resume is the one the original run
-would have drawn next, on any topology.
-"""
+"""The Checkpointer: an Orbax CheckpointManager over <workdir>/checkpoints (async atomic saves,
+the newest and the best steps kept, restore onto the current mesh, fallback past broken steps
+that are then set aside), and the JSON metadata saved with each step."""
 
 from __future__ import annotations
 
@@ -25,65 +19,13 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gopher_jax.errors import UserError
+from gopher_jax.checkpoint.errors import CheckpointError
 from gopher_jax.train.state import State
 
 log = logging.getLogger(__name__)
 
-# Config keys that change the shapes, dtypes or structure of the state, or the data order: a
-# resume must not change them.
-SHAPE_KEYS = (
-    "model.vocab_size", "model.num_layers", "model.num_heads", "model.head_dim",
-    "model.d_model", "model.mlp_ratio", "model.tie_embeddings", "model.param_dtype",
-    "model.scan_layers", "train.optimizer", "train.master_fp32",
-    # and what decides which chunks step s reads: changing them breaks the exact resume
-    "seed", "train.batch_size", "data.dataset", "data.text_files", "data.seq_len",
-    "data.train_split", "data.nfkc", "data.tokenizer_path",
-)
 BEST_METRIC = "eval_bits_per_byte"  # lower is better
 CORRUPT_DIR = "checkpoints_corrupt"
-
-
-class CheckpointError(UserError, RuntimeError):
-    pass
-
-
-class ConfigMismatchError(CheckpointError):
-    """The workdir holds a checkpoint of a different model."""
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_diff(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(shape-changing keys that differ, other keys that differ)."""
-    a, b = _flat(saved), _flat(current)
-    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    shape = [k for k in changed if k in SHAPE_KEYS]
-    return shape, [k for k in changed if k not in SHAPE_KEYS]
-
-
-def check_config(meta: dict[str, Any], c: ml_collections.ConfigDict) -> list[str]:
-    """Raises ConfigMismatchError naming the shape-changing keys that differ from the
-    checkpoint's config; returns the other (allowed) differing keys."""
-    saved = meta["config"]
-    shape, other = config_diff(saved, json.loads(c.to_json()))
-    if shape:
-        a, b = _flat(saved), _flat(json.loads(c.to_json()))
-        diffs = ", ".join(f"{k}: {a.get(k)!r} in the checkpoint vs {b.get(k)!r} now"
-                          for k in shape)
-        raise ConfigMismatchError(
-            f"the checkpoint at step {meta.get('step')} was trained with another model or data "
-            f"order ({diffs}). "
-            "Use another --workdir, or the checkpoint's config (config.json in the workdir).")
-    return other
 
 
 class Checkpointer:
@@ -246,64 +188,3 @@ def meta_for(c: ml_collections.ConfigDict, step: int, mesh: jax.sharding.Mesh) -
 
 def read_meta(directory: str | pathlib.Path, step: int) -> dict[str, Any]:
     return json.loads((pathlib.Path(directory) / str(step) / "meta" / "metadata").read_text())
-
-
-def _step_metrics(step_dir: pathlib.Path) -> dict[str, Any] | None:
-    """What Orbax stored with the step (validation bits per byte with keep_best)."""
-    try:
-        return json.loads((step_dir / "metrics" / "metrics").read_text()) or None
-    except (OSError, ValueError):
-        return None
-
-
-def _dir_bytes(path: pathlib.Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def info(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
-    """One row per step directory (complete, incomplete save, or set aside as broken)."""
-    workdir = pathlib.Path(workdir)
-    directory = workdir / "checkpoints"
-    if not directory.is_dir():
-        raise CheckpointError(f"no checkpoints in {workdir}: {directory} does not exist. "
-                              "Pass the --workdir of a training run.")
-    rows = []
-    complete = set(ocp.utils.checkpoint_steps(directory))
-    entries = [(p, "complete" if p.name.isdigit() and int(p.name) in complete else "incomplete")
-               for p in directory.iterdir() if p.is_dir()]
-    corrupt = workdir / CORRUPT_DIR
-    if corrupt.is_dir():
-        entries += [(p, "set aside (broken)") for p in corrupt.iterdir() if p.is_dir()]
-    for path, status in entries:
-        step_str = path.name.split(".")[0]
-        row: dict[str, Any] = {"step": int(step_str) if step_str.isdigit() else None,
-                               "status": status, "path": str(path), "bytes": _dir_bytes(path)}
-        try:
-            meta = json.loads((path / "meta" / "metadata").read_text())
-            row.update(layout=meta["layout"], mesh=meta["mesh"], rules=meta["rules"],
-                       processes=meta["process_count"], devices=meta["device_count"],
-                       data_step=meta["data_step"])
-        except (OSError, ValueError, KeyError):
-            row["layout"] = None
-        metrics = _step_metrics(path)
-        if metrics:
-            row["metrics"] = metrics
-        rows.append(row)
-    return sorted(rows, key=lambda r: (r["step"] is None, r["step"] or 0, r["status"]))
-
-
-def format_info(workdir: str | pathlib.Path) -> str:
-    rows = info(workdir)
-    if not rows:
-        return f"{workdir}: no checkpoints yet"
-    lines = [f"{'step':>8}  {'size':>11}  {'layout':<9}  {'mesh (data,fsdp,tensor)':<23}  "
-             f"{'rules':<11}  {'procs x devices':<15}  status"]
-    for r in rows:
-        mesh = r.get("mesh") or {}
-        mesh_s = ",".join(str(mesh.get(a, "?")) for a in ("data", "fsdp", "tensor"))
-        topo = f"{r['processes']} x {r['devices'] // r['processes']}" if "processes" in r else "?"
-        extra = "".join(f"  {k}={v:.4f}" for k, v in (r.get("metrics") or {}).items())
-        lines.append(f"{r['step'] if r['step'] is not None else '?':>8}  "
-                     f"{r['bytes'] / 2**20:>7.2f} MiB  {r['layout'] or '?':<9}  {mesh_s:<23}  "
-                     f"{r.get('rules', '?'):<11}  {topo:<15}  {r['status']}{extra}")
-    return "\n".join(lines)

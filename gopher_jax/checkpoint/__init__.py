@@ -1,0 +1,35 @@
+"""Orbax checkpoints: async atomic saves, exact resume, restore onto any mesh.
+
+A checkpoint holds the train state (params, optimiser state, step) and JSON metadata: the
+config, the data position, the layout (scanned or not) and the mesh it was written from.
+Orbax writes each step to a temporary directory and renames it when complete, so an
+interrupted save is never listed as a step. The data position is the step: the data order
+is a pure function of (seed, step), so the batch after a resume is the one the original run
+would have drawn next, on any topology.
+
+The package:
+  errors.py   CheckpointError, the one-line user error of this package
+  compat.py   which config changes a resume refuses (shapes, dtypes, data order) and why
+  manager.py  the Checkpointer (Orbax manager: save, keep-best, restore the newest readable
+              step, set broken ones aside) and the metadata written with each step
+  listing.py  `checkpoint info`: one row per step directory of a workdir
+
+The names below are re-exported for callers (`from gopher_jax import checkpoint as ckpt_lib`).
+"""
+
+from gopher_jax.checkpoint.compat import SHAPE_KEYS, ConfigMismatchError, check_config, config_diff
+from gopher_jax.checkpoint.errors import CheckpointError
+from gopher_jax.checkpoint.listing import format_info, info
+from gopher_jax.checkpoint.manager import (
+    BEST_METRIC,
+    CORRUPT_DIR,
+    Checkpointer,
+    meta_for,
+    read_meta,
+)
+
+__all__ = [
+    "BEST_METRIC", "CORRUPT_DIR", "SHAPE_KEYS", "CheckpointError", "Checkpointer",
+    "ConfigMismatchError", "check_config", "config_diff", "format_info", "info", "meta_for",
+    "read_meta",
+]

@@ -1,0 +1,61 @@
+"""The resume policy: which config keys a resume must not change (they change the shapes,
+dtypes or structure of the state, or the data order), the diff of a checkpoint's config
+against the current one, and the refusal that names the keys that differ."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+from gopher_jax.checkpoint.errors import CheckpointError
+
+# Config keys that change the shapes, dtypes or structure of the state, or the data order: a
+# resume must not change them.
+SHAPE_KEYS = (
+    "model.vocab_size", "model.num_layers", "model.num_heads", "model.head_dim",
+    "model.d_model", "model.mlp_ratio", "model.tie_embeddings", "model.param_dtype",
+    "model.scan_layers", "train.optimizer", "train.master_fp32",
+    # and what decides which chunks step s reads: changing them breaks the exact resume
+    "seed", "train.batch_size", "data.dataset", "data.text_files", "data.seq_len",
+    "data.train_split", "data.nfkc", "data.tokenizer_path",
+)
+
+
+class ConfigMismatchError(CheckpointError):
+    """The workdir holds a checkpoint of a different model."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(shape-changing keys that differ, other keys that differ)."""
+    a, b = _flat(saved), _flat(current)
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    shape = [k for k in changed if k in SHAPE_KEYS]
+    return shape, [k for k in changed if k not in SHAPE_KEYS]
+
+
+def check_config(meta: dict[str, Any], c: ml_collections.ConfigDict) -> list[str]:
+    """Raises ConfigMismatchError naming the shape-changing keys that differ from the
+    checkpoint's config; returns the other (allowed) differing keys."""
+    saved = meta["config"]
+    shape, other = config_diff(saved, json.loads(c.to_json()))
+    if shape:
+        a, b = _flat(saved), _flat(json.loads(c.to_json()))
+        diffs = ", ".join(f"{k}: {a.get(k)!r} in the checkpoint vs {b.get(k)!r} now"
+                          for k in shape)
+        raise ConfigMismatchError(
+            f"the checkpoint at step {meta.get('step')} was trained with another model or data "
+            f"order ({diffs}). "
+            "Use another --workdir, or the checkpoint's config (config.json in the workdir).")
+    return other
