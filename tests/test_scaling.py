@@ -17,6 +17,7 @@ from test_model import ROOT, load_config
 from gopher_jax import config as config_lib
 from gopher_jax import scaling
 from gopher_jax.data import pipeline
+from gopher_jax.scaling import runner
 
 
 @pytest.fixture(scope="session")
@@ -161,7 +162,7 @@ def test_run_skip_fail_and_fit_with_stand_in_training(data_dir, tmp_path, monkey
         return {"step": c.train.steps, "validation": r, "test": dict(r)}
 
     monkeypatch.setattr(loop, "train", fake_train)
-    monkeypatch.setattr(scaling, "evaluate_member", fake_eval)
+    monkeypatch.setattr(runner, "evaluate_member", fake_eval)  # where run_member looks it up
     ladder = mini_ladder(data_dir)
     ladder.unlock()
     ladder.members["L2_d64"] = {"model": {"num_layers": 2, "d_model": 64, "num_heads": 4,
