@@ -47,9 +47,13 @@ def test_auto_dtype_resolves_for_tpu():
 
 
 def test_missing_libtpu_is_a_clear_error(monkeypatch, capsys):
+    from gopher_jax.cli import main
+
     monkeypatch.setattr(aot, "libtpu_available", lambda: False)
-    assert aot.main(load("tiny"), "v5p:2x2x1") == 2
-    assert "pip install -e '.[tpu]'" in capsys.readouterr().err
+    assert main(["aot", "--config", str(ROOT / "experiments/tiny.py"),
+                 "--topology=v5p:2x2x1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: libtpu is not installed") and "pip install -e '.[tpu]'" in err
 
 
 @needs_libtpu

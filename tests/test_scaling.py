@@ -25,7 +25,7 @@ def data_dir(tmp_path_factory) -> str:
     d = str(tmp_path_factory.mktemp("scaling_data"))
     c = load_config("tiny")
     c.data.data_dir = d
-    pipeline.prepare(c, verbose=False)
+    pipeline.prepare(c)
     return d
 
 

@@ -43,11 +43,15 @@ class ConsoleReporter(Reporter):
     """Training progress on process 0: a tqdm bar on a terminal, plain lines in a log file."""
 
     def __init__(self) -> None:
-        import jax
-
-        self.enabled = jax.process_index() == 0
         self.bar = None
         self.n = 0
+
+    @property
+    def enabled(self) -> bool:
+        # Asked at each report, not at construction: jax.distributed starts inside the loop.
+        import jax
+
+        return jax.process_index() == 0
 
     def start(self, step: int, total: int) -> None:
         if not self.enabled:

@@ -96,8 +96,7 @@ def prepare(cfg: ml_collections.ConfigDict,
         fp = dict(fingerprint_base, split=split)
         meta = tokenized.read_meta(out / split)
         if meta is not None and meta["fingerprint"] == fp:
-            log(f"[data] {split}: reusing {meta['num_chunks']:,} chunks in {meta['path']}",
-                flush=True)
+            log(f"[data] {split}: reusing {meta['num_chunks']:,} chunks in {meta['path']}")
             info["splits"][split] = dict(meta, reused=True)
             continue
         meta = tokenized.write_split(out / split, builders.iter_texts(builder, split,
