@@ -365,44 +365,51 @@ def reference(data_dir, tmp_path_factory) -> dict[int, tuple]:
     return {s: v[0] for s, v in rows.items()}
 
 
-def _assert_same_as_reference(workdir, reference, resumed_from: int) -> None:
+def _assert_same_as_reference(workdir, reference, resumed_from: int, context: str) -> None:
     rows = _losses(workdir)
-    assert sorted(rows) == list(range(1, STEPS + 1))
+    assert sorted(rows) == list(range(1, STEPS + 1)), context
     for step, values in rows.items():
         # Steps run twice (after the checkpoint, before the kill) must agree too.
         for v in values:
-            assert v == reference[step], f"step {step}: {v} != {reference[step]}"
+            assert v == reference[step], f"{context}: step {step}: {v} != {reference[step]}"
         if step <= resumed_from:  # the resumed run started after the checkpoint
-            assert len(values) == 1, (step, resumed_from)
+            assert len(values) == 1, (context, step, resumed_from)
+
+
+# The step at which the signal is sent is drawn from a fixed seed (so a failure reproduces)
+# and named in every assertion message.
+SIGNAL_STEP_SEED = 5
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path, reference):
-    kill_at = random.randrange(EVERY + 1, STEPS - 1)
+    kill_at = random.Random(SIGNAL_STEP_SEED).randrange(EVERY + 1, STEPS - 1)
+    context = f"SIGKILL once step {kill_at} was logged (seed {SIGNAL_STEP_SEED})"
     rc, out = _interrupt(tmp_path, data_dir, signal.SIGKILL, kill_at)
-    assert rc == -signal.SIGKILL, out[-2000:]
+    assert rc == -signal.SIGKILL, (context, out[-2000:])
     saved = ckpt_lib.Checkpointer(tmp_path).steps()
-    assert saved and max(saved) <= kill_at + 1, (kill_at, saved)
+    assert saved and max(saved) <= kill_at + 1, (context, saved)
     out = _run(tmp_path, data_dir)
     m = re.search(r"resumed from step (\d+)", out)
-    assert m and int(m.group(1)) == max(saved), (kill_at, saved, out[-2000:])
-    _assert_same_as_reference(tmp_path, reference, int(m.group(1)))
+    assert m and int(m.group(1)) == max(saved), (context, saved, out[-2000:])
+    _assert_same_as_reference(tmp_path, reference, int(m.group(1)), context)
 
 
 @pytest.mark.slow
 def test_sigterm_saves_exits_zero_and_resumes_bit_identically(data_dir, tmp_path, reference):
-    term_at = random.randrange(EVERY + 1, STEPS - 4)
+    term_at = random.Random(SIGNAL_STEP_SEED).randrange(EVERY + 1, STEPS - 4)
+    context = f"SIGTERM once step {term_at} was logged (seed {SIGNAL_STEP_SEED})"
     rc, out = _interrupt(tmp_path, data_dir, signal.SIGTERM, term_at)
-    assert rc == 0, out[-2000:]
+    assert rc == 0, (context, out[-2000:])
     m = re.search(r"SIGTERM: saved step (\d+); exiting", out)
-    assert m, out[-2000:]
+    assert m, (context, out[-2000:])
     reached = int(m.group(1))
     logged = max(r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl"))
-    assert term_at <= reached == logged < STEPS
-    assert max(ckpt_lib.Checkpointer(tmp_path).steps()) == reached
+    assert term_at <= reached == logged < STEPS, (context, reached, logged)
+    assert max(ckpt_lib.Checkpointer(tmp_path).steps()) == reached, context
     out = _run(tmp_path, data_dir)
-    assert f"resumed from step {reached} " in out
-    _assert_same_as_reference(tmp_path, reference, reached)
+    assert f"resumed from step {reached} " in out, (context, out[-2000:])
+    _assert_same_as_reference(tmp_path, reference, reached, context)
 
 
 if __name__ == "__main__":
