@@ -17,7 +17,6 @@ would. Writes benchmarks/results/checkpoint_io.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -29,22 +28,16 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from gopher_jax import checkpoint as ckpt_lib
+from gopher_jax import config as config_lib
+from gopher_jax.layout import Layout
 from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.train import state as state_lib
 from gopher_jax.train import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MB = 1e6
-
-
-def load_config(path: pathlib.Path):
-    spec = importlib.util.spec_from_file_location("experiment_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def disk_write_mb_s(directory: pathlib.Path, nbytes: int, fsync: bool) -> float:
@@ -79,27 +72,27 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "checkpoint_io.json"))
     args = p.parse_args()
 
-    c = load_config(ROOT / "experiments" / "tiny.py")
+    c = config_lib.load(ROOT / "experiments" / "tiny.py")
     c.model.update(d_model=args.d_model, num_heads=args.d_model // 64, head_dim=64,
                    num_layers=args.num_layers, vocab_size=args.vocab_size)
     c.train.batch_size = args.batch_size
     mesh = mesh_lib.make_mesh(c)
+    layout = Layout.build(c, mesh)
     root = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="ckpt_io_"))
     root.mkdir(parents=True, exist_ok=True)
     workdir = root / "run"
     shutil.rmtree(workdir, ignore_errors=True)
 
-    state = state_lib.create_state(c, mesh)
+    state = state_lib.create_state(c, layout)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-    train_step = step_lib.make_train_step(c, mesh)
+    train_step = step_lib.make_train_step(c, layout)
     rng = np.random.default_rng(0)
-    B, L = c.train.batch_size, c.data.seq_len
-    rows = mesh_lib.batch_sharding(c, mesh)
-    batch = {"tokens": jax.device_put(
-                 rng.integers(0, c.model.vocab_size, (B, L + 1), dtype=np.int32), rows),
-             "segment_ids": jax.device_put(np.ones((B, L + 1), np.int32), rows),
-             "num_bytes": jax.device_put(np.full((B,), 4 * L, np.int32),
-                                         NamedSharding(mesh, PartitionSpec(rows.spec[0])))}
+    shapes = {k: v.shape for k, v in layout.batch.items()}
+    batch = jax.device_put({
+        "tokens": rng.integers(0, c.model.vocab_size, shapes["tokens"], dtype=np.int32),
+        "segment_ids": np.ones(shapes["segment_ids"], np.int32),
+        "num_bytes": np.full(shapes["num_bytes"], 4 * c.data.seq_len, np.int32),
+    }, layout.batch_sharding)
 
     def run_steps(n: int) -> list[float]:
         nonlocal state
@@ -137,7 +130,7 @@ def main() -> None:
     disk_bytes = sum(f.stat().st_size for f in (ck.directory / str(last)).rglob("*")
                      if f.is_file())
 
-    target = state_lib.abstract_state(c, mesh)
+    target = layout.state
     restores = []
     for _ in range(args.saves):
         t0 = time.perf_counter()

@@ -10,7 +10,6 @@ Prints tokens/s and writes benchmarks/results/data_pipeline.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -18,18 +17,13 @@ import platform
 import time
 
 import jax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from gopher_jax import config as config_lib
 from gopher_jax.data import pipeline
+from gopher_jax.layout import Layout
+from gopher_jax.parallel import mesh as mesh_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("experiment_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def timed(fn, min_seconds: float) -> tuple[int, float]:
@@ -50,7 +44,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_pipeline.json"))
     args = p.parse_args()
 
-    cfg = load_config(args.config)
+    cfg = config_lib.load(args.config)
     if args.data_dir:
         cfg.data.data_dir = args.data_dir
     t0 = time.perf_counter()
@@ -64,8 +58,7 @@ def main() -> None:
     def host_batch(step: int) -> None:
         data.local_rows(step)
 
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    sharding = Layout.build(cfg, mesh_lib.make_mesh(cfg)).batch_sharding
 
     def global_batch(step: int) -> None:
         jax.block_until_ready(data.batch(step, sharding))

@@ -92,23 +92,18 @@ def main() -> None:
                                + f" --xla_force_host_platform_device_count={a.devices}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-    import importlib.util
-
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from gopher_jax import config as config_lib
     from gopher_jax import hardware
+    from gopher_jax.layout import Layout
     from gopher_jax.parallel import mesh as mesh_lib
     from gopher_jax.train import state as state_lib
     from gopher_jax.train import step as step_lib
 
-    spec = importlib.util.spec_from_file_location("cfg", a.config)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = config_lib.load(a.config)
     c.data.seq_len = a.seq_len
     c.train.batch_size = a.batch
     c.train.microbatches = 1
@@ -122,29 +117,29 @@ def main() -> None:
     if a.rules == "data-only":
         c.mesh.update(data=-1, fsdp=1)
     mesh = mesh_lib.make_mesh(c)
+    layout = Layout.build(c, mesh)
 
     load_before = os.getloadavg()[0]
     peak_total = hardware.measure_matmul_peak(a.dtype, n=4096, reps=3)
 
-    state = state_lib.create_state(c, mesh)
-    train_step = step_lib.make_train_step(c, mesh)
+    state = state_lib.create_state(c, layout)
+    train_step = step_lib.make_train_step(c, layout)
     rng = np.random.default_rng(0)
     b, t = a.batch, a.seq_len
-    batch = {
-        "tokens": rng.integers(0, c.model.vocab_size, (b, t + 1), dtype=np.int32),
-        "segment_ids": np.ones((b, t + 1), np.int32),
-        "num_bytes": np.full((b,), 4 * t, np.int32),
-    }
-    data_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    batch = jax.device_put(batch, data_sh)
+    shapes = {k: v.shape for k, v in layout.batch.items()}
+    batch = jax.device_put({
+        "tokens": rng.integers(0, c.model.vocab_size, shapes["tokens"], dtype=np.int32),
+        "segment_ids": np.ones(shapes["segment_ids"], np.int32),
+        "num_bytes": np.full(shapes["num_bytes"], 4 * t, np.int32),
+    }, layout.batch_sharding)
 
     # The compiler's count, on the unscanned model (XLA counts a scanned body once).
     cu = c.copy_and_resolve_references()
     cu.model.scan_layers = False
+    unscanned = Layout.build(cu, mesh)
     with jax.set_mesh(mesh):
-        lowered = step_lib.make_train_step(cu, mesh).lower(
-            state_lib.abstract_state(cu, mesh), jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch))
+        lowered = step_lib.make_train_step(cu, unscanned).lower(unscanned.state,
+                                                                 unscanned.batch)
         cost = lowered.compile().cost_analysis()
         compiler_flops = float(cost.get("flops", float("nan")))
 

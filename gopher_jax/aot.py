@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import NamedSharding, PartitionSpec
 
 from gopher_jax import config as config_lib
 from gopher_jax import hardware
@@ -120,26 +119,18 @@ def compile_train_step(c: ml_collections.ConfigDict, devices: list[jax.Device],
                        topology: str = "", num_slices: int = 1) -> tuple[Report, Any]:
     """Lowers and compiles make_train_step's function for `devices`; returns the report and
     the compiled executable."""
+    from gopher_jax.layout import Layout
     from gopher_jax.parallel import mesh as mesh_lib
-    from gopher_jax.parallel import rules as rules_lib
-    from gopher_jax.train import state as state_lib
     from gopher_jax.train import step as step_lib
 
-    platform = devices[0].platform
-    c = for_platform(c, platform)
+    c = for_platform(c, devices[0].platform)
     mesh = mesh_lib.make_mesh(c, devices)  # validates the config against the device count
-    state = state_lib.abstract_state(c, mesh, platform)
-    rules = rules_lib.get_rules(c.mesh.rules)
-    data = NamedSharding(mesh, PartitionSpec(*rules_lib.logical_to_spec(("batch",), rules)))
-    b, t = c.train.batch_size, c.data.seq_len + 1
-    batch = {"tokens": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=data),
-             "segment_ids": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=data),
-             "num_bytes": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data)}
     # Built outside the mesh context: optax's tree_map_params runs a (CPU) init eagerly.
-    step_fn = step_lib.make_train_step(c, mesh)
+    layout = Layout.build(c, mesh)
+    step_fn = step_lib.make_train_step(c, layout)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        lowered = step_fn.lower(state, batch)
+        lowered = step_fn.lower(layout.state, layout.batch)
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:

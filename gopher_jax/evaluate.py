@@ -14,9 +14,9 @@ import numpy as np
 
 from gopher_jax import checkpoint as ckpt_lib
 from gopher_jax.data import pipeline
+from gopher_jax.layout import Layout
 from gopher_jax.parallel import distributed
 from gopher_jax.parallel import mesh as mesh_lib
-from gopher_jax.train import state as state_lib
 from gopher_jax.train import step as step_lib
 
 
@@ -25,13 +25,15 @@ def eval_batch_size(c: ml_collections.ConfigDict) -> int:
     return c.train.batch_size // c.train.microbatches
 
 
-def evaluate_split(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, params: Any,
-                   split: str, eval_step: Any = None, max_batches: int = -1) -> dict[str, float]:
+def evaluate_split(c: ml_collections.ConfigDict, layout: Layout | jax.sharding.Mesh,
+                   params: Any, split: str, eval_step: Any = None, max_batches: int = -1
+                   ) -> dict[str, float]:
     """Exact bits per byte: summed -log2 p over the summed UTF-8 bytes of the split."""
-    eval_step = eval_step or step_lib.make_eval_step(c, mesh)
-    sharding = mesh_lib.batch_sharding(c, mesh)
+    layout = Layout.of(c, layout)
+    eval_step = eval_step or step_lib.make_eval_step(c, layout)
+    sharding = layout.batch_sharding
     sums = np.zeros(3)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(layout.mesh):
         for batch in pipeline.eval_batches(c, split, eval_batch_size(c), sharding,
                                            max_batches=max_batches):
             sums += np.array(jax.device_get(eval_step(params, batch)), dtype=np.float64)
@@ -43,7 +45,7 @@ def evaluate_split(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, params
 
 
 def restore_params(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                   mesh: jax.sharding.Mesh) -> tuple[Any, int]:
+                   layout: Layout | jax.sharding.Mesh) -> tuple[Any, int]:
     directory = pathlib.Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise ckpt_lib.CheckpointError(
@@ -51,7 +53,7 @@ def restore_params(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
             f"--config ... --workdir {workdir}`, or pass the --workdir of a trained run")
     ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
     try:
-        restored = ckpt.restore_latest(state_lib.abstract_state(c, mesh),
+        restored = ckpt.restore_latest(Layout.of(c, layout).state,
                                        check=lambda meta: ckpt_lib.check_config(meta, c))
     finally:
         ckpt.close()

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from gopher_jax import checkpoint as ckpt_lib
 from gopher_jax.data import pipeline
+from gopher_jax.layout import Layout
 from gopher_jax.metrics import read_jsonl
 from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.train import state as state_lib
@@ -67,9 +68,10 @@ def write_checkpoint(c, mesh, workdir, steps: int = 2) -> dict[str, np.ndarray]:
     """Trains `steps` steps on `mesh`, saves, and returns the state and the next batch on the
     host (the reference a restore must reproduce bit for bit)."""
     data = pipeline.TrainData(c)
-    sharding = mesh_lib.batch_sharding(c, mesh)
-    state = state_lib.create_state(c, mesh)
-    train_step = step_lib.make_train_step(c, mesh)
+    layout = Layout.build(c, mesh)
+    sharding = layout.batch_sharding
+    state = state_lib.create_state(c, layout)
+    train_step = step_lib.make_train_step(c, layout)
     with jax.set_mesh(mesh):
         for s in range(steps):
             state, _ = train_step(state, data.batch(s, sharding))
@@ -85,7 +87,8 @@ def check_restore(c, mesh, workdir, ref: dict[str, np.ndarray], train: bool = Tr
     """Restores onto `mesh`; asserts shardings, bit-identical values and the next batch;
     with `train`, trains one more step and returns its loss."""
     ck = ckpt_lib.Checkpointer(workdir)
-    target = state_lib.abstract_state(c, mesh)
+    layout = Layout.build(c, mesh)
+    target = layout.state
     state, meta = ck.restore_latest(target, check=lambda m: ckpt_lib.check_config(m, c))
     ck.close()
     for x, t in zip(jax.tree.leaves(state), jax.tree.leaves(target), strict=True):
@@ -97,13 +100,13 @@ def check_restore(c, mesh, workdir, ref: dict[str, np.ndarray], train: bool = Tr
         assert v.tobytes() == ref[k].tobytes(), f"{k} differs after restore"
     step = meta["data_step"]
     assert step == int(_host(state["step"])) == meta["step"]
-    batch = pipeline.TrainData(c).batch(step, mesh_lib.batch_sharding(c, mesh))
+    batch = pipeline.TrainData(c).batch(step, layout.batch_sharding)
     for k, v in batch.items():
         assert _host(v).tobytes() == ref[f"batch/{k}"].tobytes(), f"next batch {k} differs"
     if not train:
         return float("nan")
     with jax.set_mesh(mesh):
-        state, m = step_lib.make_train_step(c, mesh)(state, batch)
+        state, m = step_lib.make_train_step(c, layout)(state, batch)
     assert int(_host(state["step"])) == step + 1
     loss = float(_host(m["loss"]))
     assert np.isfinite(loss)
@@ -188,7 +191,7 @@ def small(data_dir):
     """(config, 1-device mesh, fresh state), made once."""
     c = tiny(data_dir)
     mesh = mesh_lib.make_mesh(c, jax.devices()[:1])
-    return c, mesh, state_lib.create_state(c, mesh)
+    return c, mesh, state_lib.create_state(c, Layout.build(c, mesh))
 
 
 def test_truncated_newest_falls_back_to_previous(small, tmp_path, caplog):
@@ -207,7 +210,7 @@ def test_truncated_newest_falls_back_to_previous(small, tmp_path, caplog):
     ck = ckpt_lib.Checkpointer(tmp_path)
     assert ck.steps() == [1, 2]
     with caplog.at_level("WARNING"):
-        state, meta = ck.restore_latest(state_lib.abstract_state(c, mesh))
+        state, meta = ck.restore_latest(Layout.build(c, mesh).state)
     assert meta["step"] == 1
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(s1), strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
@@ -231,7 +234,7 @@ def test_all_broken_is_a_clear_error(small, tmp_path):
     (tmp_path / "checkpoints" / "1" / "meta" / "metadata").write_text("{not json")
     with pytest.raises(ckpt_lib.CheckpointError,
                        match=r"step 1 .*unreadable(.|\n)*another --workdir"):
-        ckpt_lib.Checkpointer(tmp_path).restore_latest(state_lib.abstract_state(c, mesh))
+        ckpt_lib.Checkpointer(tmp_path).restore_latest(Layout.build(c, mesh).state)
     assert (tmp_path / "checkpoints" / "1").is_dir()
 
 
@@ -246,7 +249,7 @@ def test_shape_change_refused_with_keys_named_before_restore(small, data_dir, tm
     with pytest.raises(ckpt_lib.ConfigMismatchError,
                        match=r"model\.mlp_ratio: 4 .* vs 2 now, model\.num_layers: 2 .* vs 3"):
         ckpt_lib.Checkpointer(tmp_path).restore_latest(
-            state_lib.abstract_state(c2, mesh), check=lambda m: ckpt_lib.check_config(m, c2))
+            Layout.build(c2, mesh).state, check=lambda m: ckpt_lib.check_config(m, c2))
     assert (tmp_path / "checkpoints" / "5").is_dir()  # a refusal touches nothing
     # a change of data order (seed, batch) is refused too: the resume would not be exact
     c3 = tiny(data_dir)
@@ -277,7 +280,7 @@ def test_checkpoint_info_command(data_dir, tmp_path):
     c = tiny(data_dir, "fsdp+tensor", fsdp=4, tensor=2)
     c.model.scan_layers = False
     mesh = mesh_lib.make_mesh(c)
-    state = state_lib.create_state(c, mesh)
+    state = state_lib.create_state(c, Layout.build(c, mesh))
     ck = ckpt_lib.Checkpointer(tmp_path, keep_best=1)
     for step in (10, 20):
         ck.save(step, state, ckpt_lib.meta_for(c, step, mesh),

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gopher_jax import config as config_lib
+from gopher_jax.layout import Layout
 from gopher_jax.model import attention, cross_entropy, gopher, layers
 from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.parallel import rules as rules_lib
@@ -266,7 +267,7 @@ def test_sharded_params_forward_and_grads(rule_set):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = MESHES[rule_set]
     mesh = mesh_lib.make_mesh(c)
     assert dict(mesh.shape) == dict(zip(("data", "fsdp", "tensor"), MESHES[rule_set], strict=True))
-    st = state_lib.create_state(c, mesh)
+    st = state_lib.create_state(c, Layout.build(c, mesh))
     params = st["params"]
     wq, wi, table = EXPECTED_SPECS[rule_set]
     assert params["blocks"]["attn"]["wq"].sharding.spec == wq

@@ -12,6 +12,7 @@ from test_model import load_config
 
 from gopher_jax import config as config_lib
 from gopher_jax.data import pipeline
+from gopher_jax.layout import Layout
 from gopher_jax.metrics import read_jsonl
 from gopher_jax.model import gopher
 from gopher_jax.parallel import mesh as mesh_lib
@@ -38,9 +39,10 @@ def tiny(data_dir: str, **train) -> "config_lib.ml_collections.ConfigDict":
 def run_steps(c, n: int, devices=None) -> tuple[list[float], dict]:
     mesh = mesh_lib.make_mesh(c, devices)
     data = pipeline.TrainData(c)
-    sharding = mesh_lib.batch_sharding(c, mesh)
-    state = state_lib.create_state(c, mesh)
-    train_step = step_lib.make_train_step(c, mesh)
+    layout = Layout.build(c, mesh)
+    sharding = layout.batch_sharding
+    state = state_lib.create_state(c, layout)
+    train_step = step_lib.make_train_step(c, layout)
     losses = []
     with jax.set_mesh(mesh):
         for s in range(n):
@@ -160,7 +162,8 @@ def test_step_metrics_match_a_plain_next_token_cross_entropy(data_dir):
     weights = ((seg[:, 1:] == seg[:, :-1]) | (tokens[:, 1:] == eos)) & (seg[:, 1:] != 0)
     assert 0 < weights.sum() < weights.size
 
-    state = state_lib.create_state(c, mesh)
+    layout = Layout.build(c, mesh)
+    state = state_lib.create_state(c, layout)
     params = jax.device_get(state["params"])  # before the step donates the state
     graphdef, _ = gopher.abstract(c.model)
     logits = jax.jit(lambda p, t, s: gopher.apply(graphdef, p, t, s))(
@@ -171,10 +174,9 @@ def test_step_metrics_match_a_plain_next_token_cross_entropy(data_dir):
     want_loss = nll_sum / float(weights.sum())
     want_bpb = nll_sum / math.log(2) / float(batch["num_bytes"].sum())
 
-    sharding = NamedSharding(mesh, PartitionSpec(mesh_lib.batch_sharding(c, mesh).spec[0]))
     with jax.set_mesh(mesh):
-        _, m = step_lib.make_train_step(c, mesh)(
-            state, {k: jax.device_put(v, sharding) for k, v in batch.items()})
+        _, m = step_lib.make_train_step(c, layout)(
+            state, {k: jax.device_put(v, layout.batch_sharding) for k, v in batch.items()})
     m = jax.device_get(m)
     assert float(m["tokens"]) == float(weights.sum())
     assert float(m["loss"]) == pytest.approx(want_loss, rel=1e-5)
@@ -258,12 +260,24 @@ def test_non_finite_loss_stops_with_the_step(data_dir, tmp_path):
     assert saved and all(s < bad_step for s in saved)
 
 
-def test_batch_sharding_names_the_data_axes(data_dir):
+def test_layout_shards_batch_rows_over_the_data_axes(data_dir):
     c = tiny(data_dir)
     c.mesh.update(rules="fsdp+tensor", data=2, fsdp=2, tensor=2)
-    mesh = mesh_lib.make_mesh(c)
-    sh = mesh_lib.batch_sharding(c, mesh)
-    assert isinstance(sh, NamedSharding) and sh.spec == PartitionSpec(("data", "fsdp"), None)
+    layout = Layout.build(c, mesh_lib.make_mesh(c))
+    rows = PartitionSpec(("data", "fsdp"))
+    assert isinstance(layout.batch_sharding, NamedSharding)
+    assert layout.batch_sharding.spec == rows
+    b, t = c.train.batch_size, c.data.seq_len + 1
+    assert {k: (v.shape, v.dtype, v.sharding.spec) for k, v in layout.batch.items()} == {
+        "tokens": ((b, t), jnp.int32, rows), "segment_ids": ((b, t), jnp.int32, rows),
+        "num_bytes": ((b,), jnp.int32, rows)}
+    # The pipeline's batches are what the layout says they are.
+    batch = pipeline.TrainData(c).batch(0, layout.batch_sharding)
+    assert batch.keys() == layout.batch.keys()
+    for k, v in batch.items():
+        want = layout.batch[k]
+        assert (v.shape, v.dtype) == (want.shape, want.dtype), k
+        assert v.sharding.is_equivalent_to(want.sharding, v.ndim), k
 
 
 def test_step_loop_has_no_host_sync_between_logging_steps(data_dir, tmp_path, monkeypatch):

@@ -98,6 +98,14 @@ def decode_records(records: Sequence[bytes], seq_len: int) -> dict[str, np.ndarr
             "num_bytes": a[:, -1].astype(np.int32)}
 
 
+def batch_shapes(batch_size: int, seq_len: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each array of a batch of `batch_size` chunks, as `decode_records`
+    returns them."""
+    rows = (batch_size, seq_len + 1)
+    i32 = np.dtype(np.int32)
+    return {"tokens": (rows, i32), "segment_ids": (rows, i32), "num_bytes": ((batch_size,), i32)}
+
+
 def write_split(path: str | os.PathLike, docs: Iterable[str], tokenizer, seq_len: int,
                 fingerprint: dict, label: str = "", progress_every_s: float = 5.0,
                 log: Callable[[str], None] | None = None) -> dict:

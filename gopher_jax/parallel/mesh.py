@@ -8,10 +8,9 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh
 
 from gopher_jax import config as config_lib
-from gopher_jax.parallel import rules as rules_lib
 from gopher_jax.parallel.rules import MESH_AXES
 
 
@@ -35,9 +34,3 @@ def make_mesh(c: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None
             devices.sort(key=lambda d: (d.process_index, d.id))
             arr = np.array(devices, dtype=object).reshape(shape)
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-
-
-def batch_sharding(c: ml_collections.ConfigDict, mesh: Mesh) -> NamedSharding:
-    """Sharding of a [batch, length] array: rows over the rule set's batch axes."""
-    spec = rules_lib.logical_to_spec(("batch",), rules_lib.get_rules(c.mesh.rules))
-    return NamedSharding(mesh, PartitionSpec(*spec, None))

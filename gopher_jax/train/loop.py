@@ -22,6 +22,7 @@ from gopher_jax import hardware
 from gopher_jax.data import pipeline
 from gopher_jax.errors import UserError
 from gopher_jax.evaluate import evaluate_split
+from gopher_jax.layout import Layout
 from gopher_jax.metrics import MetricsWriter
 from gopher_jax.model.gopher import compute_dtype
 from gopher_jax.parallel import mesh as mesh_lib
@@ -89,15 +90,16 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
     info = distributed.run_on_process_zero_first(lambda: pipeline.prepare(c, log=say))
     data = pipeline.TrainData(c)
-    sharding = mesh_lib.batch_sharding(c, mesh)
+    layout = Layout.build(c, mesh)
+    sharding = layout.batch_sharding
 
     keep_best = c.train.get("checkpoint_keep_best", 0)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.checkpoint_keep, keep_best=keep_best)
     # The config check runs before any restore: a different model is refused by name.
-    restored = ckpt.restore_latest(state_lib.abstract_state(c, mesh),
+    restored = ckpt.restore_latest(layout.state,
                                    check=lambda meta: ckpt_lib.check_config(meta, c))
     if restored is None:
-        state = state_lib.create_state(c, mesh)
+        state = state_lib.create_state(c, layout)
         say(f"new run in {workdir}: initialised state (seed {c.seed})")
     else:
         state, meta = restored
@@ -109,8 +111,8 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(c.to_json(indent=2))
 
-    train_step = step_lib.make_train_step(c, mesh)
-    eval_step = step_lib.make_eval_step(c, mesh)
+    train_step = step_lib.make_train_step(c, layout)
+    eval_step = step_lib.make_eval_step(c, layout)
     writer = MetricsWriter(workdir)
     flops_tok = config_lib.flops_per_token(c.model, c.data.seq_len)["train"]
     peak = hardware.Peak(str(compute_dtype(c.model.dtype)))
@@ -158,7 +160,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                     writer.write(step, last)
                     reporter.metrics(step, last)
                 if eval_now:
-                    ev = evaluate_split(c, mesh, state["params"], c.data.eval_split, eval_step,
+                    ev = evaluate_split(c, layout, state["params"], c.data.eval_split, eval_step,
                                         c.train.eval_batches)
                     writer.write(step, ev, prefix="eval")
                     reporter.message(f"step {step}: {c.data.eval_split} bits/byte "

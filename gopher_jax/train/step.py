@@ -11,13 +11,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from gopher_jax.data import tokenized
+from gopher_jax.layout import Layout
 from gopher_jax.model import gopher
 from gopher_jax.parallel import rules as rules_lib
 from gopher_jax.train.optimizer import optimizer, schedule
-from gopher_jax.train.state import State, state_shardings
+from gopher_jax.train.state import State
 
 Batch = dict[str, jax.Array]
 LN2 = math.log(2.0)
@@ -69,12 +70,14 @@ def gradients(graphdef: nnx.GraphDef, params: Any, batch: Batch, microbatches: i
     return g, nll, w
 
 
-def make_train_step(c: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[State, Batch], Any]:
-    """A jitted (state, batch) -> (state, metrics) with donated state and fixed shardings."""
-    graphdef, _ = gopher.abstract(c.model)
+def make_train_step(c: ml_collections.ConfigDict, layout: Layout | Mesh
+                    ) -> Callable[[State, Batch], Any]:
+    """A jitted (state, batch) -> (state, metrics) with donated state and the layout's
+    shardings (a Mesh: the layout of `c` on it)."""
+    layout = Layout.of(c, layout)
+    graphdef, rules = layout.graphdef, layout.rules
     tx, lr_fn = optimizer(c.train), schedule(c.train)
-    rules = rules_lib.get_rules(c.mesh.rules)
-    batch_spec = rules_lib.logical_to_spec(("batch",), rules)
+    batch_spec = layout.batch_sharding.spec
 
     def step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         with rules_lib.use_rules(rules):
@@ -103,23 +106,20 @@ def make_train_step(c: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[State
         new = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         return new, metrics
 
-    shardings = state_shardings(c, mesh)
-    data = NamedSharding(mesh, PartitionSpec(*batch_spec))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(step, in_shardings=(shardings, data), out_shardings=(shardings, replicated),
-                   donate_argnums=(0,))
+    shardings = layout.state_shardings
+    return jax.jit(step, in_shardings=(shardings, layout.batch_sharding),
+                   out_shardings=(shardings, layout.replicated), donate_argnums=(0,))
 
 
-def make_eval_step(c: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[Any, Batch], Any]:
+def make_eval_step(c: ml_collections.ConfigDict, layout: Layout | Mesh
+                   ) -> Callable[[Any, Batch], Any]:
     """(params, batch) -> (summed nll in nats, summed weight, summed bytes of weighted targets)."""
-    graphdef, _ = gopher.abstract(c.model)
-    rules = rules_lib.get_rules(c.mesh.rules)
+    layout = Layout.of(c, layout)
+    graphdef, rules = layout.graphdef, layout.rules
 
     def step(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
         with rules_lib.use_rules(rules):
             nll, w = loss_sums(graphdef, params, batch)
         return nll, w, jnp.sum(batch["num_bytes"]).astype(jnp.float32)
 
-    psh = state_shardings(c, mesh)["params"]
-    data = NamedSharding(mesh, PartitionSpec(*rules_lib.logical_to_spec(("batch",), rules)))
-    return jax.jit(step, in_shardings=(psh, data))
+    return jax.jit(step, in_shardings=(layout.param_shardings, layout.batch_sharding))
