@@ -246,33 +246,69 @@ def test_remat_equals_no_remat(scan, policy):
 # ---------------------------------------------------------------- sharding
 
 
-EXPECTED_SPECS = {  # (wq, mlp.wi, embed.table) under each rule set
-    "data-only": (PartitionSpec(None, None, None, None), PartitionSpec(None, None, None),
-                  PartitionSpec(None, None)),
-    "fsdp": (PartitionSpec(None, "fsdp", None, None), PartitionSpec(None, "fsdp", None),
-             PartitionSpec(None, "fsdp")),
-    "tensor": (PartitionSpec(None, None, "tensor", None), PartitionSpec(None, None, "tensor"),
-               PartitionSpec("tensor", None)),
-    "fsdp+tensor": (PartitionSpec(None, "fsdp", "tensor", None),
-                    PartitionSpec(None, "fsdp", "tensor"), PartitionSpec("tensor", "fsdp")),
+RULE_SETS = ("data-only", "fsdp", "tensor", "fsdp+tensor")
+F, T = "fsdp", "tensor"
+_ATTN_IN = ((None,) * 4, (None, F, None, None), (None, None, T, None), (None, F, T, None))
+_TABLE = ((None, None), (None, F), (T, None), (T, F))
+# Every param's spec under each rule set (in RULE_SETS' order), written out by hand: fsdp
+# splits d_model; tensor splits heads, the MLP hidden size and the vocabulary; the head_dim
+# (kv) axis, norm scales and the scanned blocks' leading layer axis are never split.
+EXPECTED_SPECS = {
+    "embed/table": _TABLE,  # [vocab, d_model]
+    "unembed": _TABLE,  # untied only: [vocab, d_model]
+    "final_norm/scale": ((None,),) * 4,  # [d_model]
+    "blocks/attn_norm/scale": ((None, None),) * 4,  # [layer, d_model]
+    "blocks/mlp_norm/scale": ((None, None),) * 4,
+    "blocks/attn/wq": _ATTN_IN,  # [layer, d_model, heads, kv]
+    "blocks/attn/wk": _ATTN_IN,
+    "blocks/attn/wv": _ATTN_IN,
+    "blocks/attn/wr": _ATTN_IN,
+    # [layer, heads, kv, d_model]
+    "blocks/attn/wo": ((None,) * 4, (None, None, None, F), (None, T, None, None),
+                       (None, T, None, F)),
+    "blocks/attn/u": ((None,) * 3, (None,) * 3, (None, T, None), (None, T, None)),  # [l, h, kv]
+    "blocks/attn/v": ((None,) * 3, (None,) * 3, (None, T, None), (None, T, None)),
+    "blocks/mlp/wi": ((None,) * 3, (None, F, None), (None, None, T), (None, F, T)),  # [l, d, ff]
+    "blocks/mlp/wo": ((None,) * 3, (None, None, F), (None, T, None), (None, T, F)),  # [l, ff, d]
 }
 MESHES = {"data-only": (8, 1, 1), "fsdp": (2, 4, 1), "tensor": (2, 1, 4), "fsdp+tensor": (2, 2, 2)}
 
 
-@pytest.mark.parametrize("rule_set", sorted(EXPECTED_SPECS))
-def test_sharded_params_forward_and_grads(rule_set):
-    assert jax.device_count() == 8
-    c = small_config()
+def assert_param_specs(params, rule_set: str, tied: bool) -> None:
+    """Every param (and no other) has its EXPECTED_SPECS entry for `rule_set`."""
+    got = {"/".join(str(k.key) for k in path): x for path, x
+           in jax.tree_util.tree_leaves_with_path(params)}
+    assert set(got) == set(EXPECTED_SPECS) - ({"unembed"} if tied else set())
+    for name, x in got.items():
+        spec = tuple(x.sharding.spec)
+        spec += (None,) * (x.ndim - len(spec))  # a spec may leave trailing axes out
+        assert spec == EXPECTED_SPECS[name][RULE_SETS.index(rule_set)], (rule_set, name, spec)
+
+
+def sharded_small_config(rule_set: str, **model):
+    c = small_config(**model)
     c.mesh.rules = rule_set
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = MESHES[rule_set]
+    return c
+
+
+@pytest.mark.parametrize("rule_set", RULE_SETS)
+def test_untied_params_specs(rule_set):
+    c = sharded_small_config(rule_set, tie_embeddings=False)
+    mesh = mesh_lib.make_mesh(c)
+    params = state_lib.create_state(c, Layout.build(c, mesh))["params"]
+    assert_param_specs(params, rule_set, tied=False)
+
+
+@pytest.mark.parametrize("rule_set", RULE_SETS)
+def test_sharded_params_forward_and_grads(rule_set):
+    assert jax.device_count() == 8
+    c = sharded_small_config(rule_set)
     mesh = mesh_lib.make_mesh(c)
     assert dict(mesh.shape) == dict(zip(("data", "fsdp", "tensor"), MESHES[rule_set], strict=True))
     st = state_lib.create_state(c, Layout.build(c, mesh))
     params = st["params"]
-    wq, wi, table = EXPECTED_SPECS[rule_set]
-    assert params["blocks"]["attn"]["wq"].sharding.spec == wq
-    assert params["blocks"]["mlp"]["wi"].sharding.spec == wi
-    assert params["embed"]["table"].sharding.spec == table
+    assert_param_specs(params, rule_set, tied=True)
     sharded_shard = params["blocks"]["mlp"]["wi"].addressable_shards[0].data.shape
     full = params["blocks"]["mlp"]["wi"].shape
     n = {"data-only": 1, "fsdp": 4, "tensor": 4, "fsdp+tensor": 4}[rule_set]
