@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
+from launch import tpu_vm
+from launch.gke import fill as gke
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from launch import tpu_vm  # noqa: E402
-from launch.gke import fill as gke  # noqa: E402
 
 COMMON = ["--name", "gopher", "--zone", "us-east5-a", "--project", "proj"]
 TRAIN = ["--", "--config", "experiments/gopher_7_1b.py", "--workdir", "gs://b/run"]

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from gopher_jax.parallel import distributed
+from launch import local
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from launch import local  # noqa: E402
 
 PY = sys.executable
 # Bounds a launch that should have stopped long before: a hang fails the test instead.
