@@ -19,12 +19,7 @@ needs_libtpu = pytest.mark.skipif(
 
 
 def load(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return config.load(ROOT / "experiments" / f"{name}.py")
 
 
 def test_parse_topology():
