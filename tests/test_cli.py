@@ -164,7 +164,8 @@ def test_prompt_longer_than_the_context_keeps_its_end_with_a_notice(trained, cap
 def test_read_only_workdir_is_refused_before_any_work(trained, tmp_path):
     ro = tmp_path / "ro"
     shutil.copytree(trained / "work", ro)
-    os.chmod(tmp_path, 0o755)
+    for d in (tmp_path, *tmp_path.parents[:2]):  # pytest's base dirs are private (0700)
+        os.chmod(d, 0o755)
     for p in [ro, *ro.rglob("*")]:
         os.chmod(p, 0o555 if p.is_dir() else 0o444)
     data = tmp_path / "data"
