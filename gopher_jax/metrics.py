@@ -14,25 +14,45 @@ import jax
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | pathlib.Path, enabled: bool | None = None):
+    """Rows of metrics.jsonl and TensorBoard scalars, one per (split, step).
+
+    With `resume_step` (the step a run restored), rows written after that step by the run that
+    was interrupted are dropped from metrics.jsonl, and TensorBoard is told to purge its events
+    from the step after it, so the resumed run's rows are the only ones for those steps.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, enabled: bool | None = None,
+                 resume_step: int = 0):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self._tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                self._truncate_after(resume_step)
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+            purge = {"purge_step": resume_step + 1} if resume_step > 0 else {}
+            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"), **purge)
+
+    def _truncate_after(self, step: int) -> None:
+        lines = self.path.read_text().splitlines()
+        keep = [line for line in lines if line and json.loads(line)["step"] <= step]
+        if len(keep) != len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(f"{line}\n" for line in keep))
+            tmp.replace(self.path)
 
     def write(self, step: int, scalars: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
             return
         row = {"step": step, "split": prefix, "time": time.time()}
-        row.update({k: float(v) for k, v in scalars.items()})
+        scalars = {k: float(v) for k, v in scalars.items() if v is not None}
+        row.update(scalars)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         for k, v in scalars.items():
-            self._tb.add_scalar(f"{prefix}/{k}", float(v), step)
+            self._tb.add_scalar(f"{prefix}/{k}", v, step)
 
     def close(self) -> None:
         if self._tb is not None:

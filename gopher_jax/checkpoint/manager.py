@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +56,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save, create=not read_only,
             read_only=read_only, **best)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._in_flight: int | None = None  # the step whose async save may still be running
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -62,15 +64,51 @@ class Checkpointer:
     def save(self, step: int, state: State, meta: dict[str, Any],
              metrics: dict[str, float] | None = None, force: bool = False) -> bool:
         """Starts an async save and returns once the arrays are copied off the devices (the
-        previous save is awaited first); the files are written in the background."""
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    meta=ocp.args.JsonSave(meta)),
-            metrics=metrics, force=force)
+        previous save is awaited first); the files are written in the background. A failure,
+        of this save or of an earlier one still being written, raises CheckpointError."""
+        self.wait()  # Orbax awaits it anyway; so its failure is reported as its own step's
+        try:
+            saved = self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(meta)),
+                metrics=metrics, force=force)
+        except Exception as e:  # noqa: BLE001 - any failure to save ends the run
+            raise self._failed(e, step) from e
+        self._in_flight = step
+        return saved
+
+    def check(self) -> None:
+        """Raises CheckpointError if a background save has failed."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(e, self._in_flight) from e
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(e, self._in_flight) from e
+        self._in_flight = None
+
+    def _failed(self, error: BaseException, step: int | None = None) -> CheckpointError:
+        """The save failure as one line; the unfinished step's temporary directory is removed,
+        so the newest complete checkpoint stays the one a restart resumes from."""
+        if jax.process_index() == 0:
+            for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        cause = error
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            if isinstance(cause, OSError):
+                break
+            cause = cause.__cause__ or cause.__context__
+        what = f"step {step}" if step is not None else "a checkpoint"
+        good = ocp.utils.checkpoint_steps(self.directory) if self.directory.is_dir() else []
+        resume = f"step {max(good)}" if good else "the start"
+        return CheckpointError(
+            f"saving {what} to {self.directory} failed: {type(cause).__name__}: {cause}",
+            f"free space or fix the path's permissions; a rerun resumes from {resume}")
 
     def read_meta(self, step: int) -> dict[str, Any]:
         return read_meta(self.directory, step)
@@ -145,9 +183,14 @@ class Checkpointer:
             multihost_utils.sync_global_devices("gopher_jax:checkpoint_set_aside")
         self.manager.reload()
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def close(self, raise_errors: bool = True) -> None:
+        try:
+            self.wait()
+        except CheckpointError:
+            if raise_errors:
+                raise
+        finally:
+            self.manager.close()
 
 
 def _all_processes(ok: bool) -> bool:

@@ -30,6 +30,9 @@ def setup_logging(verbose: bool) -> None:
     """Library warnings (and process-prefixed records) on stderr, one line each."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s",
                         stream=sys.stderr, force=True)
+    if not verbose:  # libraries log the traceback of a failure we report as one error line
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_drop_traceback)
     logging.getLogger("gopher_jax").setLevel(logging.DEBUG if verbose else logging.INFO)
     try:
         from absl import logging as absl_logging
@@ -37,6 +40,11 @@ def setup_logging(verbose: bool) -> None:
         absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
     except ImportError:
         pass
+
+
+def _drop_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info = record.exc_text = record.stack_info = None
+    return True
 
 
 class ConsoleReporter(Reporter):

@@ -48,14 +48,21 @@ class Reporter:
 
 
 class Preemption:
-    """SIGTERM (what TPU VMs and SLURM send before preempting) -> finish the step, save, exit."""
+    """SIGTERM (what TPU VMs and SLURM send before preempting) or Ctrl-C (SIGINT) -> finish the
+    step, save, exit 0. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+        self.name = ""
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
+        self.name = signal.Signals(signum).name
 
     def should_stop(self, sync: bool) -> bool:
         """With several processes all must stop at the same step: they agree (a host
@@ -70,7 +77,8 @@ class Preemption:
         return bool(np.any(flags))
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
@@ -113,7 +121,6 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
     train_step = step_lib.make_train_step(c, layout)
     eval_step = step_lib.make_eval_step(c, layout)
-    writer = MetricsWriter(workdir)
     flops_tok = config_lib.flops_per_token(c.model, c.data.seq_len)["train"]
     peak = hardware.Peak(str(compute_dtype(c.model.dtype)))
     say(f"peak {peak.per_device / 1e9:.1f} GFLOP/s per device ({peak.source}); "
@@ -122,6 +129,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     tokens_per_step = c.train.batch_size * c.data.seq_len
 
     start = int(jax.device_get(state["step"]))
+    writer = MetricsWriter(workdir, resume_step=start)
     total = c.train.steps
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     preempt = Preemption()
@@ -129,6 +137,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     last_t, last_step = time.perf_counter(), start
     summary: dict[str, Any] = {"start_step": start}
     step = start
+    finished = False
     try:
         with jax.set_mesh(mesh):
             while step < total:
@@ -139,6 +148,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                     state, m = train_step(state, data.batch(step, sharding))
                 pending.append((step, m))
                 step += 1
+                ckpt.check()  # a background save that failed stops the run at the next step
                 log_now = step % c.train.log_every == 0 or step == total
                 eval_now = c.train.eval_every > 0 and (step % c.train.eval_every == 0
                                                        or step == total)
@@ -164,7 +174,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                                         c.train.eval_batches)
                     writer.write(step, ev, prefix="eval")
                     reporter.message(f"step {step}: {c.data.eval_split} bits/byte "
-                                f"{ev['bits_per_byte']:.4f} loss {ev['loss']:.4f}")
+                                     f"{ev['bits_per_byte']:.4f} loss {ev['loss']:.4f}")
                     summary["eval"] = ev
                     last_t = time.perf_counter()  # eval time is not training time
                 if save_now:
@@ -175,14 +185,16 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                 summary["train"] = last
                 if stop:
                     ckpt.wait()
-                    reporter.message(f"SIGTERM: saved step {step}; exiting to be resumed")
+                    reporter.message(f"{preempt.name}: saved step {step}; exiting to be resumed")
                     summary["preempted"] = True
                     break
+        finished = True
     finally:
         preempt.restore()
         reporter.close()
-        ckpt.close()
         writer.close()
+        # After a failure its own error is the one to report, not a second one from closing.
+        ckpt.close(raise_errors=finished)
     summary["step"] = step
     return summary
 
