@@ -85,16 +85,16 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
     """Bits per byte of the workdir's newest checkpoint on the eval and test splits, each with
     its unigram baseline; written to <workdir>/eval.json (process 0) and returned."""
     distributed.initialize_from_env()
-    mesh = mesh_lib.make_mesh(c)
+    layout = Layout.build(c, mesh_lib.make_mesh(c))
     # The checkpoint first: a workdir without one is refused before any data is built.
-    params, step = restore_params(c, workdir, mesh)
+    params, step = restore_params(c, workdir, layout)
     info = distributed.run_on_process_zero_first(lambda: pipeline.prepare(c))
-    eval_step = step_lib.make_eval_step(c, mesh)
+    eval_step = step_lib.make_eval_step(c, layout)
     results: dict[str, Any] = {"step": step, "warnings": info["warnings"], "splits": {}}
     for split in dict.fromkeys((c.data.eval_split, c.data.test_split)):
         if split not in info["splits"]:
             continue
-        r = evaluate_split(c, mesh, params, split, eval_step)
+        r = evaluate_split(c, layout, params, split, eval_step)
         r["unigram_bits_per_byte"] = unigram_bits_per_byte(c, split)
         results["splits"][split] = r
     if jax.process_index() == 0:

@@ -79,8 +79,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, prompt: str,
     from gopher_jax.evaluate import restore_params
 
     check_options(c.model.vocab_size, max_new_tokens, temperature, top_k)
-    mesh = mesh_lib.make_mesh(c)
-    params, _ = restore_params(c, workdir, mesh)
+    params, _ = restore_params(c, workdir, mesh_lib.make_mesh(c))
     params = jax.device_get(params)
     tok = pipeline.load_tokenizer(c)
     # Documents start with EOS in training data, so a prompt does too.

@@ -63,15 +63,16 @@ def evaluate_member(c: ml_collections.ConfigDict, mdir: pathlib.Path,
                     max_batches: int = -1) -> dict[str, Any]:
     """Bits per byte of the member's last checkpoint on the validation and test splits."""
     from gopher_jax import evaluate
+    from gopher_jax.layout import Layout
     from gopher_jax.parallel import mesh as mesh_lib
     from gopher_jax.train import step as step_lib
 
-    mesh = mesh_lib.make_mesh(c)
-    params, step = evaluate.restore_params(c, mdir, mesh)
-    eval_step = step_lib.make_eval_step(c, mesh)
+    layout = Layout.build(c, mesh_lib.make_mesh(c))
+    params, step = evaluate.restore_params(c, mdir, layout)
+    eval_step = step_lib.make_eval_step(c, layout)
     out: dict[str, Any] = {"step": step}
     for split in (c.data.eval_split, c.data.test_split):
-        r = evaluate.evaluate_split(c, mesh, params, split, eval_step, max_batches)
+        r = evaluate.evaluate_split(c, layout, params, split, eval_step, max_batches)
         out[split] = {k: float(r[k]) for k in SPLIT_KEYS}
     return out
 
