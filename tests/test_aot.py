@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers import ROOT, experiment, run_cli
 
 from gopher_jax import aot, config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(
     not aot.libtpu_available(),
     reason="libtpu is not installed: pip install -e '.[tpu]' to run the AOT tests")
-
-
-def load(name: str):
-    return config.load(ROOT / "experiments" / f"{name}.py")
 
 
 def test_parse_topology():
@@ -34,7 +27,7 @@ def test_parse_topology():
 
 
 def test_auto_dtype_resolves_for_tpu():
-    c = load("tiny")
+    c = experiment("tiny")
     assert c.model.dtype == "auto"
     assert aot.for_platform(c, "tpu").model.dtype == "bfloat16"
     assert aot.for_platform(c, "cpu").model.dtype == "float32"
@@ -55,7 +48,7 @@ def test_missing_libtpu_is_a_clear_error(monkeypatch, capsys):
 def test_multislice_mesh_puts_slices_on_the_data_axis():
     from gopher_jax.parallel import mesh as mesh_lib
 
-    c = load("tiny")
+    c = experiment("tiny")
     c.train.batch_size = 128
     c.mesh.update(data=4, fsdp=-1, tensor=2, rules="fsdp+tensor", num_slices=4)
     devices = aot.topology_devices("v3:4x4", 4)  # 4 slices x 16 chips x 2 cores
@@ -71,7 +64,7 @@ def test_multislice_mesh_puts_slices_on_the_data_axis():
 @needs_libtpu
 @pytest.mark.slow
 def test_tiny_compiles_and_compiler_flops_match_the_formula():
-    c = load("tiny")
+    c = experiment("tiny")
     # No loops (their bodies are counted once) and no remat: the compiler's count is the
     # whole step, comparable to the formula.
     c.model.update(scan_layers=False, remat_policy="none")
@@ -92,11 +85,9 @@ def test_tiny_compiles_and_compiler_flops_match_the_formula():
 def test_cli_exits_nonzero_when_it_does_not_fit(tmp_path):
     out = tmp_path / "r.json"
     # 16 GiB v5e chips cannot hold the logits of 4,096 x 512 tokens over a 32k vocabulary.
-    p = subprocess.run(
-        [sys.executable, "-m", "gopher_jax", "aot", "--config", str(ROOT / "experiments/tiny.py"),
-         "--topology=v5e:2x2", f"--aot_json={out}", "--config.model.vocab_size=32768",
-         "--config.data.seq_len=512", "--config.train.batch_size=4096"],
-        capture_output=True, text=True, cwd=ROOT)
+    p = run_cli("aot", "--config", ROOT / "experiments/tiny.py", "--topology=v5e:2x2",
+                f"--aot_json={out}", "--config.model.vocab_size=32768",
+                "--config.data.seq_len=512", "--config.train.batch_size=4096")
     assert p.returncode == 1, p.stdout + p.stderr[-2000:]
     assert "DOES NOT FIT" in p.stdout
     assert not json.loads(out.read_text())["fits"]
@@ -104,18 +95,16 @@ def test_cli_exits_nonzero_when_it_does_not_fit(tmp_path):
 
 @needs_libtpu
 def test_bad_topology_cli():
-    p = subprocess.run(
-        [sys.executable, "-m", "gopher_jax", "aot", "--config", str(ROOT / "experiments/tiny.py"),
-         "--topology=v5p:4x4"], capture_output=True, text=True, cwd=ROOT)
+    p = run_cli("aot", "--config", ROOT / "experiments/tiny.py", "--topology=v5p:4x4")
     assert p.returncode == 2
     assert "3-D torus" in p.stderr
 
 
 def _check_table1(name: str, topology: str, slices: int = 1) -> aot.Report:
-    r = aot.aot_compile(load(name), topology, slices)
+    r = aot.aot_compile(experiment(name), topology, slices)
     print(aot.format_report(r))
     assert r.fits, aot.format_report(r)
-    assert r.params == config.param_counts(load(name).model)["total"]
+    assert r.params == config.param_counts(experiment(name).model)["total"]
     return r
 
 

@@ -7,7 +7,6 @@ WORKDIR DATA_DIR RULES FSDP TENSOR` (run under launch/local.py for several proce
 
 from __future__ import annotations
 
-import os
 import pathlib
 import random
 import re
@@ -20,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ROOT, cli_command, cpu_env, run_cli
+from helpers import tiny as tiny_config
 from jax.experimental import multihost_utils
 
 from gopher_jax import checkpoint as ckpt_lib
@@ -30,24 +31,9 @@ from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.train import state as state_lib
 from gopher_jax.train import step as step_lib
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from test_model import load_config  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def tiny(data_dir: str, rules: str = "fsdp", fsdp: int = -1, tensor: int = 1):
-    c = load_config("tiny")
-    c.data.data_dir = str(data_dir)
-    c.mesh.update(rules=rules, fsdp=fsdp, tensor=tensor)
-    return c
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> str:
-    d = str(tmp_path_factory.mktemp("ckpt_data"))
-    pipeline.prepare(tiny(d), verbose=False)
-    return d
+    return tiny_config(data_dir, mesh=dict(rules=rules, fsdp=fsdp, tensor=tensor))
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,16 +138,12 @@ def _worker(argv: list[str]) -> None:
 
 def _run_worker(args: list[str], processes: int, devices: int) -> str:
     worker = [sys.executable, str(pathlib.Path(__file__).resolve()), *args]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    cmd = worker
     if processes > 1:
-        cmd = [sys.executable, str(ROOT / "launch" / "local.py"), "--num_processes",
-               str(processes), "--devices_per_process", str(devices), "--timeout_s", "300",
-               "--", *worker]
-    else:
-        cmd = worker
-        env = {k: v for k, v in env.items() if not k.startswith("GOPHER_")}
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=360)
+        cmd = [sys.executable, "-m", "launch.local", "--num_processes", str(processes),
+               "--devices_per_process", str(devices), "--timeout_s", "300", "--", *worker]
+    p = subprocess.run(cmd, cwd=ROOT, env=cpu_env(devices), capture_output=True, text=True,
+                       timeout=360)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     return out
@@ -286,9 +268,7 @@ def test_checkpoint_info_command(data_dir, tmp_path):
         ck.save(step, state, ckpt_lib.meta_for(c, step, mesh),
                 metrics={ckpt_lib.BEST_METRIC: 4.5})
     ck.close()
-    p = subprocess.run([sys.executable, "-m", "gopher_jax", "checkpoint", "info",
-                        "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    p = run_cli("checkpoint", "info", "--workdir", tmp_path, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     lines = p.stdout.strip().splitlines()
     assert "size" in lines[0] and "mesh" in lines[0] and len(lines) == 3
@@ -307,23 +287,19 @@ def test_checkpoint_info_command(data_dir, tmp_path):
 STEPS, EVERY = 16, 4
 
 
-def _train_cmd(workdir, data_dir) -> list[str]:
-    return [sys.executable, "-m", "gopher_jax", "train", "--config",
-            str(ROOT / "experiments" / "tiny.py"), "--workdir", str(workdir),
-            f"--config.data.data_dir={data_dir}", f"--config.train.steps={STEPS}",
+def _train_args(workdir, data_dir) -> list[str]:
+    return ["train", "--config", str(ROOT / "experiments" / "tiny.py"), "--workdir",
+            str(workdir), f"--config.data.data_dir={data_dir}", f"--config.train.steps={STEPS}",
             "--config.train.log_every=1", f"--config.train.checkpoint_every={EVERY}",
             "--config.train.eval_every=0"]
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GOPHER_")}
-    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    return cpu_env(2, PYTHONUNBUFFERED="1")
 
 
 def _run(workdir, data_dir) -> str:
-    p = subprocess.run(_train_cmd(workdir, data_dir), cwd=ROOT, env=_env(), capture_output=True,
-                       text=True, timeout=600)
+    p = run_cli(*_train_args(workdir, data_dir), env=_env())
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return p.stdout
 
@@ -331,7 +307,7 @@ def _run(workdir, data_dir) -> str:
 def _interrupt(workdir, data_dir, sig: int, at_step: int) -> tuple[int, str]:
     """Starts `train`, sends `sig` once step `at_step` is logged and a checkpoint is
     complete; returns (exit code, output)."""
-    p = subprocess.Popen(_train_cmd(workdir, data_dir), cwd=ROOT, env=_env(),
+    p = subprocess.Popen(cli_command(*_train_args(workdir, data_dir)), cwd=ROOT, env=_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     watchdog = threading.Timer(600, p.kill)
     watchdog.start()

@@ -11,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import cpu_env
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from gopher_jax.config import base_config
@@ -471,17 +472,15 @@ def test_tokenizer_training_and_prepare_report_what_they_did(text_corpus, tmp_pa
 
 
 _WORKER = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[3]
-os.environ["JAX_PLATFORMS"] = "cpu"
+import sys
 import jax, numpy as np
-jax.distributed.initialize(coordinator_address="127.0.0.1:" + sys.argv[4],
+jax.distributed.initialize(coordinator_address="127.0.0.1:" + sys.argv[3],
                            num_processes=int(sys.argv[2]), process_id=int(sys.argv[1]))
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from gopher_jax.config import base_config
 from gopher_jax.data import pipeline
 c = base_config()
-c.model.vocab_size, c.data.data_dir, c.data.seq_len, c.train.batch_size = 512, sys.argv[5], 64, 16
+c.model.vocab_size, c.data.data_dir, c.data.seq_len, c.train.batch_size = 512, sys.argv[4], 64, 16
 data = pipeline.TrainData(c)
 mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
 b = data.batch(5, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
@@ -501,11 +500,10 @@ def test_real_processes_build_the_same_global_batch(iambic, procs):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     workers = [subprocess.Popen(
-        [sys.executable, "-c", _WORKER, str(p), str(procs), str(8 // procs), port,
-         cfg.data.data_dir], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env=env) for p in range(procs)]
+        [sys.executable, "-c", _WORKER, str(p), str(procs), port, cfg.data.data_dir],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=cpu_env(8 // procs)) for p in range(procs)]
     try:
         outs = [w.communicate(timeout=120)[0] for w in workers]
     finally:

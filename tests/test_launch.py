@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import pathlib
 import shlex
 import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
 from launch import tpu_vm
 from launch.gke import fill as gke
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 COMMON = ["--name", "gopher", "--zone", "us-east5-a", "--project", "proj"]
 TRAIN = ["--", "--config", "experiments/gopher_7_1b.py", "--workdir", "gs://b/run"]

@@ -1,15 +1,12 @@
 """The Gopher model, its attention, layouts, sharding rules and configs."""
 
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import ROOT, run_cli
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gopher_jax import config as config_lib
@@ -18,8 +15,6 @@ from gopher_jax.model import attention, cross_entropy, gopher, layers
 from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.parallel import rules as rules_lib
 from gopher_jax.train import state as state_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str):
@@ -348,9 +343,9 @@ def test_table1_param_counts(name):
 
 
 def test_params_command_prints_counts():
-    out = subprocess.run([sys.executable, "-m", "gopher_jax", "params", "--config",
-                          str(ROOT / "experiments" / "gopher_280b.py")],
-                         capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    p = run_cli("params", "--config", ROOT / "experiments" / "gopher_280b.py")
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = p.stdout
     total = config_lib.param_counts(load_config("gopher_280b").model)["total"]
     assert f"{total:,}" in out and "non-embedding" in out
     assert 279e9 < total < 281e9

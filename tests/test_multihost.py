@@ -10,11 +10,10 @@ import threading
 
 import numpy as np
 import pytest
+from helpers import ROOT, cli_command
 
 from gopher_jax.parallel import distributed
 from launch import local
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 PY = sys.executable
 # Bounds a launch that should have stopped long before: a hang fails the test instead.
@@ -131,9 +130,9 @@ def _missing_named(out: str) -> set[int]:
 
 
 def _train(data_dir: pathlib.Path, workdir: pathlib.Path, n: int, m: int) -> list[float]:
-    cmd = [PY, "-m", "gopher_jax", "train", "--config", str(ROOT / "experiments/tiny.py"),
-           "--workdir", str(workdir), "--config.train.steps=20", "--config.train.log_every=1",
-           "--config.train.eval_every=0", "--config.train.checkpoint_every=20"]
+    cmd = cli_command("train", "--config", ROOT / "experiments/tiny.py", "--workdir", workdir,
+                      "--config.train.steps=20", "--config.train.log_every=1",
+                      "--config.train.eval_every=0", "--config.train.checkpoint_every=20")
     rc, out = run_launch(cmd, num_processes=n, devices_per_process=m,
                          env={**os.environ, "GOPHER_JAX_DATA": str(data_dir)})
     assert rc == 0, out[-3000:]

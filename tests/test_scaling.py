@@ -6,37 +6,24 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import ml_collections
 import numpy as np
 import pytest
-from test_model import ROOT, load_config
+from helpers import experiment, run_cli, tiny
 
 from gopher_jax import config as config_lib
 from gopher_jax import scaling
-from gopher_jax.data import pipeline
 from gopher_jax.scaling import runner
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> str:
-    d = str(tmp_path_factory.mktemp("scaling_data"))
-    c = load_config("tiny")
-    c.data.data_dir = d
-    pipeline.prepare(c)
-    return d
 
 
 def mini_ladder(data_dir: str, steps: int = 3, with_nan: bool = True
                 ) -> ml_collections.ConfigDict:
     """Three tiny Gopher shapes on the tiny corpus, plus one member that must diverge."""
-    c = load_config("tiny")
+    c = tiny(data_dir, steps=steps, warmup_steps=1, eval_every=0, log_every=steps,
+             checkpoint_every=steps)
     c.name = "mini"
-    c.data.data_dir = data_dir
-    c.train.update(steps=steps, warmup_steps=1, eval_every=0, log_every=steps,
-                   checkpoint_every=steps)
+    c.unlock()  # a ladder adds the members and scaling sections
     c.members = ml_collections.ConfigDict()
     for layers, d_model in ((1, 16), (1, 32), (2, 48)):
         c.members[f"L{layers}_d{d_model}"] = {
@@ -56,7 +43,7 @@ def mini_ladder(data_dir: str, steps: int = 3, with_nan: bool = True
 
 
 def test_real_ladder_follows_gopher_rules_on_shared_tokens():
-    ladder = load_config("scaling_ladder")
+    ladder = experiment("scaling_ladder")
     names = scaling.member_names(ladder)
     assert len(names) >= 6
     rows = [scaling.describe(ladder, n) for n in names]
@@ -80,19 +67,21 @@ def test_real_ladder_follows_gopher_rules_on_shared_tokens():
 
 
 def test_member_may_not_change_the_tokens():
-    ladder = load_config("scaling_ladder")
+    ladder = experiment("scaling_ladder")
+    ladder.unlock()  # a member sets only some keys: the test adds one
     name = scaling.member_names(ladder)[0]
     ladder.members[name].train.steps = 10
     with pytest.raises(config_lib.ConfigError, match="shared by the ladder"):
         scaling.member_config(ladder, name)
-    ladder = load_config("scaling_ladder")
+    ladder = experiment("scaling_ladder")
+    ladder.unlock()
     ladder.members[name].data = {"seq_len": 64}
     with pytest.raises(config_lib.ConfigError, match="same tokens"):
         scaling.member_config(ladder, name)
 
 
 def test_member_flag_takes_index_or_name():
-    ladder = load_config("scaling_ladder")
+    ladder = experiment("scaling_ladder")
     names = scaling.member_names(ladder)
     assert scaling.resolve_member(ladder, "0") == names[0]
     assert scaling.resolve_member(ladder, names[-1]) == names[-1]
@@ -102,7 +91,7 @@ def test_member_flag_takes_index_or_name():
 
 def test_not_a_ladder_is_refused():
     with pytest.raises(config_lib.ConfigError, match="scaling_ladder.py"):
-        scaling.member_names(load_config("tiny"))
+        scaling.member_names(experiment("tiny"))
 
 
 # ---------------------------------------------------------------- the fit
@@ -251,10 +240,8 @@ def test_miniature_ladder_runs_records_failure_skips_and_fits(data_dir, tmp_path
     assert {n: (wd / n / scaling.RESULT).stat().st_mtime_ns for n in good} == mtimes
 
     # The fit, through the real CLI.
-    env = dict(os.environ, GOPHER_JAX_DATA=data_dir)
-    p = subprocess.run([sys.executable, "-m", "gopher_jax", "scaling", "fit", "--workdir",
-                        str(wd)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=120)
+    p = run_cli("scaling", "fit", "--workdir", wd,
+                env=dict(os.environ, GOPHER_JAX_DATA=data_dir), timeout=120)
     assert p.returncode == 0, p.stderr
     fit = json.loads((wd / "fit.json").read_text())
     assert fit["members"] == good

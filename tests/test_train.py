@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tiny
 from jax.sharding import NamedSharding, PartitionSpec
-from test_model import load_config
 
 from gopher_jax import config as config_lib
 from gopher_jax.data import pipeline
@@ -19,21 +19,6 @@ from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.train import loop, optimizer
 from gopher_jax.train import state as state_lib
 from gopher_jax.train import step as step_lib
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> str:
-    d = str(tmp_path_factory.mktemp("data"))
-    c = tiny(d)
-    pipeline.prepare(c)
-    return d
-
-
-def tiny(data_dir: str, **train) -> "config_lib.ml_collections.ConfigDict":
-    c = load_config("tiny")
-    c.data.data_dir = data_dir
-    c.train.update(**train)
-    return c
 
 
 def run_steps(c, n: int, devices=None) -> tuple[list[float], dict]:

@@ -1,0 +1,55 @@
+"""What several test modules share: the repo root, experiment configs, the tiny experiment on
+a prepared data dir, and subprocesses (`python -m gopher_jax`, JAX on fake CPU devices).
+
+The session-wide prepared data dir itself is the `data_dir` fixture in conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import ml_collections
+
+from gopher_jax import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def experiment(name: str) -> ml_collections.ConfigDict:
+    """experiments/<name>.py's config, as the CLI loads it (locked: no key can be added by
+    mistake; existing ones can be changed)."""
+    return config_lib.load(ROOT / "experiments" / f"{name}.py")
+
+
+def tiny(data_dir: str | os.PathLike, mesh: dict[str, Any] | None = None,
+         **train: Any) -> ml_collections.ConfigDict:
+    """experiments/tiny.py reading `data_dir`, with `mesh` and `train` settings changed."""
+    c = experiment("tiny")
+    c.data.data_dir = str(data_dir)
+    c.mesh.update(mesh or {})
+    c.train.update(train)
+    return c
+
+
+def cpu_env(devices: int, **extra: str) -> dict[str, str]:
+    """This process's environment for a JAX subprocess on `devices` fake CPU devices, without
+    its GOPHER_* settings (a coordinator, a data dir)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GOPHER_")}
+    return {**env, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+
+
+def cli_command(*args: str | os.PathLike) -> list[str]:
+    """The command line of `python -m gopher_jax ARGS`."""
+    return [sys.executable, "-m", "gopher_jax", *map(str, args)]
+
+
+def run_cli(*args: str | os.PathLike, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs `python -m gopher_jax ARGS` in the repo root; output captured as text."""
+    return subprocess.run(cli_command(*args), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
