@@ -8,13 +8,12 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import pytest
+from helpers import ROOT, cli_command
 
 from gopher_jax.cli import main
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments/tiny.py")
 
 
@@ -131,7 +130,7 @@ def test_split_smaller_than_a_batch_is_a_warning_naming_it(tmp_path, capsys):
 
 def _run(args: list[str], env: dict[str, str] | None = None, user: bool = False
          ) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "gopher_jax", *args]
+    cmd = cli_command(*args)
     if user:  # root ignores permission bits: drop to an unprivileged user
         cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
