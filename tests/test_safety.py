@@ -58,3 +58,68 @@ def test_full_disk_stops_at_the_failed_save_and_keeps_the_previous_checkpoint(da
         assert steps == [10], steps
         info = run_cli("checkpoint", "info", "--workdir", workdir, env=cpu_env(1))
         assert info.returncode == 0 and "complete" in info.stdout, info.stdout + info.stderr
+
+
+def _corpus(d: pathlib.Path, files: dict[str, str]) -> str:
+    d.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (d / name).write_text(text)
+    return str(d / "*.txt")
+
+
+def _words(seed: int, n: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    vocab = "the king queen sword crown night day love death sea storm fool lord lady".split()
+    return "\n".join(" ".join(rng.choice(vocab) for _ in range(12)) for _ in range(n))
+
+
+def test_resume_onto_changed_corpus_is_refused_unless_accepted(tmp_path, capsys):
+    from gopher_jax.cli import main
+
+    pattern = _corpus(tmp_path / "txt", {f"f{i}.txt": _words(i, 400) for i in range(4)})
+    argv = ["train", "--config", str(ROOT / "experiments" / "tiny.py"),
+            f"--workdir={tmp_path}/run", f"--config.data.data_dir={tmp_path}/data",
+            "--config.data.dataset=text_files", f"--config.data.text_files={pattern}",
+            "--config.model.vocab_size=300", "--config.train.warmup_steps=1",
+            "--config.train.checkpoint_every=2", "--config.train.eval_every=0",
+            "--config.train.log_every=1"]
+    assert main([*argv, "--config.train.steps=2"]) == 0
+    capsys.readouterr()
+    (tmp_path / "txt" / "f9.txt").write_text(_words(9, 400))  # the corpus gains a file
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert main([*argv, "--config.train.steps=4"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "training data changed since the checkpoint at step 2" in lines[0]
+    assert "tokenizer" in lines[0] and "--accept_new_data" in lines[0]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics, "no step may run"
+    assert main([*argv, "--config.train.steps=4", "--accept_new_data"]) == 0
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl", split="data")
+    assert rows and rows[0]["step"] == 2 and rows[0]["changed_tokenizer"] == 1.0
+    steps = [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_corpora_with_equal_names_sizes_and_mtimes_get_separate_prepared_data(tmp_path):
+    from helpers import tiny
+
+    from gopher_jax.data import pipeline
+
+    texts = {f"f{i}.txt": _words(i, 300) for i in range(3)}
+    # b holds a's lines in reverse order: same names and sizes, other content.
+    reverse = {k: "\n".join(reversed(v.split("\n"))) for k, v in texts.items()}
+    infos = []
+    for d, files in (("a", texts), ("b", reverse)):
+        pattern = _corpus(tmp_path / d, files)
+        for f in (tmp_path / d).iterdir():
+            os.utime(f, ns=(1_000_000_000, 1_000_000_000))
+        c = tiny(tmp_path / "data")
+        c.data.update(dataset="text_files", text_files=pattern)
+        c.model.vocab_size = 300
+        infos.append(pipeline.prepare(c))
+    a, b = infos
+    sizes = [sorted(f.stat().st_size for f in (tmp_path / d).iterdir()) for d in "ab"]
+    assert sizes[0] == sizes[1], "the two corpora must look alike but for their content"
+    assert a["chunks_dir"] != b["chunks_dir"] and a["tokenizer"] != b["tokenizer"]

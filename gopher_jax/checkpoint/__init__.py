@@ -17,7 +17,14 @@ The package:
 The names below are re-exported for callers (`from gopher_jax import checkpoint as ckpt_lib`).
 """
 
-from gopher_jax.checkpoint.compat import SHAPE_KEYS, ConfigMismatchError, check_config, config_diff
+from gopher_jax.checkpoint.compat import (
+    SHAPE_KEYS,
+    ConfigMismatchError,
+    DataChangedError,
+    check_config,
+    check_data,
+    config_diff,
+)
 from gopher_jax.checkpoint.errors import CheckpointError
 from gopher_jax.checkpoint.listing import format_info, info
 from gopher_jax.checkpoint.manager import (
@@ -30,6 +37,6 @@ from gopher_jax.checkpoint.manager import (
 
 __all__ = [
     "BEST_METRIC", "CORRUPT_DIR", "SHAPE_KEYS", "CheckpointError", "Checkpointer",
-    "ConfigMismatchError", "check_config", "config_diff", "format_info", "info", "meta_for",
-    "read_meta",
+    "ConfigMismatchError", "DataChangedError", "check_config", "check_data", "config_diff",
+    "format_info", "info", "meta_for", "read_meta",
 ]

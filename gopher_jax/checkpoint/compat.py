@@ -59,3 +59,25 @@ def check_config(meta: dict[str, Any], c: ml_collections.ConfigDict) -> list[str
             f"order ({diffs}). "
             "Use another --workdir, or the checkpoint's config (config.json in the workdir).")
     return other
+
+
+class DataChangedError(CheckpointError):
+    """The data a checkpoint was trained on differs from what the config now prepares."""
+
+
+def check_data(meta: dict[str, Any], current: dict[str, str], accept: bool = False
+               ) -> list[str]:
+    """Compares the checkpoint's data fingerprints (tokenizer, training chunks) with the
+    current ones. A difference raises DataChangedError naming it, unless `accept`; returns
+    the names of what changed. A checkpoint without fingerprints is not checked."""
+    saved = meta.get("data")
+    if not saved:
+        return []
+    changed = [k for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)]
+    if changed and not accept:
+        what = ", ".join(f"{k} {saved.get(k)} -> {current.get(k)}" for k in changed)
+        raise DataChangedError(
+            f"the training data changed since the checkpoint at step {meta.get('step')} "
+            f"({what})", "train in a new --workdir, or pass --accept_new_data to continue "
+            "this run on the new data (recorded in its metrics)")
+    return changed

@@ -216,9 +216,13 @@ def _check_finite(state: State, step: int) -> None:
         raise CheckpointError(f"non-finite values in {bad[:3]} at step {step}")
 
 
-def meta_for(c: ml_collections.ConfigDict, step: int, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+def meta_for(c: ml_collections.ConfigDict, step: int, mesh: jax.sharding.Mesh,
+             data: dict[str, str] | None = None) -> dict[str, Any]:
+    """What is saved beside the state. `data`: content fingerprints of the tokenizer and the
+    training chunks (pipeline.data_identity), checked on resume."""
     return {
         "step": step,
+        "data": data or {},
         "data_step": step,  # the data order is a pure function of (seed, step)
         "config": json.loads(c.to_json()),
         "layout": "scanned" if c.model.scan_layers else "unscanned",

@@ -11,6 +11,9 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     common.add_config(p)
     common.add_workdir(p)
     common.add_multiprocess(p)
+    p.add_argument("--accept_new_data", action="store_true",
+                   help="resume even though the tokenizer or training data changed since the "
+                        "checkpoint (recorded in metrics.jsonl)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,5 +23,6 @@ def run(args: argparse.Namespace) -> int:
     common.apply_multiprocess(args)
     from gopher_jax.train import loop
 
-    summary = loop.train(c, args.workdir, console.ConsoleReporter())
+    summary = loop.train(c, args.workdir, console.ConsoleReporter(),
+                         accept_new_data=args.accept_new_data)
     return 0 if summary["step"] >= c.train.steps or summary.get("preempted") else 1

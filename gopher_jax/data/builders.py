@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import glob as glob_lib
 import hashlib
 import importlib.util
@@ -205,16 +206,33 @@ def assign_splits(keys: list[str]) -> dict[str, str]:
 
 
 def text_files_fingerprint(pattern: str, text_field: str) -> str:
-    """Changes when a file is added, removed, or modified."""
+    """A hash of the files' names and contents: changes when a file is added, removed or
+    edited, and two corpora that differ only in content never share prepared data."""
     files = list_text_files(pattern)
-    m = hashlib.sha256(text_field.encode())
-    for f, name in zip(files, _doc_names(files), strict=True):
+    stats = []
+    for f in files:
         try:
             st = os.stat(f)
         except OSError as e:
             raise DataError(f"cannot read corpus file {f}: {e.strerror or e}. Fix it or remove "
                             "it from data.text_files.") from e
-        m.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        stats.append((f, st.st_size, st.st_mtime_ns, st.st_ino))
+    return _content_hash(text_field, tuple(stats))
+
+
+@functools.lru_cache(maxsize=16)
+def _content_hash(text_field: str, stats: tuple[tuple[str, int, int, int], ...]) -> str:
+    """Memoised per process by (path, size, mtime, inode): one read of the corpus per run."""
+    m = hashlib.sha256(text_field.encode())
+    for (f, size, *_), name in zip(stats, _doc_names([s[0] for s in stats]), strict=True):
+        m.update(f"{name}\0{size}\0".encode())
+        try:
+            with open(f, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    m.update(block)
+        except OSError as e:
+            raise DataError(f"cannot read corpus file {f}: {e.strerror or e}. Fix it or remove "
+                            "it from data.text_files.") from e
     return m.hexdigest()[:12]
 
 

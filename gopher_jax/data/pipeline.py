@@ -11,6 +11,7 @@ The chunk format and the loss weights are described in `tokenized.py`.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import pathlib
@@ -88,7 +89,7 @@ def prepare(cfg: ml_collections.ConfigDict,
     fingerprint_base = {"format": tokenized.FORMAT_VERSION, "tokenizer": _file_sha(tok_path),
                         "corpus": builders.corpus_fingerprint(builder), "seq_len": d.seq_len}
     info = {"dataset": d.dataset, "tokenizer": str(tok_path), "chunks_dir": str(out),
-            "splits": {}}
+            "tokenizer_sha": _file_sha(tok_path), "splits": {}}
     for split in _splits(cfg):
         if split not in builder.info.splits:
             log(f"[data] {d.dataset} has no {split!r} split; skipped")
@@ -110,6 +111,16 @@ def prepare(cfg: ml_collections.ConfigDict,
     for w in info["warnings"]:
         log(f"[data] warning: {w}")
     return info
+
+
+def data_identity(info: dict, train_split: str) -> dict[str, str]:
+    """Content fingerprints of what training reads (from `prepare`'s result): the tokenizer
+    model's bytes, and the training chunks' inputs (tokenizer, corpus content, length,
+    format), which decide the chunks since tokenization is deterministic."""
+    s = info["splits"][train_split]
+    blob = json.dumps([s["fingerprint"], s["num_chunks"], s["num_tokens"]], sort_keys=True)
+    return {"tokenizer": info["tokenizer_sha"],
+            "train_chunks": hashlib.sha256(blob.encode()).hexdigest()[:12]}
 
 
 def _small_splits(cfg: ml_collections.ConfigDict, splits: dict[str, dict]) -> list[str]:

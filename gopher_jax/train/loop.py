@@ -82,9 +82,14 @@ class Preemption:
 
 
 def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-          reporter: Reporter | None = None) -> dict[str, Any]:
+          reporter: Reporter | None = None, accept_new_data: bool = False) -> dict[str, Any]:
     """Trains to c.train.steps, resuming from the newest checkpoint in workdir. Returns a
-    summary with the final metrics."""
+    summary with the final metrics.
+
+    A resume onto data whose fingerprints (tokenizer, training chunks) differ from the
+    checkpoint's is refused unless `accept_new_data`; then the change is recorded in the
+    metrics and the checkpoints record the new fingerprints.
+    """
     from gopher_jax.parallel import distributed
 
     reporter = reporter or Reporter()
@@ -103,18 +108,26 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
     keep_best = c.train.get("checkpoint_keep_best", 0)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.checkpoint_keep, keep_best=keep_best)
-    # The config check runs before any restore: a different model is refused by name.
-    restored = ckpt.restore_latest(layout.state,
-                                   check=lambda meta: ckpt_lib.check_config(meta, c))
+    identity = pipeline.data_identity(info, c.data.train_split)
+
+    def check(meta: dict[str, Any]) -> None:
+        # Before any restore: a different model or different data is refused by name.
+        ckpt_lib.check_config(meta, c)
+        ckpt_lib.check_data(meta, identity, accept_new_data)
+
+    restored = ckpt.restore_latest(layout.state, check=check)
+    data_changed: list[str] = []
     if restored is None:
         state = state_lib.create_state(c, layout)
         say(f"new run in {workdir}: initialised state (seed {c.seed})")
     else:
         state, meta = restored
         other = ckpt_lib.check_config(meta, c)
+        data_changed = ckpt_lib.check_data(meta, identity, accept_new_data)
         say(f"resumed from step {meta['step']} in {ckpt.directory} (written on mesh "
             f"{meta['mesh']}, {meta['process_count']} process(es))"
-            + (f"; config changes allowed: {other}" if other else ""))
+            + (f"; config changes allowed: {other}" if other else "")
+            + (f"; new data accepted: {data_changed}" if data_changed else ""))
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(c.to_json(indent=2))
@@ -130,6 +143,8 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
     start = int(jax.device_get(state["step"]))
     writer = MetricsWriter(workdir, resume_step=start)
+    if data_changed:
+        writer.write(start, {f"changed_{k}": 1.0 for k in data_changed}, prefix="data")
     total = c.train.steps
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     preempt = Preemption()
@@ -180,7 +195,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                 if save_now:
                     best = ({ckpt_lib.BEST_METRIC: float(ev["bits_per_byte"])}
                             if eval_now and keep_best > 0 else None)
-                    ckpt.save(step, state, ckpt_lib.meta_for(c, step, mesh), metrics=best,
+                    ckpt.save(step, state, ckpt_lib.meta_for(c, step, mesh, identity), metrics=best,
                               force=True)
                 summary["train"] = last
                 if stop:
