@@ -65,10 +65,13 @@ def create_cmds(a: argparse.Namespace) -> list[list[str]]:
         cmd += [f"--node-count={a.num_slices}", f"--node-prefix={a.name}"]
     if a.spot:
         cmd.append("--spot")
-    # Blocks until the slices are ACTIVE (queued resources may wait for capacity).
+    # Blocks until the slices are ACTIVE (queued resources may wait for capacity); a failed
+    # describe or a request that can no longer become ACTIVE stops the wait with an error.
     wait = _gcloud(a, "alpha", "compute", "tpus", "queued-resources", "describe", a.name,
                    "--format=value(state.state)")
-    return [cmd, ["bash", "-c", f"until [ \"$({shlex.join(wait)})\" = ACTIVE ]; do "
+    return [cmd, ["bash", "-c", f"until s=$({shlex.join(wait)}) || exit; [ \"$s\" = ACTIVE ]; "
+                                 "do case $s in FAILED|SUSPENDED|SUSPENDING|DELETING) echo "
+                                 f"\"queued resource {a.name} is $s\" >&2; exit 1;; esac; "
                                  "sleep 30; done"]]
 
 
@@ -110,7 +113,8 @@ def train_command(a: argparse.Namespace, train_args: Sequence[str], detach: bool
     train = f"{env} python3 -m gopher_jax train {shlex.join(args)}"
     if detach:
         return f"cd {REMOTE_DIR} && nohup {train} > {LOG} 2>&1 &"
-    return f"cd {REMOTE_DIR} && {train} 2>&1 | tee {LOG}"
+    # pipefail: the session's exit code is training's, not tee's.
+    return f"set -o pipefail; cd {REMOTE_DIR} && {train} 2>&1 | tee {LOG}"
 
 
 def run_cmds(a: argparse.Namespace, train_args: Sequence[str], detach: bool = True
@@ -120,9 +124,17 @@ def run_cmds(a: argparse.Namespace, train_args: Sequence[str], detach: bool = Tr
                          "experiments/gopher_44m.py --workdir gs://BUCKET/run")
     cmds = [_ssh(a, node, train_command(a, train_args, detach)) for node in slice_names(a)]
     if not detach and len(cmds) > 1:
-        # Every slice must start before any can finish: run the ssh sessions side by side.
-        return [["bash", "-c", " & ".join(shlex.join(c) for c in cmds) + " & wait"]]
+        return [side_by_side(cmds)]
     return cmds
+
+
+def side_by_side(cmds: Sequence[Sequence[str]]) -> list[str]:
+    """One bash command running `cmds` concurrently (every slice must start before any can
+    finish); it waits on each and exits with the first non-zero code, in the order given."""
+    starts = "; ".join(f"{shlex.join(c)} & p{i}=$!" for i, c in enumerate(cmds))
+    pids = " ".join(f"$p{i}" for i in range(len(cmds)))
+    return ["bash", "-c", f"{starts}; rc=0; for p in {pids}; do wait $p; r=$?; "
+                          "if [ $rc = 0 ]; then rc=$r; fi; done; exit $rc"]
 
 
 def logs_cmds(a: argparse.Namespace) -> list[list[str]]:
@@ -179,25 +191,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"tpu_vm.py: {e}", file=sys.stderr)
         return 2
+    deletes = delete_cmds(a)
     for cmd in cmds:
-        print("+ " + shlex.join(cmd), flush=True)
         if a.dry_run:
+            print("+ " + shlex.join(cmd), flush=True)
             continue
-        try:
-            rc = subprocess.call(cmd)
-        except FileNotFoundError:
-            print(f"tpu_vm.py: {cmd[0]} not found: install the Google Cloud SDK (gcloud)",
-                  file=sys.stderr)
-            return 127
-        if rc != 0 and cmd not in delete_cmds(a):
+        rc = _call(cmd)
+        if rc == 0:
+            continue
+        if cmd in deletes:
+            print(f"tpu_vm.py: deleting {a.name} failed with code {rc}: it may still be "
+                  "running (and billed); check with `gcloud alpha compute tpus queued-resources "
+                  "list`", file=sys.stderr)
+        else:
             print(f"tpu_vm.py: command failed with code {rc}", file=sys.stderr)
             if a.action == "all":  # never leave a slice running after a failure
-                for d in delete_cmds(a):
-                    print("+ " + shlex.join(d), flush=True)
-                    subprocess.call(d)
-            return rc
+                for d in deletes:
+                    if _call(d) != 0:
+                        print(f"tpu_vm.py: deleting {a.name} failed too: delete it by hand: "
+                              f"{shlex.join(d)}", file=sys.stderr)
+        return rc
     return 0
 
+
+def _call(cmd: list[str]) -> int:
+    """Prints and runs `cmd`; its exit code (127: not found, 130: interrupted)."""
+    print("+ " + shlex.join(cmd), flush=True)
+    try:
+        return subprocess.call(cmd)
+    except FileNotFoundError:
+        hint = ": install the Google Cloud SDK" if cmd[0] == "gcloud" else ""
+        print(f"tpu_vm.py: {cmd[0]} not found{hint}", file=sys.stderr)
+        return 127
+    except KeyboardInterrupt:
+        return 130
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import subprocess
 import sys
@@ -61,11 +63,128 @@ def test_two_slice_plan():
         assert any(f" ssh {node} --worker=all" in f and "pip install" in f for f in flat)
     # Both slices start training side by side, with the mesh told about the slices.
     run = cmds[-2]
-    assert run[:2] == ["bash", "-c"] and run[2].endswith("& wait")
+    assert run[:2] == ["bash", "-c"] and "wait $p" in run[2]
     assert run[2].count("gopher_jax train") == 2
     assert run[2].count("--config.mesh.num_slices=2 --config.mesh.data=2") == 2
     assert "ssh gopher-0 --worker=all" in run[2] and "ssh gopher-1 --worker=all" in run[2]
     assert cmds[-1][5] == "delete"
+
+
+# A stand-in for gcloud: it appends each call's arguments (JSON) to $FAKE_LOG, says ACTIVE (or
+# $QR_STATE) when asked for the queued resource's state, exits $DELETE_RC on delete, and runs
+# a training session's --command in a directory per node, where `python3` is a fake training
+# that exits 3 on node $FAIL_NODE.
+FAKE_GCLOUD = """#!{python}
+import json, os, pathlib, subprocess, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps(args) + "\\n")
+if "describe" in args:
+    print(os.environ.get("QR_STATE", "ACTIVE"))
+if "delete" in args:
+    sys.exit(int(os.environ.get("DELETE_RC", "0")))
+command = next((a[len("--command="):] for a in args if a.startswith("--command=")), "")
+if "gopher_jax train" in command:
+    node = args[args.index("ssh") + 1]
+    home = pathlib.Path(os.environ["FAKE_HOME"]) / node
+    (home / "gopher_jax").mkdir(parents=True, exist_ok=True)
+    command = command.replace("{log}", str(home / "train.log"))
+    env = {{**os.environ, "FAKE_NODE": node,
+           "PATH": os.environ["FAKE_REMOTE_BIN"] + os.pathsep + os.environ["PATH"]}}
+    sys.exit(subprocess.call(["bash", "-c", command], cwd=home, env=env))
+"""
+FAKE_TRAIN = """#!/bin/bash
+echo "training on $FAKE_NODE"
+if [ "$FAKE_NODE" = "$FAIL_NODE" ]; then echo "training failed" >&2; exit 3; fi
+"""
+
+
+def run_with_fake_gcloud(tmp_path, *args: str, **env: str
+                         ) -> tuple[subprocess.CompletedProcess, list[tuple[str, ...]]]:
+    """Runs `python -m launch.tpu_vm ARGS` for real against fake gcloud and git; returns the
+    result and the calls, each as (what, node or resource)."""
+    bin_dir, remote_bin = tmp_path / "bin", tmp_path / "remote_bin"
+    bin_dir.mkdir()
+    remote_bin.mkdir()
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD.format(python=sys.executable, log=tpu_vm.LOG))
+    (bin_dir / "git").write_text('#!/bin/bash\necho "[\\"git\\"]" >> "$FAKE_LOG"\n')
+    (remote_bin / "python3").write_text(FAKE_TRAIN)
+    for f in [*bin_dir.iterdir(), *remote_bin.iterdir()]:
+        f.chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    full_env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                "FAKE_LOG": str(log), "FAKE_HOME": str(tmp_path / "workers"),
+                "FAKE_REMOTE_BIN": str(remote_bin), **env}
+    r = subprocess.run([sys.executable, "-m", "launch.tpu_vm", *args], cwd=ROOT, env=full_env,
+                       capture_output=True, text=True, timeout=60)
+    return r, [_call_kind(json.loads(x)) for x in log.read_text().splitlines()]
+
+
+def _call_kind(argv: list[str]) -> tuple[str, ...]:
+    if argv == ["git"]:
+        return ("archive",)
+    if "queued-resources" in argv:
+        verb = argv[argv.index("queued-resources") + 1]
+        return (verb, argv[argv.index(verb) + 1])
+    command = next((a for a in argv if a.startswith("--command=")), "")
+    if "ssh" in argv:
+        node = argv[argv.index("ssh") + 1]
+        return ("train" if "gopher_jax train" in command else "install", node)
+    return ("scp", next(a.split(":")[0] for a in argv if ":/tmp/" in a))
+
+
+SETUP_ONE = [("create", "gopher"), ("describe", "gopher"), ("archive",), ("scp", "gopher"),
+             ("install", "gopher")]
+
+
+def test_all_single_slice_training_failure_exits_with_its_code_and_deletes(tmp_path):
+    """Catches a training session that exits 0 when training fails (`train | tee` without
+    pipefail) and an `all` that then skips deleting the slice."""
+    r, calls = run_with_fake_gcloud(tmp_path, "all", *COMMON, *TRAIN, FAIL_NODE="gopher")
+    assert r.returncode == 3, r.stderr
+    assert calls == [*SETUP_ONE, ("train", "gopher"), ("delete", "gopher")]
+    assert "training on gopher" in r.stdout and "command failed with code 3" in r.stderr
+    assert "training on gopher" in (tmp_path / "workers/gopher/train.log").read_text()
+
+
+def test_all_multislice_second_slice_failure_deletes_every_slice(tmp_path):
+    """Catches `ssh slice0 & ssh slice1 & wait`, whose bare `wait` exits 0 whatever the
+    slices' training returned, so the failed slice's code is lost and nothing is deleted."""
+    r, calls = run_with_fake_gcloud(tmp_path, "all", *COMMON, "--num_slices", "2", *TRAIN,
+                                    FAIL_NODE="gopher-1")
+    assert r.returncode == 3, r.stderr
+    setup = [("create", "gopher"), ("describe", "gopher"), ("archive",)]
+    for node in ("gopher-0", "gopher-1"):
+        setup += [("scp", node), ("install", node)]
+    assert calls[:len(setup)] == setup
+    # The two training sessions run side by side, in either order.
+    assert sorted(calls[len(setup):-1]) == [("train", "gopher-0"), ("train", "gopher-1")]
+    # One queued resource holds both slices: deleting it (--force) deletes every node.
+    assert calls[-1] == ("delete", "gopher")
+    assert "training on gopher-0" in r.stdout and "training on gopher-1" in r.stdout
+
+
+def test_all_succeeds_then_deletes(tmp_path):
+    """Catches a plan that leaves the slice running after a successful run."""
+    r, calls = run_with_fake_gcloud(tmp_path, "all", *COMMON, *TRAIN)
+    assert r.returncode == 0, r.stderr
+    assert calls == [*SETUP_ONE, ("train", "gopher"), ("delete", "gopher")]
+
+
+def test_failed_queued_resource_stops_the_wait_and_deletes(tmp_path):
+    """Catches a wait for ACTIVE that loops forever on a queued resource that FAILED."""
+    r, calls = run_with_fake_gcloud(tmp_path, "all", *COMMON, *TRAIN, QR_STATE="FAILED")
+    assert r.returncode == 1, r.stderr
+    assert "queued resource gopher is FAILED" in r.stderr
+    assert calls == [("create", "gopher"), ("describe", "gopher"), ("delete", "gopher")]
+
+
+def test_failed_delete_is_reported(tmp_path):
+    """Catches a launcher that ignores the delete command's exit code, which reported success
+    while the slice kept running."""
+    r, _ = run_with_fake_gcloud(tmp_path, "delete", *COMMON, DELETE_RC="5")
+    assert r.returncode == 5
+    assert "deleting gopher failed with code 5" in r.stderr
 
 
 def test_detached_run_and_logs():
