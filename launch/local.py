@@ -8,6 +8,8 @@ GOPHER_COORDINATOR / GOPHER_NUM_PROCESSES / GOPHER_PROCESS_ID, which
 gopher_jax.parallel.distributed.initialize_from_env reads (CPU collectives use gloo). Output
 lines are streamed with a "[pI] " prefix. When one process fails, the others are terminated
 (then killed after `grace_s`) and the launcher exits with the first failing return code.
+SIGTERM to the launcher is passed on to every process (killed after `grace_s` if still
+running); it then exits 0 if they all exited 0, else with the first failing code.
 """
 
 from __future__ import annotations
@@ -118,8 +120,15 @@ def launch(
 
     rc = 0
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    terminated = threading.Event()
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+        old_handler = signal.signal(signal.SIGTERM, lambda *_: terminated.set())
     try:
         while True:
+            if terminated.is_set():
+                note("got SIGTERM; stopping all processes")
+                break
             codes = {i: p.poll() for i, p in procs.items()}
             failed = [i for i, c in codes.items() if c not in (None, 0)]
             if failed:
@@ -137,6 +146,11 @@ def launch(
         rc = 130
         note("interrupted; stopping all processes")
     _stop(procs.values(), grace_s)
+    if old_handler is not None:
+        signal.signal(signal.SIGTERM, old_handler)
+    if terminated.is_set():
+        # Preempted: 0 when every process saved and exited cleanly, else the first failure.
+        rc = next((p.returncode for p in procs.values() if p.returncode != 0), 0)
     for t in pumps:
         t.join(timeout=5)
     # Negative codes (killed by a signal) become 128+N, as shells report them.

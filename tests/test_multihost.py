@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
+import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -102,6 +105,83 @@ def test_dying_process_stops_the_others():
     assert "[p1] [process 1/2] uncaught RuntimeError: simulated failure" in out
     assert "[p0] [process 0/2] a warning" in out and "[p1] [process 1/2] a warning" in out
     assert "[p0] unreachable" not in out
+
+
+# Process 0 defers SIGTERM for ever; process 1 exits 1 after a moment (or, with STAY, waits
+# and exits 0 on SIGTERM).
+STUBBORN = """
+import os, signal, sys, time
+if os.environ["GOPHER_PROCESS_ID"] == "0":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+elif os.environ.get("STAY"):
+    signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), sys.exit(0)))
+else:
+    print("pid", os.getpid(), flush=True)
+    time.sleep(2)
+    sys.exit(1)
+print("pid", os.getpid(), flush=True)
+time.sleep(600)
+"""
+GRACE_S = 3
+
+
+def _run_stubborn(sigterm_launcher: bool) -> tuple[int, str, float, list[int]]:
+    """launch/local.py running STUBBORN as 2 processes, with SIGTERM sent to the launcher once
+    both are up, or not. Returns its code, output, seconds from then to its exit, and the
+    processes' pids (killed here if still running)."""
+    launcher = subprocess.Popen(
+        [PY, "-m", "launch.local", "--num_processes", "2", "--devices_per_process", "1",
+         "--grace_s", str(GRACE_S), "--", PY, "-c", STUBBORN],
+        cwd=ROOT, env={**os.environ, **({"STAY": "1"} if sigterm_launcher else {})},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids: list[int] = []
+    head = ""
+    try:
+        for line in launcher.stdout:
+            head += line
+            if " pid " in line:
+                pids.append(int(line.split()[-1]))
+            if len(pids) == 2:
+                break
+        t0 = time.monotonic()
+        if sigterm_launcher:
+            launcher.send_signal(signal.SIGTERM)
+        out = head + launcher.communicate(timeout=GRACE_S + 15)[0]
+        return launcher.returncode, out, time.monotonic() - t0, pids
+    finally:
+        launcher.kill()
+        for pid in pids:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_process_deferring_sigterm_is_killed_after_grace():
+    """Catches a stop that only sends SIGTERM (the launcher then waits for ever on a process
+    that ignores it) or that kills without the grace period."""
+    rc, out, elapsed, pids = _run_stubborn(sigterm_launcher=False)
+    assert rc == 1, out
+    assert "[launch] process 1 exited with code 1; stopping the others" in out
+    assert GRACE_S <= elapsed <= GRACE_S + 10, elapsed
+    assert all(_gone(p) for p in pids)
+
+
+def test_sigterm_to_launcher_reaches_every_process():
+    """Catches a launcher that dies on SIGTERM and leaves its processes running (each is in
+    its own session, so nothing else stops them)."""
+    rc, out, elapsed, pids = _run_stubborn(sigterm_launcher=True)
+    assert all(_gone(p) for p in pids)
+    assert "[launch] got SIGTERM; stopping all processes" in out
+    assert "[p1] got SIGTERM" in out
+    assert rc == 128 + signal.SIGKILL, out  # process 0 had to be killed
+    assert GRACE_S <= elapsed <= GRACE_S + 10, elapsed
 
 
 INIT_ONLY = "from gopher_jax.parallel import distributed; distributed.initialize_from_env()"
