@@ -123,3 +123,81 @@ def test_corpora_with_equal_names_sizes_and_mtimes_get_separate_prepared_data(tm
     sizes = [sorted(f.stat().st_size for f in (tmp_path / d).iterdir()) for d in "ab"]
     assert sizes[0] == sizes[1], "the two corpora must look alike but for their content"
     assert a["chunks_dir"] != b["chunks_dir"] and a["tokenizer"] != b["tokenizer"]
+
+
+# One writer per workdir
+
+
+def _train_cmd(workdir: pathlib.Path, data_dir: str, steps: int) -> list[str]:
+    from helpers import cli_command
+
+    return cli_command("train", "--config", ROOT / "experiments" / "tiny.py",
+                       "--workdir", workdir, f"--config.data.data_dir={data_dir}",
+                       f"--config.train.steps={steps}", "--config.train.eval_every=0",
+                       "--config.train.checkpoint_every=10", "--config.train.log_every=1")
+
+
+def test_second_train_on_a_live_workdir_is_refused_naming_the_holder(data_dir, tmp_path):
+    import time
+
+    workdir = tmp_path / "run"
+    first = subprocess.Popen(_train_cmd(workdir, data_dir, 400), cwd=ROOT, env=cpu_env(1),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.time() + 300
+        while not (workdir / "LOCK").exists() and first.poll() is None:
+            assert time.time() < deadline, "the first run never took the lock"
+            time.sleep(0.2)
+        second = run_cli(*_train_cmd(workdir, data_dir, 400)[3:], env=cpu_env(1))
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert second.returncode == 1 and len(errors) == 1, second.stderr[-3000:]
+        assert f"pid {first.pid}" in errors[0] and "in use by another run" in errors[0]
+        assert first.poll() is None, "the first run must go on"
+        lines = []
+        for line in first.stdout:  # SIGTERM once it trains, so that it saves and exits 0
+            lines.append(line)
+            if line.startswith("step "):
+                break
+    finally:
+        first.terminate()
+        out = "".join(lines) + first.communicate(timeout=300)[0]
+    assert first.returncode == 0, out[-3000:]
+    assert not (workdir / "LOCK").exists(), "the lock is released at the end of a run"
+
+
+def test_lock_of_a_killed_run_is_taken_over(data_dir, tmp_path):
+    import signal
+    import time
+
+    workdir = tmp_path / "run"
+    first = subprocess.Popen(_train_cmd(workdir, data_dir, 400), cwd=ROOT, env=cpu_env(1),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (workdir / "LOCK").exists():
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert (workdir / "LOCK").exists(), "a SIGKILLed run cannot release its lock"
+    p = run_cli(*_train_cmd(workdir, data_dir, 12)[3:], env=cpu_env(1))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "taking over the lock" in p.stderr
+
+
+def test_stale_lease_from_another_host_is_taken_over_and_a_live_one_is_not(tmp_path):
+    import json
+    import time
+
+    from gopher_jax.checkpoint.lock import WorkdirLock, WorkdirLockedError
+
+    lock_file = tmp_path / "LOCK"
+    other = {"host": "elsewhere", "pid": 1, "start": time.time() - 100, "token": "x"}
+    lock_file.write_text(json.dumps({**other, "renewed": time.time() - 5}))
+    with pytest.raises(WorkdirLockedError, match="host elsewhere, pid 1"):
+        WorkdirLock(tmp_path, lease_s=60).acquire()
+    lock_file.write_text(json.dumps({**other, "renewed": time.time() - 61}))
+    lock = WorkdirLock(tmp_path, lease_s=60).acquire()
+    assert json.loads(lock_file.read_text())["token"] == lock.me.token
+    lock.release()
+    assert not lock_file.exists()

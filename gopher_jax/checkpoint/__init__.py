@@ -13,6 +13,7 @@ The package:
   manager.py  the Checkpointer (Orbax manager: save, keep-best, restore the newest readable
               step, set broken ones aside) and the metadata written with each step
   listing.py  `checkpoint info`: one row per step directory of a workdir
+  lock.py     one writer per workdir: a renewed lease in <workdir>/LOCK
 
 The names below are re-exported for callers (`from gopher_jax import checkpoint as ckpt_lib`).
 """
@@ -27,10 +28,12 @@ from gopher_jax.checkpoint.compat import (
 )
 from gopher_jax.checkpoint.errors import CheckpointError
 from gopher_jax.checkpoint.listing import format_info, info
+from gopher_jax.checkpoint.lock import WorkdirLock, WorkdirLockedError
 from gopher_jax.checkpoint.manager import (
     BEST_METRIC,
     CORRUPT_DIR,
     Checkpointer,
+    all_processes,
     meta_for,
     read_meta,
 )
@@ -38,5 +41,6 @@ from gopher_jax.checkpoint.manager import (
 __all__ = [
     "BEST_METRIC", "CORRUPT_DIR", "SHAPE_KEYS", "CheckpointError", "Checkpointer",
     "ConfigMismatchError", "DataChangedError", "check_config", "check_data", "config_diff",
-    "format_info", "info", "meta_for", "read_meta",
+    "WorkdirLock", "WorkdirLockedError", "all_processes", "format_info", "info", "meta_for",
+    "read_meta",
 ]

@@ -152,7 +152,7 @@ class Checkpointer:
                     err = None
                 except Exception as e:  # noqa: BLE001 - any failure means "this one is bad"
                     err = e
-            if _all_processes(err is None):
+            if all_processes(err is None):
                 if bad:
                     self._set_aside(bad)
                 return state, meta
@@ -193,7 +193,7 @@ class Checkpointer:
             self.manager.close()
 
 
-def _all_processes(ok: bool) -> bool:
+def all_processes(ok: bool) -> bool:
     """Whether every process got `ok` (they must agree on which checkpoint they resume)."""
     if jax.process_count() == 1:
         return ok

@@ -86,18 +86,39 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     """Trains to c.train.steps, resuming from the newest checkpoint in workdir. Returns a
     summary with the final metrics.
 
-    A resume onto data whose fingerprints (tokenizer, training chunks) differ from the
-    checkpoint's is refused unless `accept_new_data`; then the change is recorded in the
-    metrics and the checkpoints record the new fingerprints.
+    The workdir is locked for the run (process 0 holds the lease): a second run on it is
+    refused, naming the holder. A resume onto data whose fingerprints (tokenizer, training
+    chunks) differ from the checkpoint's is refused unless `accept_new_data`; then the change
+    is recorded in the metrics and the checkpoints record the new fingerprints.
     """
     from gopher_jax.parallel import distributed
 
-    reporter = reporter or Reporter()
-    say = reporter.message
-
     distributed.initialize_from_env()
-    workdir = pathlib.Path(workdir)
-    mesh = mesh_lib.make_mesh(c)  # validates the config first
+    mesh = mesh_lib.make_mesh(c)  # validates the config first: a mistake touches nothing
+    lock = ckpt_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    error: Exception | None = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except ckpt_lib.WorkdirLockedError as e:
+            error = e
+    if not ckpt_lib.all_processes(error is None):
+        raise error or ckpt_lib.WorkdirLockedError(
+            f"process 0 could not lock workdir {workdir}", "see process 0's error")
+    try:
+        return _train(c, mesh, pathlib.Path(workdir), reporter or Reporter(), accept_new_data,
+                      lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: pathlib.Path,
+           reporter: Reporter, accept_new_data: bool, lock: ckpt_lib.WorkdirLock | None
+           ) -> dict[str, Any]:
+    from gopher_jax.parallel import distributed
+
+    say = reporter.message
     say(f"mesh {dict(mesh.shape)} rules={c.mesh.rules} devices={jax.device_count()} "
         f"processes={jax.process_count()}")
 
@@ -164,6 +185,10 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                 pending.append((step, m))
                 step += 1
                 ckpt.check()  # a background save that failed stops the run at the next step
+                if lock is not None and lock.lost:
+                    raise ckpt_lib.WorkdirLockedError(
+                        f"another run took the lock of {workdir} at step {step}",
+                        "make sure one run trains in a workdir")
                 log_now = step % c.train.log_every == 0 or step == total
                 eval_now = c.train.eval_every > 0 and (step % c.train.eval_every == 0
                                                        or step == total)
