@@ -6,8 +6,9 @@
 Each process gets JAX_PLATFORMS=cpu, XLA_FLAGS=--xla_force_host_platform_device_count=M and
 GOPHER_COORDINATOR / GOPHER_NUM_PROCESSES / GOPHER_PROCESS_ID, which
 gopher_jax.parallel.distributed.initialize_from_env reads (CPU collectives use gloo). Output
-lines are streamed with a "[pI] " prefix. When one process fails, the others are terminated
-(then killed after `grace_s`) and the launcher exits with the first failing return code.
+lines are streamed with a "[pI] " prefix, after a "[launch] pids: p0=PID ..." line. When
+one process fails, the others are terminated (then killed after `grace_s`) and the launcher
+exits with the first failing return code.
 SIGTERM to the launcher is passed on to every process (killed after `grace_s` if still
 running); it then exits 0 if they all exited 0, else with the first failing code.
 """
@@ -118,6 +119,7 @@ def launch(
             if capture is not None:
                 capture.append(f"[launch] {msg}\n")
 
+    note("pids: " + " ".join(f"p{i}={p.pid}" for i, p in procs.items()))
     rc = 0
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     terminated = threading.Event()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -228,3 +229,55 @@ def test_two_processes_train_like_one(tmp_path_factory):
     assert len(one) == len(two) == 20
     assert one[-1] < one[0] - 0.5  # it learns
     np.testing.assert_allclose(two, one, rtol=2e-4, atol=2e-4)
+
+
+def _tiny_2x4(workdir: pathlib.Path, data_dir: str, steps: int) -> list[str]:
+    return cli_command("train", "--config", ROOT / "experiments/tiny.py", "--workdir", workdir,
+                       f"--config.data.data_dir={data_dir}", f"--config.train.steps={steps}",
+                       "--config.train.log_every=1", "--config.train.eval_every=0",
+                       "--config.train.checkpoint_every=5")
+
+
+def _train_rows(workdir: pathlib.Path) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(data_dir, tmp_path):
+    """Catches a stop decided by each process alone (no agreement at the sync step): the
+    process that got SIGTERM saves and leaves while the other trains on, so the run hangs or
+    fails instead of both saving one step, and the resume does not match an unbroken run."""
+    steps = 60
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    rc, out = run_launch(_tiny_2x4(ref, data_dir, steps), num_processes=2,
+                         devices_per_process=4, timeout_s=HANG_S - 10)
+    assert rc == 0, out[-3000:]
+
+    lines: list[str] = []
+    result: dict[str, int] = {}
+    t = threading.Thread(target=lambda: result.update(rc=local.launch(
+        _tiny_2x4(run, data_dir, steps), num_processes=2, devices_per_process=4,
+        timeout_s=HANG_S - 10, out=io.StringIO(), capture=lines)), daemon=True)
+    t.start()
+    while not (run / "checkpoints" / "5").is_dir() and t.is_alive():
+        time.sleep(0.02)
+    pid1 = int(next(x for x in lines if x.startswith("[launch] pids:")).split("p1=")[1])
+    os.kill(pid1, signal.SIGTERM)  # process 1 only
+    t.join(HANG_S)
+    out = "".join(lines)
+    assert not t.is_alive() and result["rc"] == 0, out[-3000:]
+    saved = [int(x.split("saved step ")[1].split(";")[0]) for x in lines
+             if "saved step" in x and "exiting to be resumed" in x]
+    assert len(saved) == 1 and saved[0] < steps, out[-3000:]  # process 0 reports it
+    # Both processes stopped at that step: it is the newest complete checkpoint.
+    complete = [int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit()]
+    assert max(complete) == saved[0]
+    assert _train_rows(run)[-1][0] == saved[0]
+
+    rc, out = run_launch(_tiny_2x4(run, data_dir, steps), num_processes=2,
+                         devices_per_process=4, timeout_s=HANG_S - 10)
+    assert rc == 0, out[-3000:]
+    resumed, reference = _train_rows(run), _train_rows(ref)
+    assert [s for s, _ in resumed] == list(range(1, steps + 1))  # each step exactly once
+    assert resumed == reference  # bit for bit
