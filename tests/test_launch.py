@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shlex
 import subprocess
 import sys
@@ -240,8 +241,59 @@ def test_gke_bad_input():
         gke.fill("g", "v9", "4x4", 1, "i", "c", "w")
 
 
+SBATCH = ROOT / "launch/slurm/train.sbatch"
+
+
+def sbatch_directives(text: str) -> list[str]:
+    """The #SBATCH options sbatch reads: those before the first command line."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("#SBATCH"):
+            out.append(line.split(None, 1)[1])
+        elif line.strip() and not line.startswith("#"):
+            break
+    return out
+
+
 def test_slurm_script():
-    text = (ROOT / "launch/slurm/train.sbatch").read_text()
-    assert subprocess.run(["bash", "-n", str(ROOT / "launch/slurm/train.sbatch")]).returncode == 0
+    text = SBATCH.read_text()
+    assert subprocess.run(["bash", "-n", str(SBATCH)]).returncode == 0
     assert "srun" in text and "python -m gopher_jax train" in text
-    assert "#SBATCH --ntasks-per-node=8" in text  # one process per GPU by default
+    assert "--ntasks-per-node=8" in sbatch_directives(text)  # one process per GPU by default
+
+
+def test_slurm_sigterm_reaches_training_before_the_time_limit():
+    """A static check of the preemption path. Catches `--signal=B:TERM@300` (only the batch
+    shell is signalled, and it does not pass it on) and #SBATCH lines after a command (sbatch
+    ignores them)."""
+    opts = sbatch_directives(SBATCH.read_text())
+    # Without `B:` SLURM signals every job step, i.e. the tasks srun runs, 300 s early.
+    assert "--signal=TERM@300" in opts
+    assert any(o.startswith("--time=") for o in opts)
+
+
+def test_slurm_training_runs_under_srun(tmp_path):
+    """Runs the batch script with a fake srun (and a python that must not be called outside
+    it). Catches training started by the batch shell itself, which the job-step signal never
+    reaches, or under a wrapper shell."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.jsonl"
+    record = (f"#!{sys.executable}\nimport json, sys\n"
+              f"open({str(log)!r}, 'a').write(json.dumps(sys.argv) + '\\n')\n")
+    for name in ("srun", "python"):
+        (bin_dir / name).write_text(record)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(SBATCH), "experiments/gopher_1_4b.py", "/shared/runs/1b",
+                        "--config.train.steps=10"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(calls) == 1 and pathlib.Path(calls[0][0]).name == "srun", calls
+    cmd = calls[0][1:]
+    start = cmd.index("python")  # srun runs training directly: no shell in between
+    assert all(a.startswith("-") for a in cmd[:start])
+    assert cmd[start:] == ["python", "-m", "gopher_jax", "train", "--config",
+                           "experiments/gopher_1_4b.py", "--workdir", "/shared/runs/1b",
+                           "--config.train.steps=10"]
