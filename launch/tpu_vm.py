@@ -9,7 +9,8 @@ code, run on every worker, tail the logs, delete.
     python -m launch.tpu_vm logs   --name gopher ...   # tail -f process 0's log
     python -m launch.tpu_vm delete --name gopher ...
     python -m launch.tpu_vm all    --name gopher ... -- --config ...
-        # create, setup, run in the foreground (output streams back), delete
+        # create, setup, run in the foreground (output streams back), delete; when a step
+        # fails: delete, and exit with its code (training's own code, via pipefail)
 
 Every command it runs is printed first; --dry-run prints them and runs nothing. Each worker
 runs `python -m gopher_jax train` with GOPHER_DISTRIBUTED=auto: jax.distributed.initialize()

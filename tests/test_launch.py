@@ -234,6 +234,32 @@ def test_launchers_read_the_tpu_table():
     assert hardware.hbm_bytes("cpu") is None
 
 
+def test_gke_bucket_mount():
+    """Catches a manifest whose --data_dir under /mnt/BUCKET names nothing in the pod (no
+    volume), or a mount the CSI driver refuses for a host-network pod."""
+    yaml = pytest.importorskip("yaml")
+    args = ("g", "v5p", "2x2x1", 1, "img:1", "experiments/tiny.py", "gs://b/runs/x")
+
+    def pod(**kw):
+        return yaml.safe_load(gke.fill(*args, **kw))["spec"]["replicatedJobs"][0][
+            "template"]["spec"]["template"]
+
+    plain = pod(data_dir="/data")
+    assert "volumes" not in plain["spec"] and "metadata" not in plain
+    mounted = pod(data_dir="/mnt/b/data", bucket="b")
+    assert mounted["metadata"]["annotations"]["gke-gcsfuse/volumes"] == "true"
+    (container,) = mounted["spec"]["containers"]
+    assert container["volumeMounts"] == [{"name": "bucket", "mountPath": "/mnt/b"}]
+    assert {"name": "GOPHER_JAX_DATA", "value": "/mnt/b/data"} in container["env"]
+    (volume,) = mounted["spec"]["volumes"]
+    assert volume["csi"]["driver"] == "gcsfuse.csi.storage.gke.io"
+    assert volume["csi"]["volumeAttributes"]["bucketName"] == "b"
+    assert mounted["spec"]["hostNetwork"] is True
+    assert volume["csi"]["volumeAttributes"]["hostNetworkPodKSA"] == "true"
+    with pytest.raises(ValueError, match="bare bucket name"):
+        gke.fill(*args, bucket="gs://b")
+
+
 def test_gke_bad_input():
     with pytest.raises(ValueError, match="3 dimensions"):
         gke.fill("g", "v5p", "4x4", 1, "i", "c", "w")

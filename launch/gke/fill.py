@@ -3,7 +3,7 @@
     python -m launch.gke.fill --name gopher-7b --accelerator v5p --topology 4x4x8 \
         --num_slices 2 --image REGION-docker.pkg.dev/PROJECT/REPO/gopher_jax:TAG \
         --config experiments/gopher_7_1b.py --workdir gs://BUCKET/runs/7b \
-        --data_dir gs://BUCKET/data > jobset.yaml
+        --bucket BUCKET --data_dir /mnt/BUCKET/data > jobset.yaml
     kubectl apply -f jobset.yaml
 """
 
@@ -25,10 +25,32 @@ GKE: dict[str, TpuGeneration] = {name: g for name, g in TPU_GENERATIONS.items()
                                  if g.gke_accelerator}
 
 
+POD_METADATA = """\
+            metadata:
+              annotations:
+                gke-gcsfuse/volumes: "true"
+"""
+BUCKET_VOLUME = """\
+                  volumeMounts:
+                    - name: bucket
+                      mountPath: /mnt/{bucket}
+              volumes:
+                - name: bucket
+                  csi:
+                    driver: gcsfuse.csi.storage.gke.io
+                    volumeAttributes:
+                      bucketName: {bucket}
+                      mountOptions: implicit-dirs
+                      hostNetworkPodKSA: "true"
+"""
+
+
 def fill(name: str, accelerator: str, topology: str, num_slices: int, image: str, config: str,
          workdir: str, data_dir: str = "", extra_args: Sequence[str] = (),
-         max_restarts: int = 0) -> str:
+         max_restarts: int = 0, bucket: str = "") -> str:
     """The manifest text. Raises ValueError naming the bad argument."""
+    if bucket.startswith("gs://") or "/" in bucket:
+        raise ValueError(f"--bucket={bucket!r}: give the bare bucket name, e.g. my-bucket")
     if accelerator not in GKE:
         raise ValueError(f"--accelerator={accelerator!r}: GKE TPU node pools here are "
                          f"{sorted(GKE)}")
@@ -53,7 +75,8 @@ def fill(name: str, accelerator: str, topology: str, num_slices: int, image: str
         CHIPS_PER_HOST=per_host, GKE_ACCELERATOR=label, TOPOLOGY=topology, IMAGE=image,
         CONFIG=config, WORKDIR=workdir, DATA_DIR=data_dir,
         EXTRA_ARGS=" ".join([*extra_args, *slice_flags(num_slices, extra_args)]),
-        MAX_RESTARTS=max_restarts)
+        MAX_RESTARTS=max_restarts, POD_METADATA=POD_METADATA if bucket else "",
+        BUCKET_VOLUME=BUCKET_VOLUME.format(bucket=bucket) if bucket else "")
     return string.Template(TEMPLATE.read_text()).substitute(values)
 
 
@@ -69,11 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--data_dir", default="")
     ap.add_argument("--max_restarts", type=int, default=0)
+    ap.add_argument("--bucket", default="",
+                    help="mount this Cloud Storage bucket at /mnt/BUCKET (gcsfuse CSI driver)")
     ap.add_argument("extra", nargs="*", help="more flags for train, after --")
     a = ap.parse_args(argv)
     try:
         print(fill(a.name, a.accelerator, a.topology, a.num_slices, a.image, a.config,
-                   a.workdir, a.data_dir, a.extra, a.max_restarts), end="")
+                   a.workdir, a.data_dir, a.extra, a.max_restarts, a.bucket), end="")
     except ValueError as e:
         print(f"fill.py: {e}", file=sys.stderr)
         return 2
