@@ -329,6 +329,11 @@ def check(c: ml_collections.ConfigDict) -> None:
     if 0 < m.loss_chunk < c.data.seq_len and c.data.seq_len % m.loss_chunk:
         raise ConfigError(f"model.loss_chunk = {m.loss_chunk} must divide data.seq_len = "
                           f"{c.data.seq_len}", "or be 0 or >= seq_len: one chunk")
+    from gopher_jax import storage
+
+    storage.check(c.data.data_dir, "data.data_dir", remote_ok=False)
+    if c.data.tokenizer_path:
+        storage.check(c.data.tokenizer_path, "data.tokenizer_path", remote_ok=False)
     if c.data.dataset == "text_files" and not c.data.text_files:
         raise ConfigError("data.dataset='text_files' needs data.text_files",
                           "set --config.data.text_files='/path/*.txt'")

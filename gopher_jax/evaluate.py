@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
+import os
 from typing import Any
 
 import jax
@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from gopher_jax import checkpoint as ckpt_lib
+from gopher_jax import storage
 from gopher_jax.data import pipeline
 from gopher_jax.layout import Layout
 from gopher_jax.parallel import distributed
@@ -44,9 +45,9 @@ def evaluate_split(c: ml_collections.ConfigDict, layout: Layout | jax.sharding.M
             "tokens": tokens, "bytes": nbytes}
 
 
-def restore_params(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def restore_params(c: ml_collections.ConfigDict, workdir: str | os.PathLike,
                    layout: Layout | jax.sharding.Mesh) -> tuple[Any, int]:
-    directory = pathlib.Path(workdir) / "checkpoints"
+    directory = storage.path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise ckpt_lib.CheckpointError(
             f"no checkpoints in {workdir}", f"train first with `python -m gopher_jax train "
@@ -81,7 +82,7 @@ def unigram_bits_per_byte(c: ml_collections.ConfigDict, split: str) -> float:
     return nll / math.log(2) / nbytes
 
 
-def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Bits per byte of the workdir's newest checkpoint on the eval and test splits, each with
     its unigram baseline; written to <workdir>/eval.json (process 0) and returned."""
     distributed.initialize_from_env()
@@ -98,5 +99,5 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
         r["unigram_bits_per_byte"] = unigram_bits_per_byte(c, split)
         results["splits"][split] = r
     if jax.process_index() == 0:
-        (pathlib.Path(workdir) / "eval.json").write_text(json.dumps(results, indent=2))
+        (storage.path(workdir) / "eval.json").write_text(json.dumps(results, indent=2))
     return results

@@ -6,11 +6,13 @@ Only process 0 writes; the other processes get a writer that drops everything.
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 import time
 from typing import Any
 
 import jax
+
+from gopher_jax import storage
 
 
 class MetricsWriter:
@@ -21,10 +23,10 @@ class MetricsWriter:
     from the step after it, so the resumed run's rows are the only ones for those steps.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, enabled: bool | None = None,
+    def __init__(self, workdir: str | os.PathLike, enabled: bool | None = None,
                  resume_step: int = 0):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.path = storage.path(workdir) / "metrics.jsonl"
         self._tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,7 +35,7 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             purge = {"purge_step": resume_step + 1} if resume_step > 0 else {}
-            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"), **purge)
+            self._tb = SummaryWriter(str(storage.path(workdir) / "tb"), **purge)
 
     def _truncate_after(self, step: int) -> None:
         lines = self.path.read_text().splitlines()
@@ -49,8 +51,7 @@ class MetricsWriter:
         row = {"step": step, "split": prefix, "time": time.time()}
         scalars = {k: float(v) for k, v in scalars.items() if v is not None}
         row.update(scalars)
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        storage.append_text(self.path, json.dumps(row) + "\n")
         for k, v in scalars.items():
             self._tb.add_scalar(f"{prefix}/{k}", v, step)
 
@@ -59,6 +60,6 @@ class MetricsWriter:
             self._tb.close()
 
 
-def read_jsonl(path: str | pathlib.Path, split: str = "train") -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+def read_jsonl(path: str | os.PathLike, split: str = "train") -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in storage.path(path).read_text().splitlines() if line]
     return [r for r in rows if r["split"] == split]

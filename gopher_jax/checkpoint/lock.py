@@ -24,6 +24,7 @@ from typing import Any
 
 from etils import epath
 
+from gopher_jax import storage
 from gopher_jax.checkpoint.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -59,23 +60,6 @@ def _read(path: epath.Path) -> Holder | None:
         return None  # a torn or foreign file: no live holder can be named from it
 
 
-def _create_exclusive(path: epath.Path, text: str) -> bool:
-    """Writes `text` to `path` if no file is there; False if one is (atomic on local file
-    systems through O_EXCL)."""
-    if not str(path).startswith("gs://"):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        return True
-    if path.exists():
-        return False
-    path.write_text(text)
-    return True
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -90,7 +74,7 @@ class WorkdirLock:
     """Held from `acquire()` to `release()`; also a context manager."""
 
     def __init__(self, workdir: str | os.PathLike, lease_s: float = LEASE_S):
-        self.workdir = epath.Path(workdir)
+        self.workdir = storage.path(workdir)
         self.path = self.workdir / LOCK_NAME
         self.lease_s = lease_s
         self.me = Holder(host=socket.gethostname(), pid=os.getpid(), start=time.time(),
@@ -105,9 +89,9 @@ class WorkdirLock:
         return now - other.renewed > self.lease_s
 
     def acquire(self) -> WorkdirLock:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)  # a no-op on Cloud Storage
         for _ in range(3):
-            if _create_exclusive(self.path, self._text()):
+            if storage.create_exclusive(self.path, self._text()):
                 break
             other = _read(self.path)
             now = time.time()

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
-import shutil
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +19,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gopher_jax import storage
 from gopher_jax.checkpoint.errors import CheckpointError
 from gopher_jax.train.state import State
 
@@ -36,9 +36,9 @@ class Checkpointer:
     lowest validation bits per byte (saves given `metrics={BEST_METRIC: ...}`).
     """
 
-    def __init__(self, workdir: str | pathlib.Path, keep: int = 3, keep_best: int = 0,
+    def __init__(self, workdir: str | os.PathLike, keep: int = 3, keep_best: int = 0,
                  async_save: bool = True, read_only: bool = False):
-        self.workdir = pathlib.Path(workdir).absolute()
+        self.workdir = storage.path(workdir)
         self.directory = self.workdir / "checkpoints"
         cm = ocp.checkpoint_managers
         self.keep_best = keep_best
@@ -97,7 +97,7 @@ class Checkpointer:
         so the newest complete checkpoint stays the one a restart resumes from."""
         if jax.process_index() == 0:
             for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.rmtree(missing_ok=True)
         cause = error
         while cause.__cause__ is not None or cause.__context__ is not None:
             if isinstance(cause, OSError):
@@ -233,5 +233,5 @@ def meta_for(c: ml_collections.ConfigDict, step: int, mesh: jax.sharding.Mesh,
     }
 
 
-def read_meta(directory: str | pathlib.Path, step: int) -> dict[str, Any]:
-    return json.loads((pathlib.Path(directory) / str(step) / "meta" / "metadata").read_text())
+def read_meta(directory: str | os.PathLike, step: int) -> dict[str, Any]:
+    return json.loads((storage.path(directory) / str(step) / "meta" / "metadata").read_text())

@@ -69,6 +69,9 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     platform.configure()  # before anything imports jax
+    from gopher_jax import storage
+
+    storage.configure()  # before anything imports gcsfs
     from gopher_jax.cli import common, console
     from gopher_jax.errors import UserError
 

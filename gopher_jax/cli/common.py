@@ -7,10 +7,13 @@ import json
 import os
 import pathlib
 import tempfile
+import uuid
 
 import ml_collections
+from etils import epath
 
 from gopher_jax import config as config_lib
+from gopher_jax import storage
 from gopher_jax.errors import UsageError, UserError
 
 DEFAULT_CONFIG = "experiments/default.py"
@@ -99,21 +102,32 @@ def trained_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     return c
 
 
-def existing_workdir(workdir: str) -> pathlib.Path:
-    path = pathlib.Path(workdir)
+def existing_workdir(workdir: str) -> epath.Path:
+    storage.check(workdir, "--workdir")
+    path = storage.path(workdir)
     if not path.is_dir():
         raise UserError(f"workdir {workdir} does not exist",
                         "pass the --workdir of a `train` run")
     return path
 
 
-def writable_dir(path: str | pathlib.Path, what: str = "workdir") -> pathlib.Path:
+def writable_dir(path: str | os.PathLike, what: str = "workdir") -> epath.Path:
     """Refuses a directory that cannot be written (checked by writing a probe file, since
-    permission bits say little for root or network file systems); for a directory not made
-    yet, its nearest existing parent is checked. Creates nothing."""
-    path = pathlib.Path(path)
-    probe = next((p for p in (path, *path.parents) if p.exists()), None)
-    target = path if path.exists() else probe
+    permission bits say little for root, network file systems or buckets); for a local
+    directory not made yet, its nearest existing parent is checked. Leaves nothing behind."""
+    storage.check(path, what)
+    p = storage.path(path)
+    if storage.is_remote(path):
+        probe = p / f".gopher_jax_probe.{uuid.uuid4().hex}"
+        try:
+            probe.write_text("")
+            probe.unlink()
+        except Exception as e:  # noqa: BLE001 - any refusal of the bucket: permission, network
+            raise UserError(f"{what} {path} is not writable ({type(e).__name__}: {e})",
+                            "check the bucket name and your credentials") from None
+        return p
+    local = pathlib.Path(p)
+    target = next((q for q in (local, *local.parents) if q.exists()), None)
     if target is None or not target.is_dir():
         raise UserError(f"{what} {path} cannot be created: {target} is not a directory",
                         "pass another path")
@@ -123,4 +137,4 @@ def writable_dir(path: str | pathlib.Path, what: str = "workdir") -> pathlib.Pat
     except OSError as e:
         raise UserError(f"{what} {path} is not writable ({e.strerror})",
                         "pass a writable path or fix its permissions") from None
-    return path
+    return p

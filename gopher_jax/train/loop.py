@@ -7,7 +7,7 @@ per-step metrics stay on device until then, so dispatch runs ahead of the comput
 from __future__ import annotations
 
 import math
-import pathlib
+import os
 import signal
 import time
 from typing import Any
@@ -15,10 +15,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from gopher_jax import checkpoint as ckpt_lib
 from gopher_jax import config as config_lib
-from gopher_jax import hardware
+from gopher_jax import hardware, storage
 from gopher_jax.data import pipeline
 from gopher_jax.errors import UserError
 from gopher_jax.evaluate import evaluate_split
@@ -81,7 +82,7 @@ class Preemption:
             signal.signal(s, old)
 
 
-def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike,
           reporter: Reporter | None = None, accept_new_data: bool = False) -> dict[str, Any]:
     """Trains to c.train.steps, resuming from the newest checkpoint in workdir. Returns a
     summary with the final metrics.
@@ -106,14 +107,14 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         raise error or ckpt_lib.WorkdirLockedError(
             f"process 0 could not lock workdir {workdir}", "see process 0's error")
     try:
-        return _train(c, mesh, pathlib.Path(workdir), reporter or Reporter(), accept_new_data,
+        return _train(c, mesh, storage.path(workdir), reporter or Reporter(), accept_new_data,
                       lock)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: pathlib.Path,
+def _train(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: epath.Path,
            reporter: Reporter, accept_new_data: bool, lock: ckpt_lib.WorkdirLock | None
            ) -> dict[str, Any]:
     from gopher_jax.parallel import distributed
@@ -225,7 +226,8 @@ def _train(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: pathl
                 summary["train"] = last
                 if stop:
                     ckpt.wait()
-                    reporter.message(f"{preempt.name}: saved step {step}; exiting to be resumed")
+                    reporter.message(f"{preempt.name or 'a signal to another process'}: saved step "
+                                     f"{step}; exiting to be resumed")
                     summary["preempted"] = True
                     break
         finished = True

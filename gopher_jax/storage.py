@@ -1,0 +1,125 @@
+"""Where runs live: local paths or Cloud Storage (`gs://`), through one layer (etils.epath).
+
+epath reaches gs:// through gcsfs; Orbax writes checkpoints there through tensorstore. Both
+talk to a GCS-API emulator instead of Google when STORAGE_EMULATOR_HOST=http://host:port is
+set (the variable Google's own clients read): `configure()` derives the other libraries'
+settings from it, so users and tests set that one variable.
+
+Data dirs stay on a file system: ArrayRecord and TFDS cannot write to Cloud Storage. Mount a
+bucket with gcsfuse to keep prepared data there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from etils import epath
+
+from gopher_jax.errors import UsageError
+
+REMOTE_SCHEMES = ("gs",)
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def scheme(p: str | os.PathLike) -> str | None:
+    m = _SCHEME.match(str(p))
+    return m.group(1).lower() if m else None
+
+
+def is_remote(p: str | os.PathLike) -> bool:
+    return scheme(p) is not None
+
+
+def check(p: str | os.PathLike, what: str, remote_ok: bool = True) -> None:
+    """Refuses a path whose scheme nothing here can read and write (before any work)."""
+    s = scheme(p)
+    if s is None:
+        return
+    if s not in REMOTE_SCHEMES:
+        raise UsageError(f"{what} {p}: the {s}:// scheme is not supported",
+                         "use a local path or gs://BUCKET/...")
+    if not remote_ok:
+        raise UsageError(f"{what} {p} is on Cloud Storage, where ArrayRecord and TFDS cannot "
+                         "write prepared data",
+                         "use a local data dir, or mount the bucket with gcsfuse and pass the "
+                         "mount path")
+
+
+def path(p: str | os.PathLike) -> epath.Path:
+    """An epath for a local (made absolute) or gs:// path; never a local dir named 'gs:'."""
+    if is_remote(p):
+        check(p, "path")
+        return epath.Path(str(p))
+    return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(p))))
+
+
+def configure() -> None:
+    """Settings for the Cloud Storage clients; call before gcsfs is imported.
+
+    Listings are never cached (another process's new checkpoint or lock must be seen). With
+    STORAGE_EMULATOR_HOST set, tensorstore (Orbax), array_record and gcsfs all go to that
+    emulator, anonymously, and nothing asks a metadata server for credentials.
+    """
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    os.environ.setdefault("FSSPEC_GCS_USE_LISTINGS_CACHE", "false")
+    url = os.environ.get("STORAGE_EMULATOR_HOST")
+    if url:
+        if "://" not in url:
+            url = f"http://{url}"
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+        os.environ.setdefault("CLOUD_STORAGE_EMULATOR_ENDPOINT", url)
+        os.environ.setdefault("FSSPEC_GCS_TOKEN", "anon")
+        os.environ.setdefault("NO_GCE_CHECK", "true")
+        for key in ("GCE_METADATA_HOST", "GCE_METADATA_IP", "GCE_METADATA_ROOT"):
+            os.environ.setdefault(key, "127.0.0.1:1")  # no metadata server: fail fast
+    import fsspec.config
+
+    gcs = fsspec.config.conf.setdefault("gcs", {})
+    gcs.setdefault("use_listings_cache", False)
+    if url:
+        gcs.setdefault("token", "anon")
+
+
+def create_exclusive(p: epath.Path, text: str) -> bool:
+    """Writes `text` to a new file at `p`; False when one is already there. Atomic: on a
+    file system through O_EXCL, on Cloud Storage through a create-only precondition
+    (ifGenerationMatch=0)."""
+    if is_remote(p):
+        import fsspec
+
+        fs = fsspec.filesystem("gs")
+        try:
+            fs.pipe_file(str(p), text.encode(), mode="create")
+        except FileExistsError:
+            return False
+        return True
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return True
+
+
+def append_text(p: epath.Path, text: str) -> None:
+    """Appends to a file; Cloud Storage objects cannot grow, so there the file is rewritten
+    (fine for metrics: one small row per logging step)."""
+    if is_remote(p):
+        old = p.read_text() if p.exists() else ""
+        p.write_text(old + text)
+        return
+    with open(p, "a") as f:
+        f.write(text)
+
+
+def tree_bytes(p: epath.Path) -> int:
+    """Bytes of all files below `p`."""
+    if is_remote(p):
+        import fsspec
+
+        return int(fsspec.filesystem("gs").du(str(p)))
+    return sum(os.path.getsize(os.path.join(root, f))
+               for root, _, files in os.walk(p) for f in files)
