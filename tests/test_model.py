@@ -368,7 +368,7 @@ def test_untied_embeddings_add_a_matrix():
     (dict(rules="fsdp", data=1, fsdp=4, tensor=2), "does not use the tensor axis"),
     (dict(data=3, fsdp=-1), "8 devices cannot be split"),
     (dict(rules="fsdp", data=1, fsdp=8, microbatches=3, batch=16), "not divisible by train.micro"),
-    (dict(block_q=-1), "attention_block_q = -1 must be >= 0"),
+    (dict(block_q=-1), "attention_block_q = -1 must be a non-negative number"),
     (dict(loss_chunk=300), "loss_chunk = 300 must divide data.seq_len = 2048"),
 ])
 def test_bad_configs_are_rejected(case, match):
