@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import platform
+import subprocess
 import time
 
 import jax
@@ -91,6 +92,8 @@ def main() -> None:
     out = {
         "config": os.path.relpath(args.config, ROOT) if args.config.startswith(str(ROOT))
         else args.config,
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                 capture_output=True, text=True).stdout.strip(),
         "dataset": cfg.data.dataset, "vocab_size": cfg.model.vocab_size,
         "batch_size": B, "seq_len": L, "devices": jax.device_count(),
         "platform": platform.platform(), "cpus": os.cpu_count(),

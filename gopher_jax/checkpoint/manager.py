@@ -53,8 +53,7 @@ class Checkpointer:
             best = {"best_fn": metric, "best_mode": "min"}
         options = ocp.CheckpointManagerOptions(
             preservation_policy=cm.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=async_save, create=not read_only,
-            read_only=read_only, **best)
+            enable_async_checkpointing=async_save, create=not read_only, **best)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._in_flight: int | None = None  # the step whose async save may still be running
 
