@@ -1,57 +1,108 @@
 """`python -m gopher_jax sample`: text from a trained workdir (temperature, top-k, seed).
 
-Each new token re-runs the model over the last data.seq_len tokens of the context: simple
-and exact for these sizes; a KV cache (with relative positions, a cache of keys plus the
-position term) is not built yet.
+The prompt's last data.seq_len tokens fill a KV cache in one pass (model/decode.py); then each
+new token is one cached step, and the whole loop (sampling, EOS) runs on device. New tokens
+see the whole prompt window and every token generated before them, so the context grows to
+data.seq_len + max_new_tokens (relative positions have no limit). (Before the cache, each new
+token re-ran the model over the last data.seq_len tokens: a sliding window. The random key
+sequence is the same as then: one split per sampled token.)
 """
 
 from __future__ import annotations
 
+import functools
 import pathlib
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from gopher_jax.data import pipeline
 from gopher_jax.errors import UsageError
-from gopher_jax.model import gopher
+from gopher_jax.model import decode, gopher
 from gopher_jax.parallel import mesh as mesh_lib
 
 
 def generate(c: ml_collections.ConfigDict, params, prompt_ids: list[int], max_new_tokens: int,
              temperature: float, top_k: int, seed: int, eos_id: int) -> list[int]:
-    """Autoregressive sampling; the context is padded to a power of two to limit compiles."""
-    graphdef, _ = gopher.abstract(c.model)
+    """Up to max_new_tokens tokens after the prompt's last data.seq_len tokens, stopping before
+    eos_id; temperature 0 is greedy, top_k 0 keeps every token. The prompt is padded to a
+    power of two (at least 16) to limit compiles."""
+    if not prompt_ids:
+        raise ValueError("generate needs a prompt of at least one token")
+    context = list(prompt_ids)[-c.data.seq_len:]
+    n = len(context)
+    width = max(16, 1 << (n - 1).bit_length())
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, :n] = context
+    prefill, loop = _decoder(c.model, temperature <= 0, top_k)
+    logits, cache = prefill(params, tokens, n, width + max_new_tokens)
+    out, count = loop(params, cache, logits, jax.random.key(seed), jnp.float32(temperature),
+                      jnp.int32(eos_id), max_new_tokens)
+    return [int(t) for t in np.asarray(out)[:int(count)]]
 
-    @jax.jit
-    def next_logits(params, tokens, length):
-        logits = gopher.apply(graphdef, params, tokens)
-        return jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=False)
 
-    ids = list(prompt_ids)
-    key = jax.random.key(seed)
-    window = c.data.seq_len  # the longest context the model was trained on
-    for _ in range(max_new_tokens):
-        context = ids[-window:]
-        n = len(context)
-        width = max(16, 1 << (n - 1).bit_length())
-        toks = jnp.asarray(np.pad(np.array(context, np.int32), (0, width - n)))[None]
-        logits = next_logits(params, toks, n)
-        if temperature <= 0:
-            nxt = int(jnp.argmax(logits))
-        else:
-            logits = logits / temperature
-            if top_k > 0:
-                kth = jax.lax.top_k(logits, top_k)[0][-1]
-                logits = jnp.where(logits < kth, -jnp.inf, logits)
-            key, sub = jax.random.split(key)
-            nxt = int(jax.random.categorical(sub, logits))
-        if nxt == eos_id:
-            break
-        ids.append(nxt)
-    return ids[len(prompt_ids):]
+_DECODERS: dict[tuple[str, bool, int], tuple[Callable, Callable]] = {}
+
+
+def _decoder(m: ml_collections.ConfigDict, greedy: bool, top_k: int
+             ) -> tuple[Callable, Callable]:
+    """The jitted (prefill, loop) of a model config and sampling mode, built once per process."""
+    key = (m.to_json(), greedy, top_k)
+    if key not in _DECODERS:
+        _DECODERS[key] = _build_decoder(m, greedy, top_k)
+    return _DECODERS[key]
+
+
+def _build_decoder(m: ml_collections.ConfigDict, greedy: bool, top_k: int
+                   ) -> tuple[Callable, Callable]:
+    graphdef, _ = gopher.abstract(m)
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def prefill(params, tokens, length, max_len):
+        return decode.prefill(nnx.merge(graphdef, params), tokens, max_len, length=length)
+
+    def choose(logits: jax.Array, key: jax.Array, temperature: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+        """logits [V] -> (a token, the next key)."""
+        if greedy:
+            return jnp.argmax(logits).astype(jnp.int32), key
+        logits = logits / temperature
+        if top_k > 0:
+            kth = jax.lax.top_k(logits, top_k)[0][-1]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        key, sub = jax.random.split(key)
+        return jax.random.categorical(sub, logits).astype(jnp.int32), key
+
+    @functools.partial(jax.jit, static_argnums=6)
+    def loop(params, cache, logits, key, temperature, eos_id, max_new):
+        """-> (tokens [max_new] int32, how many of them were generated)."""
+        def more(carry) -> jax.Array:
+            i, done = carry[0], carry[-1]
+            return (i < max_new) & ~done
+
+        def body(carry):
+            i, cache, logits, key, out, _ = carry
+            tok, key = choose(logits[0], key, temperature)
+            done = tok == eos_id
+            out = out.at[i].set(tok)
+
+            def advance(cache: decode.Cache) -> tuple[jax.Array, decode.Cache]:
+                return decode.step(nnx.merge(graphdef, params), cache, tok[None])
+
+            logits, cache = jax.lax.cond(done | (i + 1 >= max_new),
+                                         lambda cache: (logits, cache), advance, cache)
+            return i + (~done).astype(jnp.int32), cache, logits, key, out, done
+
+        out = jnp.zeros((max_new,), jnp.int32)
+        carry = (jnp.int32(0), cache, logits, key, out, jnp.bool_(False))
+        i, _, _, _, out, _ = jax.lax.while_loop(more, body, carry)
+        return out, i
+
+    return prefill, loop
 
 
 def check_options(vocab_size: int, max_new_tokens: int, temperature: float,

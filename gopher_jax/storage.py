@@ -104,6 +104,22 @@ def create_exclusive(p: epath.Path, text: str) -> bool:
     return True
 
 
+def write_atomic(p: str | os.PathLike, data: str | bytes) -> None:
+    """Writes a whole file so that readers see the old or the new content, never a part; a
+    failed write (a full disk) leaves no temporary file behind."""
+    p = path(p)
+    tmp = p.parent / f".{p.name}.tmp{os.getpid()}"
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        tmp.replace(p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def append_text(p: epath.Path, text: str) -> None:
     """Appends to a file; Cloud Storage objects cannot grow, so there the file is rewritten
     (fine for metrics: one small row per logging step)."""

@@ -113,4 +113,11 @@ def _exit(code: int) -> int:
 
 
 def run() -> NoReturn:
-    sys.exit(main())
+    code = main()
+    if code:
+        # The error is reported; background threads of a failed run (an Orbax save that was
+        # still writing) would only add tracebacks while the interpreter shuts down.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(0)

@@ -15,6 +15,7 @@ One record = int32 [tokens (L+1), segment_ids (L+1), num_bytes (1)], raw little-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -25,7 +26,9 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from gopher_jax import storage
 from gopher_jax.data.tokenizer import EOS_ID
+from gopher_jax.errors import DataError
 
 FORMAT_VERSION = 1
 # One record per group: random access reads one chunk, not a block of them.
@@ -140,20 +143,24 @@ def write_split(path: str | os.PathLike, docs: Iterable[str], tokenizer, seq_len
                             f"tokens, {n_chunks:,} chunks ({last - t0:.0f}s)")
         write(packer.add(tokenizer.encode_batch(batch)))
         write(packer.finish())
-    except BaseException:
         writer.close()
+        os.replace(tmp, path.with_suffix(".array_record"))
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            writer.close()
         tmp.unlink(missing_ok=True)  # a rerun starts clean
+        if isinstance(e, RuntimeError | OSError):  # array_record reports I/O as RuntimeError
+            raise DataError(f"writing token chunks to {path.parent} failed: {e}",
+                            "free space or choose another data.data_dir, then run again"
+                            ) from None
         raise
-    writer.close()
-    os.replace(tmp, path.with_suffix(".array_record"))
     info = {"fingerprint": fingerprint, "path": str(path.with_suffix(".array_record")),
             "seq_len": seq_len, "num_chunks": n_chunks, "num_docs": packer.num_docs,
             "num_tokens": packer.num_tokens, "num_bytes": n_bytes, "num_text_bytes": n_text_bytes,
             "tokens_per_byte": packer.num_tokens / max(n_bytes, 1),
             "seconds": round(time.time() - t0, 2)}
     meta = path.with_suffix(".json")
-    meta.with_suffix(".json.tmp").write_text(json.dumps(info, indent=1))
-    os.replace(meta.with_suffix(".json.tmp"), meta)
+    storage.write_atomic(meta, json.dumps(info, indent=1))
     return info
 
 

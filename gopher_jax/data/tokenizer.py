@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import sentencepiece as spm
 
+from gopher_jax import storage
 from gopher_jax.errors import DataError
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
@@ -139,9 +140,7 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: i
         raise _vocab_error(vocab_size, str(e)) from None
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)  # atomic: a reader never sees half a model
+    storage.write_atomic(path, buf.getvalue())  # a reader never sees half a model
     return Tokenizer(buf.getvalue(), str(path))
 
 

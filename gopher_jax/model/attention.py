@@ -11,6 +11,10 @@ Queries run in blocks of `block_q`: block [s, e) scores only keys [0, e), so the
 the causal diagonal are never computed, and each block's [B, H, block_q, e] scores stay small
 enough to be cache-resident on CPU (on the gopher_44m shapes this made attention's forward +
 backward ~30% faster on CPU, for any block count from 2 to 16).
+
+Decoding (`step`, driven by model/decode.py) scores one new query at position p against S
+cached keys: the position term is the query against the per-head keys of every distance
+0, ..., S-1 (computed once per cache), gathered at distance p - j for key j.
 """
 
 from __future__ import annotations
@@ -77,12 +81,26 @@ class RelativeAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, rel: jax.Array, mask: jax.Array) -> jax.Array:
         """x [B, T, D]; rel [T, D] from `relative_sinusoids`; mask [B, 1, T, T]."""
+        return self.prefill(x, rel, mask)[0]
+
+    def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D] -> q, k, v [B, T, H, K] in the compute dtype."""
         dt = self.dtype
         heads = ("act_batch", "act_length", "act_heads", None)
-        q = constrain(jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt)), heads)
-        k = constrain(jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt)), heads)
-        v = constrain(jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt)), heads)
-        r = jnp.einsum("td,dhk->thk", rel.astype(dt), self.wr[...].astype(dt))  # T-1, ..., 0
+        return tuple(constrain(jnp.einsum("btd,dhk->bthk", x, w[...].astype(dt)), heads)
+                     for w in (self.wq, self.wk, self.wv))
+
+    def relative_keys(self, rel: jax.Array) -> jax.Array:
+        """Sinusoids [N, D] -> their per-head keys W_r R [N, H, K] (in the same order)."""
+        return jnp.einsum("td,dhk->thk", rel.astype(self.dtype), self.wr[...].astype(self.dtype))
+
+    def prefill(self, x: jax.Array, rel: jax.Array, mask: jax.Array
+                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """`__call__` that also returns the keys and values [B, T, H, K] (for a decoding
+        cache)."""
+        dt = self.dtype
+        q, k, v = self.qkv(x)
+        r = self.relative_keys(rel)  # distances T-1, ..., 0
         qu, qv = q + self.u[...].astype(dt), q + self.v[...].astype(dt)
         t = x.shape[1]
         block = self.block_q or t
@@ -97,5 +115,30 @@ class RelativeAttention(nnx.Module):
             scores = jnp.where(mask[:, :, start:end, :end], scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
             outs.append(jnp.einsum("bhqt,bthk->bqhk", probs, v[:, :end]))
-        return jnp.einsum("bqhk,hkd->bqd", jnp.concatenate(outs, axis=1),
-                          self.wo[...].astype(dt))
+        out = jnp.einsum("bqhk,hkd->bqd", jnp.concatenate(outs, axis=1), self.wo[...].astype(dt))
+        return out, (k, v)
+
+    def step(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], r: jax.Array,
+             pos: jax.Array, mask: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """One new query per row against a cache of S positions.
+
+        x [B, 1, D] at position `pos` (int32 []); cache: keys and values [B, S, H, K], written
+        at `pos` and returned; r [S, H, K]: `relative_keys` of distances 0, ..., S-1;
+        mask [B, 1, 1, S]: the keys this query may see (none past `pos`).
+        """
+        dt = self.dtype
+        q, k, v = self.qkv(x)
+        cached = ("act_batch", None, "act_heads", None)
+        k_cache, v_cache = (constrain(jax.lax.dynamic_update_slice_in_dim(c, new, pos, axis=1),
+                                      cached) for c, new in zip(cache, (k, v), strict=True))
+        qu, qv = q + self.u[...].astype(dt), q + self.v[...].astype(dt)
+        content = jnp.einsum("bqhk,bthk->bhqt", qu, k_cache, preferred_element_type=jnp.float32)
+        by_distance = jnp.einsum("bqhk,thk->bhqt", qv, r, preferred_element_type=jnp.float32)
+        s = k_cache.shape[1]
+        distance = jnp.clip(pos - jnp.arange(s), 0, s - 1)  # keys past pos: masked anyway
+        position = jnp.take(by_distance, distance, axis=-1)
+        scores = (content + position) * (self.head_dim**-0.5)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bhqt,bthk->bqhk", probs, v_cache)
+        return jnp.einsum("bqhk,hkd->bqd", out, self.wo[...].astype(dt)), (k_cache, v_cache)

@@ -47,11 +47,29 @@ class Block(nnx.Module):
         self.mlp = MLP(m.d_model, d_ff(m), out_scale, param_dtype, dtype, rngs)
 
     def __call__(self, x: jax.Array, rel: jax.Array, mask: jax.Array) -> jax.Array:
-        # Named scopes label the ops in profiles (benchmarks/train_step.py --profile).
-        with jax.named_scope("attention"):
-            x = constrain(x + self.attn(self.attn_norm(x), rel, mask), EMBED_ACT)
+        return self.prefill(x, rel, mask)[0]
+
+    def _mlp(self, x: jax.Array) -> jax.Array:
         with jax.named_scope("mlp"):
             return constrain(x + self.mlp(self.mlp_norm(x)), EMBED_ACT)
+
+    def prefill(self, x: jax.Array, rel: jax.Array, mask: jax.Array
+                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """`__call__` that also returns this layer's keys and values [B, T, H, K]."""
+        # Named scopes label the ops in profiles (benchmarks/train_step.py --profile).
+        with jax.named_scope("attention"):
+            a, kv = self.attn.prefill(self.attn_norm(x), rel, mask)
+            x = constrain(x + a, EMBED_ACT)
+        return self._mlp(x), kv
+
+    def step(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], r: jax.Array,
+             pos: jax.Array, mask: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x [B, 1, D] at position `pos` against this layer's cache: see
+        `RelativeAttention.step`."""
+        with jax.named_scope("attention"):
+            a, cache = self.attn.step(self.attn_norm(x), cache, r, pos, mask)
+            x = constrain(x + a, EMBED_ACT)
+        return self._mlp(x), cache
 
 
 class Gopher(nnx.Module):
@@ -110,7 +128,10 @@ class Gopher(nnx.Module):
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """tokens [B, T] int -> float32 logits [B, T, vocab]."""
-        x = self.hidden(tokens, segment_ids)
+        return self.logits(self.hidden(tokens, segment_ids))
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final hidden states [B, T, D] -> float32 logits [B, T, vocab]."""
         with jax.named_scope("logits"):
             logits = jnp.einsum("btd,vd->btv", x, self.output_embedding(),
                                 preferred_element_type=jnp.float32)

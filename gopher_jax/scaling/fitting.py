@@ -4,24 +4,24 @@ the finished members, and writes fit.json and fit.png beside it."""
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from gopher_jax import storage
 from gopher_jax.scaling.plot import plot
 from gopher_jax.scaling.powerlaw import fit_split
-from gopher_jax.scaling.results import write_atomic
 
 
 def _quiet(msg: str) -> None:
     """The default `log`: progress goes nowhere."""
 
 
-def fit(workdir: str | pathlib.Path, log: Callable[[str], None] = _quiet) -> dict[str, Any]:
+def fit(workdir: str | os.PathLike, log: Callable[[str], None] = _quiet) -> dict[str, Any]:
     """`scaling fit`: fits each split of results.json; writes fit.json and fit.png."""
-    workdir = pathlib.Path(workdir)
+    workdir = storage.path(workdir)
     path = workdir / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run `python -m gopher_jax scaling run --config "
@@ -50,7 +50,7 @@ def fit(workdir: str | pathlib.Path, log: Callable[[str], None] = _quiet) -> dic
                  else f"leave-one-out: {loo['error']}")
         log(f"[scaling] {split}: alpha {f['alpha']:.4f}, a {f['a']:.4g}, c {f['c']:.4f} "
             f"bits/byte, RMSE {f['rmse']:.4f}; monotonic {f['monotonic']}; {loo_s}")
-    write_atomic(workdir / "fit.json", json.dumps(out, indent=2))
+    storage.write_atomic(workdir / "fit.json", json.dumps(out, indent=2))
     plot(results, out, workdir / "fit.png")
     log(f"[scaling] wrote {workdir / 'fit.json'} and {workdir / 'fit.png'}")
     return out

@@ -3,15 +3,16 @@ the members, the fitted law, and the law fitted without the largest member (matp
 
 from __future__ import annotations
 
-import pathlib
+import io
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from gopher_jax.scaling.powerlaw import predict
 
 
-def plot(results: dict[str, Any], fits: dict[str, Any], path: pathlib.Path) -> None:
+def plot(results: dict[str, Any], fits: dict[str, Any], path: epath.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,5 +51,7 @@ def plot(results: dict[str, Any], fits: dict[str, Any], path: pathlib.Path) -> N
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    path.write_bytes(buf.getvalue())  # a local path or gs://
     plt.close(fig)

@@ -7,11 +7,12 @@ import csv
 import io
 import json
 import os
-import pathlib
 from typing import Any
 
 import ml_collections
+from etils import epath
 
+from gopher_jax import storage
 from gopher_jax.scaling.ladder import c_split, describe, member_config, member_names
 
 RESULT = "result.json"
@@ -20,25 +21,18 @@ CSV_FIELDS = ("member", "status", "num_layers", "d_model", "num_heads", "head_di
               "train_flops", "step", "wall_s", "eval_wall_s", "error")
 
 
-def write_atomic(path: pathlib.Path, text: str) -> None:
-    """Writes `text` to a temporary file beside `path` and renames it over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_result(workdir: str | pathlib.Path, name: str) -> dict[str, Any] | None:
-    path = pathlib.Path(workdir) / name / RESULT
+def read_result(workdir: str | os.PathLike, name: str) -> dict[str, Any] | None:
+    path = storage.path(workdir) / name / RESULT
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def is_finished(ladder: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def is_finished(ladder: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 name: str) -> bool:
     r = read_result(workdir, name)
     return r is not None and r["status"] == "ok" and r["step"] == ladder.train.steps
 
 
-def unigram_baseline(ladder: ml_collections.ConfigDict, workdir: pathlib.Path
+def unigram_baseline(ladder: ml_collections.ConfigDict, workdir: epath.Path
                      ) -> dict[str, float]:
     """The unigram model's bits per byte on the whole splits, the same for every member
     (same data); cached."""
@@ -50,14 +44,14 @@ def unigram_baseline(ladder: ml_collections.ConfigDict, workdir: pathlib.Path
     c = member_config(ladder, member_names(ladder)[0])
     out = {s: evaluate.unigram_bits_per_byte(c, s) for s in (c.data.eval_split,
                                                              c.data.test_split)}
-    write_atomic(path, json.dumps(out, indent=2))
+    storage.write_atomic(path, json.dumps(out, indent=2))
     return out
 
 
-def write_results(ladder: ml_collections.ConfigDict, workdir: str | pathlib.Path
+def write_results(ladder: ml_collections.ConfigDict, workdir: str | os.PathLike
                   ) -> dict[str, Any]:
     """results.json / .csv / .md from every member's result.json (pending ones included)."""
-    workdir = pathlib.Path(workdir)
+    workdir = storage.path(workdir)
     eval_split, test_split = c_split(ladder)
     members = []
     for name in member_names(ladder):
@@ -87,9 +81,9 @@ def write_results(ladder: ml_collections.ConfigDict, workdir: str | pathlib.Path
         "unigram_bits_per_byte": unigram,
         "members": members,
     }
-    write_atomic(workdir / "results.json", json.dumps(results, indent=2))
-    write_atomic(workdir / "results.csv", _csv(members, (eval_split, test_split)))
-    write_atomic(workdir / "results.md", markdown_table(results))
+    storage.write_atomic(workdir / "results.json", json.dumps(results, indent=2))
+    storage.write_atomic(workdir / "results.csv", _csv(members, (eval_split, test_split)))
+    storage.write_atomic(workdir / "results.md", markdown_table(results))
     return results
 
 

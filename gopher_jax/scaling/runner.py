@@ -5,17 +5,19 @@ ladder's results files."""
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from gopher_jax import config as config_lib
+from gopher_jax import storage
 from gopher_jax.scaling.ladder import c_split, describe, member_config, member_names, resolve_member
-from gopher_jax.scaling.results import RESULT, is_finished, write_atomic, write_results
+from gopher_jax.scaling.results import RESULT, is_finished, write_results
 
 SPLIT_KEYS = ("bits_per_byte", "loss", "tokens", "bytes")
 
@@ -24,12 +26,12 @@ def _quiet(msg: str) -> None:
     """The default `log`: progress goes nowhere."""
 
 
-def run_member(ladder: ml_collections.ConfigDict, workdir: str | pathlib.Path, name: str,
+def run_member(ladder: ml_collections.ConfigDict, workdir: str | os.PathLike, name: str,
                log: Callable[[str], None] = _quiet) -> dict[str, Any]:
     """Trains (resuming) and evaluates one member; a failure is recorded, not raised."""
     from gopher_jax.train import loop
 
-    mdir = pathlib.Path(workdir) / name
+    mdir = storage.path(workdir) / name
     mdir.mkdir(parents=True, exist_ok=True)
     entry = describe(ladder, name)
     c = member_config(ladder, name)
@@ -55,11 +57,11 @@ def run_member(ladder: ml_collections.ConfigDict, workdir: str | pathlib.Path, n
         entry.setdefault("step", None)
         (mdir / "error.txt").write_text(traceback.format_exc())
         log(f"[scaling] {name} FAILED in {stage}: {entry['error']}")
-    write_atomic(mdir / RESULT, json.dumps(entry, indent=2))
+    storage.write_atomic(mdir / RESULT, json.dumps(entry, indent=2))
     return entry
 
 
-def evaluate_member(c: ml_collections.ConfigDict, mdir: pathlib.Path,
+def evaluate_member(c: ml_collections.ConfigDict, mdir: epath.Path,
                     max_batches: int = -1) -> dict[str, Any]:
     """Bits per byte of the member's last checkpoint on the validation and test splits."""
     from gopher_jax import evaluate
@@ -77,7 +79,7 @@ def evaluate_member(c: ml_collections.ConfigDict, mdir: pathlib.Path,
     return out
 
 
-def run(ladder: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def run(ladder: ml_collections.ConfigDict, workdir: str | os.PathLike,
         member: str | None = None, log: Callable[[str], None] = _quiet) -> dict[str, Any]:
     """Runs every unfinished member (or only `member`), then rewrites the results files.
 
@@ -85,7 +87,7 @@ def run(ladder: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     """
     from gopher_jax.data import pipeline
 
-    workdir = pathlib.Path(workdir)
+    workdir = storage.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     names = member_names(ladder)
     todo = [resolve_member(ladder, member)] if member not in (None, "") else names
@@ -95,7 +97,7 @@ def run(ladder: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
     first = member_config(ladder, names[0])
     distributed.run_on_process_zero_first(lambda: pipeline.prepare(first))
-    write_atomic(workdir / "ladder.json", ladder.to_json(indent=2))
+    storage.write_atomic(workdir / "ladder.json", ladder.to_json(indent=2))
     trained, skipped, failed = [], [], []
     for name in todo:
         d = describe(ladder, name)
