@@ -55,7 +55,8 @@ def restore_params(c: ml_collections.ConfigDict, workdir: str | os.PathLike,
     ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
     try:
         restored = ckpt.restore_latest(Layout.of(c, layout).state,
-                                       check=lambda meta: ckpt_lib.check_config(meta, c))
+                                       check=lambda meta: ckpt_lib.check_config(
+                                           meta, c, ckpt_lib.EVAL_KEYS))
     finally:
         ckpt.close()
     if restored is None:

@@ -230,3 +230,21 @@ def test_only_the_cli_prints_or_exits():
             if name:
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
     assert not offenders, offenders
+
+
+def test_eval_runs_at_longer_contexts_and_training_resume_still_refuses_them(trained, capsys):
+    import math
+    import re
+
+    for seq_len in (128, 256):  # 2x and 4x the training context of 64
+        rc = main(["eval", f"--workdir={trained}/work", f"--config.data.seq_len={seq_len}"])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        bpb = [float(x) for x in re.findall(r"bits/byte (\S+) \(unigram", out)]
+        assert len(bpb) == 2 and all(math.isfinite(b) and 0 < b < 20 for b in bpb), out
+    rc = main(["train", "--config", TINY, f"--config.data.data_dir={trained}/data",
+               f"--workdir={trained}/work", "--config.train.steps=8",
+               "--config.train.warmup_steps=1", "--config.data.seq_len=128"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 1 and len(lines) == 1 and "data.seq_len: 64 in the checkpoint vs 128" in lines[0]

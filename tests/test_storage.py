@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 
+import pytest
 from etils import epath
 from helpers import ROOT, cli_command, cpu_env, run_cli
 
@@ -33,6 +34,7 @@ def _losses(workdir: str) -> dict[int, list[float]]:
     return rows
 
 
+@pytest.mark.slow  # ~45 s: two trainings and four CLI runs
 def test_gs_workdir_trains_resumes_after_sigkill_and_serves_eval(data_dir, bucket, tmp_path):
     env = cpu_env(1)  # carries STORAGE_EMULATOR_HOST to the subprocesses
     local = str(tmp_path / "local")
@@ -76,8 +78,6 @@ def test_gs_workdir_trains_resumes_after_sigkill_and_serves_eval(data_dir, bucke
 
 
 def test_lock_on_gs_refuses_a_second_holder(bucket):
-    import pytest
-
     from gopher_jax.checkpoint.lock import WorkdirLock, WorkdirLockedError
 
     first = WorkdirLock(f"{bucket}/run").acquire()

@@ -19,6 +19,7 @@ The names below are re-exported for callers (`from gopher_jax import checkpoint 
 """
 
 from gopher_jax.checkpoint.compat import (
+    EVAL_KEYS,
     SHAPE_KEYS,
     ConfigMismatchError,
     DataChangedError,
@@ -39,7 +40,7 @@ from gopher_jax.checkpoint.manager import (
 )
 
 __all__ = [
-    "BEST_METRIC", "CORRUPT_DIR", "SHAPE_KEYS", "CheckpointError", "Checkpointer",
+    "BEST_METRIC", "CORRUPT_DIR", "EVAL_KEYS", "SHAPE_KEYS", "CheckpointError", "Checkpointer",
     "ConfigMismatchError", "DataChangedError", "check_config", "check_data", "config_diff",
     "WorkdirLock", "WorkdirLockedError", "all_processes", "format_info", "info", "meta_for",
     "read_meta",

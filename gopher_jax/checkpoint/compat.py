@@ -11,16 +11,21 @@ import ml_collections
 
 from gopher_jax.checkpoint.errors import CheckpointError
 
-# Config keys that change the shapes, dtypes or structure of the state, or the data order: a
-# resume must not change them.
-SHAPE_KEYS = (
+# Config keys that change the shapes, dtypes or structure of the state.
+MODEL_KEYS = (
     "model.vocab_size", "model.num_layers", "model.num_heads", "model.head_dim",
     "model.d_model", "model.mlp_ratio", "model.tie_embeddings", "model.param_dtype",
     "model.scan_layers", "train.optimizer", "train.master_fp32",
-    # and what decides which chunks step s reads: changing them breaks the exact resume
-    "seed", "train.batch_size", "data.dataset", "data.text_files", "data.seq_len",
-    "data.train_split", "data.nfkc", "data.tokenizer_path",
 )
+# What decides the token ids: the tokenizer is trained on the dataset.
+TOKENIZER_KEYS = ("data.dataset", "data.text_files", "data.nfkc", "data.tokenizer_path")
+# A training resume must change none of these (what decides which chunks step s reads is
+# part of it: changing that breaks the exact resume).
+SHAPE_KEYS = MODEL_KEYS + TOKENIZER_KEYS + (
+    "seed", "train.batch_size", "data.seq_len", "data.train_split")
+# Evaluation and sampling need only the same model and tokenizer: any context length,
+# batch size or seed will do (relative positions carry past the training length).
+EVAL_KEYS = MODEL_KEYS + TOKENIZER_KEYS
 
 
 class ConfigMismatchError(CheckpointError):
@@ -37,19 +42,22 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_diff(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(shape-changing keys that differ, other keys that differ)."""
+def config_diff(saved: dict, current: dict, keys: tuple[str, ...] = SHAPE_KEYS
+                ) -> tuple[list[str], list[str]]:
+    """(differing keys among `keys`, other keys that differ)."""
     a, b = _flat(saved), _flat(current)
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    shape = [k for k in changed if k in SHAPE_KEYS]
-    return shape, [k for k in changed if k not in SHAPE_KEYS]
+    shape = [k for k in changed if k in keys]
+    return shape, [k for k in changed if k not in keys]
 
 
-def check_config(meta: dict[str, Any], c: ml_collections.ConfigDict) -> list[str]:
-    """Raises ConfigMismatchError naming the shape-changing keys that differ from the
-    checkpoint's config; returns the other (allowed) differing keys."""
+def check_config(meta: dict[str, Any], c: ml_collections.ConfigDict,
+                 keys: tuple[str, ...] = SHAPE_KEYS) -> list[str]:
+    """Raises ConfigMismatchError naming the keys among `keys` (by default what a training
+    resume must keep) that differ from the checkpoint's config; returns the other (allowed)
+    differing keys."""
     saved = meta["config"]
-    shape, other = config_diff(saved, json.loads(c.to_json()))
+    shape, other = config_diff(saved, json.loads(c.to_json()), keys)
     if shape:
         a, b = _flat(saved), _flat(json.loads(c.to_json()))
         diffs = ", ".join(f"{k}: {a.get(k)!r} in the checkpoint vs {b.get(k)!r} now"
