@@ -54,7 +54,9 @@ def build_parser() -> Parser:
         head, _, tail = name.partition(" ")
         if tail:
             if head not in groups:
-                g = subs.add_parser(head)
+                g = subs.add_parser(head, description="subcommands: " + "; ".join(
+                    f"{k.partition(' ')[2]}: {h}" for k, (_, h) in COMMANDS.items()
+                    if k.startswith(head + " ")))
                 groups[head] = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND",
                                                 parser_class=Parser, required=True)
             p = groups[head].add_parser(tail, description=text)
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     storage.configure()  # before anything imports gcsfs
     from gopher_jax.cli import common, console
-    from gopher_jax.errors import UserError
+    from gopher_jax.errors import UsageError, UserError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv or os.environ.get("GOPHER_JAX_VERBOSE", "") not in ("", "0")
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.overrides = overrides
         if overrides and not hasattr(args, "config"):
-            raise UserError(f"`{args.name}` takes no --config overrides", "drop them")
+            raise UsageError(f"`{args.name}` takes no --config overrides", "drop them")
         console.setup_logging(verbose)
         return int(args.run(args) or 0)
     except UserError as e:
