@@ -109,7 +109,8 @@ def _check_table1(name: str, topology: str, slices: int = 1) -> aot.Report:
 
 
 @needs_libtpu
-def test_44m_compiles_and_fits_on_a_small_slice():  # the fast tier's AOT compile (~1.5 min)
+@pytest.mark.slow  # ~1.5 min of compiling: AOT compiles belong to the slow tier
+def test_44m_compiles_and_fits_on_a_small_slice():
     r = _check_table1("gopher_44m", "v5p:2x2x1")
     assert r.compiler_flops_per_device > 0
 
