@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train, resuming from the newest checkpoint in --workdir"),
     "eval": ("evaluate", "bits per byte of a trained workdir on its held-out splits"),
     "sample": ("sample", "generate text from a trained workdir"),
+    "tasks": ("tasks", "score a trained workdir on tasks (cloze, multiple choice, generation)"),
     "data prepare": ("data", "build the dataset, tokenizer and token chunks"),
     "tokenizer train": ("data", "(re)train the SentencePiece tokenizer"),
     "checkpoint info": ("checkpoint", "list a workdir's checkpoints (steps, sizes, mesh)"),
