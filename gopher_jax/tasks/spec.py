@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pathlib
 from typing import Any
 
+from etils import epath
+
+from gopher_jax import storage
 from gopher_jax.errors import UsageError
 
 KINDS = ("cloze", "multiple_choice", "generation")
@@ -135,7 +137,8 @@ def from_dict(d: Any, source: str) -> Task:
 
 
 def load(path: str | os.PathLike) -> Task:
-    path = pathlib.Path(path)
+    """A task file (local or gs://), checked."""
+    path = storage.path(path)
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -146,8 +149,9 @@ def load(path: str | os.PathLike) -> Task:
     return from_dict(d, str(path))
 
 
-def write(task: Task, directory: str | os.PathLike) -> pathlib.Path:
-    path = pathlib.Path(directory) / f"{task.name}.json"
+def write(task: Task, directory: str | os.PathLike) -> epath.Path:
+    """<directory>/<name>.json (a local or gs:// directory)."""
+    path = storage.path(directory) / f"{task.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(task.to_json(), indent=1, ensure_ascii=False) + "\n",
                     encoding="utf-8")
