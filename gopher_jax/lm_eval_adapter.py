@@ -9,6 +9,11 @@ it. Importing this module registers the model:
     lm_eval.simple_evaluate(model="gopher_jax", model_args={"workdir": "runs/tiny"},
                             tasks=["..."])
 
+or from lm-eval's command line (batch size by --batch_size, not in --model_args):
+
+    python -m gopher_jax.lm_eval_adapter run --model gopher_jax \
+        --model_args workdir=runs/tiny --batch_size 8 --tasks ... [--include_path DIR]
+
 model_args: workdir (a trained run), config (a config file; default: the workdir's
 config.json), data_dir (where the tokenizer is, when it moved), batch_size (default 8).
 
@@ -205,3 +210,9 @@ class GopherLM(LM):
                     text = text.split(s)[0]
                 texts[i] = text
         return [texts[i] for i in range(len(requests))]
+
+
+if __name__ == "__main__":  # lm-eval's command line with "gopher_jax" registered
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -76,14 +78,18 @@ def local_task(d: pathlib.Path) -> pathlib.Path:
     return d
 
 
+def _our_task() -> Task:
+    """DOCS as a gopher_jax task: the choices continue the question after a space."""
+    return Task(name="gopher_mc", group="g", kind="multiple_choice",
+                examples=tuple(Example(d["question"], tuple(" " + c for c in d["choices"]),
+                                       d["label"]) for d in DOCS))
+
+
 def test_simple_evaluate_matches_our_task_runner(lm, tmp_path):
     tasks = lm_eval.tasks.TaskManager(include_path=str(local_task(tmp_path / "tasks")))
     out = lm_eval.simple_evaluate(model=lm, tasks=["gopher_mc"], task_manager=tasks,
                                   log_samples=True, bootstrap_iters=0)
-    ours = score(Task(name="gopher_mc", group="g", kind="multiple_choice",
-                      examples=tuple(Example(d["question"], tuple(" " + c for c in d["choices"]),
-                                             d["label"]) for d in DOCS)),
-                 lm.tokenizer, lm.logits_fn, lm.seq_len, batch_size=8)
+    ours = score(_our_task(), lm.tokenizer, lm.logits_fn, lm.seq_len, batch_size=8)
     assert out["results"]["gopher_mc"]["acc,none"] == pytest.approx(ours["metrics"]["acc"])
     samples = sorted(out["samples"]["gopher_mc"], key=lambda s: s["doc_id"])
     assert len(samples) == len(DOCS)
@@ -152,3 +158,19 @@ def test_generate_until_is_our_greedy_cut_at_the_stop(lm):
         ids = ids[:ids.index(tok.eos_id)]
     assert text == tok.decode(ids).split("\n")[0]
     assert "\n" not in text
+
+
+def test_lm_eval_command_line_with_the_model_registered(lm, trained, tmp_path):
+    tasks = local_task(tmp_path / "tasks")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_DATASETS_OFFLINE": "1",
+           "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "gopher_jax.lm_eval_adapter", "run", "--model",
+                        "gopher_jax", "--model_args", f"workdir={trained / 'work'}",
+                        "--batch_size", "4", "--tasks", "gopher_mc", "--include_path",
+                        str(tasks), "--output_path", str(tmp_path / "out")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (path,) = (tmp_path / "out").rglob("results_*.json")
+    got = json.loads(path.read_text())["results"]["gopher_mc"]["acc,none"]
+    assert got == pytest.approx(score(_our_task(), lm.tokenizer, lm.logits_fn, lm.seq_len,
+                                      batch_size=8)["metrics"]["acc"])
