@@ -14,7 +14,8 @@ import pytest
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-pytest.importorskip("lm_eval")
+pytest.importorskip("lm_eval")  # the `eval` extra; the `test` extra installs it too
+pytestmark = pytest.mark.slow  # ~40 s: trains its own workdir, runs lm-eval end to end
 import lm_eval.api.instance  # noqa: E402
 import lm_eval.api.registry  # noqa: E402
 import lm_eval.tasks  # noqa: E402
