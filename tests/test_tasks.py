@@ -103,6 +103,7 @@ def test_loglikelihoods_equal_sums_computed_by_hand_from_the_logits(tiny_model):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow  # ~40 s of uncached forward passes on CPU
 def test_greedy_is_the_argmax_of_the_logits_token_by_token(tiny_model):
     c, logits_fn, forward = tiny_model
     contexts = [ctx for ctx, _ in requests()]
@@ -114,6 +115,7 @@ def test_greedy_is_the_argmax_of_the_logits_token_by_token(tiny_model):
         assert new == ids[len(ctx):]
 
 
+@pytest.mark.slow  # ~50 s of uncached forward passes on CPU
 def test_multiple_choice_picks_the_argmax_raw_and_per_byte(tiny_model, data_dir):
     from helpers import tiny
 
