@@ -10,21 +10,17 @@ Prints tokens/s and writes benchmarks/results/data_pipeline.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
 import platform
-import subprocess
 import time
 
 import jax
+from common import ROOT, git_commit, write_results
 
 from gopher_jax import config as config_lib
 from gopher_jax.data import pipeline
 from gopher_jax.layout import Layout
 from gopher_jax.parallel import mesh as mesh_lib
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def timed(fn, min_seconds: float) -> tuple[int, float]:
@@ -92,8 +88,7 @@ def main() -> None:
     out = {
         "config": os.path.relpath(args.config, ROOT) if args.config.startswith(str(ROOT))
         else args.config,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                 capture_output=True, text=True).stdout.strip(),
+        "commit": git_commit(),
         "dataset": cfg.data.dataset, "vocab_size": cfg.model.vocab_size,
         "batch_size": B, "seq_len": L, "devices": jax.device_count(),
         "platform": platform.platform(), "cpus": os.cpu_count(),
@@ -102,10 +97,7 @@ def main() -> None:
         "prepare_reused": all(v["reused"] for v in info["splits"].values()),
         "throughput": results, "splits": splits,
     }
-    path = pathlib.Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_results(args.out, out)
 
 
 if __name__ == "__main__":

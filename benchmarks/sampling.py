@@ -16,24 +16,20 @@ so only its equality is checked. Prints a table and writes benchmarks/results/sa
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
 import platform
 import statistics
-import subprocess
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import ROOT, git_commit, write_results
 from flax import nnx
 
 from gopher_jax import config as config_lib
 from gopher_jax import sample
 from gopher_jax.model import decode, gopher
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def uncached_generate(forward, window: int, prompt: list[int], n: int) -> list[int]:
@@ -129,16 +125,12 @@ def main() -> None:
     out = {
         "config": os.path.relpath(args.config, ROOT), "dtype": "float32", "batch": 1,
         "greedy": True,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                 capture_output=True, text=True).stdout.strip(),
+        "commit": git_commit(),
         "devices": jax.device_count(), "platform": platform.platform(), "cpus": os.cpu_count(),
         "load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0],
         "results": rows,
     }
-    path = pathlib.Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_results(args.out, out)
 
 
 if __name__ == "__main__":
