@@ -105,7 +105,12 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collectio
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {str(path)!r} has no get_config()",
                           "define get_config() returning an ml_collections.ConfigDict")
-    c = module.get_config()
+    return apply_overrides(module.get_config(), overrides)
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: Sequence[str]
+                    ) -> ml_collections.ConfigDict:
+    """`a.b=v` overrides applied to `c` (see `set_value`), then `c` locked."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:

@@ -91,13 +91,8 @@ def trained_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     if not path.is_file():
         raise UserError(f"{workdir} has no {CONFIG_JSON} (not a training workdir?)",
                         "pass the --workdir of a `train` run, or --config FILE")
-    c = ml_collections.ConfigDict(json.loads(path.read_text()))
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"override {item!r} has no value", f"write --config.{key}=VALUE")
-        config_lib.set_value(c, key, value)
-    c.lock()
+    c = config_lib.apply_overrides(ml_collections.ConfigDict(json.loads(path.read_text())),
+                                   args.overrides)
     config_lib.check(c)
     return c
 
