@@ -46,3 +46,19 @@ def bucket(gcs_server, request) -> str:
     name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:50] + "-b"
     helpers.create_bucket(gcs_server, name)
     return f"gs://{name}"
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """experiments/tiny.py trained for 4 steps (one checkpoint) through the CLI:
+    <root>/work, with its own data dir <root>/data. Returns <root>."""
+    import helpers
+
+    root = tmp_path_factory.mktemp("trained")
+    p = helpers.run_cli("train", "--config", helpers.ROOT / "experiments" / "tiny.py",
+                        f"--config.data.data_dir={root}/data", f"--workdir={root}/work",
+                        "--config.train.steps=4", "--config.train.warmup_steps=1",
+                        "--config.train.checkpoint_every=4", "--config.train.eval_every=0",
+                        "--config.train.log_every=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return root

@@ -137,18 +137,6 @@ def _run(args: list[str], env: dict[str, str] | None = None, user: bool = False
                           env=env or dict(os.environ))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> pathlib.Path:
-    """A tiny model trained for 4 steps (one checkpoint) in its own workdir and data dir."""
-    root = tmp_path_factory.mktemp("cli")
-    p = _run(["train", "--config", TINY, f"--config.data.data_dir={root}/data",
-              f"--workdir={root}/work", "--config.train.steps=4", "--config.train.warmup_steps=1",
-              "--config.train.checkpoint_every=4", "--config.train.eval_every=0",
-              "--config.train.log_every=2"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    return root
-
-
 def test_prompt_longer_than_the_context_keeps_its_end_with_a_notice(trained, capsys):
     prompt = "To be, or not to be, that is the question. " * 20  # > 64 tokens
     rc = main(["sample", f"--workdir={trained}/work", f"--prompt={prompt}",

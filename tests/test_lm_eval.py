@@ -20,14 +20,12 @@ import lm_eval.api.instance  # noqa: E402
 import lm_eval.api.registry  # noqa: E402
 import lm_eval.tasks  # noqa: E402
 import lm_eval.utils  # noqa: E402
-from helpers import ROOT, run_cli  # noqa: E402
+from helpers import ROOT  # noqa: E402
 
 from gopher_jax import lm_eval_adapter  # noqa: E402
 from gopher_jax.tasks import scoring  # noqa: E402
 from gopher_jax.tasks.score import score  # noqa: E402
 from gopher_jax.tasks.spec import Example, Task  # noqa: E402
-
-TINY = str(ROOT / "experiments/tiny.py")
 
 DOCS = [
     {"question": "To be, or not to be, that is the", "choices": ["question", "answer", "end"],
@@ -39,18 +37,6 @@ DOCS = [
     {"question": "Friends, Romans,", "choices": ["countrymen", "senators", "soldiers", "men"],
      "label": 0},
 ]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> pathlib.Path:
-    """A tiny model trained for 4 steps (one checkpoint): <root>/work, data in <root>/data."""
-    root = tmp_path_factory.mktemp("lm_eval")
-    p = run_cli("train", "--config", TINY, f"--config.data.data_dir={root}/data",
-                f"--workdir={root}/work", "--config.train.steps=4",
-                "--config.train.warmup_steps=1", "--config.train.checkpoint_every=4",
-                "--config.train.eval_every=0", "--config.train.log_every=2")
-    assert p.returncode == 0, p.stderr[-3000:]
-    return root
 
 
 @pytest.fixture(scope="module")
