@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "aot": ("aot", "compile the train step for a TPU topology here (needs .[tpu])"),
     "scaling run": ("scaling", "train and evaluate a ladder of model sizes"),
     "scaling fit": ("scaling", "fit the scaling law to a ladder's results"),
+    "scaling tasks": ("scaling", "score every ladder member on a task suite: which tasks gain "
+                                 "from scale"),
 }
 
 
