@@ -117,6 +117,11 @@ def use_rules(rules: Rules) -> Iterator[None]:
         _ACTIVE.pop()
 
 
+def active_rules() -> Rules | None:
+    """The rules of the innermost `use_rules`, or None outside one."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint on an activation by logical names, under the active rules and mesh."""
     _check_declared(names)
