@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.test_split = "test"
     d.nfkc = False  # Gopher's tokenizer used NFKC; identity keeps decode(encode(x)) == x
     d.tokenizer_path = ""  # empty: <data_dir>/tokenizers/<dataset>_<vocab>.model
+    d.filter = False  # train on the MassiveText-filtered training split (`data filter`)
+    d.docs_per_shard = 1024  # preparation shards (files); results never depend on it
     # name -> source(...): a weighted mixture of corpora (data/mixture.py) that replaces
     # dataset / text_files / text_field; empty: the one dataset above.
     d.sources = ml_collections.ConfigDict()
@@ -279,7 +281,7 @@ _MINIMUM = (
     ("model.vocab_size", 1), ("model.num_layers", 1), ("model.num_heads", 1),
     ("model.head_dim", 1), ("model.d_model", 1), ("model.mlp_ratio", 1),
     ("model.attention_block_q", 0), ("model.loss_chunk", 0),
-    ("data.seq_len", 1),
+    ("data.seq_len", 1), ("data.docs_per_shard", 1),
     ("train.steps", 1), ("train.batch_size", 1), ("train.microbatches", 1),
     ("train.warmup_steps", 0), ("train.log_every", 1), ("train.eval_every", 0),
     ("train.checkpoint_every", 1), ("train.checkpoint_keep", 1),
