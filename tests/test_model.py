@@ -89,8 +89,7 @@ def test_relative_attention_matches_reference(block_q):
     nnx.update(attn, randomize(nnx.state(attn)))
     x = jax.random.normal(jax.random.key(3), (2, t, d))
     seg = np.array([[1] * t, [1, 1, 1, 2, 2, 2, 2]])
-    got = attn(x, attention.relative_sinusoids(t, d, 10_000.0),
-               attention.attention_mask(jnp.asarray(seg)))
+    got = attn(x, attention.relative_sinusoids(t, d, 10_000.0), jnp.asarray(seg))
     p = {n: getattr(attn, n)[...] for n in ("wq", "wk", "wv", "wr", "wo", "u", "v")}
     want = reference_attention(x, p, seg, 10_000.0)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-5)
@@ -100,13 +99,13 @@ def test_blocked_attention_gradients_match_one_block():
     d, h, k, t = 16, 2, 8, 10
     x = jax.random.normal(jax.random.key(3), (2, t, d))
     rel = attention.relative_sinusoids(t, d, 10_000.0)
-    mask = attention.attention_mask(jnp.asarray([[1] * t, [1] * 4 + [2] * 6]))
+    seg = jnp.asarray([[1] * t, [1] * 4 + [2] * 6])
     grads = []
     for block_q in (0, 4):
         attn = attention.RelativeAttention(d, h, k, 1.0, jnp.float32, jnp.float32,
                                            nnx.Rngs(0), block_q=block_q)
         nnx.update(attn, randomize(nnx.state(attn)))
-        grads.append(nnx.grad(lambda a, x: jnp.sum(jnp.sin(a(x, rel, mask))),
+        grads.append(nnx.grad(lambda a, x: jnp.sum(jnp.sin(a(x, rel, seg))),
                               argnums=(0, 1))(attn, x))
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -19,6 +19,8 @@ cached keys: the position term is the query against the per-head keys of every d
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -53,17 +55,43 @@ def rel_shift(x: jax.Array) -> jax.Array:
     return x.reshape(*lead, q, k)
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """[B, T] -> [B, 1, T, T] bool: causal, and only within the same packed document."""
-    t = segment_ids.shape[-1]
-    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same)[:, None]
+def xla_attention(qu: jax.Array, qv: jax.Array, k: jax.Array, v: jax.Array, r: jax.Array,
+                  segment_ids: jax.Array, *, block_q: int) -> jax.Array:
+    """Causal relative attention within packed documents, before the output projection.
+
+    qu = q + u, qv = q + v, k, v [B, T, H, K] in the compute dtype; r [T, H, K]: the per-head
+    keys of distances T-1, ..., 0 (`RelativeAttention.relative_keys`); segment_ids [B, T] int
+    (a query sees keys at or before it with its segment id). Scores and softmax in float32,
+    scaled by K**-0.5. Returns [B, T, H, K] in the compute dtype.
+    """
+    dt = qu.dtype
+    t, head_dim = qu.shape[1], qu.shape[-1]
+    block = block_q or t
+    outs = []
+    for start in range(0, t, block):  # static: T is known at trace time
+        end = min(start + block, t)
+        content = jnp.einsum("bqhk,bthk->bhqt", qu[:, start:end], k[:, :end],
+                             preferred_element_type=jnp.float32)
+        position = jnp.einsum("bqhk,thk->bhqt", qv[:, start:end], r[t - end:],
+                              preferred_element_type=jnp.float32)
+        scores = (content + rel_shift(position)) * (head_dim**-0.5)
+        causal = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
+        same = segment_ids[:, start:end, None] == segment_ids[:, None, :end]
+        mask = (causal[None] & same)[:, None]  # [B, 1, q, end]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        outs.append(jnp.einsum("bhqt,bthk->bqhk", probs, v[:, :end]))
+    return jnp.concatenate(outs, axis=1)
+
+
+# `RelativeAttention(impl=...)` -> the function computing `xla_attention`'s contract.
+ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {"xla": xla_attention}
 
 
 class RelativeAttention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, head_dim: int, out_scale: float,
-                 param_dtype: Dtype, dtype: Dtype, rngs: nnx.Rngs, block_q: int = 0):
+                 param_dtype: Dtype, dtype: Dtype, rngs: nnx.Rngs, block_q: int = 0,
+                 impl: str = "xla"):
         qkv = fan_in_init(d_model)
         shape, names = (d_model, num_heads, head_dim), ("embed", "heads", "kv")
         self.wq = param(rngs, qkv, shape, names, param_dtype)
@@ -78,10 +106,11 @@ class RelativeAttention(nnx.Module):
         self.head_dim = head_dim
         self.dtype = dtype
         self.block_q = block_q  # 0: all queries in one block
+        self.impl = impl  # a key of ATTENTION_IMPLS
 
-    def __call__(self, x: jax.Array, rel: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [B, T, D]; rel [T, D] from `relative_sinusoids`; mask [B, 1, T, T]."""
-        return self.prefill(x, rel, mask)[0]
+    def __call__(self, x: jax.Array, rel: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """x [B, T, D]; rel [T, D] from `relative_sinusoids`; segment_ids [B, T] int."""
+        return self.prefill(x, rel, segment_ids)[0]
 
     def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, T, D] -> q, k, v [B, T, H, K] in the compute dtype."""
@@ -94,7 +123,7 @@ class RelativeAttention(nnx.Module):
         """Sinusoids [N, D] -> their per-head keys W_r R [N, H, K] (in the same order)."""
         return jnp.einsum("td,dhk->thk", rel.astype(self.dtype), self.wr[...].astype(self.dtype))
 
-    def prefill(self, x: jax.Array, rel: jax.Array, mask: jax.Array
+    def prefill(self, x: jax.Array, rel: jax.Array, segment_ids: jax.Array
                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """`__call__` that also returns the keys and values [B, T, H, K] (for a decoding
         cache)."""
@@ -102,21 +131,8 @@ class RelativeAttention(nnx.Module):
         q, k, v = self.qkv(x)
         r = self.relative_keys(rel)  # distances T-1, ..., 0
         qu, qv = q + self.u[...].astype(dt), q + self.v[...].astype(dt)
-        t = x.shape[1]
-        block = self.block_q or t
-        outs = []
-        for start in range(0, t, block):  # static: T is known at trace time
-            end = min(start + block, t)
-            content = jnp.einsum("bqhk,bthk->bhqt", qu[:, start:end], k[:, :end],
-                                 preferred_element_type=jnp.float32)
-            position = jnp.einsum("bqhk,thk->bhqt", qv[:, start:end], r[t - end:],
-                                  preferred_element_type=jnp.float32)
-            scores = (content + rel_shift(position)) * (self.head_dim**-0.5)
-            scores = jnp.where(mask[:, :, start:end, :end], scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-            outs.append(jnp.einsum("bhqt,bthk->bqhk", probs, v[:, :end]))
-        out = jnp.einsum("bqhk,hkd->bqd", jnp.concatenate(outs, axis=1), self.wo[...].astype(dt))
-        return out, (k, v)
+        out = ATTENTION_IMPLS[self.impl](qu, qv, k, v, r, segment_ids, block_q=self.block_q)
+        return jnp.einsum("bqhk,hkd->bqd", out, self.wo[...].astype(dt)), (k, v)
 
     def step(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], r: jax.Array,
              pos: jax.Array, mask: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gopher_jax.model.attention import attention_mask, relative_sinusoids, sinusoids
+from gopher_jax.model.attention import relative_sinusoids, sinusoids
 from gopher_jax.model.gopher import EMBED_ACT, Block, Gopher
 from gopher_jax.parallel.rules import constrain
 
@@ -68,13 +68,12 @@ def prefill(model: Gopher, tokens: jax.Array, max_len: int,
     if segment_ids is None:
         segment_ids = jnp.ones_like(tokens)
     length = t if length is None else length
-    mask = attention_mask(segment_ids)
     rel = relative_sinusoids(t, m.d_model, m.rel_pos_max_wavelength)
     by_distance = sinusoids(jnp.arange(max_len), m.d_model, m.rel_pos_max_wavelength)
     pad = [(0, 0), (0, max_len - t), (0, 0), (0, 0)]
 
     def layer(block: Block, x: jax.Array, _: Any) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        x, (k, v) = block.prefill(x, rel, mask)
+        x, (k, v) = block.prefill(x, rel, segment_ids)
         return x, (jnp.pad(k, pad), jnp.pad(v, pad), block.attn.relative_keys(by_distance))
 
     x = constrain(model.embed(tokens), EMBED_ACT)

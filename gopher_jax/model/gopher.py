@@ -11,7 +11,7 @@ from flax import nnx
 
 from gopher_jax.config import d_ff
 from gopher_jax.model import cross_entropy
-from gopher_jax.model.attention import RelativeAttention, attention_mask, relative_sinusoids
+from gopher_jax.model.attention import RelativeAttention, relative_sinusoids
 from gopher_jax.model.layers import MLP, Dtype, Embed, RMSNorm, fan_in_init, param
 from gopher_jax.parallel.rules import constrain
 
@@ -46,19 +46,20 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(m.d_model, m.norm_eps, param_dtype, rngs)
         self.mlp = MLP(m.d_model, d_ff(m), out_scale, param_dtype, dtype, rngs)
 
-    def __call__(self, x: jax.Array, rel: jax.Array, mask: jax.Array) -> jax.Array:
-        return self.prefill(x, rel, mask)[0]
+    def __call__(self, x: jax.Array, rel: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        return self.prefill(x, rel, segment_ids)[0]
 
     def _mlp(self, x: jax.Array) -> jax.Array:
         with jax.named_scope("mlp"):
             return constrain(x + self.mlp(self.mlp_norm(x)), EMBED_ACT)
 
-    def prefill(self, x: jax.Array, rel: jax.Array, mask: jax.Array
+    def prefill(self, x: jax.Array, rel: jax.Array, segment_ids: jax.Array
                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """`__call__` that also returns this layer's keys and values [B, T, H, K]."""
+        """x [B, T, D], segment_ids [B, T] -> (the block's output, this layer's keys and
+        values [B, T, H, K])."""
         # Named scopes label the ops in profiles (benchmarks/train_step.py --profile).
         with jax.named_scope("attention"):
-            a, kv = self.attn.prefill(self.attn_norm(x), rel, mask)
+            a, kv = self.attn.prefill(self.attn_norm(x), rel, segment_ids)
             x = constrain(x + a, EMBED_ACT)
         return self._mlp(x), kv
 
@@ -99,13 +100,12 @@ class Gopher(nnx.Module):
         m = self.m
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        mask = attention_mask(segment_ids)
         rel = relative_sinusoids(tokens.shape[1], m.d_model, m.rel_pos_max_wavelength)
         with jax.named_scope("embed"):
             x = constrain(self.embed(tokens), EMBED_ACT)
 
         def block_fn(block: Block, x: jax.Array) -> jax.Array:
-            return block(x, rel, mask)
+            return block(x, rel, segment_ids)
 
         if m.remat_policy != "none":
             block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[m.remat_policy],
