@@ -14,7 +14,7 @@ import numpy as np
 
 from gopher_jax import checkpoint as ckpt_lib
 from gopher_jax import storage
-from gopher_jax.data import pipeline
+from gopher_jax.data import mixture, pipeline
 from gopher_jax.layout import Layout
 from gopher_jax.parallel import distributed
 from gopher_jax.parallel import mesh as mesh_lib
@@ -29,7 +29,10 @@ def eval_batch_size(c: ml_collections.ConfigDict) -> int:
 def evaluate_split(c: ml_collections.ConfigDict, layout: Layout | jax.sharding.Mesh,
                    params: Any, split: str, eval_step: Any = None, max_batches: int = -1
                    ) -> dict[str, float]:
-    """Exact bits per byte: summed -log2 p over the summed UTF-8 bytes of the split."""
+    """Exact bits per byte: summed -log2 p over the summed UTF-8 bytes of the split. For a
+    mixture: the mixture's (`mixture.combine`), and each source's as "bits_per_byte/<name>"."""
+    if mixture.is_mixture(c):
+        return evaluate_mixture(c, layout, params, split, eval_step, max_batches)
     layout = Layout.of(c, layout)
     eval_step = eval_step or step_lib.make_eval_step(c, layout)
     sharding = layout.batch_sharding
@@ -43,6 +46,46 @@ def evaluate_split(c: ml_collections.ConfigDict, layout: Layout | jax.sharding.M
         return {"loss": math.nan, "bits_per_byte": math.nan, "tokens": 0.0, "bytes": nbytes}
     return {"loss": nll / tokens, "bits_per_byte": nll / math.log(2) / nbytes,
             "tokens": tokens, "bytes": nbytes}
+
+
+def evaluate_sources(c: ml_collections.ConfigDict, layout: Layout | jax.sharding.Mesh,
+                     params: Any, split: str, eval_step: Any = None, max_batches: int = -1
+                     ) -> dict[str, dict[str, float]]:
+    """Each source of a mixture on its own `split` (a source without that split is left
+    out): what `evaluate_split` returns, plus "chunks", the number of chunks evaluated."""
+    layout = Layout.of(c, layout)
+    eval_step = eval_step or step_lib.make_eval_step(c, layout)
+    out = {}
+    for s in mixture.sources(c):
+        sc = mixture.source_config(c, s)
+        if not mixture.has_split(sc, split):
+            continue
+        r = evaluate_split(sc, layout, params, split, eval_step, max_batches)
+        n = len(pipeline.open_chunks(sc, split))
+        r["chunks"] = float(n if max_batches < 0 else min(n, max_batches * eval_batch_size(c)))
+        out[s.name] = r
+    return out
+
+
+def _combined(c: ml_collections.ConfigDict, per: dict[str, dict[str, float]],
+              bits_key: str = "bits_per_byte") -> dict[str, float]:
+    sums = {n: {"nll": r[bits_key] * r["bytes"] * math.log(2), "tokens": r["tokens"],
+                "bytes": r["bytes"], "chunks": r["chunks"]}
+            for n, r in per.items() if r["tokens"] > 0}
+    return mixture.combine(c, sums)
+
+
+def evaluate_mixture(c: ml_collections.ConfigDict, layout: Layout | jax.sharding.Mesh,
+                     params: Any, split: str, eval_step: Any = None, max_batches: int = -1
+                     ) -> dict[str, float]:
+    """The mixture's bits per byte and loss on `split` (`mixture.combine`), its summed
+    tokens and bytes, and each source's bits per byte as "bits_per_byte/<name>"."""
+    per = evaluate_sources(c, layout, params, split, eval_step, max_batches)
+    out = _combined(c, per)
+    out.update(tokens=sum(r["tokens"] for r in per.values()),
+               bytes=sum(r["bytes"] for r in per.values()))
+    out.update({f"bits_per_byte/{n}": r["bits_per_byte"] for n, r in per.items()})
+    return out
 
 
 def restore_params(c: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -83,9 +126,28 @@ def unigram_bits_per_byte(c: ml_collections.ConfigDict, split: str) -> float:
     return nll / math.log(2) / nbytes
 
 
+def _mixture_split(c: ml_collections.ConfigDict, layout: Layout, params: Any, split: str,
+                   eval_step: Any, by_source: dict[str, dict]) -> dict[str, float]:
+    """The mixture's result on `split` for `run` (model and unigram baseline, combined the
+    same way); each source's own goes into by_source[name][split]."""
+    per = evaluate_sources(c, layout, params, split, eval_step)
+    for s in mixture.sources(c):
+        if s.name in per:
+            per[s.name]["unigram_bits_per_byte"] = unigram_bits_per_byte(
+                mixture.source_config(c, s), split)
+            by_source.setdefault(s.name, {})[split] = per[s.name]
+    out = _combined(c, per)
+    out["unigram_bits_per_byte"] = _combined(c, per, "unigram_bits_per_byte")["bits_per_byte"]
+    out.update(tokens=sum(r["tokens"] for r in per.values()),
+               bytes=sum(r["bytes"] for r in per.values()),
+               shares={n: v for n, v in mixture.shares(c).items() if n in per})
+    return out
+
+
 def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Bits per byte of the workdir's newest checkpoint on the eval and test splits, each with
-    its unigram baseline; written to <workdir>/eval.json (process 0) and returned."""
+    its unigram baseline; written to <workdir>/eval.json (process 0) and returned. For a
+    mixture, "splits" holds the mixture's and "sources" each source's: {name: {split: ...}}."""
     distributed.initialize_from_env()
     layout = Layout.build(c, mesh_lib.make_mesh(c))
     # The checkpoint first: a workdir without one is refused before any data is built.
@@ -93,8 +155,14 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, A
     info = distributed.run_on_process_zero_first(lambda: pipeline.prepare(c))
     eval_step = step_lib.make_eval_step(c, layout)
     results: dict[str, Any] = {"step": step, "warnings": info["warnings"], "splits": {}}
+    if mixture.is_mixture(c):
+        results["sources"] = {}
     for split in dict.fromkeys((c.data.eval_split, c.data.test_split)):
         if split not in info["splits"]:
+            continue
+        if mixture.is_mixture(c):
+            results["splits"][split] = _mixture_split(c, layout, params, split, eval_step,
+                                                      results["sources"])
             continue
         r = evaluate_split(c, layout, params, split, eval_step)
         r["unigram_bits_per_byte"] = unigram_bits_per_byte(c, split)

