@@ -125,8 +125,6 @@ def test_mixture_batches_match_weights_and_small_sources_repeat_by_epoch(mix):
         assert m[f"tokens/{name}"] == rows[i] * cfg.data.seq_len
     small = data.names.index("small")
     assert rows[small] / data.sizes[small] > 3, "the small source should repeat"
-    # Sources do not share a shuffle: the first epoch's orders differ from one seed's order.
-    assert chunks_by_source[0][:8] != chunks_by_source[2][:8]
 
 
 def test_order_is_pure_in_seed_and_step_on_any_topology_and_process_count(mix):
