@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("sample", "generate text from a trained workdir"),
     "tasks": ("tasks", "score a trained workdir on tasks (cloze, multiple choice, generation)"),
     "data prepare": ("data", "build the dataset, tokenizer and token chunks"),
+    "data filter": ("data", "MassiveText quality/repetition filters, dedup, test-set removal"),
     "tokenizer train": ("data", "(re)train the SentencePiece tokenizer"),
     "checkpoint info": ("checkpoint", "list a workdir's checkpoints (steps, sizes, mesh)"),
     "aot": ("aot", "compile the train step for a TPU topology here (needs .[tpu])"),
