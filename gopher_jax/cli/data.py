@@ -1,35 +1,60 @@
-"""`data prepare` and `tokenizer train`."""
+"""`data prepare`, `data filter` and `tokenizer train`."""
 
 from __future__ import annotations
 
 import argparse
 
+from gopher_jax import storage
 from gopher_jax.cli import common, console
+from gopher_jax.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     common.add_config(p)
+    if name in ("data prepare", "data filter"):
+        p.add_argument("--processes", type=int, default=1, metavar="N",
+                       help="local processes working on shards (results never depend on N)")
+    if name == "data filter":
+        p.add_argument("--out", default="", metavar="DIR",
+                       help="output folder (default <data_dir>/filtered/<corpus>)")
 
 
 def run(args: argparse.Namespace) -> int:
+    processes = getattr(args, "processes", 1)
+    if processes < 1:
+        raise UsageError(f"--processes {processes}", "give 1 or more")
     c = common.load_config(args)
     common.writable_dir(c.data.data_dir, "data dir (data.data_dir)")
     if args.name == "tokenizer train":
         return _tokenizer(c)
+    if args.name == "data filter":
+        return _filter(c, args.out or None, processes)
     from gopher_jax.data import pipeline
 
-    info = pipeline.prepare(c, log=console.out)
+    info = pipeline.prepare(c, log=console.out, processes=processes)
     console.out(f"[data] {info['dataset']}: tokenizer {info['tokenizer']}")
     for split, s in info["splits"].items():
         console.out(f"[data]   {split:>10}: {s['num_chunks']:>8,} chunks  {s['num_tokens']:>12,} "
                     f"tokens  {s['num_bytes']:>13,} bytes  {s['tokens_per_byte']:.3f} tokens/byte"
                     f"{'  (reused)' if s['reused'] else ''}")
-    for name, si in info.get("sources", {}).items():
-        console.out(f"[data] source {name} ({info['shares'][name]:.1%} of the rows):")
-        for split, s in si["splits"].items():
-            console.out(f"[data]   {split:>10}: {s['num_chunks']:>8,} chunks  "
-                        f"{s['num_tokens']:>12,} tokens  {s['num_bytes']:>13,} bytes")
     console.out(f"[data] chunks in {info['chunks_dir']}")
+    return 0
+
+
+def _filter(c, out: str | None, processes: int) -> int:
+    from gopher_jax.data import corpus_filter
+
+    if out:
+        storage.check(out, "--out", remote_ok=False)
+        common.writable_dir(out, "--out")
+    m = corpus_filter.filter_corpus(c, out, processes, log=console.out)
+    console.out(f"[filter] {m['split']}: {m['docs_in']:,} documents, {m['bytes_in']:,} bytes in")
+    for stage, s in m["stages"].items():
+        console.out(f"[filter]   {stage:>12}: -{s['docs_removed']:>7,} documents  "
+                    f"-{s['bytes_removed']:>12,} bytes")
+    console.out(f"[filter] {m['docs_out']:,} documents, {m['bytes_out']:,} bytes kept in "
+                f"{out or corpus_filter.filter_dir(c)} (train on them: "
+                "--config.data.filter=True)")
     return 0
 
 

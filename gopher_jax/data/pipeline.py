@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gopher_jax.data import builders, tokenized
+from gopher_jax.data import builders, shards, tokenized
 from gopher_jax.data.builders import DataError
 from gopher_jax.data.tokenizer import Tokenizer, default_path, train_tokenizer
 
@@ -66,13 +66,15 @@ def _splits(cfg: ml_collections.ConfigDict) -> list[str]:
 
 
 def prepare(cfg: ml_collections.ConfigDict,
-            log: Callable[[str], None] | None = None) -> dict:
+            log: Callable[[str], None] | None = None, processes: int = 1) -> dict:
     """Build the dataset, train the tokenizer if absent, tokenize every split. Idempotent.
 
     Returns {"dataset", "tokenizer", "chunks_dir", "splits": {split: {num_chunks, num_docs,
     num_tokens, num_bytes, tokens_per_byte, path, reused}}, "warnings": [...]}. `log`
     receives progress lines. A split with fewer chunks than one batch is a warning (its bits
     per byte rest on little text); a training split without any chunk is an error.
+    Splits are tokenized in shards on `processes` processes (shards.py; the chunks never
+    depend on it); with data.filter the training split is first filtered (corpus_filter.py).
     """
     if cfg.data.get("sources"):
         from gopher_jax.data import mixture
@@ -98,19 +100,27 @@ def prepare(cfg: ml_collections.ConfigDict,
                         "corpus": builders.corpus_fingerprint(builder), "seq_len": d.seq_len}
     info = {"dataset": d.dataset, "tokenizer": str(tok_path), "chunks_dir": str(out),
             "tokenizer_sha": file_sha(tok_path), "splits": {}}
+    filtered = None
+    if d.filter:
+        from gopher_jax.data import corpus_filter
+
+        filtered = (corpus_filter.filter_dir(cfg),
+                    corpus_filter.filter_corpus(cfg, None, processes, log))
     for split in _splits(cfg):
         if split not in builder.info.splits:
             log(f"[data] {d.dataset} has no {split!r} split; skipped")
             continue
         fp = dict(fingerprint_base, split=split)
+        if filtered is not None and split == d.train_split:
+            fp["filter"] = filtered[1]["fingerprint"]
         meta = tokenized.read_meta(out / split)
         if meta is not None and meta["fingerprint"] == fp:
-            log(f"[data] {split}: reusing {meta['num_chunks']:,} chunks in {meta['path']}")
+            log(f"[data] {split}: reusing {meta['num_chunks']:,} chunks in {out}")
             info["splits"][split] = dict(meta, reused=True)
             continue
-        meta = tokenized.write_split(out / split, builders.iter_texts(builder, split,
-                                                                     d.text_field),
-                                     tok, d.seq_len, fp, label=split, log=log)
+        meta = shards.prepare_split(
+            cfg, split, builder.info.splits[split].num_examples, tok, tok_path, fp, out,
+            processes, filtered if split == d.train_split else None, log)
         log(f"[data] {split}: {meta['num_docs']:,} docs, {meta['num_bytes']:,} bytes -> "
             f"{meta['num_tokens']:,} tokens -> {meta['num_chunks']:,} chunks of "
             f"{d.seq_len}+1 ({meta['seconds']}s)")

@@ -11,6 +11,10 @@ weighted targets, so it sums to the split's byte count (with an NFKC tokenizer: 
 count of the normalised text, which is what the model sees; `num_text_bytes` has the raw one).
 
 One record = int32 [tokens (L+1), segment_ids (L+1), num_bytes (1)], raw little-endian.
+
+Files: `<split>.json` (the metadata, written last) lists the split's ArrayRecord files in
+chunk order, `<split>/chunks-<k>.array_record` (sharded preparation, shards.py); data dirs
+prepared before sharding hold one `<split>.array_record`, which `Chunks` still reads.
 """
 
 from __future__ import annotations
@@ -62,8 +66,16 @@ class ChunkPacker:
             return np.zeros((0, 2 * self.seq_len + 3), np.int32)
         lens = np.array([len(d) + 1 for d in docs])
         flat = np.concatenate([np.array([self.eos_id] + list(d), np.int32) for d in docs])
-        ids = np.repeat(np.arange(self.num_docs, self.num_docs + len(docs)), lens)
-        self.num_docs += len(docs)
+        return self.add_flat(flat, lens)
+
+    def add_flat(self, flat: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        """`add` for documents already encoded as [eos] + ids and concatenated: `flat` [T]
+        int32, `lens` [docs] (each document's length with its EOS)."""
+        if len(lens) == 0:
+            return np.zeros((0, 2 * self.seq_len + 3), np.int32)
+        flat = np.asarray(flat, np.int32)
+        ids = np.repeat(np.arange(self.num_docs, self.num_docs + len(lens)), lens)
+        self.num_docs += len(lens)
         self.num_tokens += len(flat)
         self._tokens = np.concatenate([self._tokens, flat])
         self._docs = np.concatenate([self._docs, ids])
@@ -107,6 +119,26 @@ def batch_shapes(batch_size: int, seq_len: int) -> dict[str, tuple[tuple[int, ..
     rows = (batch_size, seq_len + 1)
     i32 = np.dtype(np.int32)
     return {"tokens": (rows, i32), "segment_ids": (rows, i32), "num_bytes": ((batch_size,), i32)}
+
+
+def write_records(path: pathlib.Path, records: np.ndarray) -> None:
+    """Records [n, 2*(L+1)+1] as one ArrayRecord file, written to a temporary name first."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+    try:
+        for r in records:
+            writer.write(r.astype("<i4").tobytes())
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, RuntimeError | OSError):  # array_record reports I/O as RuntimeError
+            raise DataError(f"writing token chunks to {path.parent} failed: {e}",
+                            "free space or choose another data.data_dir, then run again"
+                            ) from None
+        raise
 
 
 def write_split(path: str | os.PathLike, docs: Iterable[str], tokenizer, seq_len: int,
@@ -171,18 +203,30 @@ def read_meta(path: str | os.PathLike) -> dict | None:
     return json.loads(meta.read_text())
 
 
+def chunk_files(path: str | os.PathLike, meta: dict) -> list[str]:
+    """The split's ArrayRecord files in chunk order: `files` (sharded, relative to the
+    folder `<path>/`, in shard order) or the single `path` that older data dirs hold."""
+    if "files" in meta:
+        folder = pathlib.Path(path)
+        return [str(folder / f["path"]) for f in meta["files"]]
+    return [meta["path"]]
+
+
 class Chunks:
-    """Random access to one tokenized split."""
+    """Random access to one tokenized split: chunk i of the split is record i of its files
+    taken in their listed (shard) order."""
 
     def __init__(self, path: str | os.PathLike):
         self.meta = read_meta(path)
         if self.meta is None:
             raise FileNotFoundError(f"no tokenized chunks at {path}.json")
         self.seq_len: int = self.meta["seq_len"]
-        self.source = grain.sources.ArrayRecordDataSource([self.meta["path"]])
+        self.files = chunk_files(path, self.meta)
+        self.source = grain.sources.ArrayRecordDataSource(self.files)
         if len(self.source) != self.meta["num_chunks"]:
-            raise ValueError(f"{self.meta['path']} holds {len(self.source)} chunks, its "
-                             f"metadata says {self.meta['num_chunks']}: prepare again.")
+            raise ValueError(f"{pathlib.Path(path).parent} holds {len(self.source)} chunks "
+                             f"for {pathlib.Path(path).name}, its metadata says "
+                             f"{self.meta['num_chunks']}: prepare again.")
 
     def __len__(self) -> int:
         return self.meta["num_chunks"]

@@ -1,0 +1,305 @@
+"""A corpus filtered as MassiveText was (Gopher paper, appendix A), in resumable shards.
+
+    report = filter_corpus(cfg, out_dir, processes=2, log=print)
+    docs = filtered_docs(out_dir, "train", shard)   # [(doc id, text)] of one shard
+
+`cfg.data` names one source (dataset, text_files, text_field, splits); the training split
+goes through five stages, each reported in `out_dir/audit/<stage>.{json,md}` (documents and
+bytes removed per rule, a few examples with their ids and a snippet):
+
+1. quality     per document, filters.quality_rule            (parallel, one task per shard)
+2. repetition  per document, filters.repetition_rule         (same task)
+3. exact_dedup identical texts: the first (smallest id) stays  (whole split)
+4. near_dedup  13-gram Jaccard >= 0.8 clusters keep their first (dedup.near_duplicates)
+5. test_set    13-gram Jaccard >= 0.8 to any document of the evaluation splits
+
+The evaluation splits are not filtered (they are the benchmarks); their 13-grams are only
+read for stage 5. A document's id is its index in its split's stored order, so "the first"
+is well defined and the result does not depend on the shards or the processes.
+
+Files (every one written to a temporary name and renamed; `manifest.json` last):
+  work/<split>-<k>-<fp>.{jsonl,npz,json}  stage 1-2 survivors, their hashes/MinHash/13-grams,
+                                         the shard's counts (the .json marks it finished)
+  removed.json                          stages 3-5: {removed id: the id it duplicates}
+  docs/<split>-<k>.jsonl                the filtered documents, {"id", "text"} per line
+  audit/<stage>.json, audit/<stage>.md  the reports
+  manifest.json                         settings, fingerprint, every shard's counts and hash
+
+At scale (a corpus larger than one machine): the same stages map onto datatrove pipelines
+run by its SLURM or Ray executor; see README.md, "Filtering and preparing a corpus".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from collections.abc import Callable
+
+import ml_collections
+import numpy as np
+
+from gopher_jax import storage
+from gopher_jax.data import builders, dedup, filters, shards
+from gopher_jax.errors import DataError
+
+FILTER_FORMAT = 1
+STAGES = ("quality", "repetition", "exact_dedup", "near_dedup", "test_set")
+EXAMPLES = 3  # per rule in the audit
+SNIPPET = 100  # characters
+
+
+def settings(cfg: ml_collections.ConfigDict, fcfg: filters.FilterConfig) -> dict:
+    """Everything the filtered documents depend on (the output folder's fingerprint)."""
+    return {"format": FILTER_FORMAT, "corpus": builders.corpus_name(cfg),
+            "train_split": cfg.data.train_split,
+            "eval_splits": sorted({cfg.data.eval_split, cfg.data.test_split}),
+            "docs_per_shard": cfg.data.docs_per_shard, "ngram": dedup.NGRAM,
+            "jaccard": dedup.JACCARD, "minhash": [dedup.BANDS, dedup.ROWS],
+            "filters": repr(fcfg)}
+
+
+def filter_dir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
+    """<data_dir>/filtered/<corpus>: where `data filter` writes by default."""
+    return (pathlib.Path(os.path.expanduser(cfg.data.data_dir)) / "filtered"
+            / builders.corpus_name(cfg))
+
+
+def _doc_id(split: str, i: int) -> str:
+    return f"{split}:{i}"
+
+
+def _snippet(text: str) -> str:
+    s = " ".join(text[:SNIPPET * 2].split())
+    return s[:SNIPPET] + ("..." if len(s) > SNIPPET else "")
+
+
+def _stage1_shard(cfg: ml_collections.ConfigDict, fcfg: filters.FilterConfig, split: str,
+                  index: int, start: int, stop: int, folder: str, fp: str,
+                  apply_rules: bool) -> dict:
+    """Quality and repetition on docs [start, stop) of `split` (when apply_rules), then the
+    survivors' text hashes, MinHash signatures and 13-gram sets. Skips a finished shard."""
+    folder = pathlib.Path(folder)
+    stem = f"{split}-{index:05d}-{fp}"
+    done = folder / f"{stem}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    texts = shards.read_range(cfg, split, start, stop)
+    rules: dict[str, dict[str, dict]] = {"quality": {}, "repetition": {}}
+    kept: list[tuple[int, str]] = []
+    for i, text in zip(range(start, stop), texts, strict=True):
+        hit = filters.first_rule(text, fcfg) if apply_rules else None
+        if hit is None:
+            kept.append((i, text))
+            continue
+        stage, rule = hit
+        r = rules[stage].setdefault(rule, {"docs": 0, "bytes": 0, "examples": []})
+        r["docs"] += 1
+        r["bytes"] += len(text.encode("utf-8"))
+        if len(r["examples"]) < EXAMPLES:
+            r["examples"].append({"id": _doc_id(split, i), "snippet": _snippet(text)})
+    sets = [dedup.shingles(t) for _, t in kept]
+    sigs = np.stack([dedup.signature(s) for s in sets]) if sets \
+        else np.zeros((0, dedup.NUM_PERM), np.uint64)
+    shards.save_arrays(
+        folder / f"{stem}.npz", ids=np.array([i for i, _ in kept], np.int64),
+        hashes=np.array([dedup.text_hash(t) for _, t in kept], np.uint64), sigs=sigs,
+        set_lengths=np.array([len(s) for s in sets], np.int64),
+        set_values=np.concatenate(sets) if sets else np.zeros(0, np.uint64),
+        nbytes=np.array([len(t.encode("utf-8")) for _, t in kept], np.int64),
+        snippets=np.array([_snippet(t) for _, t in kept], dtype=f"<U{SNIPPET + 3}"))
+    if apply_rules:
+        shards.write_docs(folder / f"{stem}.jsonl", kept)
+    summary = {"split": split, "index": index, "start": start, "stop": stop,
+               "docs_in": stop - start,
+               "bytes_in": sum(len(t.encode("utf-8")) for t in texts),
+               "docs_out": len(kept), "rules": rules}
+    storage.write_atomic(done, json.dumps(summary))
+    return summary
+
+
+def _load_stage1(folder: pathlib.Path, split: str, plan, fp: str) -> dict:
+    parts = [shards.load_arrays(folder / f"{split}-{k:05d}-{fp}.npz")
+             for k in range(len(plan))]
+    ids = np.concatenate([p["ids"] for p in parts]) if parts else np.zeros(0, np.int64)
+    values = [np.split(p["set_values"], np.cumsum(p["set_lengths"])[:-1]) if len(p["ids"])
+              else [] for p in parts]
+    return {"ids": ids,
+            "hashes": np.concatenate([p["hashes"] for p in parts]) if parts else ids,
+            "sigs": np.concatenate([p["sigs"] for p in parts]) if parts
+            else np.zeros((0, dedup.NUM_PERM), np.uint64),
+            "sets": [s for v in values for s in v],
+            "nbytes": np.concatenate([p["nbytes"] for p in parts]) if parts else ids,
+            "snippets": np.concatenate([p["snippets"] for p in parts]) if parts else []}
+
+
+def _stage2(train: dict, evals: dict[str, dict]) -> dict[str, dict[int, str]]:
+    """{stage: {removed train id: the id it matched}} for exact, near and test-set removal."""
+    ids = [int(i) for i in train["ids"]]
+    exact = dedup.exact_duplicates(ids, [int(h) for h in train["hashes"]])
+    rest = [k for k, i in enumerate(ids) if i not in exact]
+    near = dedup.near_duplicates([ids[k] for k in rest], train["sigs"][rest],
+                                 [train["sets"][k] for k in rest])
+    rest = [k for k in rest if ids[k] not in near]
+    eval_ids = [_doc_id(s, int(i)) for s, e in evals.items() for i in e["ids"]]
+    eval_sigs = np.concatenate([e["sigs"] for e in evals.values()]) if evals \
+        else np.zeros((0, dedup.NUM_PERM), np.uint64)
+    eval_sets = [s for e in evals.values() for s in e["sets"]]
+    test = dedup.test_set_overlap([ids[k] for k in rest], train["sigs"][rest],
+                                  [train["sets"][k] for k in rest], eval_ids, eval_sigs,
+                                  eval_sets)
+    return {"exact_dedup": {i: str(j) for i, j in exact.items()},
+            "near_dedup": {i: str(j) for i, j in near.items()},
+            "test_set": {i: str(j) for i, j in test.items()}}
+
+
+def _audit(stage: str, docs_in: int, bytes_in: int, rules: dict[str, dict]) -> dict:
+    removed = sum(r["docs"] for r in rules.values())
+    removed_bytes = sum(r["bytes"] for r in rules.values())
+    return {"stage": stage, "docs_in": docs_in, "bytes_in": bytes_in,
+            "docs_removed": removed, "bytes_removed": removed_bytes,
+            "docs_out": docs_in - removed, "bytes_out": bytes_in - removed_bytes,
+            "rules": dict(sorted(rules.items()))}
+
+
+def _markdown(a: dict) -> str:
+    lines = [f"# {a['stage']}", "",
+             f"{a['docs_in']:,} documents ({a['bytes_in']:,} bytes) in, {a['docs_removed']:,} "
+             f"({a['bytes_removed']:,} bytes) removed, {a['docs_out']:,} out.", ""]
+    if a["rules"]:
+        lines += ["| rule | documents | bytes | examples |", "|---|---:|---:|---|"]
+        for name, r in a["rules"].items():
+            ex = "; ".join(f"`{e['id']}`" + (f" (= `{e['matched']}`)" if "matched" in e else "")
+                           + f" {e['snippet'][:60]!r}" for e in r["examples"])
+            lines.append(f"| {name} | {r['docs']:,} | {r['bytes']:,} | {ex} |")
+    return "\n".join(lines) + "\n"
+
+
+def _merge_rules(summaries: list[dict], stage: str) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for s in summaries:  # shard order = id order: the first examples are the smallest ids
+        for name, r in s["rules"][stage].items():
+            m = out.setdefault(name, {"docs": 0, "bytes": 0, "examples": []})
+            m["docs"] += r["docs"]
+            m["bytes"] += r["bytes"]
+            m["examples"] = (m["examples"] + r["examples"])[:EXAMPLES]
+    return out
+
+
+def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | None = None,
+                  processes: int = 1, log: Callable[[str], None] | None = None,
+                  fcfg: filters.FilterConfig = filters.PAPER) -> dict:
+    """Filters the training split of the source `cfg.data` names into `out_dir` (default
+    `filter_dir(cfg)`); idempotent: finished shards and stages are reused. Returns the
+    manifest (also `out_dir/manifest.json`)."""
+    log = log or (lambda msg: None)
+    d = cfg.data
+    if processes < 1:
+        raise DataError(f"--processes {processes}", "give 1 or more")
+    out = pathlib.Path(out_dir) if out_dir is not None else filter_dir(cfg)
+    builder = builders.prepare_builder(cfg, log)
+    if d.train_split not in builder.info.splits:
+        raise DataError(f"dataset {d.dataset!r} has no split {d.train_split!r} (it has "
+                        f"{builders.split_names(builder)})", "set data.train_split")
+    conf = settings(cfg, fcfg)
+    fp = shards.digest([conf, builders.corpus_fingerprint(builder)])
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("fingerprint") == fp:
+            log(f"[filter] reusing {out} ({manifest['docs_out']:,} of "
+                f"{manifest['docs_in']:,} training documents kept)")
+            return manifest
+    t0 = time.time()
+    work, docs_dir, audit_dir = out / "work", out / "docs", out / "audit"
+    for f in (work, docs_dir, audit_dir):
+        f.mkdir(parents=True, exist_ok=True)
+        shards.remove_stale_temporaries(f)
+    eval_splits = [s for s in conf["eval_splits"] if s in builder.info.splits
+                   and s != d.train_split]
+    plans = {s: shards.shard_ranges(builder.info.splits[s].num_examples, d.docs_per_shard)
+             for s in [d.train_split, *eval_splits]}
+    tasks = [(cfg, fcfg, s, k, a, b, str(work), fp, s == d.train_split)
+             for s, plan in plans.items() for k, (a, b) in enumerate(plan)]
+    log(f"[filter] {builder.name}: {len(tasks)} shards of <= {d.docs_per_shard} documents "
+        f"on {processes} process(es)")
+    summaries = shards.run_tasks(_stage1_shard, tasks, processes)
+    train_summaries = [s for s in summaries if s["split"] == d.train_split]
+    log(f"[filter] quality and repetition: {time.time() - t0:.1f}s")
+
+    removed_path = out / "removed.json"
+    removed_doc = json.loads(removed_path.read_text()) if removed_path.is_file() else None
+    train = _load_stage1(work, d.train_split, plans[d.train_split], fp)
+    if removed_doc is None or removed_doc.get("fingerprint") != fp:
+        evals = {s: _load_stage1(work, s, plans[s], fp) for s in eval_splits}
+        removed = _stage2(train, evals)
+        storage.write_atomic(removed_path, json.dumps(
+            {"fingerprint": fp, **{k: {str(i): j for i, j in v.items()}
+                                   for k, v in removed.items()}}))
+    else:
+        removed = {k: {int(i): j for i, j in removed_doc[k].items()}
+                   for k in ("exact_dedup", "near_dedup", "test_set")}
+    log(f"[filter] dedup and test-set filtering: {time.time() - t0:.1f}s")
+
+    # The audits, in stage order.
+    docs_in = sum(s["docs_in"] for s in train_summaries)
+    bytes_in = sum(s["bytes_in"] for s in train_summaries)
+    audits = []
+    for stage in ("quality", "repetition"):
+        a = _audit(stage, docs_in, bytes_in, _merge_rules(train_summaries, stage))
+        audits.append(a)
+        docs_in, bytes_in = a["docs_out"], a["bytes_out"]
+    row = {int(i): k for k, i in enumerate(train["ids"])}
+    for stage in ("exact_dedup", "near_dedup", "test_set"):
+        gone = sorted(removed[stage])
+        rule = {"exact_dedup": "identical_text", "near_dedup": "jaccard_13gram_ge_0.8",
+                "test_set": "eval_jaccard_13gram_ge_0.8"}[stage]
+        rules = {rule: {"docs": len(gone),
+                        "bytes": int(sum(train["nbytes"][row[i]] for i in gone)),
+                        "examples": [{"id": _doc_id(d.train_split, i),
+                                      "matched": (removed[stage][i] if stage == "test_set"
+                                                  else _doc_id(d.train_split,
+                                                               int(removed[stage][i]))),
+                                      "snippet": str(train["snippets"][row[i]])}
+                                     for i in gone[:EXAMPLES]]}} if gone else {}
+        a = _audit(stage, docs_in, bytes_in, rules)
+        audits.append(a)
+        docs_in, bytes_in = a["docs_out"], a["bytes_out"]
+    for a in audits:
+        storage.write_atomic(audit_dir / f"{a['stage']}.json", json.dumps(a, indent=1))
+        storage.write_atomic(audit_dir / f"{a['stage']}.md", _markdown(a))
+
+    # The filtered documents, one file per shard.
+    gone_all = {i for v in removed.values() for i in v}
+    shard_rows = []
+    for s in train_summaries:
+        k = s["index"]
+        name = f"{d.train_split}-{k:05d}.jsonl"
+        target = docs_dir / name
+        stem = f"{d.train_split}-{k:05d}-{fp}"
+        kept = [(i, t) for i, t in shards.read_docs(work / f"{stem}.jsonl") if i not in gone_all]
+        shards.write_docs(target, kept)
+        shard_rows.append({"index": k, "start": s["start"], "stop": s["stop"],
+                           "docs_in": s["docs_in"], "docs_out": len(kept), "path": name,
+                           "sha256": shards.file_sha(target)})
+    manifest = {"fingerprint": fp, "settings": conf, "split": d.train_split,
+                "docs_in": audits[0]["docs_in"], "bytes_in": audits[0]["bytes_in"],
+                "docs_out": audits[-1]["docs_out"], "bytes_out": audits[-1]["bytes_out"],
+                "stages": {a["stage"]: {"docs_removed": a["docs_removed"],
+                                        "bytes_removed": a["bytes_removed"]} for a in audits},
+                "shards": shard_rows}
+    storage.write_atomic(manifest_path, json.dumps(manifest, indent=1))
+    log(f"[filter] {manifest['docs_out']:,} of {manifest['docs_in']:,} training documents "
+        f"kept ({time.time() - t0:.1f}s); reports in {audit_dir}")
+    return manifest
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict | None:
+    p = pathlib.Path(out_dir) / "manifest.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def filtered_docs(out_dir: str | os.PathLike, shard: dict) -> list[tuple[int, str]]:
+    """The (id, text) of one shard row of the manifest."""
+    return shards.read_docs(pathlib.Path(out_dir) / "docs" / shard["path"])
