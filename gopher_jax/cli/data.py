@@ -37,6 +37,11 @@ def run(args: argparse.Namespace) -> int:
         console.out(f"[data]   {split:>10}: {s['num_chunks']:>8,} chunks  {s['num_tokens']:>12,} "
                     f"tokens  {s['num_bytes']:>13,} bytes  {s['tokens_per_byte']:.3f} tokens/byte"
                     f"{'  (reused)' if s['reused'] else ''}")
+    for name, si in info.get("sources", {}).items():
+        console.out(f"[data] source {name} ({info['shares'][name]:.1%} of the rows):")
+        for split, s in si["splits"].items():
+            console.out(f"[data]   {split:>10}: {s['num_chunks']:>8,} chunks  "
+                        f"{s['num_tokens']:>12,} tokens  {s['num_bytes']:>13,} bytes")
     console.out(f"[data] chunks in {info['chunks_dir']}")
     return 0
 

@@ -214,11 +214,10 @@ def prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = 
     if not path.is_file():
         _train_tokenizer(cfg, srcs, built, log)
     per = {}
-    kw = {"processes": processes} if processes != 1 else {}
     for s in srcs:
         per[s.name] = pipeline.prepare(
             source_config(cfg, s), log=lambda m, n=s.name: log(m.replace("[data]", f"[data:{n}]")),
-            **kw)
+            processes=processes)
     splits: dict[str, dict] = {}
     for info in per.values():
         for split, m in info["splits"].items():

@@ -79,7 +79,7 @@ def prepare(cfg: ml_collections.ConfigDict,
     if cfg.data.get("sources"):
         from gopher_jax.data import mixture
 
-        return mixture.prepare(cfg, log)
+        return mixture.prepare(cfg, log, processes=processes)
     d = cfg.data
     log = log or (lambda msg: None)
     builder = builders.prepare_builder(cfg, log)
