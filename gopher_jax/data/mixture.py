@@ -53,6 +53,7 @@ class Source:
     text_files: str
     text_field: str
     weight: float
+    filter: bool = False  # its training split goes through the filter stage (corpus_filter)
 
 
 def is_mixture(cfg: ml_collections.ConfigDict) -> bool:
@@ -61,7 +62,8 @@ def is_mixture(cfg: ml_collections.ConfigDict) -> bool:
 
 def sources(cfg: ml_collections.ConfigDict) -> list[Source]:
     """The config's sources sorted by name: the order does not depend on how they were written."""
-    out = [Source(name, s["dataset"], s["text_files"], s["text_field"], float(s["weight"]))
+    out = [Source(name, s["dataset"], s["text_files"], s["text_field"], float(s["weight"]),
+                  bool(s.get("filter", False)) or bool(cfg.data.get("filter", False)))
            for name, s in (cfg.data.get("sources") or {}).items()]
     return sorted(out, key=lambda s: s.name)
 
@@ -94,6 +96,8 @@ def source_config(cfg: ml_collections.ConfigDict, src: Source, shared_tokenizer:
     the mixture's tokenizer; every other setting (model, seq_len, splits, batch) is cfg's."""
     c = ml_collections.ConfigDict(cfg.to_dict())
     c.data.update(dataset=src.dataset, text_files=src.text_files, text_field=src.text_field)
+    if "filter" in c.data:
+        c.data.filter = src.filter
     c.data.sources = ml_collections.ConfigDict()  # update() would merge into the old one
     if shared_tokenizer:
         c.data.tokenizer_path = str(tokenizer_lib.default_path(cfg))
@@ -123,6 +127,26 @@ def corpus_name(cfg: ml_collections.ConfigDict) -> str:
         [s.name, builders.corpus_name(source_config(cfg, s, shared_tokenizer=False)), p]
         for s, p in zip(srcs, q, strict=True)]
     return "mixture-" + hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:12]
+
+
+def filter_sources(cfg: ml_collections.ConfigDict, processes: int = 1,
+                   log: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """`data filter` on a mixture: the filter stage (corpus_filter.py) on the training split
+    of every source marked filter=True (all of them with data.filter=True); their manifests
+    by name. `prepare` runs the same stage for those sources, so training reads the result."""
+    from gopher_jax.data import corpus_filter
+
+    srcs = [s for s in sources(cfg) if s.filter]
+    if not srcs:
+        raise DataError("no source of the mixture is marked for filtering",
+                        "set --config.data.sources.NAME.filter=True, or --config.data.filter="
+                        "True for every source")
+    log = log or (lambda msg: None)
+    check_files(srcs)
+    return {s.name: corpus_filter.filter_corpus(
+                source_config(cfg, s, shared_tokenizer=False), None, processes,
+                lambda m, n=s.name: log(m.replace("[filter]", f"[filter:{n}]")))
+            for s in srcs}
 
 
 def _mixture_fingerprint(cfg: ml_collections.ConfigDict) -> str:
