@@ -13,7 +13,10 @@ files. The globs below are placeholders under $MASSIVETEXT (default /data/massiv
 
 or override one: --config.data.sources.books.text_files='/my/pg19/**/*.txt'. Training on
 missing files stops before any work with one line naming the source and its glob. The
-paper also filtered and deduplicated MassiveWeb (data.filter).
+paper filtered MassiveWeb for quality and repetition: here massiveweb has filter=True, so
+its training split goes through `data filter`'s stages (gopher_jax/data/corpus_filter.py)
+before tokenization (the paper deduplicated and test-set filtered every source: add
+--config.data.filter=True to run the stages on all six).
 
     python -m gopher_jax train --config experiments/gopher_massivetext.py --workdir runs/mt
 """
@@ -40,6 +43,7 @@ def get_config():
                batch_tokens=262144, grad_clip=1.0)
     root = os.environ.get("MASSIVETEXT", "/data/massivetext")
     c.data.sources = ml_collections.ConfigDict({
-        name: source("text_files", weight, text_files=os.path.join(root, glob))
+        name: source("text_files", weight, text_files=os.path.join(root, glob),
+                      filter=name == "massiveweb")
         for name, weight, glob in SOURCES})
     return c
