@@ -303,3 +303,29 @@ def read_manifest(out_dir: str | os.PathLike) -> dict | None:
 def filtered_docs(out_dir: str | os.PathLike, shard: dict) -> list[tuple[int, str]]:
     """The (id, text) of one shard row of the manifest."""
     return shards.read_docs(pathlib.Path(out_dir) / "docs" / shard["path"])
+
+
+def _passes_rules(doc) -> bool:
+    return filters.first_rule(doc.text) is None
+
+
+def datatrove_rules_pipeline(input_folder: str, output_folder: str,
+                             exclusion_folder: str | None = None) -> list:
+    """Stages 1-2 (quality, repetition) as datatrove pipeline steps over .jsonl documents
+    ({"id", "text"} per line, as docs/ holds them), for a corpus larger than one machine:
+
+        from datatrove.executor import SlurmPipelineExecutor   # or RayPipelineExecutor
+        SlurmPipelineExecutor(datatrove_rules_pipeline("s3://raw", "s3://kept"), tasks=1000,
+                              time="10:00:00", partition="cpu", logging_dir="s3://logs").run()
+
+    The rules are this module's (filters.first_rule), so the kept documents equal stage 1-2
+    here; removed ones go to `exclusion_folder` when given. Stages 3-5 at that scale: see
+    README.md ("Filtering and preparing a corpus")."""
+    from datatrove.pipeline.filters import LambdaFilter
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    excluded = JsonlWriter(exclusion_folder) if exclusion_folder else None
+    return [JsonlReader(input_folder, glob_pattern="*.jsonl"),
+            LambdaFilter(_passes_rules, exclusion_writer=excluded),
+            JsonlWriter(output_folder)]
