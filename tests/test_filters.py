@@ -372,8 +372,6 @@ def test_filter_corpus_rerun_reuses_everything(filtered_corpus):
 def test_datatrove_executor_runs_the_same_rules(filtered_corpus, tmp_path):
     """The distributed form (datatrove pipeline steps; SLURM/Ray executors at scale) keeps
     what stages 1-2 keep, here on datatrove's local executor with two tasks."""
-    import gzip
-
     from datatrove.executor import LocalPipelineExecutor
 
     _, out, _, t, texts = filtered_corpus
@@ -386,8 +384,8 @@ def test_datatrove_executor_runs_the_same_rules(filtered_corpus, tmp_path):
                 f.write(json.dumps({"id": str(i), "text": stored[i]}) + "\n")
     steps = corpus_filter.datatrove_rules_pipeline(str(tmp_path / "in"), str(tmp_path / "kept"))
     LocalPipelineExecutor(steps, tasks=2, workers=1, logging_dir=str(tmp_path / "logs")).run()
-    kept = sorted(int(json.loads(line)["id"]) for p in (tmp_path / "kept").iterdir()
-                  for line in gzip.open(p, "rt"))
+    kept = sorted(int(json.loads(line)["id"]) for p in (tmp_path / "kept").glob("*.jsonl")
+                  for line in p.read_text().splitlines())
     stage12 = {int(json.loads(line)["id"]) for p in (out / "work").glob("train-*.jsonl")
                for line in p.read_text().splitlines()}
     assert kept == sorted(stage12) and len(kept) == len(stored) - 2

@@ -226,7 +226,7 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
         f"on {processes} process(es)")
     summaries = shards.run_tasks(_stage1_shard, tasks, processes)
     train_summaries = [s for s in summaries if s["split"] == d.train_split]
-    log(f"[filter] quality and repetition: {time.time() - t0:.1f}s")
+    log(f"[filter] quality and repetition done ({time.time() - t0:.1f}s)")
 
     removed_path = out / "removed.json"
     removed_doc = json.loads(removed_path.read_text()) if removed_path.is_file() else None
@@ -240,7 +240,7 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
     else:
         removed = {k: {int(i): j for i, j in removed_doc[k].items()}
                    for k in ("exact_dedup", "near_dedup", "test_set")}
-    log(f"[filter] dedup and test-set filtering: {time.time() - t0:.1f}s")
+    log(f"[filter] dedup and test-set filtering done ({time.time() - t0:.1f}s)")
 
     # The audits, in stage order.
     docs_in = sum(s["docs_in"] for s in train_summaries)
@@ -325,7 +325,8 @@ def datatrove_rules_pipeline(input_folder: str, output_folder: str,
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
-    excluded = JsonlWriter(exclusion_folder) if exclusion_folder else None
+    # Plain .jsonl (no gzip): a `text_files` corpus reads them as they are.
+    excluded = JsonlWriter(exclusion_folder, compression=None) if exclusion_folder else None
     return [JsonlReader(input_folder, glob_pattern="*.jsonl"),
             LambdaFilter(_passes_rules, exclusion_writer=excluded),
-            JsonlWriter(output_folder)]
+            JsonlWriter(output_folder, compression=None)]
