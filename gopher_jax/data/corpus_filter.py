@@ -216,6 +216,9 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
     for f in (work, docs_dir, audit_dir):
         f.mkdir(parents=True, exist_ok=True)
         shards.remove_stale_temporaries(f)
+    for p in work.iterdir():  # shards of other settings or another version of the corpus
+        if f"-{fp}." not in p.name:
+            p.unlink()
     eval_splits = [s for s in conf["eval_splits"] if s in builder.info.splits
                    and s != d.train_split]
     plans = {s: shards.shard_ranges(builder.info.splits[s].num_examples, d.docs_per_shard)

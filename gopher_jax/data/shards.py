@@ -212,6 +212,10 @@ def prepare_split(cfg, split: str, num_docs: int, tokenizer, tokenizer_path: str
     token_files = [pathlib.Path(p) for p in run_tasks(tokenize_shard, tasks, processes)]
     packed = pack_shards(token_files, folder, cfg.data.seq_len, tokenizer.eos_id,
                          tokenizer.pad_id, tokenizer.piece_bytes)
+    current = {p.name for p in token_files} | {f["path"] for f in packed["files"]}
+    for p in folder.iterdir():  # files of an earlier preparation with other inputs
+        if p.name not in current:
+            p.unlink()
     info = {"fingerprint": fingerprint, "format": "sharded", "seq_len": cfg.data.seq_len,
             **packed, "tokens_per_byte": packed["num_tokens"] / max(packed["num_bytes"], 1),
             "shards": [{"index": k, "fingerprint": fp, "tokens": path.name}
