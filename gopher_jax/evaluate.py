@@ -3,9 +3,11 @@ next to a unigram baseline computed by the same code on the same chunks."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -14,7 +16,8 @@ import numpy as np
 
 from gopher_jax import checkpoint as ckpt_lib
 from gopher_jax import storage
-from gopher_jax.data import mixture, pipeline
+from gopher_jax.data import mixture, pipeline, tokenized
+from gopher_jax.data.tokenizer import Tokenizer
 from gopher_jax.layout import Layout
 from gopher_jax.parallel import distributed
 from gopher_jax.parallel import mesh as mesh_lib
@@ -26,6 +29,20 @@ def eval_batch_size(c: ml_collections.ConfigDict) -> int:
     return c.train.batch_size // c.train.microbatches
 
 
+def _bits_per_byte(layout: Layout, params: Any, batches: Iterable[dict], eval_step: Any
+                   ) -> dict[str, float]:
+    """Summed -log2 p over the summed UTF-8 bytes of the batches' weighted targets."""
+    sums = np.zeros(3)
+    with jax.set_mesh(layout.mesh):
+        for batch in batches:
+            sums += np.array(jax.device_get(eval_step(params, batch)), dtype=np.float64)
+    nll, tokens, nbytes = sums
+    if tokens == 0:  # an empty split measures nothing: NaN, not a perfect 0 bits per byte
+        return {"loss": math.nan, "bits_per_byte": math.nan, "tokens": 0.0, "bytes": nbytes}
+    return {"loss": nll / tokens, "bits_per_byte": nll / math.log(2) / nbytes,
+            "tokens": tokens, "bytes": nbytes}
+
+
 def evaluate_split(c: ml_collections.ConfigDict, layout: Layout | jax.sharding.Mesh,
                    params: Any, split: str, eval_step: Any = None, max_batches: int = -1
                    ) -> dict[str, float]:
@@ -35,17 +52,59 @@ def evaluate_split(c: ml_collections.ConfigDict, layout: Layout | jax.sharding.M
         return evaluate_mixture(c, layout, params, split, eval_step, max_batches)
     layout = Layout.of(c, layout)
     eval_step = eval_step or step_lib.make_eval_step(c, layout)
-    sharding = layout.batch_sharding
-    sums = np.zeros(3)
-    with jax.set_mesh(layout.mesh):
-        for batch in pipeline.eval_batches(c, split, eval_batch_size(c), sharding,
-                                           max_batches=max_batches):
-            sums += np.array(jax.device_get(eval_step(params, batch)), dtype=np.float64)
-    nll, tokens, nbytes = sums
-    if tokens == 0:  # an empty split measures nothing: NaN, not a perfect 0 bits per byte
-        return {"loss": math.nan, "bits_per_byte": math.nan, "tokens": 0.0, "bytes": nbytes}
-    return {"loss": nll / tokens, "bits_per_byte": nll / math.log(2) / nbytes,
-            "tokens": tokens, "bytes": nbytes}
+    batches = pipeline.eval_batches(c, split, eval_batch_size(c), layout.batch_sharding,
+                                    max_batches=max_batches)
+    return _bits_per_byte(layout, params, batches, eval_step)
+
+
+def document_batches(tok: Tokenizer, docs: Iterable[str], seq_len: int, batch_size: int,
+                     counts: dict[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """`docs` tokenized in memory into the chunks a prepared split holds (tokenized.py's
+    ChunkPacker and record decoding), `batch_size` chunks a batch, the last one padded with
+    weight-0 rows as `pipeline.eval_batches` pads. `counts` (when given) receives the
+    documents, tokens and UTF-8 bytes of the text read."""
+    packer = tokenized.ChunkPacker(seq_len, tok.eos_id, tok.pad_id, tok.piece_bytes)
+    counts = counts if counts is not None else {}
+    counts.update(documents=0, text_bytes=0)
+    pending: list[bytes] = []
+
+    def full_batches(records: np.ndarray, final: bool) -> Iterator[dict[str, np.ndarray]]:
+        pending.extend(r.astype("<i4").tobytes() for r in records)
+        while len(pending) >= batch_size or (final and pending):
+            rows, pending[:] = pending[:batch_size], pending[batch_size:]
+            got = tokenized.decode_records(rows, seq_len)
+            batch = {"tokens": np.full((batch_size, seq_len + 1), tok.pad_id, np.int32),
+                     "segment_ids": np.zeros((batch_size, seq_len + 1), np.int32),
+                     "num_bytes": np.zeros(batch_size, np.int32)}
+            for key, value in got.items():
+                batch[key][:len(rows)] = value
+            yield batch
+
+    it = iter(docs)
+    while group := list(itertools.islice(it, tokenized.ENCODE_BATCH)):
+        counts["documents"] += len(group)
+        counts["text_bytes"] += sum(len(d.encode("utf-8")) for d in group)
+        yield from full_batches(packer.add(tok.encode_batch(group)), final=False)
+    yield from full_batches(packer.finish(), final=True)
+    counts["tokens"] = packer.num_tokens
+
+
+def evaluate_documents(c: ml_collections.ConfigDict, layout: Layout | jax.sharding.Mesh,
+                       params: Any, docs: Iterable[str], tok: Tokenizer | None = None,
+                       eval_step: Any = None) -> dict[str, float]:
+    """Exact bits per byte of any documents, as `evaluate_split` measures a prepared split
+    (the same chunks, targets, byte counts and eval step): what `evaluate_split` returns,
+    plus "documents" and "text_bytes" (the UTF-8 bytes of the documents as given; "bytes"
+    counts what the model sees, the same unless the tokenizer normalises NFKC)."""
+    layout = Layout.of(c, layout)
+    eval_step = eval_step or step_lib.make_eval_step(c, layout)
+    tok = tok or pipeline.load_tokenizer(c)
+    counts: dict[str, int] = {}
+    batches = (jax.device_put(b, layout.batch_sharding) for b in
+               document_batches(tok, docs, c.data.seq_len, eval_batch_size(c), counts))
+    out = _bits_per_byte(layout, params, batches, eval_step)
+    return {**out, "documents": float(counts["documents"]),
+            "text_bytes": float(counts["text_bytes"])}
 
 
 def evaluate_sources(c: ml_collections.ConfigDict, layout: Layout | jax.sharding.Mesh,

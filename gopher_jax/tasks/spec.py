@@ -2,11 +2,19 @@
 
     {"name": "...", "group": "...", "kind": "cloze" | "multiple_choice" | "generation",
      "template": "...{context}...", "examples": [...], "num_fewshot": 0, "fewshot_seed": 0,
-     "stop": ["\\n"], "chance": 0.25}
+     "stop": ["\\n"], "chance": 0.25, "main_metric": "acc"}
 
 A multiple-choice example is {"context", "choices", "answer"} (the index of the right
 choice); a cloze or generation example is {"context", "target"}. Choices and targets are
 continuations of the rendered context, used as written (a leading space included).
+`main_metric` (optional) names the metric the group mean uses, e.g. "acc_norm"; the default
+is the kind's (score.MAIN_METRIC).
+
+A language-modelling task holds no examples: it names a corpus whose exact bits per byte are
+measured (`tasks/corpora.py` lists the sources):
+
+    {"name": "...", "group": "language_modelling", "kind": "language_modelling",
+     "source": "files:/corpus/*.txt", "text_field": "text"}
 """
 
 from __future__ import annotations
@@ -21,7 +29,10 @@ from etils import epath
 from gopher_jax import storage
 from gopher_jax.errors import UsageError
 
-KINDS = ("cloze", "multiple_choice", "generation")
+LANGUAGE_MODELLING = "language_modelling"
+KINDS = ("cloze", "multiple_choice", "generation", LANGUAGE_MODELLING)
+MAIN_METRICS = {"multiple_choice": ("acc", "acc_norm"), "cloze": ("exact_match",),
+                "generation": ("exact_match", "f1"), LANGUAGE_MODELLING: ("bits_per_byte",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +54,10 @@ class Task:
     fewshot_seed: int = 0
     stop: tuple[str, ...] = ("\n",)
     chance: float = 0.0
+    main_metric: str = ""  # "": the kind's default
+    source: str = ""  # language modelling: the corpus (tasks/corpora.py)
+    text_field: str = "text"  # language modelling: the .jsonl key or TFDS feature
+    max_documents: int = 0  # language modelling: the first N documents only (0 = all)
 
     def render(self, context: str) -> str:
         return self.template.replace("{context}", context)
@@ -51,13 +66,29 @@ class Task:
         return ex.choices[ex.answer] if self.kind == "multiple_choice" else ex.target
 
     def limited(self, limit: int) -> Task:
-        """The first `limit` examples (all of them when limit <= 0)."""
+        """The first `limit` examples, or documents of a corpus (all of them when
+        limit <= 0)."""
         if limit <= 0:
             return self
+        if self.kind == LANGUAGE_MODELLING:
+            # A prepared split is scored from its chunks, always whole.
+            if self.source.startswith("split:"):
+                return self
+            return dataclasses.replace(self, max_documents=limit)
         return dataclasses.replace(self, examples=self.examples[:limit])
 
     def to_json(self) -> dict[str, Any]:
+        if self.kind == LANGUAGE_MODELLING:
+            out = {"name": self.name, "group": self.group, "kind": self.kind,
+                   "source": self.source, "text_field": self.text_field}
+            if self.max_documents:
+                out["max_documents"] = self.max_documents
+            return out
         out = dataclasses.asdict(self)
+        for key in ("source", "text_field", "max_documents"):
+            del out[key]
+        if not self.main_metric:
+            del out["main_metric"]
         out["stop"] = list(self.stop)
         out["examples"] = [_example_json(self.kind, e) for e in self.examples]
         return out
@@ -111,6 +142,8 @@ def from_dict(d: Any, source: str) -> Task:
     kind = _get(d, "kind", str, source)
     if kind not in KINDS:
         raise _fail(source, "kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == LANGUAGE_MODELLING:
+        return _language_modelling(d, source)
     template = _get(d, "template", str, source, default="{context}")
     if "{context}" not in template:
         raise _fail(source, "template", "must contain {context}")
@@ -130,10 +163,34 @@ def from_dict(d: Any, source: str) -> Task:
     else:
         default_chance = 0.0
     chance = _get(d, "chance", (int, float), source, default=default_chance)
+    main_metric = _get(d, "main_metric", str, source, default="")
+    if main_metric and main_metric not in MAIN_METRICS[kind]:
+        raise _fail(source, "main_metric", f"must be one of {', '.join(MAIN_METRICS[kind])} "
+                    f"for kind {kind!r}, got {main_metric!r}")
     return Task(name=_get(d, "name", str, source), group=_get(d, "group", str, source),
                 kind=kind, examples=examples, template=template, num_fewshot=num_fewshot,
                 fewshot_seed=_get(d, "fewshot_seed", int, source, default=0),
-                stop=tuple(stop), chance=float(chance))
+                stop=tuple(stop), chance=float(chance), main_metric=main_metric)
+
+
+def _language_modelling(d: dict, source: str) -> Task:
+    from gopher_jax.tasks import corpora
+
+    if d.get("examples"):
+        raise _fail(source, "examples", f"must be absent for kind {LANGUAGE_MODELLING!r} (it "
+                    "scores a corpus, named by 'source')")
+    corpus = _get(d, "source", str, source)
+    try:
+        corpora.parse_source(corpus)
+    except UsageError as e:
+        raise _fail(source, "source", str(e)) from None
+    max_documents = _get(d, "max_documents", int, source, default=0)
+    if max_documents < 0:
+        raise _fail(source, "max_documents", "must be >= 0 (0 = all)")
+    return Task(name=_get(d, "name", str, source), group=_get(d, "group", str, source),
+                kind=LANGUAGE_MODELLING, examples=(), source=corpus,
+                text_field=_get(d, "text_field", str, source, default="text"),
+                max_documents=max_documents)
 
 
 def load(path: str | os.PathLike) -> Task:
