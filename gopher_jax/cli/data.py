@@ -60,7 +60,7 @@ def _filter(c, out: str | None, processes: int) -> int:
                              "<data_dir>/filtered/<its corpus>")
         for name, m in mixture.filter_sources(c, processes, log=console.out).items():
             _filter_report(m, f"<data_dir>/filtered/ for source {name}",
-                           "training on the mixture reads them")
+                           "training on the mixture reads them", tag=f"filter:{name}")
         return 0
     m = corpus_filter.filter_corpus(c, out, processes, log=console.out)
     _filter_report(m, str(out or corpus_filter.filter_dir(c)),
@@ -68,12 +68,12 @@ def _filter(c, out: str | None, processes: int) -> int:
     return 0
 
 
-def _filter_report(m: dict, where: str, next_step: str) -> None:
-    console.out(f"[filter] {m['split']}: {m['docs_in']:,} documents, {m['bytes_in']:,} bytes in")
+def _filter_report(m: dict, where: str, next_step: str, tag: str = "filter") -> None:
+    console.out(f"[{tag}] {m['split']}: {m['docs_in']:,} documents, {m['bytes_in']:,} bytes in")
     for stage, s in m["stages"].items():
-        console.out(f"[filter]   {stage:>12}: -{s['docs_removed']:>7,} documents  "
+        console.out(f"[{tag}]   {stage:>12}: -{s['docs_removed']:>7,} documents  "
                     f"-{s['bytes_removed']:>12,} bytes")
-    console.out(f"[filter] {m['docs_out']:,} documents, {m['bytes_out']:,} bytes kept in "
+    console.out(f"[{tag}] {m['docs_out']:,} documents, {m['bytes_out']:,} bytes kept in "
                 f"{where} ({next_step})")
 
 
