@@ -190,6 +190,9 @@ def test_answer_normalisation():
     assert metrics.cut_at_stop("abc\ndef", ("\n", "b")) == "a"
 
 
+# ~12 s: packing compiles a shape per bucket and batch size. The fast tier keeps the exact
+# packing test on a stub model and the sharded runner test (tests/test_task_runner.py).
+@pytest.mark.slow
 def test_results_do_not_depend_on_the_batch_size(tiny_model):
     c, logits_fn, _ = tiny_model
     reqs = requests(2)

@@ -1,39 +1,198 @@
-"""Score a trained workdir's newest checkpoint on tasks: <workdir>/tasks.json and tasks.md."""
+"""Score a Gopher on tasks with its params sharded on the mesh: `score_tasks` returns the
+results, `run` also writes <workdir>/tasks.json and tasks.md.
+
+`ShardedModel` is the scoring.Model of params on a mesh: every batch is split over the rule
+set's batch axes (data and fsdp), so the batch size is rounded up to a multiple of their
+device count (`rows_per_batch`); greedy decoding runs through the KV cache (model/decode.py).
+Results are the same for any batch size and device count (scoring.py packs requests so that
+a row's result depends on the row alone).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
 
 from gopher_jax import storage
+from gopher_jax.layout import Layout
+from gopher_jax.model import decode, gopher
+from gopher_jax.parallel import rules as rules_lib
 from gopher_jax.tasks import scoring
-from gopher_jax.tasks.score import MAIN_METRIC, score
+from gopher_jax.tasks.score import MAIN_METRIC, TokenizerLike, score
 from gopher_jax.tasks.spec import Task
+
+LANGUAGE_MODELLING = "language_modelling"
 
 
 def model_logits_fn(c: ml_collections.ConfigDict, params: Any) -> scoring.LogitsFn:
-    from gopher_jax.model import gopher
-
+    """The unsharded forward pass as a logits_fn (params on one device): for stubs, tests and
+    the lm-eval adapter."""
     graphdef, _ = gopher.abstract(c.model)
     forward = jax.jit(lambda p, tokens: gopher.apply(graphdef, p, tokens).astype(np.float32))
     return lambda tokens: np.asarray(forward(params, tokens))
 
 
-def summarize(tasks: Sequence[Task], scored: Sequence[dict[str, Any]], step: int
+def batch_devices(layout: Layout) -> int:
+    """How many ways a batch's rows are split: the product of the batch axes' mesh sizes."""
+    axes = rules_lib.mesh_axes_for(layout.rules, "batch")
+    return math.prod(layout.mesh.shape[a] for a in axes)
+
+
+def rows_per_batch(batch_size: int, layout: Layout) -> int:
+    """batch_size rounded up to a multiple of the batch axes' device count."""
+    n = batch_devices(layout)
+    return -(-batch_size // n) * n
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated array's value from this process's first device (any process count)."""
+    return np.asarray(x.addressable_data(0))
+
+
+_FUNCTIONS: dict[tuple[str, str, rules_lib.Rules], tuple[Callable, ...]] = {}
+
+
+def _functions(m: ml_collections.ConfigDict, platform: str, rules: rules_lib.Rules
+               ) -> tuple[Callable, ...]:
+    """The jitted (score, argmax_at, prefill, step) of a model config, built once per process
+    so that models of one config share their compiles (traced under the caller's mesh)."""
+    key = (m.to_json(), platform, rules)
+    if key in _FUNCTIONS:
+        return _FUNCTIONS[key]
+    graphdef, _ = gopher.abstract(m, platform)
+
+    def replicate(x: jax.Array) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, PartitionSpec())
+
+    @jax.jit
+    def score(params: Any, inputs: jax.Array, targets: jax.Array
+              ) -> tuple[jax.Array, jax.Array]:
+        logits = gopher.apply(graphdef, params, inputs)  # [B, W, V] float32
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)
+        top = jnp.argmax(logits, axis=-1) == targets
+        return replicate(logp[..., 0]), replicate(top)
+
+    @jax.jit
+    def argmax_at(params: Any, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, params)
+        x = jnp.take_along_axis(model.hidden(tokens), (lengths - 1)[:, None, None], 1)
+        return replicate(jnp.argmax(model.logits(x)[:, 0], axis=-1).astype(jnp.int32))
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def prefill(params: Any, tokens: jax.Array, segment_ids: jax.Array, max_len: int
+                ) -> tuple[jax.Array, decode.Cache]:
+        logits, cache = decode.prefill(nnx.merge(graphdef, params), tokens, max_len,
+                                       segment_ids)
+        return replicate(jnp.argmax(logits, axis=-1).astype(jnp.int32)), cache
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def step(params: Any, cache: decode.Cache, tokens: jax.Array
+             ) -> tuple[jax.Array, decode.Cache]:
+        logits, cache = decode.step(nnx.merge(graphdef, params), cache, tokens)
+        return replicate(jnp.argmax(logits, axis=-1).astype(jnp.int32)), cache
+
+    _FUNCTIONS[key] = (score, argmax_at, prefill, step)
+    return _FUNCTIONS[key]
+
+
+class ShardedModel(scoring.Uncached):
+    """A Gopher's params on a mesh as a scoring.Model: a jitted forward for log-likelihoods
+    and cached greedy decoding (or, with cached=False, the uncached baseline: the forward
+    re-run for every token). Inputs are sharded over the batch axes; the small outputs (token
+    log-probabilities, next tokens) come back replicated, so every process reads them."""
+
+    def __init__(self, c: ml_collections.ConfigDict, params: Any, layout: Layout,
+                 cached: bool = True):
+        self.c, self.params, self.layout, self.cached = c, params, layout, cached
+        platform = layout.mesh.devices.flat[0].platform
+        self._score, self._argmax_at, self._prefill, self._step = _functions(
+            c.model, platform, layout.rules)
+
+    @contextlib.contextmanager
+    def _on_mesh(self) -> Iterator[None]:
+        with jax.set_mesh(self.layout.mesh), rules_lib.use_rules(self.layout.rules):
+            yield
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        """A host array (the same on every process) split by rows over the batch axes."""
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, self.layout.batch_sharding,
+                                            lambda index: x[index])
+
+    def rows(self, batch_size: int) -> int:
+        return rows_per_batch(batch_size, self.layout)
+
+    def score(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self._on_mesh():
+            logp, top = self._score(self.params, self._put(inputs), self._put(targets))
+        return _host(logp), _host(top)
+
+    def argmax_at(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        with self._on_mesh():
+            return _host(self._argmax_at(self.params, self._put(tokens), self._put(lengths)))
+
+    def start(self, tokens: np.ndarray, lengths: np.ndarray, max_len: int
+              ) -> tuple[np.ndarray, Any]:
+        if not self.cached:
+            return super().start(tokens, lengths, max_len)
+        # decode.py takes rows of different lengths left-aligned to the width, their padding
+        # in segment 0 (never seen; positions are relative, so nothing else changes).
+        lengths = np.asarray(lengths, np.int32)
+        source = np.arange(tokens.shape[1])[None] - (tokens.shape[1] - lengths)[:, None]
+        segment_ids = (source >= 0).astype(np.int32)
+        left = np.take_along_axis(tokens, np.maximum(source, 0), axis=1) * segment_ids
+        with self._on_mesh():
+            nxt, cache = self._prefill(self.params, self._put(left), self._put(segment_ids),
+                                       max_len)
+        return _host(nxt), cache
+
+    def next(self, state: Any, tokens: np.ndarray) -> tuple[np.ndarray, Any]:
+        if not self.cached:
+            return super().next(state, tokens)
+        if int(state.length) >= state.max_len:
+            raise ValueError(f"no room left: decoding was started with max_len {state.max_len}")
+        with self._on_mesh():
+            nxt, cache = self._step(self.params, state, self._put(np.asarray(tokens, np.int32)))
+        return _host(nxt), cache
+
+
+def load(c: ml_collections.ConfigDict, source: Any, mesh: Mesh | Layout,
+         cached: bool = True) -> tuple[ShardedModel, int | None]:
+    """(the model, its training step) from `source`: a workdir (its newest checkpoint,
+    restored with the mesh's shardings) or a param tree (placed on the mesh; step None)."""
+    layout = Layout.of(c, mesh)
+    if isinstance(source, (str, os.PathLike)):
+        from gopher_jax.evaluate import restore_params
+
+        params, step = restore_params(c, source, layout)
+    else:
+        params, step = jax.device_put(source, layout.param_shardings), None
+    return ShardedModel(c, params, layout, cached), step
+
+
+def summarize(tasks: Sequence[Task], scored: Sequence[dict[str, Any]], step: int | None
               ) -> dict[str, Any]:
-    """Per task: metrics, n, chance, group, main metric; per group: mean of the main metric."""
+    """Per task: metrics, n, chance, group, main metric (the task's, else its kind's); per
+    group: mean of the main metric."""
     out: dict[str, Any] = {"step": step, "tasks": {}, "groups": {}}
     for task, s in zip(tasks, scored, strict=True):
-        main = MAIN_METRIC[task.kind]
+        main = getattr(task, "main_metric", "") or MAIN_METRIC[task.kind]
         out["tasks"][task.name] = {"group": task.group, "kind": task.kind,
-                                   "n": len(task.examples), "chance": task.chance,
-                                   "main_metric": main, "metrics": s["metrics"]}
+                                   "n": s.get("n", len(task.examples)), "chance": task.chance,
+                                   "main_metric": main, "metrics": s["metrics"],
+                                   **({"counts": s["counts"]} if "counts" in s else {})}
         out["groups"].setdefault(task.group, []).append(s["metrics"][main])
     out["groups"] = {g: {"mean": float(np.mean(v)), "tasks": len(v)}
                      for g, v in out["groups"].items()}
@@ -51,22 +210,50 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def score_model(c: ml_collections.ConfigDict, model: ShardedModel, tasks: Sequence[Task],
+                tok: TokenizerLike, batch_size: int = 8, max_new_tokens: int = 32,
+                step: int | None = None, packed: bool = True) -> dict[str, Any]:
+    """The results dict of `tasks` scored with a loaded model (batch_size rounded up to a
+    multiple of the batch axes' device count)."""
+    rows = model.rows(batch_size)
+    scored = []
+    for t in tasks:
+        if t.kind == LANGUAGE_MODELLING:  # a corpus: bits per byte through evaluate.py
+            from gopher_jax.tasks import corpora
+
+            scored.append(corpora.score(c, model.layout, model.params, t))
+        else:
+            scored.append(score(t, tok, model, c.data.seq_len, rows, max_new_tokens, packed))
+    return summarize(tasks, scored, step)
+
+
+def score_tasks(c: ml_collections.ConfigDict, source: Any, mesh: Mesh | Layout,
+                tasks: Sequence[Task], batch_size: int = 8, max_new_tokens: int = 32,
+                tok: TokenizerLike | None = None) -> dict[str, Any]:
+    """The results dict ({"step", "tasks", "groups"}) of `tasks` scored with `source` (a
+    workdir or a param tree, see `load`) on `mesh`; writes nothing. The tokenizer defaults to
+    the config's."""
+    model, step = load(c, source, mesh)
+    if tok is None:
+        from gopher_jax.data import pipeline
+
+        tok = pipeline.load_tokenizer(c)
+    return score_model(c, model, tasks, tok, batch_size, max_new_tokens, step)
+
+
 def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike, tasks: Sequence[Task],
         batch_size: int = 8, max_new_tokens: int = 32) -> dict[str, Any]:
-    """The tasks scored with the workdir's newest checkpoint; written to <workdir>/tasks.json
-    and tasks.md, and returned with "markdown" added."""
-    from gopher_jax.data import pipeline
-    from gopher_jax.evaluate import restore_params
+    """The tasks scored with the workdir's newest checkpoint on the config's mesh; written to
+    <workdir>/tasks.json and tasks.md (by process 0), and returned with "markdown" added."""
+    from gopher_jax.parallel import distributed
     from gopher_jax.parallel import mesh as mesh_lib
 
-    params, step = restore_params(c, workdir, mesh_lib.make_mesh(c))
-    logits_fn = model_logits_fn(c, jax.device_get(params))
-    tok = pipeline.load_tokenizer(c)
-    scored = [score(t, tok, logits_fn, c.data.seq_len, batch_size, max_new_tokens)
-              for t in tasks]
-    results = summarize(tasks, scored, step)
+    distributed.initialize_from_env()
+    results = score_tasks(c, workdir, mesh_lib.make_mesh(c), tasks, batch_size,
+                          max_new_tokens)
     table = markdown(results)
-    out = storage.path(workdir)
-    (out / "tasks.json").write_text(json.dumps(results, indent=2))
-    (out / "tasks.md").write_text(table)
+    if jax.process_index() == 0:
+        out = storage.path(workdir)
+        (out / "tasks.json").write_text(json.dumps(results, indent=2))
+        (out / "tasks.md").write_text(table)
     return {**results, "markdown": table}

@@ -1,4 +1,5 @@
-"""One task scored with a tokenizer and a logits_fn: its metrics and per-example predictions.
+"""One task scored with a tokenizer and a model (scoring.Model, or a bare logits_fn): its metrics
+and per-example predictions.
 
 Multiple choice: the argmax over choices of sum log p(choice | prompt) (acc) and of the same
 divided by the choice's UTF-8 bytes (acc_norm). Cloze: the first word of the greedy
@@ -15,8 +16,10 @@ from typing import Any, Protocol
 from gopher_jax.tasks import metrics, scoring
 from gopher_jax.tasks.spec import Task
 
-MAIN_METRIC = {"multiple_choice": "acc", "cloze": "exact_match", "generation": "exact_match"}
+MAIN_METRIC = {"multiple_choice": "acc", "cloze": "exact_match", "generation": "exact_match",
+               "language_modelling": "bits_per_byte"}
 FEWSHOT_SEPARATOR = "\n\n"
+Model = scoring.Model | scoring.LogitsFn
 
 
 class TokenizerLike(Protocol):
@@ -50,13 +53,13 @@ def _text(tok: TokenizerLike, ids: list[int]) -> str:
 
 
 def _multiple_choice(task: Task, tok: TokenizerLike, contexts: list[list[int]],
-                     logits_fn: scoring.LogitsFn, seq_len: int, batch_size: int
+                     model: Model, seq_len: int, batch_size: int, packed: bool
                      ) -> dict[str, Any]:
     requests = []
     for i, ex in enumerate(task.examples):
         for choice in ex.choices:
             requests.append((contexts[i], tok.encode(choice)))
-    ll = scoring.loglikelihoods(logits_fn, requests, seq_len, batch_size)
+    ll = scoring.loglikelihoods(model, requests, seq_len, batch_size, packed)
     acc = acc_norm = 0.0
     predictions = []
     k = 0
@@ -73,9 +76,8 @@ def _multiple_choice(task: Task, tok: TokenizerLike, contexts: list[list[int]],
     return {"metrics": {"acc": acc / n, "acc_norm": acc_norm / n}, "predictions": predictions}
 
 
-def _decoded(task: Task, tok: TokenizerLike, contexts: list[list[int]],
-             logits_fn: scoring.LogitsFn, seq_len: int, batch_size: int,
-             max_new_tokens: int) -> list[str]:
+def _decoded(task: Task, tok: TokenizerLike, contexts: list[list[int]], model: Model,
+             seq_len: int, batch_size: int, max_new_tokens: int, packed: bool) -> list[str]:
     def done(ids: list[int]) -> bool:
         if tok.eos_id in ids:
             return True
@@ -84,18 +86,18 @@ def _decoded(task: Task, tok: TokenizerLike, contexts: list[list[int]],
             return any(ch.isspace() for ch in text.lstrip())
         return any(s in text for s in task.stop)
 
-    out = scoring.greedy(logits_fn, contexts, max_new_tokens, seq_len, batch_size, done)
+    out = scoring.greedy(model, contexts, max_new_tokens, seq_len, batch_size, done, packed)
     return [_text(tok, ids) for ids in out]
 
 
-def score(task: Task, tok: TokenizerLike, logits_fn: scoring.LogitsFn, seq_len: int,
-          batch_size: int, max_new_tokens: int = 32) -> dict[str, Any]:
+def score(task: Task, tok: TokenizerLike, model: Model, seq_len: int, batch_size: int,
+          max_new_tokens: int = 32, packed: bool = True) -> dict[str, Any]:
     """{"metrics": {...}, "predictions": [...]}; each prompt starts with EOS, as documents do
-    in the training data."""
+    in the training data. `packed` and `batch_size` change only the speed (scoring.py)."""
     contexts = [[tok.eos_id] + tok.encode(p) for p in prompts(task)]
     if task.kind == "multiple_choice":
-        return _multiple_choice(task, tok, contexts, logits_fn, seq_len, batch_size)
-    texts = _decoded(task, tok, contexts, logits_fn, seq_len, batch_size, max_new_tokens)
+        return _multiple_choice(task, tok, contexts, model, seq_len, batch_size, packed)
+    texts = _decoded(task, tok, contexts, model, seq_len, batch_size, max_new_tokens, packed)
     n = len(task.examples)
     if task.kind == "cloze":
         words = [metrics.first_word(t) for t in texts]
