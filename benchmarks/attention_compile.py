@@ -70,6 +70,18 @@ def step_program(config: str, t: int):
     return mesh, step_lib.make_train_step(c, layout), (layout.state, layout.batch), c
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """Lower + compile seconds per T, one column per (program, implementation)."""
+    cols = [(p, i) for p in ("layer", "step") for i in IMPLS]
+    got = {(r["program"], r["impl"], r["seq_len"]): r["lower_s"] + r["compile_s"] for r in rows}
+    lines = ["| T | " + " | ".join(f"{p}, {i}" for p, i in cols) + " |",
+             "|---:|" + "---:|" * len(cols)]
+    for t in sorted({r["seq_len"] for r in rows}):
+        cells = [f"{got[(p, i, t)]:.1f} s" if (p, i, t) in got else "" for p, i in cols]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="experiments/gopher_44m.py")
@@ -106,14 +118,7 @@ def main() -> None:
                "rows": sorted(rows.values(),
                               key=lambda r: (r["program"], r["impl"], r["seq_len"]))}
     write_results(OUT, results)
-    print(f"\n{'program':>7} {'T':>5} | " + " | ".join(f"{i:>17}" for i in IMPLS))
-    for (program, t) in sorted({(r["program"], r["seq_len"]) for r in results["rows"]}):
-        cells = []
-        for impl in IMPLS:
-            r = rows.get((program, impl, t))
-            cells.append(f"{r['lower_s'] + r['compile_s']:7.2f} s" + " " * 8 if r else " " * 17)
-        print(f"{program:>7} {t:>5} | " + " | ".join(cells))
-
+    print(markdown_table(results["rows"]))
 
 if __name__ == "__main__":
     main()
