@@ -39,6 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat_policy = "nothing_saveable"  # see model/gopher.py REMAT_POLICIES
     m.rel_pos_max_wavelength = 10_000.0
     m.attention_block_q = 128  # queries per attention block (0: one block); see attention.py
+    # "xla", "pallas" (model/flash_attention.py) or "auto": pallas when compiling for TPU
+    m.attention_impl = "auto"
     m.loss_chunk = 512  # positions per cross-entropy chunk (0: one); see cross_entropy.py
     m.norm_eps = 1e-6
 
@@ -312,6 +314,7 @@ def check(c: ml_collections.ConfigDict) -> None:
     Every command runs them before any work, so a bad value never reaches a division or
     leaves a half-written file behind.
     """
+    from gopher_jax.model.attention import ATTENTION_IMPL_NAMES
     from gopher_jax.model.gopher import REMAT_POLICIES
 
     for key, low in _MINIMUM:
@@ -336,6 +339,9 @@ def check(c: ml_collections.ConfigDict) -> None:
         if v not in DTYPES and not (key == "model.dtype" and v == "auto"):
             extra = " or 'auto'" if key == "model.dtype" else ""
             raise ConfigError(f"unknown {key}={v!r}", f"choose one of {DTYPES}{extra}")
+    if m.attention_impl not in ATTENTION_IMPL_NAMES:
+        raise ConfigError(f"unknown model.attention_impl={m.attention_impl!r}",
+                          f"choose one of {ATTENTION_IMPL_NAMES}")
     if m.remat_policy not in REMAT_POLICIES:
         raise ConfigError(f"unknown model.remat_policy={m.remat_policy!r}",
                           f"choose one of {tuple(REMAT_POLICIES)}")

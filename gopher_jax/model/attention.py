@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gopher_jax.model import flash_attention
 from gopher_jax.model.layers import Dtype, fan_in_init, param
 from gopher_jax.parallel.rules import constrain
 
@@ -234,8 +235,26 @@ def tiled_attention(qu: jax.Array, qv: jax.Array, k: jax.Array, v: jax.Array, r:
     return out.reshape(batch, tp, heads, head_dim)[:, :t].astype(dt)
 
 
+def pallas_attention(qu: jax.Array, qv: jax.Array, k: jax.Array, v: jax.Array, r: jax.Array,
+                     segment_ids: jax.Array, *, block_q: int) -> jax.Array:
+    """`xla_attention` as the Pallas flash kernels (model/flash_attention.py), per device under
+    shard_map with the active rules; Mosaic on TPU, interpret mode elsewhere."""
+    return flash_attention.sharded_flash_attention(qu, qv, k, v, r, segment_ids,
+                                                   block_q=block_q)
+
+
 # `RelativeAttention(impl=...)` -> the function computing `xla_attention`'s contract.
-ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {"xla": xla_attention}
+ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {"xla": xla_attention,
+                                                        "pallas": pallas_attention}
+# model.attention_impl: a key of ATTENTION_IMPLS, or "auto" (`resolve_impl`).
+ATTENTION_IMPL_NAMES = ("auto", *ATTENTION_IMPLS)
+
+
+def resolve_impl(name: str) -> str:
+    """'auto' -> 'pallas' when tracing for TPU, else 'xla'; other names as they are."""
+    if name != "auto":
+        return name
+    return "pallas" if flash_attention.target_platform() == "tpu" else "xla"
 
 
 class RelativeAttention(nnx.Module):
@@ -256,7 +275,7 @@ class RelativeAttention(nnx.Module):
         self.head_dim = head_dim
         self.dtype = dtype
         self.block_q = block_q  # 0: all queries in one block
-        self.impl = impl  # a key of ATTENTION_IMPLS
+        self.impl = impl  # one of ATTENTION_IMPL_NAMES
 
     def __call__(self, x: jax.Array, rel: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """x [B, T, D]; rel [T, D] from `relative_sinusoids`; segment_ids [B, T] int."""
@@ -281,7 +300,8 @@ class RelativeAttention(nnx.Module):
         q, k, v = self.qkv(x)
         r = self.relative_keys(rel)  # distances T-1, ..., 0
         qu, qv = q + self.u[...].astype(dt), q + self.v[...].astype(dt)
-        out = ATTENTION_IMPLS[self.impl](qu, qv, k, v, r, segment_ids, block_q=self.block_q)
+        attend = ATTENTION_IMPLS[resolve_impl(self.impl)]
+        out = attend(qu, qv, k, v, r, segment_ids, block_q=self.block_q)
         return jnp.einsum("bqhk,hkd->bqd", out, self.wo[...].astype(dt)), (k, v)
 
     def step(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], r: jax.Array,

@@ -364,14 +364,21 @@ def _attention_bwd(t: _Tiles, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def target_platform() -> str:
+    """The platform being traced for: the current mesh's devices (a TPU topology in an AOT
+    compile from a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+
+
 def flash_attention(qu: jax.Array, qv: jax.Array, k: jax.Array, v: jax.Array, r: jax.Array,
                     segment_ids: jax.Array, *, block_q: int, block_k: int = DEFAULT_BLOCK_K,
                     interpret: bool | None = None) -> jax.Array:
     """qu, qv, k, v [B, T, H, K]; r [T, H, K] relative keys of distances T-1, ..., 0;
-    segment_ids [B, T] int -> [B, T, H, K] in v's dtype. interpret=None: interpret mode
-    exactly when the default backend is CPU."""
+    segment_ids [B, T] int -> [B, T, H, K] in v's dtype. interpret=None: Mosaic on TPU,
+    interpret mode elsewhere (`target_platform`)."""
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = target_platform() != "tpu"
     _, length, _, head_dim = qu.shape
     t = tiles_for(length, head_dim, block_q, block_k, interpret)
     pad = t.length - length

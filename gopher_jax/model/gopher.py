@@ -42,7 +42,8 @@ class Block(nnx.Module):
         out_scale = (2 * m.num_layers) ** -0.5  # residual branches summed over 2L additions
         self.attn_norm = RMSNorm(m.d_model, m.norm_eps, param_dtype, rngs)
         self.attn = RelativeAttention(m.d_model, m.num_heads, m.head_dim, out_scale,
-                                      param_dtype, dtype, rngs, block_q=m.attention_block_q)
+                                      param_dtype, dtype, rngs, block_q=m.attention_block_q,
+                                      impl=m.attention_impl)
         self.mlp_norm = RMSNorm(m.d_model, m.norm_eps, param_dtype, rngs)
         self.mlp = MLP(m.d_model, d_ff(m), out_scale, param_dtype, dtype, rngs)
 
