@@ -155,6 +155,8 @@ def tiled_attention(qu: jax.Array, qv: jax.Array, k: jax.Array, v: jax.Array, r:
         stride of 2n-1 (one block less than a copy), so that its transpose is a sum of
         slices, not a scatter."""
         m = jnp.concatenate([jnp.flip(x, axis=1), x], axis=1)  # [B, 2n, ...]
+        if rows == 1:  # n <= 2 (at n = 1 the stride, 1 block, is shorter than a row)
+            return m[None, :, n - 1:n - 1 + slots]
         m = jnp.broadcast_to(m[:, None], (batch, rows + 1, *m.shape[1:]))
         m = m.reshape(batch, (rows + 1) * 2 * n, *x.shape[2:])
         m = m[:, n - 1:n - 1 + rows * (2 * n - 1)]
