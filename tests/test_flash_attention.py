@@ -19,6 +19,7 @@ from gopher_jax import config as config_lib
 from gopher_jax.errors import UserError
 from gopher_jax.model import flash_attention as fa
 from gopher_jax.model.attention import xla_attention
+from gopher_jax.parallel.rules import RULE_SETS
 
 # float32: the kernel and XLA differ only in summation order. bfloat16: both round p and dS
 # to bf16 before their products, at different points (per tile vs per query block), so
@@ -156,13 +157,14 @@ def test_shard_map_wrapper_on_8_devices_under_every_rule_set():
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(p.stdout.strip().splitlines()[-1])
-    assert set(report) == set(__import__("gopher_jax.parallel.rules",
-                                          fromlist=["RULE_SETS"]).RULE_SETS)
+    assert set(report) == set(RULE_SETS)
     for name, r in report.items():
         assert r["shard_map"], name
         # batch over data+fsdp everywhere; heads over tensor only where the rules say so.
-        assert r["specs"][0].startswith("PartitionSpec(('data', 'fsdp'), None"), r
-        assert ("'tensor'" in r["specs"][1]) == ("tensor" in name), r
+        heads = "'tensor'" if "tensor" in name else "None"
+        assert r["specs"][0] == f"P(('data', 'fsdp'), None, {heads}, None)", r
+        assert r["specs"][1] == f"P(None, {heads}, None)", r
+        assert r["out_sharding"] == r["specs"][0] and r["dr_sharding"] == r["specs"][1], r
 
 
 def test_wrapper_without_a_mesh_is_the_kernel():
