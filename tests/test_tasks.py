@@ -105,14 +105,16 @@ def test_loglikelihoods_equal_sums_computed_by_hand_from_the_logits(tiny_model):
 
 @pytest.mark.slow  # ~40 s of uncached forward passes on CPU
 def test_greedy_is_the_argmax_of_the_logits_token_by_token(tiny_model):
+    """A context keeps its last seq_len tokens; new tokens see all of them (no sliding)."""
     c, logits_fn, forward = tiny_model
     contexts = [ctx for ctx, _ in requests()]
     got = scoring.greedy(logits_fn, contexts, 5, c.data.seq_len, 3, lambda ids: False)
     for ctx, new in zip(contexts, got, strict=True):
-        ids = list(ctx)
+        ids = list(ctx)[-c.data.seq_len:]
+        start = len(ids)
         for _ in range(5):
-            ids.append(int(np.argmax(forward(ids[-c.data.seq_len:])[-1])))
-        assert new == ids[len(ctx):]
+            ids.append(int(np.argmax(forward(ids)[-1])))
+        assert new == ids[start:]
 
 
 @pytest.mark.slow  # ~50 s of uncached forward passes on CPU
