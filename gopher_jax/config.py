@@ -5,6 +5,7 @@ Experiment files (`experiments/*.py`) start from `base_config()` and change only
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
@@ -128,6 +129,23 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collectio
         raise ConfigError(f"config file {str(path)!r} has no get_config()",
                           "define get_config() returning an ml_collections.ConfigDict")
     return apply_overrides(module.get_config(), overrides)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """A config stored by a run (a workdir's config.json, a ladder's ladder.json): its values
+    over today's defaults, so a key added to the schema since the run has its default rather
+    than being missing."""
+    c = base_config()
+    _merge(c, json.loads(text))
+    return c
+
+
+def _merge(c: ml_collections.ConfigDict, stored: dict[str, Any]) -> None:
+    for k, v in stored.items():
+        if isinstance(v, dict) and isinstance(c.get(k), ml_collections.ConfigDict) and len(c[k]):
+            _merge(c[k], v)
+        else:
+            c[k] = v
 
 
 def apply_overrides(c: ml_collections.ConfigDict, overrides: Sequence[str]
@@ -304,6 +322,9 @@ def get(c: ml_collections.ConfigDict, key: str) -> Any:
     """c['a.b.c'] for a dotted key."""
     node = c
     for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(f"the config has no {key}",
+                              "start the config from gopher_jax.config.base_config()")
         node = node[part]
     return node
 

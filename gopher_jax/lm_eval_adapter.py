@@ -25,7 +25,6 @@ tokenized on its own, after the context's trailing whitespace is moved onto it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,7 +95,6 @@ def rolling_windows(ids: Sequence[int], eos_id: int, seq_len: int
 
 
 def load_config(workdir: str, config: str | None = None, data_dir: str | None = None):
-    import ml_collections
 
     from gopher_jax import config as config_lib
     from gopher_jax import storage
@@ -108,7 +106,7 @@ def load_config(workdir: str, config: str | None = None, data_dir: str | None = 
         if not path.is_file():
             raise FileNotFoundError(f"{workdir} has no config.json (not a training workdir?): "
                                     "pass config=FILE in model_args")
-        c = ml_collections.ConfigDict(json.loads(path.read_text()))
+        c = config_lib.from_json(path.read_text())
     if data_dir:
         c.data.data_dir = str(data_dir)
     config_lib.check(c)

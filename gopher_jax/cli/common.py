@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import tempfile
@@ -91,7 +90,7 @@ def trained_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     if not path.is_file():
         raise UserError(f"{workdir} has no {CONFIG_JSON} (not a training workdir?)",
                         "pass the --workdir of a `train` run, or --config FILE")
-    c = config_lib.apply_overrides(ml_collections.ConfigDict(json.loads(path.read_text())),
+    c = config_lib.apply_overrides(config_lib.from_json(path.read_text()),
                                    args.overrides)
     config_lib.check(c)
     return c

@@ -4,10 +4,10 @@ its law, and which tasks gain from scale."""
 from __future__ import annotations
 
 import argparse
-import json
 
 import ml_collections
 
+from gopher_jax import config as config_lib
 from gopher_jax.cli import common, console
 from gopher_jax.errors import UserError
 
@@ -39,7 +39,7 @@ def _ladder(args: argparse.Namespace) -> ml_collections.ConfigDict:
     if not path.is_file():
         raise UserError(f"{workdir} has no {LADDER_JSON} (not a `scaling run` workdir?)",
                         "pass the --workdir of `scaling run`, or --config LADDER_FILE")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return config_lib.from_json(path.read_text())
 
 
 def _run_tasks(args: argparse.Namespace) -> int:
