@@ -31,9 +31,7 @@ from gopher_jax.model import decode, gopher
 from gopher_jax.parallel import rules as rules_lib
 from gopher_jax.tasks import scoring
 from gopher_jax.tasks.score import MAIN_METRIC, TokenizerLike, score
-from gopher_jax.tasks.spec import Task
-
-LANGUAGE_MODELLING = "language_modelling"
+from gopher_jax.tasks.spec import LANGUAGE_MODELLING, Task
 
 
 def model_logits_fn(c: ml_collections.ConfigDict, params: Any) -> scoring.LogitsFn:
@@ -188,7 +186,7 @@ def summarize(tasks: Sequence[Task], scored: Sequence[dict[str, Any]], step: int
     group: mean of the main metric."""
     out: dict[str, Any] = {"step": step, "tasks": {}, "groups": {}}
     for task, s in zip(tasks, scored, strict=True):
-        main = getattr(task, "main_metric", "") or MAIN_METRIC[task.kind]
+        main = task.main_metric or MAIN_METRIC[task.kind]
         out["tasks"][task.name] = {"group": task.group, "kind": task.kind,
                                    "n": s.get("n", len(task.examples)), "chance": task.chance,
                                    "main_metric": main, "metrics": s["metrics"],

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from gopher_jax.tasks import metrics, scoring
-from gopher_jax.tasks.spec import Task
+from gopher_jax.tasks.spec import LANGUAGE_MODELLING, Task
 
 MAIN_METRIC = {"multiple_choice": "acc", "cloze": "exact_match", "generation": "exact_match",
-               "language_modelling": "bits_per_byte"}
+               LANGUAGE_MODELLING: "bits_per_byte"}
 FEWSHOT_SEPARATOR = "\n\n"
 Model = scoring.Model | scoring.LogitsFn
 
