@@ -128,3 +128,34 @@ def test_280b_on_four_tpu_v3_pods():
 def test_280b_on_a_v5p_pod():
     r = _check_table1("gopher_280b", "v5p:16x16x16")
     assert r.num_devices == 4096
+
+
+def _check_attention_impl(name: str, topology: str, impl: str) -> aot.Report:
+    c = experiment(name)
+    c.model.attention_impl = impl
+    r = aot.aot_compile(c, topology)
+    print(aot.format_report(r))
+    assert r.fits, aot.format_report(r)
+    return r
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_44m_compiles_with_the_pallas_kernel():
+    """Mosaic lowers the flash kernels (forward, dq+dr, dk+dv) inside the real train step."""
+    c = experiment("gopher_44m")
+    c.model.attention_impl = "pallas"
+    devices = aot.topology_devices("v5p:2x2x1")
+    r, compiled = aot.compile_train_step(c, devices, "v5p:2x2x1")
+    assert r.fits, aot.format_report(r)
+    hlo = compiled.as_text()
+    assert hlo.count('custom_call_target="tpu_custom_call"') >= 3
+    for kernel in ("relative_flash_fwd", "relative_flash_dq_dr", "relative_flash_dkv"):
+        assert kernel in hlo, kernel
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_280b_on_a_v5p_pod_with_the_pallas_kernel():
+    r = _check_attention_impl("gopher_280b", "v5p:16x16x16", "pallas")
+    assert r.num_devices == 4096

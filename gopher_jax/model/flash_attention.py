@@ -211,6 +211,26 @@ def _specs(t: _Tiles, head_dim: int, grid_order: str):
     return q, k, row, r, q_seg, k_seg
 
 
+def _tiles_computed(t: _Tiles) -> int:
+    """Tiles of one (row, head) the grid computes: those not above the causal diagonal."""
+    nq = t.length // t.block_q
+    return sum((i * t.block_q + t.block_q - 1) // t.block_k + 1 for i in range(nq))
+
+
+def _cost(t: _Tiles, batch: int, heads: int, head_dim: int, products: dict[str, int],
+          exps: int, arrays: list) -> pl.CostEstimate:
+    """What XLA's cost analysis should count for a kernel: `products` maps each matmul of a
+    tile to its (rows x cols) output count per unit head_dim ('w': window, 'k': block_k,
+    'qq': block_q^2 per key), `exps` exponentials per score."""
+    sizes = {"k": t.block_q * t.block_k * head_dim, "w": t.block_q * t.window * head_dim,
+             "qq": t.block_q * t.block_q * t.block_k}
+    per_tile = sum(2 * n * sizes[kind] for kind, n in products.items())
+    tiles = _tiles_computed(t) * batch * heads
+    return pl.CostEstimate(
+        flops=per_tile * tiles, transcendentals=exps * t.block_q * t.block_k * tiles,
+        bytes_accessed=sum(int(a.size) * a.dtype.itemsize for a in arrays))
+
+
 def _params(t: _Tiles, semantics: tuple[str, ...]) -> dict:
     if t.interpret:
         return {"interpret": True}
@@ -232,6 +252,8 @@ def _forward(qu, qv, k, v, r, q_seg, k_seg, t: _Tiles):
                         pltpu.VMEM((t.block_q, 1), jnp.float32),
                         pltpu.VMEM((t.block_q, d), jnp.float32)],
         name="relative_flash_fwd",
+        # content and p @ v per key block, the position term over the window
+        cost_estimate=_cost(t, b, h, d, {"k": 2, "w": 1}, 1, [qu, qv, k, v, r, qu]),
         **_params(t, ("parallel", "parallel", "parallel", "arbitrary")),
     )(qu, qv, k, v, r, q_seg, k_seg)
 
@@ -327,6 +349,9 @@ def _backward(qu, qv, k, v, r, q_seg, k_seg, o, lse, do, t: _Tiles):
         scratch_shapes=[pltpu.VMEM((t.block_q, d), jnp.float32),
                         pltpu.VMEM((t.block_q, d), jnp.float32)],
         name="relative_flash_dq_dr",
+        # content, do @ v^T, dS @ k; position, dS_w @ r, dS_w^T @ qv; the row flip of dS
+        cost_estimate=_cost(t, b, h, d, {"k": 3, "w": 3, "qq": 1}, 1,
+                            [qu, qv, k, v, r, qu, qu, qv, r]),
         **_params(t, ("parallel", "arbitrary", "arbitrary", "arbitrary")),
     )(*args, flip_blocks(qv, t.block_q))
     dqv = flip_blocks(dqv_flipped, t.block_q)
@@ -342,6 +367,8 @@ def _backward(qu, qv, k, v, r, q_seg, k_seg, o, lse, do, t: _Tiles):
         scratch_shapes=[pltpu.VMEM((t.block_k, d), jnp.float32),
                         pltpu.VMEM((t.block_k, d), jnp.float32)],
         name="relative_flash_dkv",
+        # content, do @ v^T, p^T @ do, dS^T @ qu; position
+        cost_estimate=_cost(t, b, h, d, {"k": 4, "w": 1}, 1, [qu, qv, k, v, r, qu, k, v]),
         **_params(t, ("parallel", "parallel", "parallel", "arbitrary")),
     )(*args)
     return dqu, dqv, dk, dv, dr.astype(r.dtype)
