@@ -10,7 +10,8 @@ Gain is the largest member's score minus the smallest's, signed so that positive
 (bits per byte fall as models improve). Its standard error comes from the binomial error of
 each accuracy, sqrt(p (1 - p) / n); a task "gains" only when the gain exceeds twice that.
 The trend is the least-squares slope of the score against log10(parameters) over every
-finished member, in score units per tenfold increase in size.
+scored member, in score units per tenfold increase in size, signed like the gain. Tasks scored
+in bits per byte have no chance level (their baseline is a unigram model: `eval`).
 """
 
 from __future__ import annotations
@@ -103,17 +104,21 @@ def _stderr(metric: str, value: float, n: int) -> float | None:
     return math.sqrt(max(value * (1.0 - value), 0.0) / n)
 
 
-def _trend(params: Sequence[float], scores: Sequence[float]) -> float | None:
-    """Least-squares slope of score against log10(params)."""
+def _sign(metric: str) -> float:
+    return -1.0 if metric in LOWER_IS_BETTER else 1.0
+
+
+def _trend(metric: str, params: Sequence[float], scores: Sequence[float]) -> float | None:
+    """Least-squares slope of score against log10(params), positive is better."""
     if len(params) < 2:
         return None
-    return float(np.polyfit(np.log10(np.asarray(params, np.float64)),
-                            np.asarray(scores, np.float64), 1)[0])
+    return _sign(metric) * float(np.polyfit(np.log10(np.asarray(params, np.float64)),
+                                            np.asarray(scores, np.float64), 1)[0])
 
 
 def _gain(metric: str, scores: Sequence[float], errors: Sequence[float | None]
           ) -> dict[str, Any]:
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    sign = _sign(metric)
     if len(scores) < 2:
         return {"gain": None, "gain_stderr": None, "gains": None}
     gain = sign * (scores[-1] - scores[0])
@@ -150,7 +155,7 @@ def collect(ladder: ml_collections.ConfigDict, workdir: epath.Path,
             entry.setdefault("stderr", []).append(_stderr(metric, value, t["n"]))
     for entry in tasks.values():
         entry.update(_gain(entry["main_metric"], entry["scores"], entry["stderr"]))
-        entry["trend_per_decade"] = _trend(params, entry["scores"])
+        entry["trend_per_decade"] = _trend(entry["main_metric"], params, entry["scores"])
     groups: dict[str, Any] = {}
     for name, entry in tasks.items():
         g = groups.setdefault(entry["group"], {"tasks": [], "metrics": set()})
@@ -174,7 +179,7 @@ def collect(ladder: ml_collections.ConfigDict, workdir: epath.Path,
         else:
             g["stderr"] = [None] * len(members)
         g.update(_gain(metric[0], g["scores"], g["stderr"]))
-        g["trend_per_decade"] = _trend(params, g["scores"])
+        g["trend_per_decade"] = _trend(metric[0], params, g["scores"])
     return {
         "ladder": ladder.name, "suite_fingerprint": fingerprint,
         "members": [{k: m[k] for k in ("member", "params_non_embedding", "params_total")}
@@ -199,7 +204,8 @@ def markdown(results: dict[str, Any]) -> str:
     cols = "|".join(["---"] * 3 + ["---:"] * (len(members) + 4))
     lines = [f"Ladder `{results['ladder']}`, suite {results['suite_fingerprint']}: the main "
              "metric of each task per member (non-embedding parameters), smallest first. "
-             "Gain = largest - smallest, positive is better, +- one standard error.", "",
+             "Gain = largest - smallest and trend = slope per tenfold size, both signed so "
+             "that positive is better; +- one standard error.", "",
              f"| task | group | metric | {head} | chance | gain | trend / decade | gains? |",
              f"|{cols}|"]
 
@@ -212,7 +218,8 @@ def markdown(results: dict[str, Any]) -> str:
         if e["gain_stderr"] is not None:
             gain += f" +- {e['gain_stderr']:.3f}"
         verdict = {True: "yes", False: "no", None: "n/a"}[e["gains"]]
-        chance = _fmt(e["chance"]) if e["chance"] else "0" if e["chance"] == 0 else "n/a"
+        chance = "n/a" if e["chance"] is None or e["main_metric"] in LOWER_IS_BETTER \
+            else _fmt(e["chance"])
         return (f"| {name} | {group} | {e['main_metric']} | {scores} | {chance} | {gain} | "
                 f"{_fmt(e['trend_per_decade'], signed=True)} | {verdict} |")
 
