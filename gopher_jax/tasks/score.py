@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from gopher_jax.tasks import metrics, scoring
-from gopher_jax.tasks.spec import LANGUAGE_MODELLING, Task
+from gopher_jax.tasks.spec import MAIN_METRICS, Task
 
-MAIN_METRIC = {"multiple_choice": "acc", "cloze": "exact_match", "generation": "exact_match",
-               LANGUAGE_MODELLING: "bits_per_byte"}
+# A kind's default main metric: the first it allows (spec.MAIN_METRICS owns the list).
+MAIN_METRIC = {kind: metrics[0] for kind, metrics in MAIN_METRICS.items()}
 FEWSHOT_SEPARATOR = "\n\n"
 Model = scoring.Model | scoring.LogitsFn
 
