@@ -324,6 +324,28 @@ def test_sharded_params_forward_and_grads(rule_set):
                  jax.device_get(got_g), want_g)
 
 
+@pytest.mark.parametrize("rule_set,d_split", [("tensor", 4), ("fsdp+tensor", 2)])
+def test_scan_saves_the_residual_stream_split_over_tensor(rule_set, d_split):
+    """With remat, the layer scan keeps each layer's input x [L, B, T, D] for the backward
+    pass; under the tensor rule sets its d_model is split over the tensor axis (act_embed),
+    so the compiled step holds [L, B / (data*fsdp), T, D / tensor] per device, never full D."""
+    c = sharded_small_config(rule_set, remat_policy="nothing_saveable", num_layers=3)
+    mesh = mesh_lib.make_mesh(c)
+    params = state_lib.create_state(c, Layout.build(c, mesh))["params"]
+    toks = jax.device_put(tokens_for(c, 8), NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+    rules = rules_lib.get_rules(rule_set)
+
+    def f(p, t):
+        with rules_lib.use_rules(rules):
+            return loss_and_grads(c, p, t)
+
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(f).lower(params, toks).compile().as_text()
+    layers_, rows, t, d = 3, 8 // (mesh.shape["data"] * mesh.shape["fsdp"]), 16, 32
+    assert f"f32[{layers_},{rows},{t},{d // d_split}]" in hlo
+    assert f"f32[{layers_},{rows},{t},{d}]" not in hlo
+
+
 # ---------------------------------------------------------------- configs
 
 

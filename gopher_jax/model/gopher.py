@@ -16,6 +16,10 @@ from gopher_jax.model.layers import MLP, Dtype, Embed, RMSNorm, fan_in_init, par
 from gopher_jax.parallel.rules import constrain
 
 EMBED_ACT = ("act_batch", "act_length", "act_embed")
+# A decode step's residual x [B, 1, D] keeps d_model whole: with it split over tensor
+# (act_embed), XLA's partitioner (jax 0.10.2 on CPU, Shardy and GSPMD alike) swapped the rows
+# of two batch shards in the step (tests/test_decode.py); a step saves nothing to split.
+STEP_ACT = ("act_batch", "act_length", None)
 
 # model.remat_policy -> what the backward pass may keep of each block's forward pass.
 REMAT_POLICIES = {
@@ -50,9 +54,9 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, rel: jax.Array, segment_ids: jax.Array) -> jax.Array:
         return self.prefill(x, rel, segment_ids)[0]
 
-    def _mlp(self, x: jax.Array) -> jax.Array:
+    def _mlp(self, x: jax.Array, names: tuple[str | None, ...] = EMBED_ACT) -> jax.Array:
         with jax.named_scope("mlp"):
-            return constrain(x + self.mlp(self.mlp_norm(x)), EMBED_ACT)
+            return constrain(x + self.mlp(self.mlp_norm(x)), names)
 
     def prefill(self, x: jax.Array, rel: jax.Array, segment_ids: jax.Array
                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -70,8 +74,8 @@ class Block(nnx.Module):
         `RelativeAttention.step`."""
         with jax.named_scope("attention"):
             a, cache = self.attn.step(self.attn_norm(x), cache, r, pos, mask)
-            x = constrain(x + a, EMBED_ACT)
-        return self._mlp(x), cache
+            x = constrain(x + a, STEP_ACT)
+        return self._mlp(x, STEP_ACT), cache
 
 
 class Gopher(nnx.Module):

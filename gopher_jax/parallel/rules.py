@@ -31,15 +31,20 @@ RULE_SETS: dict[str, Rules] = {
     "data-only": _BATCH,
     # ZeRO-3 style: every large matrix split along d_model over fsdp; gathered per layer.
     "fsdp": _BATCH + (("embed", "fsdp"),),
-    # Megatron style: heads, MLP hidden and vocab split over tensor.
+    # Megatron style: heads, MLP hidden and vocab split over tensor. The residual stream
+    # between blocks (act_embed: what the layer scan keeps for the backward pass) is split
+    # over tensor too, as sequence parallelism does; XLA all-gathers it into the attention
+    # and MLP input matmuls and reduce-scatters their outputs.
     "tensor": _BATCH + (
         ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
+        ("act_embed", "tensor"),
         ("act_heads", "tensor"), ("act_mlp", "tensor"), ("act_vocab", "tensor"),
     ),
     # Both: the layout Gopher used for 280B (model parallel inside, partitioned state).
     "fsdp+tensor": _BATCH + (
         ("embed", "fsdp"),
         ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
+        ("act_embed", "tensor"),
         ("act_heads", "tensor"), ("act_mlp", "tensor"), ("act_vocab", "tensor"),
     ),
 }
