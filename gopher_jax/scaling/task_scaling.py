@@ -31,12 +31,11 @@ from etils import epath
 from gopher_jax import storage
 from gopher_jax.scaling.ladder import describe, member_config, member_names
 from gopher_jax.scaling.results import is_finished, read_result
-from gopher_jax.tasks.spec import Task
+from gopher_jax.tasks.spec import LOWER_IS_BETTER, Task
 
 SUITE_FILE = "tasks_suite.json"
 TASKS_FILE = "tasks.json"
 OUT = "tasks_scaling"
-LOWER_IS_BETTER = frozenset({"bits_per_byte", "bits_per_token", "loss"})
 BINOMIAL_METRICS = frozenset({"acc", "acc_norm", "exact_match"})
 
 Scorer = Callable[[ml_collections.ConfigDict, epath.Path, Sequence[Task]], dict[str, Any]]

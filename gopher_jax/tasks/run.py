@@ -31,7 +31,7 @@ from gopher_jax.model import decode, gopher
 from gopher_jax.parallel import rules as rules_lib
 from gopher_jax.tasks import scoring
 from gopher_jax.tasks.score import MAIN_METRIC, TokenizerLike, score
-from gopher_jax.tasks.spec import LANGUAGE_MODELLING, Task
+from gopher_jax.tasks.spec import LANGUAGE_MODELLING, LOWER_IS_BETTER, Task
 
 
 def model_logits_fn(c: ml_collections.ConfigDict, params: Any) -> scoring.LogitsFn:
@@ -201,8 +201,8 @@ def markdown(results: dict[str, Any]) -> str:
     rows = ["| task | group | kind | n | metrics | chance |", "|---|---|---|---:|---|---:|"]
     for name, t in results["tasks"].items():
         values = ", ".join(f"{k} {v:.3f}" for k, v in t["metrics"].items())
-        rows.append(f"| {name} | {t['group']} | {t['kind']} | {t['n']} | {values} | "
-                    f"{t['chance']:.3f} |")
+        chance = "n/a" if t["main_metric"] in LOWER_IS_BETTER else f"{t['chance']:.3f}"
+        rows.append(f"| {name} | {t['group']} | {t['kind']} | {t['n']} | {values} | {chance} |")
     rows += ["", "| group | tasks | mean of main metric |", "|---|---:|---:|"]
     rows += [f"| {g} | {v['tasks']} | {v['mean']:.3f} |" for g, v in results["groups"].items()]
     return "\n".join(rows) + "\n"

@@ -31,6 +31,8 @@ from gopher_jax.errors import UsageError
 
 LANGUAGE_MODELLING = "language_modelling"
 KINDS = ("cloze", "multiple_choice", "generation", LANGUAGE_MODELLING)
+# Metrics where lower is better (and that have no chance level).
+LOWER_IS_BETTER = frozenset({"bits_per_byte"})
 # The metrics a task may name as its main one; the first is the kind's default.
 MAIN_METRICS = {"multiple_choice": ("acc", "acc_norm"), "cloze": ("exact_match",),
                 "generation": ("exact_match", "f1"), LANGUAGE_MODELLING: ("bits_per_byte",)}
