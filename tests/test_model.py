@@ -95,6 +95,7 @@ def test_relative_attention_matches_reference(block_q):
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow  # the fast tier has test_attention_xla.py::test_gradients_match_full_softmax
 def test_blocked_attention_gradients_match_one_block():
     d, h, k, t = 16, 2, 8, 10
     x = jax.random.normal(jax.random.key(3), (2, t, d))
