@@ -29,6 +29,9 @@ class TpuGeneration:
     tpu_vm_runtime: str  # default runtime image (gcloud compute tpus versions list)
     gke_accelerator: str | None  # GKE node label; None: no GKE TPU node pool
     chips_per_host: int
+    # Mosaic lowers the strided roll that model/flash_attention.py lines distances up with
+    # only on v5 and later ("only supported in TPU v5+", libtpu 0.0.42).
+    flash_attention: bool = False
 
     @property
     def peak_bf16_per_device(self) -> float:
@@ -54,11 +57,11 @@ TPU_GENERATIONS: dict[str, TpuGeneration] = {g.name: g for g in (
     TpuGeneration("v4", ("TPU v4",), "megacore", 3, None, 1, 275e12, 32 * GIB,
                   "v4", "tpu-ubuntu2204-base", "tpu-v4-podslice", 4),
     TpuGeneration("v5e", ("TPU v5 lite", "TPU v5e"), "default", 2, 16, 1, 197e12, 16 * GIB,
-                  "v5litepod", "v2-alpha-tpuv5-lite", "tpu-v5-lite-podslice", 4),
+                  "v5litepod", "v2-alpha-tpuv5-lite", "tpu-v5-lite-podslice", 4, True),
     TpuGeneration("v5p", ("TPU v5p", "TPU v5"), "megacore", 3, None, 1, 459e12, 95 * GIB,
-                  "v5p", "v2-alpha-tpuv5", "tpu-v5p-slice", 4),
+                  "v5p", "v2-alpha-tpuv5", "tpu-v5p-slice", 4, True),
     TpuGeneration("v6e", ("TPU v6 lite", "TPU v6e"), "default", 2, 16, 1, 918e12, 32 * GIB,
-                  "v6e", "v2-alpha-tpuv6e", "tpu-v6e-slice", 4),
+                  "v6e", "v2-alpha-tpuv6e", "tpu-v6e-slice", 4, True),
 )}
 
 # Dense bf16 peak per GPU.

@@ -199,3 +199,27 @@ def test_tiny_model_loss_and_grads_match_with_the_kernel():
     for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gx), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3,
                                    atol=1e-5 * float(np.max(np.abs(b)) + 1e-30))
+
+
+@pytest.mark.skipif(not __import__("gopher_jax.aot", fromlist=["aot"]).libtpu_available(),
+                    reason="libtpu is not installed: pip install -e '.[tpu]'")
+@pytest.mark.parametrize("topology, want", [("v3:2x2", "xla"), ("v5p:2x2x1", "pallas"),
+                                            ("v5e:2x2", "pallas")])
+def test_auto_picks_the_kernel_only_on_tpus_mosaic_lowers_it_for(topology, want):
+    """Mosaic lowers the kernel's strided roll on v5 and later only: auto falls back to XLA
+    on v3, and an explicit pallas there is one config error, not a compiler traceback."""
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from gopher_jax import aot
+    from gopher_jax.model.attention import resolve_impl
+
+    devices = aot.topology_devices(topology)
+    mesh = Mesh(np.array(devices).reshape(len(devices), 1, 1), ("data", "fsdp", "tensor"))
+    with jax.set_mesh(mesh):
+        assert resolve_impl("auto") == want
+        if want == "xla":
+            with pytest.raises(config_lib.ConfigError, match="needs TPU v5 or later"):
+                fa.check_supported()
+        else:
+            fa.check_supported()

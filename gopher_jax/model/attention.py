@@ -253,10 +253,11 @@ ATTENTION_IMPL_NAMES = ("auto", *ATTENTION_IMPLS)
 
 
 def resolve_impl(name: str) -> str:
-    """'auto' -> 'pallas' when tracing for TPU, else 'xla'; other names as they are."""
+    """'auto' -> 'pallas' when tracing for a TPU the kernel lowers on (v5 and later), else
+    'xla'; other names as they are."""
     if name != "auto":
         return name
-    return "pallas" if flash_attention.target_platform() == "tpu" else "xla"
+    return "pallas" if flash_attention.kernel_runs_here() else "xla"
 
 
 class RelativeAttention(nnx.Module):

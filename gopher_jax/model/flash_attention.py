@@ -391,11 +391,37 @@ def _attention_bwd(t: _Tiles, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def target_platform() -> str:
-    """The platform being traced for: the current mesh's devices (a TPU topology in an AOT
-    compile from a CPU host), else the default backend."""
+def _target_device() -> tuple[str, str]:
+    """(platform, device kind) being traced for: the current mesh's devices (a TPU topology
+    in an AOT compile from a CPU host), else the default backend's."""
     mesh = jax.sharding.get_abstract_mesh()
-    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+    if mesh.empty or mesh.abstract_device is None:
+        return jax.default_backend(), jax.devices()[0].device_kind
+    return mesh.abstract_device.platform, mesh.abstract_device.device_kind
+
+
+def target_platform() -> str:
+    return _target_device()[0]
+
+
+def kernel_runs_here() -> bool:
+    """Whether the traced-for device is a TPU generation Mosaic lowers this kernel for."""
+    from gopher_jax.hardware import tpu_generation
+
+    platform, kind = _target_device()
+    gen = tpu_generation(kind) if platform == "tpu" else None
+    return gen is not None and gen.flash_attention
+
+
+def check_supported() -> None:
+    """Refuses to compile the kernel for a TPU generation Mosaic cannot lower it for."""
+    platform, kind = _target_device()
+    if platform == "tpu" and not kernel_runs_here():
+        from gopher_jax.config import ConfigError
+
+        raise ConfigError(f"model.attention_impl=pallas needs TPU v5 or later ({kind} lacks "
+                          "the strided roll the kernel uses)",
+                          "set --config.model.attention_impl=auto (or xla)")
 
 
 def flash_attention(qu: jax.Array, qv: jax.Array, k: jax.Array, v: jax.Array, r: jax.Array,
@@ -405,6 +431,7 @@ def flash_attention(qu: jax.Array, qv: jax.Array, k: jax.Array, v: jax.Array, r:
     segment_ids [B, T] int -> [B, T, H, K] in v's dtype. interpret=None: Mosaic on TPU,
     interpret mode elsewhere (`target_platform`)."""
     if interpret is None:
+        check_supported()
         interpret = target_platform() != "tpu"
     _, length, _, head_dim = qu.shape
     t = tiles_for(length, head_dim, block_q, block_k, interpret)
