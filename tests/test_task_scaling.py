@@ -133,3 +133,15 @@ def test_scaling_tasks_cli_on_a_trained_mini_ladder(data_dir, tmp_path):
     again = run_cli("scaling", "tasks", "--workdir", wd, "--tasks", path, env=env,
                     timeout=600)
     assert again.returncode == 0 and again.stdout.count("scored earlier") == len(names)
+
+
+@pytest.mark.parametrize("args, words, code", [
+    (["--workdir", "{tmp}/missing"], "does not exist", 1),
+    (["--workdir", "{tmp}"], "has no ladder.json", 1),
+    (["--workdir", "{tmp}", "--examples", "0"], "--examples=0 must be >= 1", 2),
+])
+def test_scaling_tasks_mistakes_are_one_error_line(tmp_path, args, words, code):
+    p = run_cli("scaling", "tasks", *[a.format(tmp=tmp_path) for a in args], timeout=120)
+    assert p.returncode == code and "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], p.stderr
