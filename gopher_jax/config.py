@@ -40,7 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat_policy = "nothing_saveable"  # see model/gopher.py REMAT_POLICIES
     m.rel_pos_max_wavelength = 10_000.0
     m.attention_block_q = 128  # queries per attention block (0: one block); see attention.py
-    # "xla", "pallas" (model/flash_attention.py) or "auto": pallas when compiling for TPU
+    # "xla", "pallas" (model/flash_attention.py) or "auto": pallas when compiling for a TPU
+    # Mosaic lowers it for (v5 and later; hardware.TPU_GENERATIONS), else xla
     m.attention_impl = "auto"
     m.loss_chunk = 512  # positions per cross-entropy chunk (0: one); see cross_entropy.py
     m.norm_eps = 1e-6

