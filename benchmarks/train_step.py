@@ -99,6 +99,7 @@ def main() -> None:
     from gopher_jax import config as config_lib
     from gopher_jax import hardware
     from gopher_jax.layout import Layout
+    from gopher_jax.model import sizes
     from gopher_jax.parallel import mesh as mesh_lib
     from gopher_jax.train import state as state_lib
     from gopher_jax.train import step as step_lib
@@ -166,8 +167,8 @@ def main() -> None:
             profile = profile_breakdown(pathlib.Path(a.profile), hlo_text, 2)
     step_s = float(np.median(times))
     tokens = b * t
-    model_flops = config_lib.flops_per_token(c.model, t)["train"] * tokens
-    causal_flops = config_lib.flops_per_token(c.model, t, causal=True)["train"] * tokens
+    model_flops = sizes.flops_per_token(c.model, t)["train"] * tokens
+    causal_flops = sizes.flops_per_token(c.model, t, causal=True)["train"] * tokens
     peak_after = hardware.measure_matmul_peak(a.dtype, n=4096, reps=3)
     peak = max(peak_total, peak_after)
     res = {

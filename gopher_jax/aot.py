@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gopher_jax import config as config_lib
 from gopher_jax import hardware
 from gopher_jax.errors import UsageError
+from gopher_jax.model import sizes
 from gopher_jax.model.gopher import compute_dtype
 
 
@@ -150,7 +150,7 @@ def compile_train_step(c: ml_collections.ConfigDict, devices: list[jax.Device],
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
     tokens = c.train.batch_size * c.data.seq_len
-    formula = config_lib.flops_per_token(c.model, c.data.seq_len)["train"] * tokens
+    formula = sizes.flops_per_token(c.model, c.data.seq_len)["train"] * tokens
     notes = []
     if c.model.scan_layers or c.train.microbatches > 1:
         notes.append("XLA's cost analysis counts the body of a loop once: the compiler FLOPs "
@@ -164,7 +164,7 @@ def compile_train_step(c: ml_collections.ConfigDict, devices: list[jax.Device],
         config=c.name, topology=topology, num_slices=num_slices, device_kind=kind,
         num_devices=n, mesh=dict(mesh.shape), rules=c.mesh.rules,
         microbatches=c.train.microbatches, remat_policy=c.model.remat_policy,
-        params=config_lib.param_counts(c.model)["total"], tokens_per_step=tokens,
+        params=sizes.param_counts(c.model)["total"], tokens_per_step=tokens,
         compile_s=compile_s, argument_bytes=mem.argument_size_in_bytes,
         output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
         temp_bytes=mem.temp_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,

@@ -1,6 +1,8 @@
-"""The config schema, its validation against a mesh, and values derived from it.
+"""The config schema: defaults, loading with overrides, and the checks that need no devices.
 
 Experiment files (`experiments/*.py`) start from `base_config()` and change only what differs.
+A leaf: it imports no model, data or parallel module (the mesh checks are in parallel/mesh.py,
+sizes and FLOPs in model/sizes.py, the accepted names in names.py).
 """
 
 from __future__ import annotations
@@ -14,11 +16,8 @@ from typing import Any
 
 import ml_collections
 
-from gopher_jax.errors import UsageError
-
-
-class ConfigError(UsageError, ValueError):
-    """A config that cannot run; the message names the numbers and the fix."""
+from gopher_jax import names, storage
+from gopher_jax.errors import ConfigError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -37,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.dtype = "bfloat16"  # compute dtype; softmax and cross-entropy always run in float32
     m.scan_layers = True
-    m.remat_policy = "nothing_saveable"  # see model/gopher.py REMAT_POLICIES
+    m.remat_policy = "nothing_saveable"  # one of names.REMAT_POLICIES
     m.rel_pos_max_wavelength = 10_000.0
     m.attention_block_q = 128  # queries per attention block (0: one block); see attention.py
     # "xla", "pallas" (model/flash_attention.py) or "auto": pallas when compiling for a TPU
@@ -85,6 +84,17 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_keep = 3
     t.checkpoint_keep_best = 0  # >0: also keep the N best by validation bits/byte
     t.metrics_every = 10
+    # Loss spikes (train/spikes.py): "off" stops on a non-finite loss; "rewind" also takes a
+    # loss over spike_factor x the median of the last spike_window as a spike, goes back to
+    # the newest checkpoint before it and skips the spike_skip_batches batches ending there.
+    t.spike_policy = "off"
+    t.spike_factor = 2.0
+    t.spike_window = 32
+    t.spike_skip_batches = 16
+    t.spike_max_rewinds = 3
+    # No completed step for this long: stacks logged, exit 3 (train/watchdog.py); 0: off.
+    # Must exceed log_every steps plus an evaluation and a save.
+    t.watchdog_s = 1800.0
 
     c.mesh = ms = ml_collections.ConfigDict()
     ms.data = 1
@@ -244,63 +254,6 @@ def d_ff(m: ml_collections.ConfigDict) -> int:
     return m.mlp_ratio * m.d_model
 
 
-def param_counts(m: ml_collections.ConfigDict) -> dict[str, int]:
-    """Closed-form counts; `tests/test_model.py` checks them against the real module."""
-    h = m.num_heads * m.head_dim
-    per_layer = (
-        3 * m.d_model * h  # q, k, v
-        + h * m.d_model  # output
-        + m.d_model * h  # relative-position projection
-        + 2 * h  # u, v biases
-        + 2 * m.d_model * d_ff(m)  # MLP
-        + 2 * m.d_model  # two RMSNorm scales
-    )
-    emb = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
-    non_emb = m.num_layers * per_layer + m.d_model
-    return {"total": non_emb + emb, "non_embedding": non_emb, "embedding": emb}
-
-
-def flops_per_token(m: ml_collections.ConfigDict, seq_len: int,
-                    causal: bool = False) -> dict[str, float]:
-    """Training FLOPs per token (forward + backward = 3 x forward), without remat recompute.
-
-    Matmuls count 2 FLOPs per multiply-add. Attention counts the full T x T score matrices
-    (content and position terms) and the weighted sum of values: PaLM's convention
-    (Chowdhery et al. 2022, appendix B), which ignores the causal mask. `causal=True` counts
-    only the scores on or below the diagonal, (T + 1) / 2 keys per query: the useful work.
-    The blocked attention (model/attention.py) computes between the two.
-    """
-    h = m.num_heads * m.head_dim
-    keys = (seq_len + 1) / 2 if causal else seq_len
-    proj = 2 * (4 * m.d_model * h + 2 * m.d_model * d_ff(m))
-    rel = 2 * m.d_model * h  # projecting one sinusoid per position
-    attn = 2 * 3 * keys * h  # content scores, position scores, values
-    head = 2 * m.d_model * m.vocab_size
-    fwd = m.num_layers * (proj + rel + attn) + head
-    return {"forward": float(fwd), "train": float(3 * fwd)}
-
-
-def mesh_shape(ms: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) with one -1 resolved to the remaining devices."""
-    dims = [ms.data, ms.fsdp, ms.tensor]
-    if dims.count(-1) > 1:
-        raise ConfigError(f"mesh {dict(data=ms.data, fsdp=ms.fsdp, tensor=ms.tensor)}: at most "
-                          "one axis may be -1 (the remaining devices).")
-    known = math.prod(d for d in dims if d != -1)
-    if any(d == 0 or d < -1 for d in dims):
-        raise ConfigError(f"mesh axes must be positive or -1, got {dims}.")
-    if -1 in dims:
-        if num_devices % known:
-            raise ConfigError(f"{num_devices} devices cannot be split into mesh axes {dims}: "
-                              f"{num_devices} is not divisible by {known}.")
-        dims[dims.index(-1)] = num_devices // known
-    if math.prod(dims) != num_devices:
-        raise ConfigError(f"mesh data*fsdp*tensor = {dims[0]}*{dims[1]}*{dims[2]} = "
-                          f"{math.prod(dims)} but there are {num_devices} devices; "
-                          "set one axis to -1 to take the rest.")
-    return tuple(dims)
-
-
 # (key, smallest allowed value): counts and sizes that must be positive (or non-negative).
 _MINIMUM = (
     ("model.vocab_size", 1), ("model.num_layers", 1), ("model.num_heads", 1),
@@ -311,12 +264,11 @@ _MINIMUM = (
     ("train.warmup_steps", 0), ("train.log_every", 1), ("train.eval_every", 0),
     ("train.checkpoint_every", 1), ("train.checkpoint_keep", 1),
     ("train.checkpoint_keep_best", 0), ("train.metrics_every", 1), ("train.grad_clip", 0),
-    ("mesh.num_slices", 1),
+    ("train.spike_window", 1), ("train.spike_skip_batches", 1), ("train.spike_max_rewinds", 0),
+    ("train.watchdog_s", 0), ("mesh.num_slices", 1),
 )
 _POSITIVE_FLOATS = ("model.norm_eps", "model.rel_pos_max_wavelength", "train.learning_rate",
                     "train.lr_decay_factor")
-OPTIMIZERS = ("adam", "adamw")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def get(c: ml_collections.ConfigDict, key: str) -> Any:
@@ -336,9 +288,6 @@ def check(c: ml_collections.ConfigDict) -> None:
     Every command runs them before any work, so a bad value never reaches a division or
     leaves a half-written file behind.
     """
-    from gopher_jax.model.attention import ATTENTION_IMPL_NAMES
-    from gopher_jax.model.gopher import REMAT_POLICIES
-
     for key, low in _MINIMUM:
         v = get(c, key)
         if isinstance(v, bool) or not isinstance(v, int | float) or v < low:
@@ -353,20 +302,26 @@ def check(c: ml_collections.ConfigDict) -> None:
     if t.eval_batches == 0 or t.eval_batches < -1:
         raise ConfigError(f"train.eval_batches = {t.eval_batches} must be -1 (the whole split) "
                           "or >= 1", "set --config.train.eval_batches=-1")
-    if t.optimizer not in OPTIMIZERS:
+    if t.spike_policy not in names.SPIKE_POLICIES:
+        raise ConfigError(f"unknown train.spike_policy={t.spike_policy!r}",
+                          f"choose one of {names.SPIKE_POLICIES}")
+    if isinstance(t.spike_factor, bool) or not t.spike_factor > 1:
+        raise ConfigError(f"train.spike_factor = {t.spike_factor!r} must be > 1",
+                          "set --config.train.spike_factor, e.g. 2.0")
+    if t.optimizer not in names.OPTIMIZERS:
         raise ConfigError(f"unknown train.optimizer={t.optimizer!r}",
-                          f"choose one of {OPTIMIZERS}")
+                          f"choose one of {names.OPTIMIZERS}")
     for key in ("model.param_dtype", "model.dtype"):
         v = get(c, key)
-        if v not in DTYPES and not (key == "model.dtype" and v == "auto"):
+        if v not in names.DTYPES and not (key == "model.dtype" and v == "auto"):
             extra = " or 'auto'" if key == "model.dtype" else ""
-            raise ConfigError(f"unknown {key}={v!r}", f"choose one of {DTYPES}{extra}")
-    if m.attention_impl not in ATTENTION_IMPL_NAMES:
+            raise ConfigError(f"unknown {key}={v!r}", f"choose one of {names.DTYPES}{extra}")
+    if m.attention_impl not in names.ATTENTION_IMPLS:
         raise ConfigError(f"unknown model.attention_impl={m.attention_impl!r}",
-                          f"choose one of {ATTENTION_IMPL_NAMES}")
-    if m.remat_policy not in REMAT_POLICIES:
+                          f"choose one of {names.ATTENTION_IMPLS}")
+    if m.remat_policy not in names.REMAT_POLICIES:
         raise ConfigError(f"unknown model.remat_policy={m.remat_policy!r}",
-                          f"choose one of {tuple(REMAT_POLICIES)}")
+                          f"choose one of {names.REMAT_POLICIES}")
     if t.warmup_steps >= t.steps:
         raise ConfigError(f"train.warmup_steps = {t.warmup_steps} >= train.steps = {t.steps}: "
                           "the learning rate would never reach its peak nor decay",
@@ -382,8 +337,6 @@ def check(c: ml_collections.ConfigDict) -> None:
     if 0 < m.loss_chunk < c.data.seq_len and c.data.seq_len % m.loss_chunk:
         raise ConfigError(f"model.loss_chunk = {m.loss_chunk} must divide data.seq_len = "
                           f"{c.data.seq_len}", "or be 0 or >= seq_len: one chunk")
-    from gopher_jax import storage
-
     storage.check(c.data.data_dir, "data.data_dir", remote_ok=False)
     if c.data.tokenizer_path:
         storage.check(c.data.tokenizer_path, "data.tokenizer_path", remote_ok=False)
@@ -430,53 +383,3 @@ def check_sources(sources: Any) -> None:
         if s["dataset"] == "text_files" and not s["text_files"]:
             raise ConfigError(f"{key} has dataset 'text_files' but no text_files glob",
                               f"set --config.{key}.text_files='/path/**/*.txt'")
-
-
-def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-    """Reject a config that cannot run on `num_devices`, before anything compiles.
-
-    Returns the resolved (data, fsdp, tensor) mesh shape.
-    """
-    from gopher_jax.parallel import rules as rules_lib
-
-    check(c)
-    m, t, ms = c.model, c.train, c.mesh
-    if ms.rules not in rules_lib.RULE_SETS:
-        raise ConfigError(f"unknown rule set mesh.rules={ms.rules!r}; choose one of "
-                          f"{tuple(rules_lib.RULE_SETS)}.")
-    data, fsdp, tensor = mesh_shape(ms, num_devices)
-    rules = rules_lib.get_rules(ms.rules)
-    axis_size = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    for logical in ("fsdp", "tensor"):
-        used = rules_lib.mesh_axes_used(rules)
-        if axis_size[logical] > 1 and logical not in used:
-            raise ConfigError(f"rule set {ms.rules!r} does not use the {logical} axis, but "
-                              f"mesh.{logical}={axis_size[logical]}: set mesh.{logical}=1 or "
-                              "pick rules that shard over it.")
-
-    def size(logical: str) -> int:
-        return math.prod(axis_size[a] for a in rules_lib.mesh_axes_for(rules, logical))
-
-    checks = [
-        ("heads", "model.num_heads", m.num_heads),
-        ("mlp", "model.d_model * mlp_ratio", d_ff(m)),
-        ("vocab", "model.vocab_size", m.vocab_size),
-        ("embed", "model.d_model", m.d_model),
-    ]
-    for logical, what, value in checks:
-        n = size(logical)
-        if value % n:
-            axes = "*".join(f"{a}={axis_size[a]}" for a in rules_lib.mesh_axes_for(rules, logical))
-            raise ConfigError(f"{what} = {value} is not divisible by the mesh axes that rule set "
-                              f"{ms.rules!r} shards '{logical}' over ({axes} = {n}); change the "
-                              "mesh or the rule set.")
-    n_batch = size("batch")
-    micro = t.batch_size // t.microbatches
-    if micro % n_batch:
-        raise ConfigError(f"the per-microbatch batch {micro} (train.batch_size {t.batch_size} / "
-                          f"microbatches {t.microbatches}) is not divisible by data*fsdp = "
-                          f"{data}*{fsdp} = {n_batch}; make it a multiple of {n_batch}.")
-    if ms.num_slices > 1 and data % ms.num_slices:
-        raise ConfigError(f"mesh.data = {data} must be a multiple of mesh.num_slices = "
-                          f"{ms.num_slices} (data parallelism spans slices).")
-    return data, fsdp, tensor

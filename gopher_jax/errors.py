@@ -19,5 +19,9 @@ class UsageError(UserError):
     exit_code = 2
 
 
+class ConfigError(UsageError, ValueError):
+    """A config that cannot run; the message names the numbers and the fix."""
+
+
 class DataError(UserError, ValueError):
     """A corpus, tokenizer or prepared split that cannot be used; names the file and the fix."""

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from gopher_jax import config as config_lib
+from gopher_jax.errors import ConfigError
 
 
 def _stored_before_new_keys() -> dict:
@@ -29,5 +30,5 @@ def test_a_stored_config_gets_the_keys_added_since_and_keeps_its_values():
 def test_a_config_missing_a_key_is_one_config_error_not_a_key_error():
     c = config_lib.base_config()
     del c.model["num_layers"]
-    with pytest.raises(config_lib.ConfigError, match="no model.num_layers"):
+    with pytest.raises(ConfigError, match="no model.num_layers"):
         config_lib.check(c)

@@ -16,7 +16,7 @@ import pytest
 from helpers import ROOT, cpu_env, experiment
 
 from gopher_jax import config as config_lib
-from gopher_jax.errors import UserError
+from gopher_jax.errors import ConfigError, UserError
 from gopher_jax.model import flash_attention as fa
 from gopher_jax.model.attention import xla_attention
 from gopher_jax.parallel.rules import RULE_SETS
@@ -219,7 +219,7 @@ def test_auto_picks_the_kernel_only_on_tpus_mosaic_lowers_it_for(topology, want)
     with jax.set_mesh(mesh):
         assert resolve_impl("auto") == want
         if want == "xla":
-            with pytest.raises(config_lib.ConfigError, match="needs TPU v5 or later"):
+            with pytest.raises(ConfigError, match="needs TPU v5 or later"):
                 fa.check_supported()
         else:
             fa.check_supported()

@@ -17,9 +17,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from gopher_jax import checkpoint as ckpt_lib
 from gopher_jax import config as config_lib
-from gopher_jax.config import ConfigError, base_config, source
+from gopher_jax.config import base_config, source
 from gopher_jax.data import builders, mixture, pipeline, tokenized
-from gopher_jax.errors import DataError
+from gopher_jax.errors import ConfigError, DataError
 
 # Every prefix of the order holds each source's expected row count to within this many rows
 # (grain's mix: one row per stage of its recursion, measured here; exact per period).

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from helpers import experiment, run_cli, tiny
 
-from gopher_jax import config as config_lib
 from gopher_jax import scaling
+from gopher_jax.errors import ConfigError
+from gopher_jax.model import sizes
+from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.scaling import runner
 
 
@@ -51,7 +53,7 @@ def test_real_ladder_follows_gopher_rules_on_shared_tokens():
         c = scaling.member_config(ladder, n)
         assert c.model.mlp_ratio == 4
         assert c.model.num_heads * c.model.head_dim == c.model.d_model
-        config_lib.validate(c, 1)
+        mesh_lib.validate(c, 1)
         assert "members" not in c and "scaling" not in c
     widths = [r["d_model"] for r in rows]
     depths = [r["num_layers"] for r in rows]
@@ -71,12 +73,12 @@ def test_member_may_not_change_the_tokens():
     ladder.unlock()  # a member sets only some keys: the test adds one
     name = scaling.member_names(ladder)[0]
     ladder.members[name].train.steps = 10
-    with pytest.raises(config_lib.ConfigError, match="shared by the ladder"):
+    with pytest.raises(ConfigError, match="shared by the ladder"):
         scaling.member_config(ladder, name)
     ladder = experiment("scaling_ladder")
     ladder.unlock()
     ladder.members[name].data = {"seq_len": 64}
-    with pytest.raises(config_lib.ConfigError, match="same tokens"):
+    with pytest.raises(ConfigError, match="same tokens"):
         scaling.member_config(ladder, name)
 
 
@@ -85,12 +87,12 @@ def test_member_flag_takes_index_or_name():
     names = scaling.member_names(ladder)
     assert scaling.resolve_member(ladder, "0") == names[0]
     assert scaling.resolve_member(ladder, names[-1]) == names[-1]
-    with pytest.raises(config_lib.ConfigError, match="give an index"):
+    with pytest.raises(ConfigError, match="give an index"):
         scaling.resolve_member(ladder, str(len(names)))
 
 
 def test_not_a_ladder_is_refused():
-    with pytest.raises(config_lib.ConfigError, match="scaling_ladder.py"):
+    with pytest.raises(ConfigError, match="scaling_ladder.py"):
         scaling.member_names(experiment("tiny"))
 
 
@@ -144,7 +146,7 @@ def test_run_skip_fail_and_fit_with_stand_in_training(data_dir, tmp_path, monkey
         return {"start_step": 0, "step": c.train.steps, "train": {"loss": 1.0}}
 
     def law(c):
-        return 1.0 + 30.0 * config_lib.param_counts(c.model)["non_embedding"] ** -0.3
+        return 1.0 + 30.0 * sizes.param_counts(c.model)["non_embedding"] ** -0.3
 
     def fake_eval(c, mdir, max_batches=-1):
         r = {"bits_per_byte": law(c), "loss": 1.0, "tokens": 10.0, "bytes": 30.0}
@@ -220,7 +222,7 @@ def test_miniature_ladder_runs_records_failure_skips_and_fits(data_dir, tmp_path
         assert m["status"] == "ok" and m["step"] == 3
         for split in ("validation", "test"):
             assert 0 < m[split]["bits_per_byte"] < 20 and m[split]["bytes"] > 0
-        assert m["params_non_embedding"] == config_lib.param_counts(
+        assert m["params_non_embedding"] == sizes.param_counts(
             scaling.member_config(ladder, n).model)["non_embedding"]
     assert [m["member"] for m in res["members"] if m["status"] == "ok"] == good  # size order
     rows = list(csv.DictReader(io_text(wd / "results.csv")))

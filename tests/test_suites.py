@@ -187,8 +187,8 @@ def test_language_modelling_task_files_round_trip(tmp_path):
     assert spec.load(spec.write(t, tmp_path)) == t
     assert t.limited(3).max_documents == 3 and t.limited(0) == t
     assert corpora.task("val", "split:validation").limited(3).max_documents == 0
-    assert corpora.parse_source("/a/*.txt") == ("files", "/a/*.txt")
-    assert corpora.parse_source("tfds:c4/en:validation") == ("tfds", "c4/en:validation")
+    assert spec.parse_source("/a/*.txt") == ("files", "/a/*.txt")
+    assert spec.parse_source("tfds:c4/en:validation") == ("tfds", "c4/en:validation")
     with pytest.raises(UsageError, match="'source'"):
         spec.from_dict({"name": "x", "group": "g", "kind": "language_modelling",
                         "source": "python_docs:some"}, "f.json")

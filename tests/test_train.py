@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gopher_jax import config as config_lib
 from gopher_jax.data import pipeline
+from gopher_jax.errors import ConfigError
 from gopher_jax.layout import Layout
 from gopher_jax.metrics import read_jsonl
 from gopher_jax.model import gopher
@@ -206,7 +207,7 @@ def test_bf16_params_with_fp32_master(data_dir):
 def test_bad_batch_for_mesh_is_rejected_before_compiling(data_dir):
     c = tiny(data_dir, batch_size=12)
     c.mesh.update(rules="fsdp", data=1, fsdp=8)
-    with pytest.raises(config_lib.ConfigError, match="data\\*fsdp = 1\\*8"):
+    with pytest.raises(ConfigError, match="data\\*fsdp = 1\\*8"):
         mesh_lib.make_mesh(c)
 
 

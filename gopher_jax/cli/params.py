@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gopher_jax import report
+    from gopher_jax.model import sizes
 
-    console.out(report.params_report(common.load_config(args)))
+    console.out(sizes.params_report(common.load_config(args)))
     return 0

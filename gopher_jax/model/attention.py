@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gopher_jax import names
 from gopher_jax.model import flash_attention
 from gopher_jax.model.layers import Dtype, fan_in_init, param
 from gopher_jax.parallel.rules import constrain
@@ -249,7 +250,7 @@ def pallas_attention(qu: jax.Array, qv: jax.Array, k: jax.Array, v: jax.Array, r
 ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {"xla": xla_attention,
                                                         "pallas": pallas_attention}
 # model.attention_impl: a key of ATTENTION_IMPLS, or "auto" (`resolve_impl`).
-ATTENTION_IMPL_NAMES = ("auto", *ATTENTION_IMPLS)
+names.check_table("model.attention_impl", ("auto", *ATTENTION_IMPLS), names.ATTENTION_IMPLS)
 
 
 def resolve_impl(name: str) -> str:
@@ -278,7 +279,7 @@ class RelativeAttention(nnx.Module):
         self.head_dim = head_dim
         self.dtype = dtype
         self.block_q = block_q  # 0: all queries in one block
-        self.impl = impl  # one of ATTENTION_IMPL_NAMES
+        self.impl = impl  # one of names.ATTENTION_IMPLS
 
     def __call__(self, x: jax.Array, rel: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """x [B, T, D]; rel [T, D] from `relative_sinusoids`; segment_ids [B, T] int."""

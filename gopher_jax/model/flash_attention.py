@@ -417,7 +417,7 @@ def check_supported() -> None:
     """Refuses to compile the kernel for a TPU generation Mosaic cannot lower it for."""
     platform, kind = _target_device()
     if platform == "tpu" and not kernel_runs_here():
-        from gopher_jax.config import ConfigError
+        from gopher_jax.errors import ConfigError
 
         raise ConfigError(f"model.attention_impl=pallas needs TPU v5 or later ({kind} lacks "
                           "the strided roll the kernel uses)",

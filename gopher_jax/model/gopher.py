@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from gopher_jax import names
 from gopher_jax.config import d_ff
 from gopher_jax.model import cross_entropy
 from gopher_jax.model.attention import RelativeAttention, relative_sinusoids
@@ -28,6 +29,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+names.check_table("model.remat_policy", REMAT_POLICIES, names.REMAT_POLICIES)
 
 
 def compute_dtype(name: str, platform: str | None = None) -> Dtype:

@@ -13,6 +13,9 @@ from collections.abc import Iterator, Sequence
 import jax
 from jax.sharding import PartitionSpec
 
+from gopher_jax import names
+from gopher_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 # vocab: vocabulary entries, embed: d_model, kv: the key/value size of a head, mlp: the
 # feed-forward hidden units, layers: the stacked layers of the scanned model, norm: RMSNorm scales.
@@ -66,13 +69,15 @@ def check_rule_set(name: str, rules: Rules) -> None:
                                  f"a mesh axis {MESH_AXES}")
 
 
+names.check_table("mesh.rules", RULE_SETS, names.RULE_SETS)
 for _name, _rules in RULE_SETS.items():
     check_rule_set(_name, _rules)
 
 
 def get_rules(name: str) -> Rules:
     if name not in RULE_SETS:
-        raise ValueError(f"unknown rule set {name!r}; choose one of {tuple(RULE_SETS)}")
+        raise ConfigError(f"unknown rule set mesh.rules={name!r}",
+                          f"choose one of {names.RULE_SETS}")
     return RULE_SETS[name]
 
 

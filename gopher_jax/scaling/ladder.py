@@ -8,7 +8,8 @@ from typing import Any
 
 import ml_collections
 
-from gopher_jax import config as config_lib
+from gopher_jax.errors import ConfigError
+from gopher_jax.model import sizes
 
 # A member may change its shape and its learning-rate schedule, nothing that changes which
 # tokens it sees.
@@ -22,18 +23,18 @@ MEMBER_KEYS = {
 def member_names(ladder: ml_collections.ConfigDict) -> list[str]:
     """Members from smallest to largest (non-embedding parameters, then name)."""
     if "members" not in ladder or not len(ladder.members):
-        raise config_lib.ConfigError(
+        raise ConfigError(
             "this config has no `members`: `scaling` needs a ladder config such as "
             "experiments/scaling_ladder.py.")
     return sorted(ladder.members.keys(), key=lambda n: (
-        config_lib.param_counts(member_config(ladder, n).model)["non_embedding"], n))
+        sizes.param_counts(member_config(ladder, n).model)["non_embedding"], n))
 
 
 def member_config(ladder: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
     """The full run config of one member: the shared settings plus its overrides."""
     if name not in ladder.members:
-        raise config_lib.ConfigError(f"no member {name!r} in the ladder; it has "
-                                     f"{sorted(ladder.members.keys())}.")
+        raise ConfigError(f"no member {name!r} in the ladder; it has "
+                          f"{sorted(ladder.members.keys())}.")
     c = copy.deepcopy(ladder)
     c.unlock()  # config_flags hands over a locked ladder
     del c["members"]
@@ -42,12 +43,12 @@ def member_config(ladder: ml_collections.ConfigDict, name: str) -> ml_collection
     for section, values in ladder.members[name].items():
         allowed = MEMBER_KEYS.get(section)
         if allowed is None:
-            raise config_lib.ConfigError(
+            raise ConfigError(
                 f"member {name!r} overrides section {section!r}; members may only set "
                 f"{sorted(MEMBER_KEYS)} so that all see the same tokens.")
         bad = sorted(set(values.keys()) - allowed)
         if bad:
-            raise config_lib.ConfigError(
+            raise ConfigError(
                 f"member {name!r} sets {section}.{bad}; a member may only set {section}."
                 f"{sorted(allowed)} (data, seed, steps and batch are shared by the ladder).")
         c[section].update(values.to_dict())
@@ -65,7 +66,7 @@ def resolve_member(ladder: ml_collections.ConfigDict, member: str) -> str:
     except ValueError:
         i = None
     if i is None or not 0 <= i < len(names):
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"--member={member!r}: give an index 0..{len(names) - 1} (smallest first) or one "
             f"of {names}.")
     return names[i]
@@ -75,9 +76,9 @@ def describe(ladder: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
     """Sizes and compute of a member, from its config (nothing allocated)."""
     c = member_config(ladder, name)
     m, t = c.model, c.train
-    counts = config_lib.param_counts(m)
+    counts = sizes.param_counts(m)
     tokens = t.steps * t.batch_size * c.data.seq_len
-    fl = config_lib.flops_per_token(m, c.data.seq_len)["train"]
+    fl = sizes.flops_per_token(m, c.data.seq_len)["train"]
     return {
         "member": name, "num_layers": m.num_layers, "d_model": m.d_model,
         "num_heads": m.num_heads, "head_dim": m.head_dim, "learning_rate": t.learning_rate,

@@ -101,7 +101,7 @@ def _csv(members: list[dict[str, Any]], splits: tuple[str, str]) -> str:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    from gopher_jax.report import human
+    from gopher_jax.model.sizes import human
 
     ev, te = results["splits"]
     lines = [

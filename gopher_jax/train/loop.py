@@ -18,13 +18,13 @@ import numpy as np
 from etils import epath
 
 from gopher_jax import checkpoint as ckpt_lib
-from gopher_jax import config as config_lib
 from gopher_jax import hardware, storage
 from gopher_jax.data import pipeline
 from gopher_jax.errors import UserError
 from gopher_jax.evaluate import evaluate_split
 from gopher_jax.layout import Layout
 from gopher_jax.metrics import MetricsWriter
+from gopher_jax.model import sizes
 from gopher_jax.model.gopher import compute_dtype
 from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.train import state as state_lib
@@ -156,7 +156,7 @@ def _train(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: epath
 
     train_step = step_lib.make_train_step(c, layout)
     eval_step = step_lib.make_eval_step(c, layout)
-    flops_tok = config_lib.flops_per_token(c.model, c.data.seq_len)["train"]
+    flops_tok = sizes.flops_per_token(c.model, c.data.seq_len)["train"]
     peak = hardware.Peak(str(compute_dtype(c.model.dtype)))
     say(f"peak {peak.per_device / 1e9:.1f} GFLOP/s per device ({peak.source}); "
         f"{flops_tok:.3g} train FLOPs/token; {data.num_chunks:,} train chunks "

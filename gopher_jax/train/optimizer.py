@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ml_collections
 import optax
+
+from gopher_jax import names
 
 
 def schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
@@ -18,12 +22,17 @@ def schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
     )
 
 
+# train.optimizer -> the update rule, given the schedule and the train config.
+OPTIMIZERS: dict[str, Callable[[optax.Schedule, ml_collections.ConfigDict],
+                               optax.GradientTransformation]] = {
+    "adam": lambda lr, t: optax.adam(lr, b1=t.b1, b2=t.b2, eps=t.eps),
+    "adamw": lambda lr, t: optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps,
+                                       weight_decay=t.weight_decay),
+}
+names.check_table("train.optimizer", OPTIMIZERS, names.OPTIMIZERS)
+
+
 def optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    lr = schedule(t)
-    if t.optimizer == "adam":
-        opt = optax.adam(lr, b1=t.b1, b2=t.b2, eps=t.eps)
-    elif t.optimizer == "adamw":
-        opt = optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
-    else:
-        raise ValueError(f"train.optimizer={t.optimizer!r}: choose 'adam' or 'adamw'.")
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), opt)
+    """Clipping by global norm, then the update rule `t.optimizer` (config.check accepted it)."""
+    update = OPTIMIZERS[t.optimizer](schedule(t), t)
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), update)

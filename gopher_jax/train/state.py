@@ -7,20 +7,25 @@ params are stored in model.param_dtype (bf16) and opt_state holds {"master": fp3
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.sharding import Mesh
 
 from gopher_jax.model import gopher
 from gopher_jax.train.optimizer import optimizer
 
-if TYPE_CHECKING:
-    from gopher_jax.layout import Layout
-
 State = dict[str, Any]
+
+
+class Placement(Protocol):
+    """Where a state is born: a `gopher_jax.layout.Layout` (which imports this module)."""
+
+    mesh: Mesh
+    state_shardings: State
 
 
 def init_params(c: ml_collections.ConfigDict, seed: int | jax.Array, platform: str | None = None
@@ -40,7 +45,7 @@ def init_state(c: ml_collections.ConfigDict, seed: int | jax.Array,
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
 
 
-def create_state(c: ml_collections.ConfigDict, layout: Layout) -> State:
+def create_state(c: ml_collections.ConfigDict, layout: Placement) -> State:
     """The initial state, created directly in its shards (no host ever holds it whole)."""
     with jax.set_mesh(layout.mesh):
         return jax.jit(lambda: init_state(c, c.seed), out_shardings=layout.state_shardings)()
