@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from helpers import ROOT, experiment, run_cli
 
-from gopher_jax import aot, config
+from gopher_jax import aot
+from gopher_jax.model import sizes
 
 needs_libtpu = pytest.mark.skipif(
     not aot.libtpu_available(),
@@ -106,7 +107,7 @@ def _check_table1(name: str, topology: str, slices: int = 1) -> aot.Report:
     r = aot.aot_compile(experiment(name), topology, slices)
     print(aot.format_report(r))
     assert r.fits, aot.format_report(r)
-    assert r.params == config.param_counts(experiment(name).model)["total"]
+    assert r.params == sizes.param_counts(experiment(name).model)["total"]
     return r
 
 
