@@ -29,6 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data filter": ("data", "MassiveText quality/repetition filters, dedup, test-set removal"),
     "tokenizer train": ("data", "(re)train the SentencePiece tokenizer"),
     "checkpoint info": ("checkpoint", "list a workdir's checkpoints (steps, sizes, mesh)"),
+    "export hf": ("hf", "a checkpoint as a Hugging Face model directory (safetensors, "
+                        "modeling code, tokenizer)"),
+    "import hf": ("hf", "a Hugging Face directory from `export hf` as a new workdir (step 0)"),
     "aot": ("aot", "compile the train step for a TPU topology here (needs .[tpu])"),
     "scaling run": ("scaling", "train and evaluate a ladder of model sizes"),
     "scaling fit": ("scaling", "fit the scaling law to a ladder's results"),
