@@ -190,7 +190,7 @@ def check(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None,
     (or not that step), an --out that is a file or a non-empty directory, a shard size below
     1 MiB, no tokenizer. Returns (the step, the tokenizer file)."""
     from gopher_jax import checkpoint as ckpt_lib
-    from gopher_jax.data import tokenizer as tokenizer_lib
+    from gopher_jax import storage
     from gopher_jax.errors import UsageError, UserError
     from gopher_jax.hf.checkpoint_reader import checkpoint_steps
 
@@ -211,14 +211,25 @@ def check(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None,
         raise UserError(f"--out {out} exists and is not an empty directory",
                         "pass a new directory")
     if tokenizer_path is None:
-        meta = ckpt_lib.read_meta(pathlib.Path(workdir) / "checkpoints", step)
-        tokenizer_path = tokenizer_lib.default_path(
-            config_lib.from_json(json.dumps(meta["config"])))
+        meta = ckpt_lib.read_meta(storage.path(workdir) / "checkpoints", step)
+        return step, run_tokenizer(config_lib.from_json(json.dumps(meta["config"])))
     tokenizer_path = pathlib.Path(tokenizer_path)
     if not tokenizer_path.is_file():
-        raise UserError(f"no tokenizer at {tokenizer_path} (the run's data.tokenizer_path "
-                        "or data_dir)", "pass --tokenizer FILE, the run's SentencePiece model")
+        raise UserError(f"--tokenizer {tokenizer_path} is not a file",
+                        "pass the run's SentencePiece model")
     return step, tokenizer_path
+
+
+def run_tokenizer(c: ml_collections.ConfigDict) -> pathlib.Path:
+    """The file of the run config's tokenizer (refused when it is missing or too large)."""
+    from gopher_jax.data import pipeline
+    from gopher_jax.errors import DataError, UserError
+
+    try:
+        return pathlib.Path(pipeline.load_tokenizer(c).path)
+    except DataError as e:
+        raise UserError(f"the run's tokenizer cannot be used: {e}",
+                        "pass --tokenizer FILE, the run's SentencePiece model") from None
 
 
 def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int,
@@ -227,12 +238,10 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int,
     """Writes checkpoint `step` of `workdir` to the new directory `out` (see the module
     docstring); returns {"dir", "step", "files", "tensors", "bytes"}. `tokenizer_path`
     defaults to the run config's tokenizer."""
-    from gopher_jax.data import tokenizer as tokenizer_lib
-
     reader = StepReader(workdir, step)
     c = config_lib.from_json(json.dumps(reader.meta["config"]))
     m = c.model
-    tokenizer_path = pathlib.Path(tokenizer_path or tokenizer_lib.default_path(c))
+    tokenizer_path = pathlib.Path(tokenizer_path or run_tokenizer(c))
     source = provenance(reader.meta, eval_at(workdir, step))
     np_dtype = DTYPES[dtype]
     entries = weights.entries(m)

@@ -32,7 +32,7 @@ from gopher_jax.hf import export as export_lib
 from gopher_jax.hf import safetensors_out, weights
 from gopher_jax.model import sizes
 
-EXPERIMENT_PY = '''"""The run config of a model imported from Hugging Face: config.json beside this file."""
+EXPERIMENT_PY = '''"""The config of a model imported from Hugging Face: config.json beside it."""
 
 import pathlib
 
