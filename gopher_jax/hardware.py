@@ -73,6 +73,15 @@ GPU_PEAK_BF16 = {
 }
 
 
+# GPUs on which model/gpu_attention.py (model.attention_impl=pallas_gpu) has been run and
+# found equal to XLA attention (fp32 2e-5, bf16 3e-2 of max |value|, outputs and gradients)
+# and faster than it in the training step: device-kind prefix -> the record (GPU name,
+# commit, tokens/s of both paths at T=2,048 and 8,192; benchmarks/gpu_check.sh writes them).
+# attention_impl=auto picks the kernel on a GPU only when its kind is here. No GPU run
+# exists yet, so the table is empty and the kernel is opt-in everywhere.
+GPU_ATTENTION_KERNEL_RUNS: dict[str, str] = {}
+
+
 def _longest_prefix(table: dict[str, object], kind: str) -> object | None:
     keys = [k for k in table if kind.startswith(k)]
     return table[max(keys, key=len)] if keys else None
@@ -88,6 +97,11 @@ def peak_bf16(device_kind: str) -> float | None:
     """Datasheet dense bf16 FLOP/s of one device ('NVIDIA H100 80GB HBM3' -> H100's)."""
     gen = tpu_generation(device_kind)
     return gen.peak_bf16_per_device if gen else _longest_prefix(GPU_PEAK_BF16, device_kind)
+
+
+def gpu_attention_kernel_runs(device_kind: str) -> bool:
+    """Whether `GPU_ATTENTION_KERNEL_RUNS` records a correct and faster run on this GPU."""
+    return _longest_prefix(GPU_ATTENTION_KERNEL_RUNS, device_kind) is not None
 
 
 def hbm_bytes(device_kind: str) -> int | None:

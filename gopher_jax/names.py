@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 # model.attention_impl: "auto" resolves to one of the others when tracing (model/attention.py).
-ATTENTION_IMPLS = ("auto", "xla", "pallas")
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_gpu")
 # model.remat_policy: what the backward pass may keep of each block (model/gopher.py).
 REMAT_POLICIES = ("none", "nothing_saveable", "dots", "dots_no_batch")
 # train.optimizer (train/optimizer.py).

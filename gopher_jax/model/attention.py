@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from gopher_jax import names
-from gopher_jax.model import flash_attention
+from gopher_jax.model import flash_attention, gpu_attention
 from gopher_jax.model.layers import Dtype, fan_in_init, param
 from gopher_jax.parallel.rules import constrain
 
@@ -246,19 +246,31 @@ def pallas_attention(qu: jax.Array, qv: jax.Array, k: jax.Array, v: jax.Array, r
                                                    block_q=block_q)
 
 
+def pallas_gpu_attention(qu: jax.Array, qv: jax.Array, k: jax.Array, v: jax.Array,
+                         r: jax.Array, segment_ids: jax.Array, *, block_q: int) -> jax.Array:
+    """`xla_attention` as the Pallas Triton kernels (model/gpu_attention.py) under shard_map;
+    interpret mode off GPU. block_q sizes the XLA path's blocks, not the kernel's tiles."""
+    del block_q
+    return gpu_attention.sharded_gpu_flash_attention(qu, qv, k, v, r, segment_ids)
+
+
 # `RelativeAttention(impl=...)` -> the function computing `xla_attention`'s contract.
 ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {"xla": xla_attention,
-                                                        "pallas": pallas_attention}
+                                                        "pallas": pallas_attention,
+                                                        "pallas_gpu": pallas_gpu_attention}
 # model.attention_impl: a key of ATTENTION_IMPLS, or "auto" (`resolve_impl`).
 names.check_table("model.attention_impl", ("auto", *ATTENTION_IMPLS), names.ATTENTION_IMPLS)
 
 
 def resolve_impl(name: str) -> str:
-    """'auto' -> 'pallas' when tracing for a TPU the kernel lowers on (v5 and later), else
-    'xla'; other names as they are."""
+    """'auto' -> 'pallas' when tracing for a TPU the kernel lowers on (v5 and later),
+    'pallas_gpu' on a GPU `hardware.GPU_ATTENTION_KERNEL_RUNS` records, else 'xla'; other
+    names as they are."""
     if name != "auto":
         return name
-    return "pallas" if flash_attention.kernel_runs_here() else "xla"
+    if flash_attention.kernel_runs_here():
+        return "pallas"
+    return "pallas_gpu" if gpu_attention.kernel_runs_here() else "xla"
 
 
 class RelativeAttention(nnx.Module):
