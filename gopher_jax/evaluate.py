@@ -15,8 +15,8 @@ import ml_collections
 import numpy as np
 
 from gopher_jax import checkpoint as ckpt_lib
-from gopher_jax import storage
-from gopher_jax.data import mixture, pipeline, tokenized
+from gopher_jax import data, storage
+from gopher_jax.data import mixture, pipeline, sources, tokenized
 from gopher_jax.data.tokenizer import Tokenizer
 from gopher_jax.layout import Layout
 from gopher_jax.parallel import distributed
@@ -48,11 +48,11 @@ def evaluate_split(c: ml_collections.ConfigDict, layout: Layout | jax.sharding.M
                    ) -> dict[str, float]:
     """Exact bits per byte: summed -log2 p over the summed UTF-8 bytes of the split. For a
     mixture: the mixture's (`mixture.combine`), and each source's as "bits_per_byte/<name>"."""
-    if mixture.is_mixture(c):
+    if data.is_mixture(c):
         return evaluate_mixture(c, layout, params, split, eval_step, max_batches)
     layout = Layout.of(c, layout)
     eval_step = eval_step or step_lib.make_eval_step(c, layout)
-    batches = pipeline.eval_batches(c, split, eval_batch_size(c), layout.batch_sharding,
+    batches = data.eval_batches(c, split, eval_batch_size(c), layout.batch_sharding,
                                     max_batches=max_batches)
     return _bits_per_byte(layout, params, batches, eval_step)
 
@@ -61,8 +61,8 @@ def document_batches(tok: Tokenizer, docs: Iterable[str], seq_len: int, batch_si
                      counts: dict[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """`docs` tokenized in memory into the chunks a prepared split holds (tokenized.py's
     ChunkPacker and record decoding), `batch_size` chunks a batch, the last one padded with
-    weight-0 rows as `pipeline.eval_batches` pads. `counts` (when given) receives the
-    documents, tokens and UTF-8 bytes of the text read."""
+    weight-0 rows as `data.eval_batches` pads (`tokenized.padded_batch`). `counts` (when
+    given) receives the documents, tokens and UTF-8 bytes of the text read."""
     packer = tokenized.ChunkPacker(seq_len, tok.eos_id, tok.pad_id, tok.piece_bytes)
     counts = counts if counts is not None else {}
     counts.update(documents=0, text_bytes=0)
@@ -73,9 +73,7 @@ def document_batches(tok: Tokenizer, docs: Iterable[str], seq_len: int, batch_si
         while len(pending) >= batch_size or (final and pending):
             rows, pending[:] = pending[:batch_size], pending[batch_size:]
             got = tokenized.decode_records(rows, seq_len)
-            batch = {"tokens": np.full((batch_size, seq_len + 1), tok.pad_id, np.int32),
-                     "segment_ids": np.zeros((batch_size, seq_len + 1), np.int32),
-                     "num_bytes": np.zeros(batch_size, np.int32)}
+            batch = tokenized.padded_batch(batch_size, seq_len, tok.pad_id)
             for key, value in got.items():
                 batch[key][:len(rows)] = value
             yield batch
@@ -98,7 +96,7 @@ def evaluate_documents(c: ml_collections.ConfigDict, layout: Layout | jax.shardi
     counts what the model sees, the same unless the tokenizer normalises NFKC)."""
     layout = Layout.of(c, layout)
     eval_step = eval_step or step_lib.make_eval_step(c, layout)
-    tok = tok or pipeline.load_tokenizer(c)
+    tok = tok or data.load_tokenizer(c)
     counts: dict[str, int] = {}
     batches = (jax.device_put(b, layout.batch_sharding) for b in
                document_batches(tok, docs, c.data.seq_len, eval_batch_size(c), counts))
@@ -115,9 +113,9 @@ def evaluate_sources(c: ml_collections.ConfigDict, layout: Layout | jax.sharding
     layout = Layout.of(c, layout)
     eval_step = eval_step or step_lib.make_eval_step(c, layout)
     out = {}
-    for s in mixture.sources(c):
+    for s in sources.sources(c):
         sc = mixture.source_config(c, s)
-        if not mixture.has_split(sc, split):
+        if not pipeline.has_split(sc, split):
             continue
         r = evaluate_split(sc, layout, params, split, eval_step, max_batches)
         n = len(pipeline.open_chunks(sc, split))
@@ -180,12 +178,12 @@ def unigram_bits_per_byte(c: ml_collections.ConfigDict, split: str) -> float:
     """Bits per byte of a unigram model fitted (add-one smoothed) on the train split's
     token counts, scored on `split` with the same target weights as the model."""
     counts = np.ones(c.model.vocab_size)
-    for b in pipeline.eval_batches(c, c.data.train_split, 256):
+    for b in data.eval_batches(c, c.data.train_split, 256):
         _, _, targets, w = step_lib.split_batch(b)
         np.add.at(counts, np.asarray(targets)[np.asarray(w) > 0], 1)
     logp = np.log(counts / counts.sum())
     nll = nbytes = 0.0
-    for b in pipeline.eval_batches(c, split, 256):
+    for b in data.eval_batches(c, split, 256):
         _, _, targets, w = step_lib.split_batch(b)
         nll -= float(np.sum(logp[np.asarray(targets)] * np.asarray(w)))
         nbytes += float(np.sum(b["num_bytes"]))
@@ -197,14 +195,14 @@ def _mixture_split(c: ml_collections.ConfigDict, layout: Layout, params: Any, sp
     """The mixture's result on `split` for `run` (model and unigram baseline, combined the
     same way); each source's own goes into by_source[name][split]."""
     per = evaluate_sources(c, layout, params, split, eval_step)
-    for s in mixture.sources(c):
+    for s in sources.sources(c):
         if s.name in per:
             per[s.name]["unigram_bits_per_byte"] = unigram_bits_per_byte(
                 mixture.source_config(c, s), split)
             by_source.setdefault(s.name, {})[split] = per[s.name]
     out = _mixture_totals(c, per)
     out["unigram_bits_per_byte"] = _combined(c, per, "unigram_bits_per_byte")["bits_per_byte"]
-    out["shares"] = {n: v for n, v in mixture.shares(c).items() if n in per}
+    out["shares"] = {n: v for n, v in sources.shares(c).items() if n in per}
     return out
 
 
@@ -216,15 +214,15 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, A
     layout = Layout.build(c, mesh_lib.make_mesh(c))
     # The checkpoint first: a workdir without one is refused before any data is built.
     params, step = restore_params(c, workdir, layout)
-    info = distributed.run_on_process_zero_first(lambda: pipeline.prepare(c))
+    info = distributed.run_on_process_zero_first(lambda: data.prepare(c))
     eval_step = step_lib.make_eval_step(c, layout)
     results: dict[str, Any] = {"step": step, "warnings": info["warnings"], "splits": {}}
-    if mixture.is_mixture(c):
+    if data.is_mixture(c):
         results["sources"] = {}
     for split in dict.fromkeys((c.data.eval_split, c.data.test_split)):
         if split not in info["splits"]:
             continue
-        if mixture.is_mixture(c):
+        if data.is_mixture(c):
             results["splits"][split] = _mixture_split(c, layout, params, split, eval_step,
                                                       results["sources"])
             continue

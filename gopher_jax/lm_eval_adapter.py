@@ -124,7 +124,7 @@ class GopherLM(LM):
         super().__init__()
         import jax
 
-        from gopher_jax.data import pipeline
+        from gopher_jax import data
         from gopher_jax.evaluate import restore_params
         from gopher_jax.parallel import mesh as mesh_lib
         from gopher_jax.tasks.run import model_logits_fn
@@ -133,7 +133,7 @@ class GopherLM(LM):
         params, self.step = restore_params(self.config, workdir,
                                            mesh_lib.make_mesh(self.config))
         self.logits_fn = model_logits_fn(self.config, jax.device_get(params))
-        self.tokenizer = pipeline.load_tokenizer(self.config)
+        self.tokenizer = data.load_tokenizer(self.config)
         self.seq_len = int(self.config.data.seq_len)
         try:
             self.batch_size = int(batch_size) if batch_size is not None else DEFAULT_BATCH_SIZE

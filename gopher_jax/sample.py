@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gopher_jax.data import pipeline
+from gopher_jax import data
 from gopher_jax.errors import UsageError
 from gopher_jax.model import decode, gopher
 from gopher_jax.parallel import mesh as mesh_lib
@@ -132,7 +132,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, prompt: str,
     check_options(c.model.vocab_size, max_new_tokens, temperature, top_k)
     params, _ = restore_params(c, workdir, mesh_lib.make_mesh(c))
     params = jax.device_get(params)
-    tok = pipeline.load_tokenizer(c)
+    tok = data.load_tokenizer(c)
     # Documents start with EOS in training data, so a prompt does too.
     ids = [tok.eos_id] + tok.encode(prompt)
     notices = []

@@ -13,10 +13,10 @@ def data_dir(tmp_path_factory) -> str:
     session: a data dir for `helpers.tiny`."""
     import helpers
 
-    from gopher_jax.data import pipeline
+    from gopher_jax import data
 
     d = str(tmp_path_factory.mktemp("tiny_data"))
-    pipeline.prepare(helpers.tiny(d))
+    data.prepare(helpers.tiny(d))
     return d
 
 

@@ -101,3 +101,31 @@ def create_bucket(url: str, name: str) -> None:
                                  data=json.dumps({"name": name}).encode(),
                                  headers={"Content-Type": "application/json"})
     urllib.request.urlopen(req, timeout=10).read()
+
+
+def write_one_pass_split(path: str | os.PathLike, docs, tokenizer, seq_len: int,
+                         fingerprint: dict) -> dict:
+    """`docs` tokenized in one pass into `<path>.array_record` plus `<path>.json` naming that
+    one file (`path`, not `files`): what sharded preparation must equal, and the metadata
+    form `tokenized.Chunks` still reads."""
+    import json
+
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from gopher_jax.data import tokenized
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    packer = tokenized.ChunkPacker(seq_len, tokenizer.eos_id, tokenizer.pad_id,
+                                   tokenizer.piece_bytes)
+    records = [packer.add(tokenizer.encode_batch(list(docs))), packer.finish()]
+    writer = ArrayRecordWriter(str(path.with_suffix(".array_record")), tokenized.WRITER_OPTIONS)
+    n_chunks = 0
+    for r in (r for batch in records for r in batch):
+        writer.write(r.astype("<i4").tobytes())
+        n_chunks += 1
+    writer.close()
+    info = {"fingerprint": fingerprint, "path": str(path.with_suffix(".array_record")),
+            "seq_len": seq_len, "num_chunks": n_chunks}
+    tokenized.meta_path(path).write_text(json.dumps(info))
+    return info

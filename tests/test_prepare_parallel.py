@@ -11,11 +11,11 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ROOT, cli_command, cpu_env
+from helpers import ROOT, cli_command, cpu_env, write_one_pass_split
 
 from gopher_jax.cli import app
 from gopher_jax.config import base_config
-from gopher_jax.data import builders, pipeline, tokenized
+from gopher_jax.data import artefacts, builders, pipeline, tokenized
 
 
 def _corpus(root: pathlib.Path) -> str:
@@ -66,8 +66,8 @@ def test_sharded_chunks_equal_one_pass_and_do_not_depend_on_shard_size(base, tmp
     assert len(info["splits"]["train"]["files"]) > 2  # really sharded
     one_pass = tmp_path / "one" / "train"
     texts = builders.iter_texts(builders.get_builder(cfg), "train")
-    meta = tokenized.write_split(one_pass, texts, pipeline.load_tokenizer(cfg), 32,
-                                 info["splits"]["train"]["fingerprint"])
+    meta = write_one_pass_split(one_pass, texts, pipeline.load_tokenizer(cfg), 32,
+                                info["splits"]["train"]["fingerprint"])
     old = tokenized.Chunks(one_pass)  # the single-file layout of older data dirs
     assert old.files == [meta["path"]]
     assert b"".join(old.source.__getitems__(range(len(old)))) == _records(cfg, "train")
@@ -142,6 +142,6 @@ def test_killed_preparation_resumes_to_the_same_result(base, tmp_path):
     resumed = _config(ref_cfg, data_dir)
     for split in ref["splits"]:
         assert _records(resumed, split) == _records(ref_cfg, split)
-    meta = json.loads((pipeline.chunks_dir(resumed) / "train.json").read_text())
+    meta = json.loads((artefacts.chunks_dir(resumed) / "train.json").read_text())
     assert meta["files"] == ref["splits"]["train"]["files"]
     assert meta["fingerprint"] == ref["splits"]["train"]["fingerprint"]

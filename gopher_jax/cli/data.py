@@ -29,9 +29,9 @@ def run(args: argparse.Namespace) -> int:
         return _tokenizer(c)
     if args.name == "data filter":
         return _filter(c, args.out or None, processes)
-    from gopher_jax.data import pipeline
+    from gopher_jax import data
 
-    info = pipeline.prepare(c, log=console.out, processes=processes)
+    info = data.prepare(c, log=console.out, processes=processes)
     console.out(f"[data] {info['dataset']}: tokenizer {info['tokenizer']}")
     for split, s in info["splits"].items():
         console.out(f"[data]   {split:>10}: {s['num_chunks']:>8,} chunks  {s['num_tokens']:>12,} "
@@ -47,14 +47,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _filter(c, out: str | None, processes: int) -> int:
-    from gopher_jax.data import corpus_filter
+    from gopher_jax import data
+    from gopher_jax.data import artefacts, corpus_filter, mixture
 
     if out:
         storage.check(out, "--out", remote_ok=False)
         common.writable_dir(out, "--out")
-    if c.data.get("sources"):
-        from gopher_jax.data import mixture
-
+    if data.is_mixture(c):
         if out:
             raise UsageError("--out with a mixture", "drop it: each source is filtered into "
                              "<data_dir>/filtered/<its corpus>")
@@ -63,7 +62,7 @@ def _filter(c, out: str | None, processes: int) -> int:
                            "training on the mixture reads them", tag=f"filter:{name}")
         return 0
     m = corpus_filter.filter_corpus(c, out, processes, log=console.out)
-    _filter_report(m, str(out or corpus_filter.filter_dir(c)),
+    _filter_report(m, str(out or artefacts.filter_dir(c)),
                    "train on them: --config.data.filter=True")
     return 0
 
@@ -78,9 +77,9 @@ def _filter_report(m: dict, where: str, next_step: str, tag: str = "filter") -> 
 
 
 def _tokenizer(c) -> int:
-    from gopher_jax.data import tokenizer
+    from gopher_jax.data import pipeline
 
-    out = tokenizer.train_and_measure(c)
+    out = pipeline.train_and_measure(c)
     tok = out["tokenizer"]
     console.out(f"[tokenizer] trained {tok.vocab_size}-piece BPE on {c.data.dataset}:"
                 f"{c.data.train_split} in {out['seconds']:.1f}s -> {tok.path}")

@@ -1,0 +1,102 @@
+"""The data API: what training, evaluation, tasks and the CLI call.
+
+    info = data.prepare(cfg, log=print)          # datasets, tokenizer, chunks (idempotent)
+    batches = data.train_data(cfg)               # a Batches: .batch(step, sharding)
+    ids = data.data_identity(info, cfg.data.train_split)   # fingerprints a checkpoint keeps
+    for b in data.eval_batches(cfg, split, 16): ...        # one corpus's split, in order
+
+Whether the config trains on one corpus (pipeline.py) or a weighted mixture of sources
+(mixture.py) is asked of `sources.is_mixture` here, once per call; the modules below do
+not ask it again. The layers, each importing only those under it:
+
+    __init__ (this API)
+    mixture          a mixture's preparation, batches and combined results
+    pipeline         one corpus: preparation, chunks, TrainData, eval batches
+    corpus_filter    the MassiveText filter stage (filters, dedup)
+    shards           sharded, resumable, parallel tokenization
+    artefacts        the names of every file and folder of a data dir
+    sources          sources and weights (mixture or not)
+    builders, tokenizer, tokenized, rows, digests    leaves: TFDS builders, SentencePiece,
+                     the chunk format, batch rows per process, short hashes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import ml_collections
+import numpy as np
+
+from gopher_jax.data import mixture, pipeline
+from gopher_jax.data.sources import is_mixture
+from gopher_jax.data.tokenizer import Tokenizer
+from gopher_jax.errors import DataError
+
+__all__ = ["Batches", "data_identity", "eval_batches", "is_mixture", "load_tokenizer",
+           "prepare", "train_data"]
+
+
+@runtime_checkable
+class Batches(Protocol):
+    """Training batches whose order is a pure function of (seed, step): `TrainData` (one
+    corpus) and `MixtureData` (a mixture)."""
+
+    split: str
+    num_chunks: int
+    batch_size: int
+    seq_len: int
+    seed: int
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def local_rows(self, step: int, process_index: int = 0, process_count: int = 1,
+                   rows: Sequence[int] | None = None) -> dict[str, np.ndarray]: ...
+
+    def batch(self, step: int, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]: ...
+
+    def consumed(self, step: int) -> dict[str, float]: ...
+
+
+def prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = None,
+            processes: int = 1) -> dict[str, Any]:
+    """Everything training reads, built once (`pipeline.prepare`, or `mixture.prepare` for
+    data.sources): {"dataset", "tokenizer", "tokenizer_sha", "chunks_dir", "splits":
+    {split: {num_chunks, num_docs, num_tokens, num_bytes, tokens_per_byte, reused, ...}},
+    "warnings"}, and for a mixture "sources", "shares" and "mixture" too."""
+    if is_mixture(cfg):
+        return mixture.prepare(cfg, log, processes=processes)
+    return pipeline.prepare(cfg, log, processes=processes)
+
+
+def train_data(cfg: ml_collections.ConfigDict, split: str | None = None) -> Batches:
+    """The training batches of the config (default: its train split)."""
+    if is_mixture(cfg):
+        return mixture.MixtureData(cfg, split)
+    return pipeline.TrainData(cfg, split)
+
+
+def data_identity(info: dict[str, Any], train_split: str) -> dict[str, str]:
+    """Content fingerprints of what training reads, from `prepare`'s result: a resume onto
+    other data is refused by name."""
+    if "sources" in info:
+        return mixture.data_identity(info, train_split)
+    return pipeline.data_identity(info, train_split)
+
+
+def eval_batches(cfg: ml_collections.ConfigDict, split: str, batch_size: int,
+                 sharding: jax.sharding.Sharding | None = None,
+                 max_batches: int = -1) -> Iterator[dict]:
+    """Every chunk of one corpus's `split` once, in order (`pipeline.eval_batches`). A
+    mixture is evaluated source by source (evaluate.py): each has its own chunks."""
+    if is_mixture(cfg):
+        raise DataError("a mixture has one chunk set per source",
+                        "evaluate each source's config (mixture.source_config)")
+    return pipeline.eval_batches(cfg, split, batch_size, sharding, max_batches)
+
+
+def load_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
+    """The config's tokenizer (one corpus's or a mixture's shared one)."""
+    return pipeline.load_tokenizer(cfg)

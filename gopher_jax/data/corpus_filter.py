@@ -1,7 +1,6 @@
 """A corpus filtered as MassiveText was (Gopher paper, appendix A), in resumable shards.
 
-    report = filter_corpus(cfg, out_dir, processes=2, log=print)
-    docs = filtered_docs(out_dir, "train", shard)   # [(doc id, text)] of one shard
+    manifest = filter_corpus(cfg, out_dir, processes=2, log=print)
 
 `cfg.data` names one source (dataset, text_files, text_field, splits); the training split
 goes through five stages, each reported in `out_dir/audit/<stage>.{json,md}` (documents and
@@ -41,7 +40,8 @@ import ml_collections
 import numpy as np
 
 from gopher_jax import storage
-from gopher_jax.data import builders, dedup, filters, shards
+from gopher_jax.data import artefacts, builders, dedup, filters, shards
+from gopher_jax.data.digests import digest, file_sha
 from gopher_jax.errors import DataError
 
 FILTER_FORMAT = 1
@@ -52,18 +52,12 @@ SNIPPET = 100  # characters
 
 def settings(cfg: ml_collections.ConfigDict, fcfg: filters.FilterConfig) -> dict:
     """Everything the filtered documents depend on (the output folder's fingerprint)."""
-    return {"format": FILTER_FORMAT, "corpus": builders.corpus_name(cfg),
+    return {"format": FILTER_FORMAT, "corpus": artefacts.corpus_name(cfg),
             "train_split": cfg.data.train_split,
             "eval_splits": sorted({cfg.data.eval_split, cfg.data.test_split}),
             "docs_per_shard": cfg.data.docs_per_shard, "ngram": dedup.NGRAM,
             "jaccard": dedup.JACCARD, "minhash": [dedup.BANDS, dedup.ROWS],
             "filters": repr(fcfg)}
-
-
-def filter_dir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
-    """<data_dir>/filtered/<corpus>: where `data filter` writes by default."""
-    return (pathlib.Path(os.path.expanduser(cfg.data.data_dir)) / "filtered"
-            / builders.corpus_name(cfg))
 
 
 def _doc_id(split: str, i: int) -> str:
@@ -191,20 +185,19 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
                   processes: int = 1, log: Callable[[str], None] | None = None,
                   fcfg: filters.FilterConfig = filters.PAPER) -> dict:
     """Filters the training split of the source `cfg.data` names into `out_dir` (default
-    `filter_dir(cfg)`); idempotent: finished shards and stages are reused. Returns the
+    `artefacts.filter_dir(cfg)`); idempotent: finished shards and stages are reused. Returns the
     manifest (also `out_dir/manifest.json`)."""
     log = log or (lambda msg: None)
     d = cfg.data
     if processes < 1:
         raise DataError(f"--processes {processes}", "give 1 or more")
-    out = pathlib.Path(out_dir) if out_dir is not None else filter_dir(cfg)
+    out = pathlib.Path(out_dir) if out_dir is not None else artefacts.filter_dir(cfg)
     builder = builders.prepare_builder(cfg, log)
-    if d.train_split not in builder.info.splits:
-        raise DataError(f"dataset {d.dataset!r} has no split {d.train_split!r} (it has "
-                        f"{builders.split_names(builder)})", "set data.train_split")
+    builders.require_split(builder, d.train_split, f"dataset {d.dataset!r}",
+                           "set data.train_split")
     conf = settings(cfg, fcfg)
-    fp = shards.digest([conf, builders.corpus_fingerprint(builder)])
-    manifest_path = out / "manifest.json"
+    fp = digest([conf, builders.corpus_fingerprint(builder)])
+    manifest_path = out / artefacts.MANIFEST
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("fingerprint") == fp:
@@ -212,7 +205,8 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
                 f"{manifest['docs_in']:,} training documents kept)")
             return manifest
     t0 = time.time()
-    work, docs_dir, audit_dir = out / "work", out / "docs", out / "audit"
+    work, docs_dir, audit_dir = (out / artefacts.FILTER_WORK, out / artefacts.FILTER_DOCS,
+                                 out / artefacts.FILTER_AUDIT)
     for f in (work, docs_dir, audit_dir):
         f.mkdir(parents=True, exist_ok=True)
         shards.remove_stale_temporaries(f)
@@ -231,7 +225,7 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
     train_summaries = [s for s in summaries if s["split"] == d.train_split]
     log(f"[filter] quality and repetition done ({time.time() - t0:.1f}s)")
 
-    removed_path = out / "removed.json"
+    removed_path = out / artefacts.REMOVED
     removed_doc = json.loads(removed_path.read_text()) if removed_path.is_file() else None
     train = _load_stage1(work, d.train_split, plans[d.train_split], fp)
     if removed_doc is None or removed_doc.get("fingerprint") != fp:
@@ -285,7 +279,7 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
         shards.write_docs(target, kept)
         shard_rows.append({"index": k, "start": s["start"], "stop": s["stop"],
                            "docs_in": s["docs_in"], "docs_out": len(kept), "path": name,
-                           "sha256": shards.file_sha(target)})
+                           "sha256": file_sha(target)})
     manifest = {"fingerprint": fp, "settings": conf, "split": d.train_split,
                 "docs_in": audits[0]["docs_in"], "bytes_in": audits[0]["bytes_in"],
                 "docs_out": audits[-1]["docs_out"], "bytes_out": audits[-1]["bytes_out"],
@@ -296,16 +290,6 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
     log(f"[filter] {manifest['docs_out']:,} of {manifest['docs_in']:,} training documents "
         f"kept ({time.time() - t0:.1f}s); reports in {audit_dir}")
     return manifest
-
-
-def read_manifest(out_dir: str | os.PathLike) -> dict | None:
-    p = pathlib.Path(out_dir) / "manifest.json"
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
-def filtered_docs(out_dir: str | os.PathLike, shard: dict) -> list[tuple[int, str]]:
-    """The (id, text) of one shard row of the manifest."""
-    return shards.read_docs(pathlib.Path(out_dir) / "docs" / shard["path"])
 
 
 def _passes_rules(doc) -> bool:

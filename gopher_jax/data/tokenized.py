@@ -13,8 +13,8 @@ count of the normalised text, which is what the model sees; `num_text_bytes` has
 One record = int32 [tokens (L+1), segment_ids (L+1), num_bytes (1)], raw little-endian.
 
 Files: `<split>.json` (the metadata, written last) lists the split's ArrayRecord files in
-chunk order, `<split>/chunks-<k>.array_record` (sharded preparation, shards.py); data dirs
-prepared before sharding hold one `<split>.array_record`, which `Chunks` still reads.
+chunk order, `<split>/chunks-<k>.array_record` (written by shards.py); a metadata file that
+names one `path` instead of `files` (one `<split>.array_record`) is read the same way.
 """
 
 from __future__ import annotations
@@ -23,14 +23,12 @@ import contextlib
 import json
 import os
 import pathlib
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from gopher_jax import storage
 from gopher_jax.data.tokenizer import EOS_ID
 from gopher_jax.errors import DataError
 
@@ -121,6 +119,20 @@ def batch_shapes(batch_size: int, seq_len: int) -> dict[str, tuple[tuple[int, ..
     return {"tokens": (rows, i32), "segment_ids": (rows, i32), "num_bytes": ((batch_size,), i32)}
 
 
+def padded_batch(batch_size: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A batch of `batch_size` padding rows (pad tokens, segment 0, no bytes: weight 0), for
+    a last batch that real chunks fill only in part."""
+    out = {k: np.zeros(shape, dtype) for k, (shape, dtype) in
+           batch_shapes(batch_size, seq_len).items()}
+    out["tokens"][:] = pad_id
+    return out
+
+
+def meta_path(path: str | os.PathLike) -> pathlib.Path:
+    """The metadata file of the split whose chunks are under `path` (<folder>/<split>)."""
+    return pathlib.Path(path).with_suffix(".json")
+
+
 def write_records(path: pathlib.Path, records: np.ndarray) -> None:
     """Records [n, 2*(L+1)+1] as one ArrayRecord file, written to a temporary name first."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -141,63 +153,8 @@ def write_records(path: pathlib.Path, records: np.ndarray) -> None:
         raise
 
 
-def write_split(path: str | os.PathLike, docs: Iterable[str], tokenizer, seq_len: int,
-                fingerprint: dict, label: str = "", progress_every_s: float = 5.0,
-                log: Callable[[str], None] | None = None) -> dict:
-    """Tokenize `docs` into `<path>.array_record` plus `<path>.json` (written last)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".array_record.tmp{os.getpid()}")
-    packer = ChunkPacker(seq_len, tokenizer.eos_id, tokenizer.pad_id, tokenizer.piece_bytes)
-    writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
-    n_chunks = n_bytes = n_text_bytes = 0
-    t0 = last = time.time()
-
-    def write(records: np.ndarray) -> None:
-        nonlocal n_chunks, n_bytes
-        for r in records:
-            writer.write(r.astype("<i4").tobytes())
-        n_chunks += len(records)
-        n_bytes += int(records[:, -1].sum())
-
-    batch: list[str] = []
-    try:
-        for text in docs:
-            batch.append(text)
-            n_text_bytes += len(text.encode("utf-8"))
-            if len(batch) == ENCODE_BATCH:
-                write(packer.add(tokenizer.encode_batch(batch)))
-                batch = []
-                if time.time() - last > progress_every_s:
-                    last = time.time()
-                    if log is not None:
-                        log(f"[data] {label}: {packer.num_docs:,} docs, {packer.num_tokens:,} "
-                            f"tokens, {n_chunks:,} chunks ({last - t0:.0f}s)")
-        write(packer.add(tokenizer.encode_batch(batch)))
-        write(packer.finish())
-        writer.close()
-        os.replace(tmp, path.with_suffix(".array_record"))
-    except BaseException as e:
-        with contextlib.suppress(Exception):
-            writer.close()
-        tmp.unlink(missing_ok=True)  # a rerun starts clean
-        if isinstance(e, RuntimeError | OSError):  # array_record reports I/O as RuntimeError
-            raise DataError(f"writing token chunks to {path.parent} failed: {e}",
-                            "free space or choose another data.data_dir, then run again"
-                            ) from None
-        raise
-    info = {"fingerprint": fingerprint, "path": str(path.with_suffix(".array_record")),
-            "seq_len": seq_len, "num_chunks": n_chunks, "num_docs": packer.num_docs,
-            "num_tokens": packer.num_tokens, "num_bytes": n_bytes, "num_text_bytes": n_text_bytes,
-            "tokens_per_byte": packer.num_tokens / max(n_bytes, 1),
-            "seconds": round(time.time() - t0, 2)}
-    meta = path.with_suffix(".json")
-    storage.write_atomic(meta, json.dumps(info, indent=1))
-    return info
-
-
 def read_meta(path: str | os.PathLike) -> dict | None:
-    meta = pathlib.Path(path).with_suffix(".json")
+    meta = meta_path(path)
     if not meta.is_file():
         return None
     return json.loads(meta.read_text())
@@ -219,14 +176,15 @@ class Chunks:
     def __init__(self, path: str | os.PathLike):
         self.meta = read_meta(path)
         if self.meta is None:
-            raise FileNotFoundError(f"no tokenized chunks at {path}.json")
+            raise DataError(f"no tokenized chunks at {meta_path(path)}",
+                            "run `python -m gopher_jax data prepare --config ...`")
         self.seq_len: int = self.meta["seq_len"]
         self.files = chunk_files(path, self.meta)
         self.source = grain.sources.ArrayRecordDataSource(self.files)
         if len(self.source) != self.meta["num_chunks"]:
-            raise ValueError(f"{pathlib.Path(path).parent} holds {len(self.source)} chunks "
-                             f"for {pathlib.Path(path).name}, its metadata says "
-                             f"{self.meta['num_chunks']}: prepare again.")
+            raise DataError(f"{pathlib.Path(path).parent} holds {len(self.source)} chunks "
+                            f"for {pathlib.Path(path).name}, its metadata says "
+                            f"{self.meta['num_chunks']}", "run `data prepare` again")
 
     def __len__(self) -> int:
         return self.meta["num_chunks"]

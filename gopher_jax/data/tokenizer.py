@@ -6,10 +6,8 @@ import io
 import os
 import pathlib
 import re
-import time
 from collections.abc import Iterable, Iterator, Sequence
 
-import ml_collections
 import numpy as np
 import sentencepiece as spm
 
@@ -42,8 +40,8 @@ class Tokenizer:
     def load(cls, path: str | os.PathLike) -> Tokenizer:
         path = pathlib.Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer at {path}: train one with `python -m "
-                                    "gopher_jax tokenizer train --config ...` (or data prepare)")
+            raise DataError(f"no tokenizer at {path}", "train one with `python -m gopher_jax "
+                            "tokenizer train --config ...` (or `data prepare`)")
         return cls(path.read_bytes(), str(path))
 
     def _piece_to_bytes(self, i: int) -> bytes:
@@ -144,27 +142,6 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: i
     return Tokenizer(buf.getvalue(), str(path))
 
 
-def default_path(cfg: ml_collections.ConfigDict) -> pathlib.Path:
-    """data.tokenizer_path, or <data_dir>/tokenizers/<corpus>_<vocab>[_nfkc].model."""
-    d = cfg.data
-    if d.tokenizer_path:
-        return pathlib.Path(os.path.expanduser(d.tokenizer_path))
-    from gopher_jax.data import builders
-
-    nfkc = "_nfkc" if d.nfkc else ""
-    name = f"{builders.corpus_name(cfg)}_{cfg.model.vocab_size}{nfkc}.model"
-    return pathlib.Path(os.path.expanduser(d.data_dir)) / "tokenizers" / name
-
-
-def train_from_config(cfg: ml_collections.ConfigDict) -> Tokenizer:
-    """Train on the config's train split and write to the config's tokenizer path."""
-    from gopher_jax.data import builders
-
-    builder = builders.prepare_builder(cfg)
-    texts = builders.iter_texts(builder, cfg.data.train_split, cfg.data.text_field)
-    return train_tokenizer(texts, default_path(cfg), cfg.model.vocab_size, nfkc=cfg.data.nfkc)
-
-
 def held_out_stats(tok: Tokenizer, texts: Iterable[str]) -> dict[str, float | int | bool]:
     """Tokens per byte and whether the round trip is exact, on held-out text."""
     n_tok = n_bytes = 0
@@ -176,18 +153,3 @@ def held_out_stats(tok: Tokenizer, texts: Iterable[str]) -> dict[str, float | in
         exact &= tok.decode(ids) == t
     return {"tokens": n_tok, "bytes": n_bytes,
             "tokens_per_byte": n_tok / max(n_bytes, 1), "roundtrip_exact": exact}
-
-
-def train_and_measure(cfg: ml_collections.ConfigDict) -> dict:
-    """(Re)train the config's tokenizer; with its held-out stats on the eval split when the
-    dataset has one: {"tokenizer", "seconds", "held_out": {...} | None}."""
-    from gopher_jax.data import builders
-
-    t0 = time.time()
-    tok = train_from_config(cfg)
-    out = {"tokenizer": tok, "seconds": time.time() - t0, "held_out": None}
-    builder = builders.prepare_builder(cfg)
-    if cfg.data.eval_split in builder.info.splits:
-        out["held_out"] = held_out_stats(tok, builders.iter_texts(builder, cfg.data.eval_split,
-                                                                  cfg.data.text_field))
-    return out

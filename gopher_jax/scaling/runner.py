@@ -84,7 +84,7 @@ def run(ladder: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
     Returns {"trained": [...], "skipped": [...], "failed": [...], "results": <results.json>}.
     """
-    from gopher_jax.data import pipeline
+    from gopher_jax import data
 
     workdir = storage.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def run(ladder: ml_collections.ConfigDict, workdir: str | os.PathLike,
     from gopher_jax.parallel import distributed
 
     first = member_config(ladder, names[0])
-    distributed.run_on_process_zero_first(lambda: pipeline.prepare(first))
+    distributed.run_on_process_zero_first(lambda: data.prepare(first))
     storage.write_atomic(workdir / "ladder.json", ladder.to_json(indent=2))
     trained, skipped, failed = [], [], []
     for name in todo:

@@ -233,9 +233,9 @@ def score_tasks(c: ml_collections.ConfigDict, source: Any, mesh: Mesh | Layout,
     the config's."""
     model, step = load(c, source, mesh)
     if tok is None:
-        from gopher_jax.data import pipeline
+        from gopher_jax import data
 
-        tok = pipeline.load_tokenizer(c)
+        tok = data.load_tokenizer(c)
     return score_model(c, model, tasks, tok, batch_size, max_new_tokens, step)
 
 

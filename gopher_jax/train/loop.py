@@ -18,8 +18,8 @@ import numpy as np
 from etils import epath
 
 from gopher_jax import checkpoint as ckpt_lib
+from gopher_jax import data as data_lib
 from gopher_jax import hardware, storage
-from gopher_jax.data import pipeline
 from gopher_jax.errors import UserError
 from gopher_jax.evaluate import evaluate_split
 from gopher_jax.layout import Layout
@@ -123,14 +123,14 @@ def _train(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: epath
     say(f"mesh {dict(mesh.shape)} rules={c.mesh.rules} devices={jax.device_count()} "
         f"processes={jax.process_count()}")
 
-    info = distributed.run_on_process_zero_first(lambda: pipeline.prepare(c, log=say))
-    data = pipeline.train_data(c)
+    info = distributed.run_on_process_zero_first(lambda: data_lib.prepare(c, log=say))
+    data = data_lib.train_data(c)
     layout = Layout.build(c, mesh)
     sharding = layout.batch_sharding
 
     keep_best = c.train.get("checkpoint_keep_best", 0)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.checkpoint_keep, keep_best=keep_best)
-    identity = pipeline.data_identity(info, c.data.train_split)
+    identity = data_lib.data_identity(info, c.data.train_split)
 
     def check(meta: dict[str, Any]) -> None:
         # Before any restore: a different model or different data is refused by name.

@@ -1,0 +1,55 @@
+"""Which rows of a global [batch, seq_len + 1] batch a process (or a set of devices) holds,
+and its local rows made into global jax.Arrays: what every kind of batches shares."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gopher_jax.errors import DataError
+
+
+def rows_for_devices(sharding: jax.sharding.Sharding, shape: tuple[int, ...],
+                     devices: Sequence[jax.Device] | None = None) -> np.ndarray:
+    """Sorted rows (dim 0) the given devices (default: this process's) hold under sharding."""
+    if devices is None:
+        index_map = sharding.addressable_devices_indices_map(shape)
+    else:
+        full = sharding.devices_indices_map(shape)
+        index_map = {dev: full[dev] for dev in devices}
+    rows: set[int] = set()
+    for index in index_map.values():
+        rows.update(range(*index[0].indices(shape[0])))
+    return np.array(sorted(rows), dtype=np.int64)
+
+
+def _batch_sharding_1d(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of a [batch] array that splits rows like `sharding` does."""
+    if not isinstance(sharding, NamedSharding):
+        raise TypeError(f"batches need a NamedSharding over a mesh, got {type(sharding)}")
+    spec = sharding.spec
+    return NamedSharding(sharding.mesh, PartitionSpec(spec[0] if len(spec) else None))
+
+
+def to_global(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
+              batch_size: int, seq_len: int) -> dict[str, jax.Array]:
+    s1 = _batch_sharding_1d(sharding)
+    out = {}
+    for key, value in local.items():
+        if value.ndim == 2:
+            out[key] = jax.make_array_from_process_local_data(
+                sharding, value, (batch_size, seq_len + 1))
+        else:
+            out[key] = jax.make_array_from_process_local_data(s1, value, (batch_size,))
+    return out
+
+
+def contiguous_rows(batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+    if batch_size % process_count:
+        raise DataError(f"train.batch_size {batch_size} is not divisible by {process_count} "
+                        "processes", "make the batch a multiple of the process count")
+    per = batch_size // process_count
+    return np.arange(process_index * per, (process_index + 1) * per)
