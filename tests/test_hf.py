@@ -188,6 +188,7 @@ def test_tokenizer_gives_our_ids_and_round_trips(random_export, tokenizer_file):
         assert tok(text).input_ids == [ours.eos_id] + ids  # documents start with EOS
         assert tok.decode(ids) == ours.decode(ids) == text
     assert tok.decode([ours.eos_id] + ours.encode("x"), skip_special_tokens=True) == "x"
+    assert tok.decode([ours.eos_id] + ours.encode("x")) == "</s>x"
     assert tok.vocab_size == ours.vocab_size and tok.eos_token_id == ours.eos_id
 
 

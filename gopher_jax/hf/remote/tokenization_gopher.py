@@ -79,11 +79,18 @@ class GopherTokenizer(PreTrainedTokenizer):
         return self._decode([self.sp.piece_to_id(t) for t in tokens])
 
     def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        """Each id's exact bytes, as gopher_jax decodes; a control piece (EOS, pad) is its
+        token string ("</s>") unless skip_special_tokens, as transformers' tokenizers do
+        (lm-evaluation-harness compares text with decode(EOS))."""
         if isinstance(token_ids, int):
             token_ids = [token_ids]
-        special = set(self.all_special_ids) if skip_special_tokens else set()
-        data = b"".join(self._bytes[int(i)] for i in token_ids if int(i) not in special)
-        return data.decode("utf-8", errors="replace")
+        parts = []
+        for i in map(int, token_ids):
+            if self._bytes[i] or not (self.sp.is_control(i) or self.sp.is_unknown(i)):
+                parts.append(self._bytes[i])
+            elif not skip_special_tokens:
+                parts.append(self.sp.id_to_piece(i).encode("utf-8"))
+        return b"".join(parts).decode("utf-8", errors="replace")
 
     def build_inputs_with_special_tokens(self, token_ids_0: list[int],
                                          token_ids_1: list[int] | None = None) -> list[int]:
