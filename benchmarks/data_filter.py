@@ -113,7 +113,7 @@ def end_to_end(cfg, processes: int, scratch: pathlib.Path) -> dict:
     t_prepare = time.perf_counter() - t0
     shutil.rmtree(fresh)
     return {"filter_s": t_filter, "prepare_s": t_prepare, "manifest": manifest,
-            "train_fingerprint": info["splits"][c.data.train_split]["files"]}
+            "train_fingerprint": list(info.splits[c.data.train_split].files)}
 
 
 def main() -> None:
@@ -160,9 +160,9 @@ def main() -> None:
                   f"{table[n]['speedup_vs_first']}x")
         m = runs[args.processes[0]][0]["manifest"]
         out["corpora"][name] = {"per_stage_one_core": stage, "end_to_end": table,
-                                "removed": m["stages"], "docs_in": m["docs_in"],
-                                "docs_out": m["docs_out"], "bytes_in": m["bytes_in"],
-                                "bytes_out": m["bytes_out"]}
+                                "removed": m.stages, "docs_in": m.docs_in,
+                                "docs_out": m.docs_out, "bytes_in": m.bytes_in,
+                                "bytes_out": m.bytes_out}
     out["load_average_after"] = os.getloadavg()[0]
     shutil.rmtree(scratch, ignore_errors=True)
     write_results(ROOT / "benchmarks" / "results" / "data_filter.json", out)

@@ -79,9 +79,9 @@ def main() -> None:
     print(f"{'eval':>13}: {n_eval / eval_s:14,.0f} tokens/s over the whole "
           f"{cfg.data.eval_split} split ({eval_s:.2f}s)")
 
-    splits = {s: {k: v[k] for k in ("num_chunks", "num_docs", "num_tokens", "num_bytes",
-                                     "tokens_per_byte")}
-              for s, v in info["splits"].items()}
+    splits = {s: {k: getattr(v, k) for k in ("num_chunks", "num_docs", "num_tokens",
+                                             "num_bytes", "tokens_per_byte")}
+              for s, v in info.splits.items()}
     for s, v in splits.items():
         print(f"{s:>13}: {v['num_chunks']:,} chunks, {v['num_tokens']:,} tokens, "
               f"{v['num_bytes']:,} bytes, {v['tokens_per_byte']:.4f} tokens/byte")
@@ -94,7 +94,7 @@ def main() -> None:
         "platform": platform.platform(), "cpus": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0],
         "prepare_seconds": prepare_s,
-        "prepare_reused": all(v["reused"] for v in info["splits"].values()),
+        "prepare_reused": all(v.reused for v in info.splits.values()),
         "throughput": results, "splits": splits,
     }
     write_results(args.out, out)

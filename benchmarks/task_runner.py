@@ -38,7 +38,7 @@ from flax import nnx
 from gopher_jax import config as config_lib
 from gopher_jax.model import gopher
 from gopher_jax.parallel import mesh as mesh_lib
-from gopher_jax.tasks import run, scoring
+from gopher_jax.tasks import model_queries, run
 
 
 def requests(seq_len: int, vocab: int, n_ll: int, n_gen: int, seed: int = 0):
@@ -78,15 +78,15 @@ def main() -> None:
     never = lambda ids: False  # noqa: E731
 
     modes = {
-        "loglikelihood packed": lambda: scoring.loglikelihoods(
+        "loglikelihood packed": lambda: model_queries.loglikelihoods(
             cached, ll_reqs, args.seq_len, rows, packed=True),
-        "loglikelihood unpacked": lambda: scoring.loglikelihoods(
+        "loglikelihood unpacked": lambda: model_queries.loglikelihoods(
             cached, ll_reqs, args.seq_len, rows, packed=False),
-        "greedy cached packed": lambda: scoring.greedy(
+        "greedy cached packed": lambda: model_queries.greedy(
             cached, contexts, args.new_tokens, args.seq_len, rows, never, packed=True),
-        "greedy cached unpacked": lambda: scoring.greedy(
+        "greedy cached unpacked": lambda: model_queries.greedy(
             cached, contexts, args.new_tokens, args.seq_len, rows, never, packed=False),
-        "greedy uncached unpacked": lambda: scoring.greedy(
+        "greedy uncached unpacked": lambda: model_queries.greedy(
             uncached, contexts, args.new_tokens, args.seq_len, rows, never, packed=False),
     }
     load_before = os.getloadavg()[0]

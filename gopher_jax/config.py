@@ -171,13 +171,14 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: Sequence[str]
     return c
 
 
-def flat_keys(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in c.items():
-        if isinstance(v, ml_collections.ConfigDict):
-            out += flat_keys(v, f"{prefix}{k}.")
+def flatten(tree: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": value} of a nested config (a ConfigDict or its JSON form)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, ml_collections.ConfigDict | dict):
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
-            out.append(f"{prefix}{k}")
+            out[f"{prefix}{k}"] = v
     return out
 
 
@@ -185,7 +186,7 @@ def set_value(c: ml_collections.ConfigDict, key: str, text: str) -> None:
     """c[key] = text parsed as the type of the current value."""
     import difflib
 
-    keys = flat_keys(c)
+    keys = list(flatten(c))
     if key not in keys:
         close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
         hint = f"did you mean {close[0]}?" if close else "see the experiment file for the keys"

@@ -16,6 +16,7 @@ import numpy as np
 
 from gopher_jax import checkpoint as ckpt_lib
 from gopher_jax import data, storage
+from gopher_jax import workdir as workdir_lib
 from gopher_jax.data import mixture, pipeline, sources, tokenized
 from gopher_jax.data.tokenizer import Tokenizer
 from gopher_jax.layout import Layout
@@ -154,7 +155,7 @@ def evaluate_mixture(c: ml_collections.ConfigDict, layout: Layout | jax.sharding
 
 def restore_params(c: ml_collections.ConfigDict, workdir: str | os.PathLike,
                    layout: Layout | jax.sharding.Mesh) -> tuple[Any, int]:
-    directory = storage.path(workdir) / "checkpoints"
+    directory = storage.path(workdir) / workdir_lib.CHECKPOINTS
     if not directory.is_dir():
         raise ckpt_lib.CheckpointError(
             f"no checkpoints in {workdir}", f"train first with `python -m gopher_jax train "
@@ -216,11 +217,11 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, A
     params, step = restore_params(c, workdir, layout)
     info = distributed.run_on_process_zero_first(lambda: data.prepare(c))
     eval_step = step_lib.make_eval_step(c, layout)
-    results: dict[str, Any] = {"step": step, "warnings": info["warnings"], "splits": {}}
+    results: dict[str, Any] = {"step": step, "warnings": list(info.warnings), "splits": {}}
     if data.is_mixture(c):
         results["sources"] = {}
     for split in dict.fromkeys((c.data.eval_split, c.data.test_split)):
-        if split not in info["splits"]:
+        if split not in info.splits:
             continue
         if data.is_mixture(c):
             results["splits"][split] = _mixture_split(c, layout, params, split, eval_step,
@@ -230,5 +231,5 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, A
         r["unigram_bits_per_byte"] = unigram_bits_per_byte(c, split)
         results["splits"][split] = r
     if jax.process_index() == 0:
-        (storage.path(workdir) / "eval.json").write_text(json.dumps(results, indent=2))
+        (storage.path(workdir) / workdir_lib.EVAL_JSON).write_text(json.dumps(results, indent=2))
     return results

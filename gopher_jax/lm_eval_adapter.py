@@ -17,7 +17,7 @@ or from lm-eval's command line (batch size by --batch_size, not in --model_args)
 model_args: workdir (a trained run), config (a config file; default: the workdir's
 config.json), data_dir (where the tokenizer is, when it moved), batch_size (default 8).
 
-Log-likelihoods and greedy continuations are computed by gopher_jax.tasks.scoring, the code
+Log-likelihoods and greedy continuations are computed by gopher_jax.tasks.model_queries, the code
 of our own task runner, so both give the same numbers on the same token ids: a context is
 [EOS] + its tokens (documents start with EOS in the training data), a continuation is
 tokenized on its own, after the context's trailing whitespace is moved onto it.
@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from gopher_jax.tasks import scoring
+from gopher_jax import workdir as workdir_lib
+from gopher_jax.errors import UsageError, UserError
+from gopher_jax.tasks import model_queries
 
 try:
     from lm_eval.api.model import LM
@@ -55,11 +57,11 @@ def split_pair(context: str, continuation: str) -> tuple[str, str]:
     return context, continuation
 
 
-def with_greedy(logits_fn: scoring.LogitsFn, requests: Sequence[tuple[Sequence[int],
+def with_greedy(logits_fn: model_queries.LogitsFn, requests: Sequence[tuple[Sequence[int],
                 Sequence[int]]], seq_len: int, batch_size: int
                 ) -> list[tuple[float, bool]]:
     """(sum log p(continuation | context), whether every continuation token is the argmax)
-    per request, both through scoring.loglikelihoods: the second pass replays each batch's
+    per request, both through model_queries.loglikelihoods: the second pass replays each batch's
     argmax as logits that are 0 there and -1e9 elsewhere, so its sum is 0 exactly when the
     continuation is greedy."""
     argmaxes: list[np.ndarray] = []
@@ -71,7 +73,7 @@ def with_greedy(logits_fn: scoring.LogitsFn, requests: Sequence[tuple[Sequence[i
         vocab[:] = [logits.shape[-1]]
         return logits
 
-    logp = scoring.loglikelihoods(recording, requests, seq_len, batch_size)
+    logp = model_queries.loglikelihoods(recording, requests, seq_len, batch_size)
     replay = iter(argmaxes)
 
     def indicator(tokens: np.ndarray) -> np.ndarray:
@@ -80,7 +82,7 @@ def with_greedy(logits_fn: scoring.LogitsFn, requests: Sequence[tuple[Sequence[i
         np.put_along_axis(out, top[..., None], 0.0, axis=-1)
         return out
 
-    greedy = scoring.loglikelihoods(indicator, requests, seq_len, batch_size)
+    greedy = model_queries.loglikelihoods(indicator, requests, seq_len, batch_size)
     return [(lp, g > -1.0) for lp, g in zip(logp, greedy, strict=True)]
 
 
@@ -102,10 +104,10 @@ def load_config(workdir: str, config: str | None = None, data_dir: str | None = 
     if config:
         c = config_lib.load(config)
     else:
-        path = storage.path(workdir) / "config.json"
+        path = storage.path(workdir) / workdir_lib.CONFIG_JSON
         if not path.is_file():
-            raise FileNotFoundError(f"{workdir} has no config.json (not a training workdir?): "
-                                    "pass config=FILE in model_args")
+            raise UserError(f"{workdir} has no {workdir_lib.CONFIG_JSON} (not a training "
+                            "workdir?)", "pass config=FILE in model_args")
         c = config_lib.from_json(path.read_text())
     if data_dir:
         c.data.data_dir = str(data_dir)
@@ -156,8 +158,9 @@ class GopherLM(LM):
         live = [i for i, (_, cont) in enumerate(pairs) if cont]
         for i in live:
             if len(pairs[i][1]) > self.seq_len:
-                raise ValueError(f"request {i}: a continuation of {len(pairs[i][1])} tokens, "
-                                 f"more than the model's context of {self.seq_len}")
+                raise UserError(f"request {i}: a continuation of {len(pairs[i][1])} tokens, "
+                                f"more than the model's context of {self.seq_len}",
+                                "choose tasks whose answers fit data.seq_len")
         scored = with_greedy(self.logits_fn, [pairs[i] for i in live], self.seq_len,
                              self.batch_size)
         out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)  # empty continuation
@@ -172,7 +175,7 @@ class GopherLM(LM):
                                      self.seq_len):
                 windows.append(w)
                 owner.append(i)
-        ll = scoring.loglikelihoods(self.logits_fn, windows, self.seq_len, self.batch_size)
+        ll = model_queries.loglikelihoods(self.logits_fn, windows, self.seq_len, self.batch_size)
         out = [0.0] * len(requests)
         for i, v in zip(owner, ll, strict=True):
             out[i] += v
@@ -180,13 +183,14 @@ class GopherLM(LM):
 
     def generate_until(self, requests) -> list[str]:
         eos = self.tokenizer.eos_id
-        # one greedy call per distinct (until, max_gen_toks): scoring.greedy's stop is shared
+        # one greedy call per distinct (until, max_gen_toks): model_queries.greedy's stop is shared
         groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
         settings = []
         for i, r in enumerate(requests):
             context, kwargs = r.args[0], dict(r.args[1] if len(r.args) > 1 else {})
             if kwargs.get("do_sample") and float(kwargs.get("temperature", 1.0)) > 0:
-                raise ValueError("gopher_jax decodes greedily only: do_sample=True given")
+                raise UsageError("gopher_jax decodes greedily only: do_sample=True given",
+                                 "drop do_sample from the task's generation_kwargs")
             until = kwargs.get("until") or []
             until = (until,) if isinstance(until, str) else tuple(until)
             max_toks = int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
@@ -198,7 +202,7 @@ class GopherLM(LM):
                 return eos in ids or any(s in self.tokenizer.decode(ids) for s in until)
 
             contexts = [self.context_ids(settings[i][0]) for i in idx]
-            new = scoring.greedy(self.logits_fn, contexts, max_toks, self.seq_len,
+            new = model_queries.greedy(self.logits_fn, contexts, max_toks, self.seq_len,
                                  self.batch_size, done)
             for i, ids in zip(idx, new, strict=True):
                 if eos in ids:

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 
 from gopher_jax import storage
+from gopher_jax import workdir as workdir_lib
 
 
 class MetricsWriter:
@@ -26,7 +27,7 @@ class MetricsWriter:
     def __init__(self, workdir: str | os.PathLike, enabled: bool | None = None,
                  resume_step: int = 0):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = storage.path(workdir) / "metrics.jsonl"
+        self.path = storage.path(workdir) / workdir_lib.METRICS_JSONL
         self._tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,7 +36,7 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             purge = {"purge_step": resume_step + 1} if resume_step > 0 else {}
-            self._tb = SummaryWriter(str(storage.path(workdir) / "tb"), **purge)
+            self._tb = SummaryWriter(str(storage.path(workdir) / workdir_lib.TENSORBOARD), **purge)
 
     def _truncate_after(self, step: int) -> None:
         lines = self.path.read_text().splitlines()

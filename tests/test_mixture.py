@@ -167,14 +167,14 @@ def _with(cfg, **top):
 def test_prepare_shares_one_tokenizer_and_fingerprints_every_source(mix, corpora, tmp_path):
     """Catches: a tokenizer per source, a fingerprint that misses a source's content."""
     cfg, info = mix
-    assert set(info["sources"]) == {"prose", "docs", "small"}
-    assert {si["tokenizer"] for si in info["sources"].values()} == {info["tokenizer"]}
-    assert info["splits"]["train"]["num_chunks"] == sum(
-        si["splits"]["train"]["num_chunks"] for si in info["sources"].values())
+    assert set(info.sources) == {"prose", "docs", "small"}
+    assert {si.tokenizer for si in info.sources.values()} == {info.tokenizer}
+    assert info.splits["train"].num_chunks == sum(
+        si.splits["train"].num_chunks for si in info.sources.values())
     ident = data_lib.data_identity(info, "train")
     assert {"tokenizer", "mixture", "train_chunks/prose", "train_chunks/docs",
             "train_chunks/small"} == set(ident)
-    assert data_lib.prepare(cfg)["sources"]["docs"]["splits"]["train"]["reused"]
+    assert data_lib.prepare(cfg).sources["docs"].splits["train"].reused
     # One source's files change: its fingerprint changes, and a resume is refused by name.
     small = tmp_path / "small"
     small.mkdir()
@@ -253,11 +253,11 @@ def test_sources_marked_filter_go_through_the_filter_stage(corpora, tmp_path):
     assert "\n" not in str(e.value)
     c.data.sources.a.filter = True
     got = mixture.filter_sources(c)
-    assert set(got) == {"a"} and got["a"]["docs_in"] > 0
+    assert set(got) == {"a"} and got["a"].docs_in > 0
     info = data_lib.prepare(c)
-    assert "filter" in info["sources"]["a"]["splits"]["train"]["fingerprint"]
-    assert "filter" not in info["sources"]["b"]["splits"]["train"]["fingerprint"]
-    assert info["sources"]["a"]["splits"]["train"]["num_docs"] == got["a"]["docs_out"]
+    assert "filter" in info.sources["a"].splits["train"].fingerprint
+    assert "filter" not in info.sources["b"].splits["train"].fingerprint
+    assert info.sources["a"].splits["train"].num_docs == got["a"].docs_out
 
 
 def test_combined_bits_per_byte_weights_each_source_per_chunk():

@@ -164,12 +164,13 @@ def test_rel_shift_lines_up_distances(q):
 
 def test_causality():
     c = small_config()
-    model = gopher.create(c.model, 0)
-    nnx.update(model, randomize(nnx.state(model)))
+    graphdef, _ = gopher.abstract(c.model)
+    params = randomize(nnx.to_pure_dict(nnx.state(gopher.create(c.model, 0))))
+    forward = jax.jit(lambda t: gopher.apply(graphdef, params, t))  # one program, run twice
     toks = tokens_for(c, 1)
-    base = model(toks)
+    base = forward(toks)
     t = 9
-    changed = model(toks.at[0, t].set((toks[0, t] + 1) % c.model.vocab_size))
+    changed = forward(toks.at[0, t].set((toks[0, t] + 1) % c.model.vocab_size))
     np.testing.assert_array_equal(np.asarray(base[0, :t]), np.asarray(changed[0, :t]))
     assert not np.allclose(base[0, t:], changed[0, t:])
 
@@ -218,15 +219,20 @@ def test_scanned_equals_unscanned():
     params = randomize(nnx.to_pure_dict(nnx.state(gopher.create(c.model, 0))))
     cu = small_config(scan_layers=False)
     toks = tokens_for(c)
-    l1, g1 = loss_and_grads(c, params, toks)
-    l2, g2 = loss_and_grads(cu, unstack(params), toks)
+    l1, g1 = jax.jit(lambda p: loss_and_grads(c, p, toks))(params)
+    l2, g2 = jax.jit(lambda p: loss_and_grads(cu, p, toks))(unstack(params))
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
                  unstack(g1), g2)
 
 
-@pytest.mark.parametrize("scan", [True, False])
-@pytest.mark.parametrize("policy", ["nothing_saveable", "dots"])
+# The default (scanned, nothing_saveable) in the fast tier; the other three in the slow one.
+@pytest.mark.parametrize("scan,policy", [
+    (True, "nothing_saveable"),
+    pytest.param(True, "dots", marks=pytest.mark.slow),
+    pytest.param(False, "nothing_saveable", marks=pytest.mark.slow),
+    pytest.param(False, "dots", marks=pytest.mark.slow),
+])
 def test_remat_equals_no_remat(scan, policy):
     c0 = small_config(scan_layers=scan, remat_policy="none")
     c1 = small_config(scan_layers=scan, remat_policy=policy)
@@ -295,7 +301,11 @@ def test_untied_params_specs(rule_set):
     assert_param_specs(params, rule_set, tied=False)
 
 
-@pytest.mark.parametrize("rule_set", RULE_SETS)
+# fsdp+tensor (both axes at once) in the fast tier; every rule set's specs are checked there
+# by test_untied_params_specs.
+@pytest.mark.parametrize("rule_set", [r if r == "fsdp+tensor" else
+                                      pytest.param(r, marks=pytest.mark.slow)
+                                      for r in RULE_SETS])
 def test_sharded_params_forward_and_grads(rule_set):
     assert jax.device_count() == 8
     c = sharded_small_config(rule_set)
@@ -326,7 +336,8 @@ def test_sharded_params_forward_and_grads(rule_set):
                  jax.device_get(got_g), want_g)
 
 
-@pytest.mark.parametrize("rule_set,d_split", [("tensor", 4), ("fsdp+tensor", 2)])
+@pytest.mark.parametrize("rule_set,d_split", [pytest.param("tensor", 4, marks=pytest.mark.slow),
+                                              ("fsdp+tensor", 2)])
 def test_scan_saves_the_residual_stream_split_over_tensor(rule_set, d_split):
     """With remat, the layer scan keeps each layer's input x [L, B, T, D] for the backward
     pass; under the tensor rule sets its d_model is split over the tensor axis (act_embed),

@@ -38,7 +38,7 @@ def base(tmp_path_factory):
     c.data.update(dataset="text_files", text_files=_corpus(corpus), seq_len=32,
                   data_dir=str(tmp_path_factory.mktemp("first")), docs_per_shard=16)
     info = pipeline.prepare(c)
-    c.data.tokenizer_path = info["tokenizer"]
+    c.data.tokenizer_path = info.tokenizer
     return c, info
 
 
@@ -57,17 +57,17 @@ def _records(cfg, split):
 def _identity(info):
     """What must not depend on processes or shards: per split, the fingerprint, the counts
     and the chunk files' hashes."""
-    return {s: {k: v[k] for k in ("fingerprint", "num_chunks", "num_tokens", "num_bytes",
-                                  "files")} for s, v in info["splits"].items()}
+    return {s: {k: getattr(v, k) for k in ("fingerprint", "num_chunks", "num_tokens",
+                                           "num_bytes", "files")} for s, v in info.splits.items()}
 
 
 def test_sharded_chunks_equal_one_pass_and_do_not_depend_on_shard_size(base, tmp_path):
     cfg, info = base
-    assert len(info["splits"]["train"]["files"]) > 2  # really sharded
+    assert len(info.splits["train"].files) > 2  # really sharded
     one_pass = tmp_path / "one" / "train"
     texts = builders.iter_texts(builders.get_builder(cfg), "train")
     meta = write_one_pass_split(one_pass, texts, pipeline.load_tokenizer(cfg), 32,
-                                info["splits"]["train"]["fingerprint"])
+                                info.splits["train"].fingerprint)
     old = tokenized.Chunks(one_pass)  # the single-file layout of older data dirs
     assert old.files == [meta["path"]]
     assert b"".join(old.source.__getitems__(range(len(old)))) == _records(cfg, "train")
@@ -76,7 +76,7 @@ def test_sharded_chunks_equal_one_pass_and_do_not_depend_on_shard_size(base, tmp
     shutil.copytree(pathlib.Path(cfg.data.data_dir) / "text_files",
                     tmp_path / "other" / "text_files")  # the same TFDS dataset, not rebuilt
     info2 = pipeline.prepare(other)
-    assert len(info2["splits"]["train"]["files"]) != len(info["splits"]["train"]["files"])
+    assert len(info2.splits["train"].files) != len(info.splits["train"].files)
     assert _records(other, "train") == _records(cfg, "train")
     a, b = pipeline.TrainData(cfg), pipeline.TrainData(other)
     for step in (0, 3, 50):
@@ -95,7 +95,7 @@ def test_parallel_filter_and_preparation_are_byte_identical(base, tmp_path, proc
     c1, one = _prepare_filtered(cfg, tmp_path / "p1", 1)
     cn, many = _prepare_filtered(cfg, tmp_path / f"p{processes}", processes)
     assert _identity(one) == _identity(many)
-    for split in one["splits"]:
+    for split in one.splits:
         assert _records(c1, split) == _records(cn, split)
     f1, fn = (pathlib.Path(c.data.data_dir) / "filtered" for c in (c1, cn))
     (m1,), (mn,) = (list(f.glob("*/manifest.json")) for f in (f1, fn))
@@ -140,8 +140,8 @@ def test_killed_preparation_resumes_to_the_same_result(base, tmp_path):
     for p, mtime in finished.items():  # finished shards were skipped, not redone
         assert p.stat().st_mtime_ns == mtime
     resumed = _config(ref_cfg, data_dir)
-    for split in ref["splits"]:
+    for split in ref.splits:
         assert _records(resumed, split) == _records(ref_cfg, split)
     meta = json.loads((artefacts.chunks_dir(resumed) / "train.json").read_text())
-    assert meta["files"] == ref["splits"]["train"]["files"]
-    assert meta["fingerprint"] == ref["splits"]["train"]["fingerprint"]
+    assert meta["files"] == list(ref.splits["train"].files)
+    assert meta["fingerprint"] == ref.splits["train"].fingerprint

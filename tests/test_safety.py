@@ -124,7 +124,7 @@ def test_corpora_with_equal_names_sizes_and_mtimes_get_separate_prepared_data(tm
     a, b = infos
     sizes = [sorted(f.stat().st_size for f in (tmp_path / d).iterdir()) for d in "ab"]
     assert sizes[0] == sizes[1], "the two corpora must look alike but for their content"
-    assert a["chunks_dir"] != b["chunks_dir"] and a["tokenizer"] != b["tokenizer"]
+    assert a.chunks_dir != b.chunks_dir and a.tokenizer != b.tokenizer
 
 
 # One writer per workdir

@@ -21,7 +21,7 @@ from gopher_jax.layout import Layout
 from gopher_jax.model import gopher
 from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.tasks import corpora, iambic, spec, suites
-from gopher_jax.tasks.score import prompts
+from gopher_jax.tasks.grading import prompts
 from gopher_jax.tasks.spec import Example
 from gopher_jax.train import state as state_lib
 

@@ -21,8 +21,8 @@ from helpers import cpu_env, experiment, run_cli
 
 from gopher_jax.model import gopher
 from gopher_jax.parallel import mesh as mesh_lib
-from gopher_jax.tasks import run, scoring
-from gopher_jax.tasks.score import score
+from gopher_jax.tasks import model_queries, run
+from gopher_jax.tasks.grading import score
 
 ATOL, RTOL = 1e-4, 1e-5
 VOCAB = 40
@@ -67,21 +67,21 @@ def stub_greedy_by_hand(context, n: int, seq_len: int) -> list[int]:
 
 
 def test_buckets_and_packing_by_length():
-    assert scoring.buckets(64) == [16, 32, 64]
-    assert scoring.buckets(100) == [16, 32, 64, 100]
-    assert scoring.buckets(16) == [16] and scoring.buckets(5) == [5]
+    assert model_queries.buckets(64) == [16, 32, 64]
+    assert model_queries.buckets(100) == [16, 32, 64, 100]
+    assert model_queries.buckets(16) == [16] and model_queries.buckets(5) == [5]
     lengths = [int(x) for x in np.random.default_rng(3).integers(1, 101, 50)]
     for batch_size in (1, 3, 8):
-        batches = scoring.pack(lengths, batch_size, 100)
+        batches = model_queries.pack(lengths, batch_size, 100)
         assert sorted(i for idx, _ in batches for i in idx) == list(range(50))
         for b, (idx, width) in enumerate(batches):
             assert 1 <= len(idx) <= batch_size
-            assert all(scoring.bucket(lengths[i], 100) == width for i in idx)
+            assert all(model_queries.bucket(lengths[i], 100) == width for i in idx)
             if len(idx) < batch_size:  # only the last batch of a bucket is partial
                 assert b == len(batches) - 1 or batches[b + 1][1] != width
         assert [w for _, w in batches] == sorted(w for _, w in batches)
         assert len({w for _, w in batches}) <= 4  # few shapes: few compiles
-    unpacked = scoring.pack(lengths, 8, 100, packed=False)
+    unpacked = model_queries.pack(lengths, 8, 100, packed=False)
     assert [i for idx, _ in unpacked for i in idx] == list(range(50))
     assert {w for _, w in unpacked} == {100}
 
@@ -100,17 +100,17 @@ def test_packed_results_are_in_the_requests_order_for_any_batch_size():
 
     for batch_size in (1, 3, 8):
         for packed in (True, False):
-            got = scoring.scored(stub_logits_fn, reqs, seq_len, batch_size, packed)
+            got = model_queries.scored(stub_logits_fn, reqs, seq_len, batch_size, packed)
             np.testing.assert_allclose([lp for lp, _ in got], want, rtol=1e-6, atol=1e-6)
-            assert got == scoring.scored(stub_logits_fn, reqs, seq_len, 1, packed=False)
-            new = scoring.greedy(stub_logits_fn, contexts, 7, seq_len, batch_size, done,
+            assert got == model_queries.scored(stub_logits_fn, reqs, seq_len, 1, packed=False)
+            new = model_queries.greedy(stub_logits_fn, contexts, 7, seq_len, batch_size, done,
                                  packed)
             assert new == [w[:1 + w[0] % 7] for w in want_greedy]
     # "is greedy": every continuation token is the argmax
     i = next(i for i, ctx in enumerate(contexts) if 1 < len(ctx) < seq_len - 3)
     ctx, top = contexts[i], want_greedy[i]
-    assert scoring.scored(stub_logits_fn, [(ctx, top[:3])], seq_len, 2)[0][1]
-    assert not scoring.scored(stub_logits_fn, [(ctx, top[:2] + [top[2] % (VOCAB - 1) + 1])],
+    assert model_queries.scored(stub_logits_fn, [(ctx, top[:3])], seq_len, 2)[0][1]
+    assert not model_queries.scored(stub_logits_fn, [(ctx, top[:2] + [top[2] % (VOCAB - 1) + 1])],
                               seq_len, 2)[0][1]
 
 
@@ -151,30 +151,30 @@ def test_sharded_runner_on_8_devices_equals_the_unsharded_forward(tiny_params):
     assert step is None and model.rows(3) == 8
     assert not model.params["blocks"]["attn"]["wq"].sharding.is_fully_replicated
     logits_fn = run.model_logits_fn(c, tiny_params)
-    reference = scoring.LogitsModel(logits_fn)
+    reference = model_queries.LogitsModel(logits_fn)
     rng = np.random.default_rng(0)
     reqs = [([1] + rng.integers(4, 512, n_ctx - 1).tolist(),
              rng.integers(4, 512, n_cont).tolist())
             for n_ctx, n_cont in [(1, 1), (4, 3), (9, 6), (11, 2), (16, 1), (23, 4)]]
-    np.testing.assert_allclose(scoring.loglikelihoods(model, reqs, seq_len, 8),
-                               scoring.loglikelihoods(reference, reqs, seq_len, 8),
+    np.testing.assert_allclose(model_queries.loglikelihoods(model, reqs, seq_len, 8),
+                               model_queries.loglikelihoods(reference, reqs, seq_len, 8),
                                rtol=RTOL, atol=ATOL)
     contexts = [ctx for ctx, _ in reqs]
-    cached = scoring.greedy(model, contexts, n, seq_len, 8, lambda ids: False)
-    assert cached == scoring.greedy(reference, contexts, n, seq_len, 8, lambda ids: False)
+    cached = model_queries.greedy(model, contexts, n, seq_len, 8, lambda ids: False)
+    assert cached == model_queries.greedy(reference, contexts, n, seq_len, 8, lambda ids: False)
     inside = 0
     for ctx, new in zip(contexts, cached, strict=True):
         if len(ctx) + n - 1 <= seq_len:  # the old runner's sliding window, [8, seq_len]
             inside += 1
             ids = list(ctx)
             for _ in range(n):
-                logits = logits_fn(scoring._padded([ids[-seq_len:]], 8, seq_len))
+                logits = logits_fn(model_queries._padded([ids[-seq_len:]], 8, seq_len))
                 ids.append(int(np.argmax(logits[0, len(ids[-seq_len:]) - 1])))
             assert new == ids[len(ctx):]
     assert inside == 4
     # each row stops at its first `stop` token (or after n): the same tokens up to there
     stop = cached[1][2]
-    stopped = scoring.greedy(model, contexts, n, seq_len, 8, lambda ids: ids[-1] == stop)
+    stopped = model_queries.greedy(model, contexts, n, seq_len, 8, lambda ids: ids[-1] == stop)
     for got, full in zip(stopped, cached, strict=True):
         assert got == (full[:full.index(stop) + 1] if stop in full else full)
     assert len(stopped[1]) == 3

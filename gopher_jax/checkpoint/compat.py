@@ -9,6 +9,7 @@ from typing import Any
 
 import ml_collections
 
+from gopher_jax import config as config_lib
 from gopher_jax.checkpoint.errors import CheckpointError
 
 # Config keys that change the shapes, dtypes or structure of the state.
@@ -34,20 +35,10 @@ class ConfigMismatchError(CheckpointError):
     """The workdir holds a checkpoint of a different model."""
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_diff(saved: dict, current: dict, keys: tuple[str, ...] = SHAPE_KEYS
                 ) -> tuple[list[str], list[str]]:
     """(differing keys among `keys`, other keys that differ)."""
-    a, b = _flat(saved), _flat(current)
+    a, b = config_lib.flatten(saved), config_lib.flatten(current)
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     shape = [k for k in changed if _covered(k, keys)]
     return shape, [k for k in changed if not _covered(k, keys)]
@@ -65,7 +56,7 @@ def check_config(meta: dict[str, Any], c: ml_collections.ConfigDict,
     saved = meta["config"]
     shape, other = config_diff(saved, json.loads(c.to_json()), keys)
     if shape:
-        a, b = _flat(saved), _flat(json.loads(c.to_json()))
+        a, b = config_lib.flatten(saved), config_lib.flatten(json.loads(c.to_json()))
         diffs = ", ".join(f"{k}: {a.get(k)!r} in the checkpoint vs {b.get(k)!r} now"
                           for k in shape)
         raise ConfigMismatchError(

@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from gopher_jax import storage
+from gopher_jax import workdir as workdir_lib
 from gopher_jax.checkpoint.errors import CheckpointError
 from gopher_jax.checkpoint.manager import CORRUPT_DIR
 
@@ -31,7 +32,7 @@ def _dir_bytes(path: epath.Path) -> int:
 def info(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """One row per step directory (complete, incomplete save, or set aside as broken)."""
     workdir = storage.path(workdir)
-    directory = workdir / "checkpoints"
+    directory = workdir / workdir_lib.CHECKPOINTS
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoints in {workdir}: {directory} does not exist. "
                               "Pass the --workdir of a training run.")

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gopher_jax import storage
+from gopher_jax import workdir as workdir_lib
 from gopher_jax.checkpoint.errors import CheckpointError
 from gopher_jax.train.state import State
 
@@ -39,7 +40,7 @@ class Checkpointer:
     def __init__(self, workdir: str | os.PathLike, keep: int = 3, keep_best: int = 0,
                  async_save: bool = True, read_only: bool = False):
         self.workdir = storage.path(workdir)
-        self.directory = self.workdir / "checkpoints"
+        self.directory = self.workdir / workdir_lib.CHECKPOINTS
         cm = ocp.checkpoint_managers
         self.keep_best = keep_best
         policies = [cm.LatestN(n=keep)]

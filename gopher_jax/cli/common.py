@@ -13,11 +13,11 @@ from etils import epath
 
 from gopher_jax import config as config_lib
 from gopher_jax import storage
+from gopher_jax import workdir as workdir_lib
 from gopher_jax.errors import UsageError, UserError
 
 DEFAULT_CONFIG = "experiments/default.py"
 DEFAULT_WORKDIR = "runs/default"
-CONFIG_JSON = "config.json"  # the config a workdir was trained with, written by `train`
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -86,9 +86,9 @@ def trained_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     workdir = existing_workdir(args.workdir)
     if args.config is not None:
         return load_config(args)
-    path = workdir / CONFIG_JSON
+    path = workdir / workdir_lib.CONFIG_JSON
     if not path.is_file():
-        raise UserError(f"{workdir} has no {CONFIG_JSON} (not a training workdir?)",
+        raise UserError(f"{workdir} has no {workdir_lib.CONFIG_JSON} (not a training workdir?)",
                         "pass the --workdir of a `train` run, or --config FILE")
     c = config_lib.apply_overrides(config_lib.from_json(path.read_text()),
                                    args.overrides)

@@ -32,17 +32,17 @@ def run(args: argparse.Namespace) -> int:
     from gopher_jax import data
 
     info = data.prepare(c, log=console.out, processes=processes)
-    console.out(f"[data] {info['dataset']}: tokenizer {info['tokenizer']}")
-    for split, s in info["splits"].items():
-        console.out(f"[data]   {split:>10}: {s['num_chunks']:>8,} chunks  {s['num_tokens']:>12,} "
-                    f"tokens  {s['num_bytes']:>13,} bytes  {s['tokens_per_byte']:.3f} tokens/byte"
-                    f"{'  (reused)' if s['reused'] else ''}")
-    for name, si in info.get("sources", {}).items():
-        console.out(f"[data] source {name} ({info['shares'][name]:.1%} of the rows):")
-        for split, s in si["splits"].items():
-            console.out(f"[data]   {split:>10}: {s['num_chunks']:>8,} chunks  "
-                        f"{s['num_tokens']:>12,} tokens  {s['num_bytes']:>13,} bytes")
-    console.out(f"[data] chunks in {info['chunks_dir']}")
+    console.out(f"[data] {info.dataset}: tokenizer {info.tokenizer}")
+    for split, s in info.splits.items():
+        console.out(f"[data]   {split:>10}: {s.num_chunks:>8,} chunks  {s.num_tokens:>12,} "
+                    f"tokens  {s.num_bytes:>13,} bytes  {s.tokens_per_byte:.3f} tokens/byte"
+                    f"{'  (reused)' if s.reused else ''}")
+    for name, si in info.sources.items():
+        console.out(f"[data] source {name} ({info.shares[name]:.1%} of the rows):")
+        for split, s in si.splits.items():
+            console.out(f"[data]   {split:>10}: {s.num_chunks:>8,} chunks  "
+                        f"{s.num_tokens:>12,} tokens  {s.num_bytes:>13,} bytes")
+    console.out(f"[data] chunks in {info.chunks_dir}")
     return 0
 
 
@@ -67,12 +67,13 @@ def _filter(c, out: str | None, processes: int) -> int:
     return 0
 
 
-def _filter_report(m: dict, where: str, next_step: str, tag: str = "filter") -> None:
-    console.out(f"[{tag}] {m['split']}: {m['docs_in']:,} documents, {m['bytes_in']:,} bytes in")
-    for stage, s in m["stages"].items():
+def _filter_report(m, where: str, next_step: str, tag: str = "filter") -> None:
+    """`m`: a data.records.FilterManifest."""
+    console.out(f"[{tag}] {m.split}: {m.docs_in:,} documents, {m.bytes_in:,} bytes in")
+    for stage, s in m.stages.items():
         console.out(f"[{tag}]   {stage:>12}: -{s['docs_removed']:>7,} documents  "
                     f"-{s['bytes_removed']:>12,} bytes")
-    console.out(f"[{tag}] {m['docs_out']:,} documents, {m['bytes_out']:,} bytes kept in "
+    console.out(f"[{tag}] {m.docs_out:,} documents, {m.bytes_out:,} bytes kept in "
                 f"{where} ({next_step})")
 
 

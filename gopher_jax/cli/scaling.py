@@ -8,10 +8,9 @@ import argparse
 import ml_collections
 
 from gopher_jax import config as config_lib
+from gopher_jax import workdir as workdir_lib
 from gopher_jax.cli import common, console
 from gopher_jax.errors import UserError
-
-LADDER_JSON = "ladder.json"  # written by `scaling run`
 
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
@@ -35,9 +34,10 @@ def _ladder(args: argparse.Namespace) -> ml_collections.ConfigDict:
     workdir = common.existing_workdir(args.workdir)
     if args.config is not None:
         return common.load_config(args)
-    path = workdir / LADDER_JSON
+    path = workdir / workdir_lib.LADDER_JSON
     if not path.is_file():
-        raise UserError(f"{workdir} has no {LADDER_JSON} (not a `scaling run` workdir?)",
+        raise UserError(f"{workdir} has no {workdir_lib.LADDER_JSON} (not a `scaling run` "
+                        "workdir?)",
                         "pass the --workdir of `scaling run`, or --config LADDER_FILE")
     return config_lib.from_json(path.read_text())
 

@@ -23,19 +23,20 @@ not ask it again. The layers, each importing only those under it:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import jax
 import ml_collections
 import numpy as np
 
 from gopher_jax.data import mixture, pipeline
+from gopher_jax.data.records import PrepareInfo, SplitInfo
 from gopher_jax.data.sources import is_mixture
 from gopher_jax.data.tokenizer import Tokenizer
 from gopher_jax.errors import DataError
 
-__all__ = ["Batches", "data_identity", "eval_batches", "is_mixture", "load_tokenizer",
-           "prepare", "train_data"]
+__all__ = ["Batches", "PrepareInfo", "SplitInfo", "data_identity", "eval_batches",
+           "is_mixture", "load_tokenizer", "prepare", "train_data"]
 
 
 @runtime_checkable
@@ -61,11 +62,9 @@ class Batches(Protocol):
 
 
 def prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = None,
-            processes: int = 1) -> dict[str, Any]:
+            processes: int = 1) -> PrepareInfo:
     """Everything training reads, built once (`pipeline.prepare`, or `mixture.prepare` for
-    data.sources): {"dataset", "tokenizer", "tokenizer_sha", "chunks_dir", "splits":
-    {split: {num_chunks, num_docs, num_tokens, num_bytes, tokens_per_byte, reused, ...}},
-    "warnings"}, and for a mixture "sources", "shares" and "mixture" too."""
+    data.sources)."""
     if is_mixture(cfg):
         return mixture.prepare(cfg, log, processes=processes)
     return pipeline.prepare(cfg, log, processes=processes)
@@ -78,10 +77,10 @@ def train_data(cfg: ml_collections.ConfigDict, split: str | None = None) -> Batc
     return pipeline.TrainData(cfg, split)
 
 
-def data_identity(info: dict[str, Any], train_split: str) -> dict[str, str]:
+def data_identity(info: PrepareInfo, train_split: str) -> dict[str, str]:
     """Content fingerprints of what training reads, from `prepare`'s result: a resume onto
     other data is refused by name."""
-    if "sources" in info:
+    if info.sources:
         return mixture.data_identity(info, train_split)
     return pipeline.data_identity(info, train_split)
 

@@ -42,6 +42,7 @@ import numpy as np
 from gopher_jax import storage
 from gopher_jax.data import artefacts, builders, dedup, filters, shards
 from gopher_jax.data.digests import digest, file_sha
+from gopher_jax.data.records import FilterManifest, FilterShard
 from gopher_jax.errors import DataError
 
 FILTER_FORMAT = 1
@@ -183,7 +184,7 @@ def _merge_rules(summaries: list[dict], stage: str) -> dict[str, dict]:
 
 def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | None = None,
                   processes: int = 1, log: Callable[[str], None] | None = None,
-                  fcfg: filters.FilterConfig = filters.PAPER) -> dict:
+                  fcfg: filters.FilterConfig = filters.PAPER) -> FilterManifest:
     """Filters the training split of the source `cfg.data` names into `out_dir` (default
     `artefacts.filter_dir(cfg)`); idempotent: finished shards and stages are reused. Returns the
     manifest (also `out_dir/manifest.json`)."""
@@ -199,10 +200,11 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
     fp = digest([conf, builders.corpus_fingerprint(builder)])
     manifest_path = out / artefacts.MANIFEST
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("fingerprint") == fp:
-            log(f"[filter] reusing {out} ({manifest['docs_out']:,} of "
-                f"{manifest['docs_in']:,} training documents kept)")
+        stored = json.loads(manifest_path.read_text())
+        if stored.get("fingerprint") == fp:
+            manifest = FilterManifest.from_json(stored)
+            log(f"[filter] reusing {out} ({manifest.docs_out:,} of "
+                f"{manifest.docs_in:,} training documents kept)")
             return manifest
     t0 = time.time()
     work, docs_dir, audit_dir = (out / artefacts.FILTER_WORK, out / artefacts.FILTER_DOCS,
@@ -277,17 +279,18 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
         stem = f"{d.train_split}-{k:05d}-{fp}"
         kept = [(i, t) for i, t in shards.read_docs(work / f"{stem}.jsonl") if i not in gone_all]
         shards.write_docs(target, kept)
-        shard_rows.append({"index": k, "start": s["start"], "stop": s["stop"],
-                           "docs_in": s["docs_in"], "docs_out": len(kept), "path": name,
-                           "sha256": file_sha(target)})
-    manifest = {"fingerprint": fp, "settings": conf, "split": d.train_split,
-                "docs_in": audits[0]["docs_in"], "bytes_in": audits[0]["bytes_in"],
-                "docs_out": audits[-1]["docs_out"], "bytes_out": audits[-1]["bytes_out"],
-                "stages": {a["stage"]: {"docs_removed": a["docs_removed"],
-                                        "bytes_removed": a["bytes_removed"]} for a in audits},
-                "shards": shard_rows}
-    storage.write_atomic(manifest_path, json.dumps(manifest, indent=1))
-    log(f"[filter] {manifest['docs_out']:,} of {manifest['docs_in']:,} training documents "
+        shard_rows.append(FilterShard(index=k, start=s["start"], stop=s["stop"],
+                                      docs_in=s["docs_in"], docs_out=len(kept), path=name,
+                                      sha256=file_sha(target)))
+    manifest = FilterManifest(
+        fingerprint=fp, settings=conf, split=d.train_split,
+        docs_in=audits[0]["docs_in"], bytes_in=audits[0]["bytes_in"],
+        docs_out=audits[-1]["docs_out"], bytes_out=audits[-1]["bytes_out"],
+        stages={a["stage"]: {"docs_removed": a["docs_removed"],
+                             "bytes_removed": a["bytes_removed"]} for a in audits},
+        shards=tuple(shard_rows))
+    storage.write_atomic(manifest_path, json.dumps(manifest.to_json(), indent=1))
+    log(f"[filter] {manifest.docs_out:,} of {manifest.docs_in:,} training documents "
         f"kept ({time.time() - t0:.1f}s); reports in {audit_dir}")
     return manifest
 

@@ -40,6 +40,7 @@ import numpy as np
 from gopher_jax.data import artefacts, builders, pipeline, tokenized
 from gopher_jax.data import rows as rows_lib
 from gopher_jax.data import tokenizer as tokenizer_lib
+from gopher_jax.data.records import FilterManifest, PrepareInfo, SplitInfo
 from gopher_jax.data.sources import (
     Source,
     check_files,
@@ -59,7 +60,7 @@ def source_config(cfg: ml_collections.ConfigDict, src: Source) -> ml_collections
 
 
 def filter_sources(cfg: ml_collections.ConfigDict, processes: int = 1,
-                   log: Callable[[str], None] | None = None) -> dict[str, dict]:
+                   log: Callable[[str], None] | None = None) -> dict[str, FilterManifest]:
     """`data filter` on a mixture: the filter stage (corpus_filter.py) on the training split
     of every source marked filter=True (all of them with data.filter=True); their manifests
     by name. `prepare` runs the same stage for those sources, so training reads the result."""
@@ -138,13 +139,12 @@ def _train_tokenizer(cfg: ml_collections.ConfigDict, srcs: list[Source],
 
 
 def prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = None,
-            processes: int = 1) -> dict:
+            processes: int = 1) -> PrepareInfo:
     """Each source's dataset, the shared tokenizer (if absent), each source's chunks (on
     `processes` processes, as `pipeline.prepare` tokenizes; data.filter filters each source).
 
-    Returns `pipeline.prepare`'s fields summed over the sources ("splits": a split is listed
-    when a source has it), plus "sources": {name: that source's own `pipeline.prepare`
-    result}, "shares" and "mixture" (a fingerprint of the names and proportions)."""
+    The splits' counts are summed over the sources (a split is listed when a source has it);
+    `sources` holds each source's own `pipeline.prepare` result."""
     log = log or (lambda msg: None)
     d = cfg.data
     srcs = sources(cfg)
@@ -163,29 +163,25 @@ def prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = 
         per[s.name] = pipeline.prepare(
             source_config(cfg, s), log=lambda m, n=s.name: log(m.replace("[data]", f"[data:{n}]")),
             processes=processes)
-    splits: dict[str, dict] = {}
-    for info in per.values():
-        for split, m in info["splits"].items():
-            acc = splits.setdefault(split, {"num_chunks": 0, "num_docs": 0, "num_tokens": 0,
-                                            "num_bytes": 0, "reused": True})
-            for k in ("num_chunks", "num_docs", "num_tokens", "num_bytes"):
-                acc[k] += m[k]
-            acc["reused"] &= m["reused"]
-    for acc in splits.values():
-        acc["tokens_per_byte"] = acc["num_tokens"] / max(acc["num_bytes"], 1)
-    return {"dataset": "mixture of " + ", ".join(s.name for s in srcs), "tokenizer": str(path),
-            "tokenizer_sha": artefacts.tokenizer_sha(cfg),
-            "chunks_dir": str(artefacts.chunks_root(cfg)),
-            "splits": splits, "sources": per, "shares": shares(cfg),
-            "mixture": mixture_fingerprint(cfg),
-            "warnings": [f"{n}: {w}" for n, info in per.items() for w in info["warnings"]]}
+    splits = {}
+    for split in dict.fromkeys(k for info in per.values() for k in info.splits):
+        parts = [info.splits[split] for info in per.values() if split in info.splits]
+        n = {k: sum(getattr(p, k) for p in parts)
+             for k in ("num_chunks", "num_docs", "num_tokens", "num_bytes")}
+        splits[split] = SplitInfo(**n, tokens_per_byte=n["num_tokens"] / max(n["num_bytes"], 1),
+                                  reused=all(p.reused for p in parts))
+    return PrepareInfo(
+        dataset="mixture of " + ", ".join(s.name for s in srcs), tokenizer=str(path),
+        tokenizer_sha=artefacts.tokenizer_sha(cfg), chunks_dir=str(artefacts.chunks_root(cfg)),
+        splits=splits, sources=per, shares=shares(cfg), mixture=mixture_fingerprint(cfg),
+        warnings=tuple(f"{n}: {w}" for n, info in per.items() for w in info.warnings))
 
 
-def data_identity(info: dict, train_split: str) -> dict[str, str]:
+def data_identity(info: PrepareInfo, train_split: str) -> dict[str, str]:
     """The tokenizer, the mixture (names and proportions), and every source's training
     chunks: a resume onto a source whose content changed is refused by that source's name."""
-    out = {"tokenizer": info["tokenizer_sha"], "mixture": info["mixture"]}
-    for name, si in info["sources"].items():
+    out = {"tokenizer": info.tokenizer_sha, "mixture": info.mixture}
+    for name, si in info.sources.items():
         out[f"train_chunks/{name}"] = pipeline.data_identity(si, train_split)["train_chunks"]
     return out
 

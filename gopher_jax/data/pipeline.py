@@ -22,6 +22,7 @@ import numpy as np
 
 from gopher_jax.data import artefacts, builders, digests, shards, tokenized
 from gopher_jax.data import rows as rows_lib
+from gopher_jax.data.records import PrepareInfo, SplitInfo
 from gopher_jax.data.tokenizer import Tokenizer, held_out_stats, train_tokenizer
 from gopher_jax.errors import DataError
 
@@ -46,12 +47,10 @@ def _splits(cfg: ml_collections.ConfigDict) -> list[str]:
 
 
 def prepare(cfg: ml_collections.ConfigDict,
-            log: Callable[[str], None] | None = None, processes: int = 1) -> dict:
+            log: Callable[[str], None] | None = None, processes: int = 1) -> PrepareInfo:
     """Build the dataset, train the tokenizer if absent, tokenize every split. Idempotent.
 
-    Returns {"dataset", "tokenizer", "chunks_dir", "splits": {split: {num_chunks, num_docs,
-    num_tokens, num_bytes, tokens_per_byte, path, reused}}, "warnings": [...]}. `log`
-    receives progress lines. A split with fewer chunks than one batch is a warning (its bits
+    `log` receives progress lines. A split with fewer chunks than one batch is a warning (its bits
     per byte rest on little text); a training split without any chunk is an error.
     Splits are tokenized in shards on `processes` processes (shards.py; the chunks never
     depend on it); with data.filter the training split is first filtered (corpus_filter.py).
@@ -74,8 +73,7 @@ def prepare(cfg: ml_collections.ConfigDict,
     tok_sha = artefacts.tokenizer_sha(cfg)
     fingerprint_base = {"format": tokenized.FORMAT_VERSION, "tokenizer": tok_sha,
                         "corpus": builders.corpus_fingerprint(builder), "seq_len": d.seq_len}
-    info = {"dataset": d.dataset, "tokenizer": str(tok_path), "chunks_dir": str(out),
-            "tokenizer_sha": tok_sha, "splits": {}}
+    splits: dict[str, SplitInfo] = {}
     filtered = None
     if d.filter:
         from gopher_jax.data import corpus_filter  # datatrove: only when filtering
@@ -88,11 +86,11 @@ def prepare(cfg: ml_collections.ConfigDict,
             continue
         fp = dict(fingerprint_base, split=split)
         if filtered is not None and split == d.train_split:
-            fp["filter"] = filtered[1]["fingerprint"]
+            fp["filter"] = filtered[1].fingerprint
         meta = tokenized.read_meta(out / split)
         if meta is not None and meta["fingerprint"] == fp:
             log(f"[data] {split}: reusing {meta['num_chunks']:,} chunks in {out}")
-            info["splits"][split] = dict(meta, reused=True)
+            splits[split] = SplitInfo.from_meta(meta, reused=True)
             continue
         meta = shards.prepare_split(
             cfg, split, builder.info.splits[split].num_examples, tok, tok_path, fp, out,
@@ -100,32 +98,33 @@ def prepare(cfg: ml_collections.ConfigDict,
         log(f"[data] {split}: {meta['num_docs']:,} docs, {meta['num_bytes']:,} bytes -> "
             f"{meta['num_tokens']:,} tokens -> {meta['num_chunks']:,} chunks of "
             f"{d.seq_len}+1 ({meta['seconds']}s)")
-        info["splits"][split] = dict(meta, reused=False)
-    info["warnings"] = _small_splits(cfg, info["splits"])
-    for w in info["warnings"]:
+        splits[split] = SplitInfo.from_meta(meta, reused=False)
+    warnings = _small_splits(cfg, splits)
+    for w in warnings:
         log(f"[data] warning: {w}")
-    return info
+    return PrepareInfo(dataset=d.dataset, tokenizer=str(tok_path), tokenizer_sha=tok_sha,
+                       chunks_dir=str(out), splits=splits, warnings=tuple(warnings))
 
 
-def data_identity(info: dict, train_split: str) -> dict[str, str]:
+def data_identity(info: PrepareInfo, train_split: str) -> dict[str, str]:
     """Content fingerprints of what training reads (from `prepare`'s result): the tokenizer
     model's bytes, and the training chunks' inputs (tokenizer, corpus content, length,
     format), which decide the chunks since tokenization is deterministic."""
-    s = info["splits"][train_split]
-    return {"tokenizer": info["tokenizer_sha"],
-            "train_chunks": digests.digest([s["fingerprint"], s["num_chunks"], s["num_tokens"]])}
+    s = info.splits[train_split]
+    return {"tokenizer": info.tokenizer_sha,
+            "train_chunks": digests.digest([s.fingerprint, s.num_chunks, s.num_tokens])}
 
 
-def _small_splits(cfg: ml_collections.ConfigDict, splits: dict[str, dict]) -> list[str]:
+def _small_splits(cfg: ml_collections.ConfigDict, splits: dict[str, SplitInfo]) -> list[str]:
     d, batch = cfg.data, cfg.train.batch_size
     train = splits.get(d.train_split)
-    if train is not None and train["num_chunks"] == 0:
+    if train is not None and train.num_chunks == 0:
         raise DataError(f"the {d.train_split!r} split of {d.dataset!r} holds no tokens after "
                         "tokenization", "add text to the corpus or check data.text_files")
-    return [f"split {name!r} of {d.dataset!r} holds {s['num_chunks']} chunk(s) "
-            f"({s['num_tokens']:,} tokens), fewer than one batch of {batch}: its bits per byte "
+    return [f"split {name!r} of {d.dataset!r} holds {s.num_chunks} chunk(s) "
+            f"({s.num_tokens:,} tokens), fewer than one batch of {batch}: its bits per byte "
             "rest on very little text (add text, or choose other files for it)"
-            for name, s in splits.items() if s["num_chunks"] < batch]
+            for name, s in splits.items() if s.num_chunks < batch]
 
 
 def train_from_config(cfg: ml_collections.ConfigDict) -> Tokenizer:

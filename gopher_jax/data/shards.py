@@ -33,6 +33,7 @@ import numpy as np
 from gopher_jax import storage
 from gopher_jax.data import artefacts, builders, tokenized
 from gopher_jax.data.digests import digest, file_sha
+from gopher_jax.data.records import FilterManifest
 from gopher_jax.data.tokenizer import Tokenizer
 
 
@@ -161,7 +162,7 @@ def pack_shards(token_files: Sequence[pathlib.Path], folder: pathlib.Path, seq_l
 
 def prepare_split(cfg, split: str, num_docs: int, tokenizer, tokenizer_path: str | os.PathLike,
                   fingerprint: dict, chunks_dir: pathlib.Path, processes: int = 1,
-                  filtered: tuple[pathlib.Path, dict] | None = None,
+                  filtered: tuple[pathlib.Path, FilterManifest] | None = None,
                   log: Callable[[str], None] | None = None) -> dict:
     """Tokenizes `split` in shards on `processes` processes and packs it into
     `<chunks_dir>/<split>/chunks-<k>.array_record`; writes `<chunks_dir>/<split>.json` last.
@@ -175,9 +176,8 @@ def prepare_split(cfg, split: str, num_docs: int, tokenizer, tokenizer_path: str
     split_fp = digest(fingerprint)
     if filtered is not None:
         root, manifest = filtered
-        sources = [("file", str(root / artefacts.FILTER_DOCS / s["path"]))
-                   for s in manifest["shards"]]
-        keys = [[split_fp, s["sha256"]] for s in manifest["shards"]]
+        sources = [("file", str(root / artefacts.FILTER_DOCS / s.path)) for s in manifest.shards]
+        keys = [[split_fp, s.sha256] for s in manifest.shards]
     else:
         plan = shard_ranges(num_docs, cfg.data.docs_per_shard)
         sources = [("range", a, b) for a, b in plan]

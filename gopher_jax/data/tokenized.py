@@ -162,7 +162,7 @@ def read_meta(path: str | os.PathLike) -> dict | None:
 
 def chunk_files(path: str | os.PathLike, meta: dict) -> list[str]:
     """The split's ArrayRecord files in chunk order: `files` (sharded, relative to the
-    folder `<path>/`, in shard order) or the single `path` that older data dirs hold."""
+    folder `<path>/`, in shard order), or the one file a metadata `path` names."""
     if "files" in meta:
         folder = pathlib.Path(path)
         return [str(folder / f["path"]) for f in meta["files"]]

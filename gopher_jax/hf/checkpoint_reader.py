@@ -19,11 +19,12 @@ from etils import epath
 
 from gopher_jax import checkpoint as ckpt_lib
 from gopher_jax import storage
+from gopher_jax import workdir as workdir_lib
 
 
 def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
     """The complete steps under <workdir>/checkpoints (empty when there is none)."""
-    directory = storage.path(workdir) / "checkpoints"
+    directory = storage.path(workdir) / workdir_lib.CHECKPOINTS
     if not directory.is_dir():
         return []
     return sorted(ocp.utils.checkpoint_steps(directory))
@@ -33,7 +34,7 @@ class StepReader:
     """The train state of one checkpoint step, read array by array."""
 
     def __init__(self, workdir: str | os.PathLike, step: int):
-        self.directory = storage.path(workdir) / "checkpoints"
+        self.directory = storage.path(workdir) / workdir_lib.CHECKPOINTS
         self.step = step
         self.meta: dict[str, Any] = ckpt_lib.read_meta(self.directory, step)
         self.state_dir = self.directory / str(step) / "state"

@@ -30,6 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from gopher_jax import config as config_lib
+from gopher_jax import workdir as workdir_lib
 from gopher_jax.hf import safetensors_out, weights
 from gopher_jax.hf.checkpoint_reader import StepReader
 from gopher_jax.model import sizes
@@ -70,7 +71,7 @@ def eval_at(workdir: str | os.PathLike, step: int) -> dict[str, Any] | None:
     """<workdir>/eval.json's bits per byte per split when it measured `step`, else None."""
     from gopher_jax import storage
 
-    path = storage.path(workdir) / "eval.json"
+    path = storage.path(workdir) / workdir_lib.EVAL_JSON
     if not path.is_file():
         return None
     results = json.loads(path.read_text())
@@ -211,7 +212,7 @@ def check(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None,
         raise UserError(f"--out {out} exists and is not an empty directory",
                         "pass a new directory")
     if tokenizer_path is None:
-        meta = ckpt_lib.read_meta(storage.path(workdir) / "checkpoints", step)
+        meta = ckpt_lib.read_meta(storage.path(workdir) / workdir_lib.CHECKPOINTS, step)
         return step, run_tokenizer(config_lib.from_json(json.dumps(meta["config"])))
     tokenizer_path = pathlib.Path(tokenizer_path)
     if not tokenizer_path.is_file():

@@ -27,6 +27,7 @@ import numpy as np
 
 from gopher_jax import config as config_lib
 from gopher_jax import storage
+from gopher_jax import workdir as workdir_lib
 from gopher_jax.errors import UserError
 from gopher_jax.hf import export as export_lib
 from gopher_jax.hf import safetensors_out, weights
@@ -138,7 +139,7 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike) -> dict[str
     hf_dir = pathlib.Path(hf_dir)
     hf = read_config(hf_dir)
     workdir_path = storage.path(workdir)
-    if (workdir_path / "checkpoints").is_dir() and ckpt_lib.Checkpointer(
+    if (workdir_path / workdir_lib.CHECKPOINTS).is_dir() and ckpt_lib.Checkpointer(
             workdir, read_only=True).steps():
         raise UserError(f"workdir {workdir} already has checkpoints",
                         "import into a new --workdir")
@@ -168,7 +169,7 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike) -> dict[str
     workdir_path.mkdir(parents=True, exist_ok=True)
     with ckpt_lib.WorkdirLock(workdir):
         shutil.copyfile(hf_dir / export_lib.TOKENIZER_FILE, tokenizer_path)
-        (workdir_path / "config.json").write_text(c.to_json(indent=2))
+        (workdir_path / workdir_lib.CONFIG_JSON).write_text(c.to_json(indent=2))
         (workdir_path / "experiment.py").write_text(EXPERIMENT_PY)
         ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
         try:

@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
+from gopher_jax.errors import ConfigError
 from gopher_jax.parallel import rules as rules_lib
 
 DEFAULT_BLOCK_K = 512
@@ -417,8 +418,6 @@ def check_supported() -> None:
     """Refuses to compile the kernel for a TPU generation Mosaic cannot lower it for."""
     platform, kind = _target_device()
     if platform == "tpu" and not kernel_runs_here():
-        from gopher_jax.errors import ConfigError
-
         raise ConfigError(f"model.attention_impl=pallas needs TPU v5 or later ({kind} lacks "
                           "the strided roll the kernel uses)",
                           "set --config.model.attention_impl=auto (or xla)")
@@ -456,8 +455,8 @@ def attention_specs(rules: rules_lib.Rules) -> tuple[PartitionSpec, PartitionSpe
     logical activation names: batch over act_batch's axes, heads over act_heads'. r is the
     same for every row, so it is replicated over the batch axes."""
     if rules_lib.mesh_axes_for(rules, "act_length"):
-        raise ValueError("flash attention needs whole sequences per device; the rules split "
-                         "act_length")
+        raise ConfigError("flash attention needs whole sequences per device; the rules split "
+                          "act_length", "pick a rule set that keeps act_length whole")
     heads = rules_lib.logical_to_spec(("act_batch", "act_length", "act_heads", None), rules)
     rel = rules_lib.logical_to_spec(("act_length", "act_heads", None), rules)
     seg = rules_lib.logical_to_spec(("act_batch", "act_length"), rules)

@@ -24,6 +24,8 @@ from typing import TypeVar
 import jax
 from jax.experimental import multihost_utils
 
+from gopher_jax.errors import ConfigError
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 DEFAULT_INIT_TIMEOUT_S = 300
@@ -34,19 +36,21 @@ _CLIENT_SLACK_S = 30
 
 def env_setting(env: dict[str, str] | None = None) -> dict[str, object] | None:
     """What initialize_from_env would do: None (single process), {'mode': 'auto'} or the
-    explicit coordinator/num_processes/process_id. Raises ValueError on a partial setting."""
+    explicit coordinator/num_processes/process_id. Raises ConfigError on a partial setting."""
     env = os.environ if env is None else env
     coord = env.get("GOPHER_COORDINATOR")
     if coord:
         missing = [k for k in ("GOPHER_NUM_PROCESSES", "GOPHER_PROCESS_ID") if k not in env]
         if missing:
-            raise ValueError(f"GOPHER_COORDINATOR={coord} is set but {missing} are not: set all "
-                             "three (or use launch/local.py, which does)")
+            raise ConfigError(f"GOPHER_COORDINATOR={coord} is set but {missing} are not",
+                              "set all three (or use launch/local.py, which does)")
         n, i = int(env["GOPHER_NUM_PROCESSES"]), int(env["GOPHER_PROCESS_ID"])
         if not 0 <= i < n:
-            raise ValueError(f"GOPHER_PROCESS_ID={i} must be in [0, GOPHER_NUM_PROCESSES={n})")
+            raise ConfigError(f"GOPHER_PROCESS_ID={i} must be in [0, GOPHER_NUM_PROCESSES={n})",
+                              "number the processes 0 .. N-1")
         if ":" not in coord:
-            raise ValueError(f"GOPHER_COORDINATOR={coord} must be host:port")
+            raise ConfigError(f"GOPHER_COORDINATOR={coord} must be host:port",
+                              "e.g. GOPHER_COORDINATOR=10.0.0.2:8476")
         return {"mode": "explicit", "coordinator": coord, "num_processes": n, "process_id": i}
     if env.get("GOPHER_DISTRIBUTED", "").lower() == "auto":
         return {"mode": "auto"}

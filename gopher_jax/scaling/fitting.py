@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from gopher_jax import storage
+from gopher_jax import workdir as workdir_lib
 from gopher_jax.scaling.plot import plot
 from gopher_jax.scaling.powerlaw import fit_split
 
@@ -22,7 +23,7 @@ def _quiet(msg: str) -> None:
 def fit(workdir: str | os.PathLike, log: Callable[[str], None] = _quiet) -> dict[str, Any]:
     """`scaling fit`: fits each split of results.json; writes fit.json and fit.png."""
     workdir = storage.path(workdir)
-    path = workdir / "results.json"
+    path = workdir / workdir_lib.RESULTS_JSON
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run `python -m gopher_jax scaling run --config "
                                 f"experiments/scaling_ladder.py --workdir {workdir}` first.")
@@ -50,7 +51,7 @@ def fit(workdir: str | os.PathLike, log: Callable[[str], None] = _quiet) -> dict
                  else f"leave-one-out: {loo['error']}")
         log(f"[scaling] {split}: alpha {f['alpha']:.4f}, a {f['a']:.4g}, c {f['c']:.4f} "
             f"bits/byte, RMSE {f['rmse']:.4f}; monotonic {f['monotonic']}; {loo_s}")
-    storage.write_atomic(workdir / "fit.json", json.dumps(out, indent=2))
+    storage.write_atomic(workdir / workdir_lib.FIT_JSON, json.dumps(out, indent=2))
     plot(results, out, workdir / "fit.png")
     log(f"[scaling] wrote {workdir / 'fit.json'} and {workdir / 'fit.png'}")
     return out

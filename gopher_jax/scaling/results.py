@@ -13,6 +13,7 @@ import ml_collections
 from etils import epath
 
 from gopher_jax import storage
+from gopher_jax import workdir as workdir_lib
 from gopher_jax.scaling.ladder import c_split, describe, member_config, member_names
 
 RESULT = "result.json"
@@ -36,7 +37,7 @@ def unigram_baseline(ladder: ml_collections.ConfigDict, workdir: epath.Path
                      ) -> dict[str, float]:
     """The unigram model's bits per byte on the whole splits, the same for every member
     (same data); cached."""
-    path = workdir / "unigram.json"
+    path = workdir / workdir_lib.UNIGRAM_JSON
     if path.is_file():
         return json.loads(path.read_text())
     from gopher_jax import evaluate
@@ -81,9 +82,9 @@ def write_results(ladder: ml_collections.ConfigDict, workdir: str | os.PathLike
         "unigram_bits_per_byte": unigram,
         "members": members,
     }
-    storage.write_atomic(workdir / "results.json", json.dumps(results, indent=2))
+    storage.write_atomic(workdir / workdir_lib.RESULTS_JSON, json.dumps(results, indent=2))
     storage.write_atomic(workdir / "results.csv", _csv(members, (eval_split, test_split)))
-    storage.write_atomic(workdir / "results.md", markdown_table(results))
+    storage.write_atomic(workdir / workdir_lib.RESULTS_MD, markdown_table(results))
     return results
 
 

@@ -15,6 +15,7 @@ import ml_collections
 from etils import epath
 
 from gopher_jax import storage
+from gopher_jax import workdir as workdir_lib
 from gopher_jax.scaling.ladder import c_split, describe, member_config, member_names, resolve_member
 from gopher_jax.scaling.results import RESULT, is_finished, write_results
 
@@ -98,7 +99,7 @@ def run(ladder: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
     first = member_config(ladder, names[0])
     distributed.run_on_process_zero_first(lambda: data.prepare(first))
-    storage.write_atomic(workdir / "ladder.json", ladder.to_json(indent=2))
+    storage.write_atomic(workdir / workdir_lib.LADDER_JSON, ladder.to_json(indent=2))
     trained, skipped, failed = [], [], []
     for name in todo:
         d = describe(ladder, name)

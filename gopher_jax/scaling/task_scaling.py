@@ -29,12 +29,13 @@ import numpy as np
 from etils import epath
 
 from gopher_jax import storage
+from gopher_jax import workdir as workdir_lib
 from gopher_jax.scaling.ladder import describe, member_config, member_names
 from gopher_jax.scaling.results import is_finished, read_result
 from gopher_jax.tasks.spec import LOWER_IS_BETTER, Task
 
 SUITE_FILE = "tasks_suite.json"
-TASKS_FILE = "tasks.json"
+TASKS_FILE = workdir_lib.TASKS_JSON
 OUT = "tasks_scaling"
 BINOMIAL_METRICS = frozenset({"acc", "acc_norm", "exact_match"})
 

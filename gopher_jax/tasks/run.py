@@ -1,10 +1,10 @@
 """Score a Gopher on tasks with its params sharded on the mesh: `score_tasks` returns the
 results, `run` also writes <workdir>/tasks.json and tasks.md.
 
-`ShardedModel` is the scoring.Model of params on a mesh: every batch is split over the rule
+`ShardedModel` is the model_queries.Model of params on a mesh: every batch is split over the rule
 set's batch axes (data and fsdp), so the batch size is rounded up to a multiple of their
 device count (`rows_per_batch`); greedy decoding runs through the KV cache (model/decode.py).
-Results are the same for any batch size and device count (scoring.py packs requests so that
+Results are the same for any batch size and device count (model_queries.py packs requests so that
 a row's result depends on the row alone).
 """
 
@@ -26,15 +26,16 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
 from gopher_jax import storage
+from gopher_jax import workdir as workdir_lib
 from gopher_jax.layout import Layout
 from gopher_jax.model import decode, gopher
 from gopher_jax.parallel import rules as rules_lib
-from gopher_jax.tasks import scoring
-from gopher_jax.tasks.score import MAIN_METRIC, TokenizerLike, score
+from gopher_jax.tasks import model_queries
+from gopher_jax.tasks.grading import MAIN_METRIC, TokenizerLike, score
 from gopher_jax.tasks.spec import LANGUAGE_MODELLING, LOWER_IS_BETTER, Task
 
 
-def model_logits_fn(c: ml_collections.ConfigDict, params: Any) -> scoring.LogitsFn:
+def model_logits_fn(c: ml_collections.ConfigDict, params: Any) -> model_queries.LogitsFn:
     """The unsharded forward pass as a logits_fn (params on one device): for stubs, tests and
     the lm-eval adapter."""
     graphdef, _ = gopher.abstract(c.model)
@@ -105,8 +106,8 @@ def _functions(m: ml_collections.ConfigDict, platform: str, rules: rules_lib.Rul
     return _FUNCTIONS[key]
 
 
-class ShardedModel(scoring.Uncached):
-    """A Gopher's params on a mesh as a scoring.Model: a jitted forward for log-likelihoods
+class ShardedModel(model_queries.Uncached):
+    """A Gopher's params on a mesh as a model_queries.Model: a jitted forward for log-likelihoods
     and cached greedy decoding (or, with cached=False, the uncached baseline: the forward
     re-run for every token). Inputs are sharded over the batch axes; the small outputs (token
     log-probabilities, next tokens) come back replicated, so every process reads them."""
@@ -252,6 +253,6 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike, tasks: Sequenc
     table = markdown(results)
     if jax.process_index() == 0:
         out = storage.path(workdir)
-        (out / "tasks.json").write_text(json.dumps(results, indent=2))
-        (out / "tasks.md").write_text(table)
+        (out / workdir_lib.TASKS_JSON).write_text(json.dumps(results, indent=2))
+        (out / workdir_lib.TASKS_MD).write_text(table)
     return {**results, "markdown": table}

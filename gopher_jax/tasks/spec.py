@@ -8,7 +8,7 @@ A multiple-choice example is {"context", "choices", "answer"} (the index of the 
 choice); a cloze or generation example is {"context", "target"}. Choices and targets are
 continuations of the rendered context, used as written (a leading space included).
 `main_metric` (optional) names the metric the group mean uses, e.g. "acc_norm"; the default
-is the kind's (score.MAIN_METRIC).
+is the kind's (grading.MAIN_METRIC).
 
 A language-modelling task holds no examples: it names a corpus whose exact bits per byte are
 measured (`tasks/corpora.py` lists the sources):

@@ -20,6 +20,7 @@ from etils import epath
 from gopher_jax import checkpoint as ckpt_lib
 from gopher_jax import data as data_lib
 from gopher_jax import hardware, storage
+from gopher_jax import workdir as workdir_lib
 from gopher_jax.errors import UserError
 from gopher_jax.evaluate import evaluate_split
 from gopher_jax.layout import Layout
@@ -152,7 +153,7 @@ def _train(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: epath
             + (f"; new data accepted: {data_changed}" if data_changed else ""))
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(c.to_json(indent=2))
+        (workdir / workdir_lib.CONFIG_JSON).write_text(c.to_json(indent=2))
 
     train_step = step_lib.make_train_step(c, layout)
     eval_step = step_lib.make_eval_step(c, layout)
@@ -160,7 +161,7 @@ def _train(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: epath
     peak = hardware.Peak(str(compute_dtype(c.model.dtype)))
     say(f"peak {peak.per_device / 1e9:.1f} GFLOP/s per device ({peak.source}); "
         f"{flops_tok:.3g} train FLOPs/token; {data.num_chunks:,} train chunks "
-        f"({info['splits'][c.data.train_split]['num_tokens']:,} tokens)")
+        f"({info.splits[c.data.train_split].num_tokens:,} tokens)")
     tokens_per_step = c.train.batch_size * c.data.seq_len
 
     start = int(jax.device_get(state["step"]))

@@ -1,5 +1,5 @@
-"""One task scored with a tokenizer and a model (scoring.Model, or a bare logits_fn): its metrics
-and per-example predictions.
+"""One task graded with a tokenizer and a model (model_queries.Model, or a bare logits_fn):
+its prompts, its metrics and per-example predictions.
 
 Multiple choice: the argmax over choices of sum log p(choice | prompt) (acc) and of the same
 divided by the choice's UTF-8 bytes (acc_norm). Cloze: the first word of the greedy
@@ -13,13 +13,13 @@ import random
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from gopher_jax.tasks import metrics, scoring
+from gopher_jax.tasks import model_queries, text_match
 from gopher_jax.tasks.spec import MAIN_METRICS, Task
 
 # A kind's default main metric: the first it allows (spec.MAIN_METRICS owns the list).
 MAIN_METRIC = {kind: metrics[0] for kind, metrics in MAIN_METRICS.items()}
 FEWSHOT_SEPARATOR = "\n\n"
-Model = scoring.Model | scoring.LogitsFn
+Model = model_queries.Model | model_queries.LogitsFn
 
 
 class TokenizerLike(Protocol):
@@ -59,7 +59,7 @@ def _multiple_choice(task: Task, tok: TokenizerLike, contexts: list[list[int]],
     for i, ex in enumerate(task.examples):
         for choice in ex.choices:
             requests.append((contexts[i], tok.encode(choice)))
-    ll = scoring.loglikelihoods(model, requests, seq_len, batch_size, packed)
+    ll = model_queries.loglikelihoods(model, requests, seq_len, batch_size, packed)
     acc = acc_norm = 0.0
     predictions = []
     k = 0
@@ -86,29 +86,30 @@ def _decoded(task: Task, tok: TokenizerLike, contexts: list[list[int]], model: M
             return any(ch.isspace() for ch in text.lstrip())
         return any(s in text for s in task.stop)
 
-    out = scoring.greedy(model, contexts, max_new_tokens, seq_len, batch_size, done, packed)
+    out = model_queries.greedy(model, contexts, max_new_tokens, seq_len, batch_size, done, packed)
     return [_text(tok, ids) for ids in out]
 
 
 def score(task: Task, tok: TokenizerLike, model: Model, seq_len: int, batch_size: int,
           max_new_tokens: int = 32, packed: bool = True) -> dict[str, Any]:
     """{"metrics": {...}, "predictions": [...]}; each prompt starts with EOS, as documents do
-    in the training data. `packed` and `batch_size` change only the speed (scoring.py)."""
+    in the training data. `packed` and `batch_size` change only the speed (model_queries.py)."""
     contexts = [[tok.eos_id] + tok.encode(p) for p in prompts(task)]
     if task.kind == "multiple_choice":
         return _multiple_choice(task, tok, contexts, model, seq_len, batch_size, packed)
     texts = _decoded(task, tok, contexts, model, seq_len, batch_size, max_new_tokens, packed)
     n = len(task.examples)
     if task.kind == "cloze":
-        words = [metrics.first_word(t) for t in texts]
-        em = [float(w == metrics.first_word(ex.target))
+        words = [text_match.first_word(t) for t in texts]
+        em = [float(w == text_match.first_word(ex.target))
               for w, ex in zip(words, task.examples, strict=True)]
         return {"metrics": {"exact_match": sum(em) / n},
                 "predictions": [{"text": t, "word": w, "target": ex.target}
                                 for t, w, ex in zip(texts, words, task.examples, strict=True)]}
-    answers = [metrics.cut_at_stop(t, task.stop).strip() for t in texts]
-    em = [metrics.exact_match(a, ex.target) for a, ex in zip(answers, task.examples, strict=True)]
-    f1 = [metrics.f1(a, ex.target) for a, ex in zip(answers, task.examples, strict=True)]
+    answers = [text_match.cut_at_stop(t, task.stop).strip() for t in texts]
+    em = [text_match.exact_match(a, ex.target)
+          for a, ex in zip(answers, task.examples, strict=True)]
+    f1 = [text_match.f1(a, ex.target) for a, ex in zip(answers, task.examples, strict=True)]
     return {"metrics": {"exact_match": sum(em) / n, "f1": sum(f1) / n},
             "predictions": [{"text": a, "target": ex.target}
                             for a, ex in zip(answers, task.examples, strict=True)]}
