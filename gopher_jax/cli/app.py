@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("evaluate", "bits per byte of a trained workdir on its held-out splits"),
     "sample": ("sample", "generate text from a trained workdir"),
     "tasks": ("tasks", "score a trained workdir on tasks (cloze, multiple choice, generation)"),
+    "serve": ("serve", "an OpenAI-compatible HTTP endpoint over a trained workdir (needs "
+                       ".[serve])"),
     "data prepare": ("data", "build the dataset, tokenizer and token chunks"),
     "data filter": ("data", "MassiveText quality/repetition filters, dedup, test-set removal"),
     "tokenizer train": ("data", "(re)train the SentencePiece tokenizer"),
@@ -37,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scaling fit": ("scaling", "fit the scaling law to a ladder's results"),
     "scaling tasks": ("scaling", "score every ladder member on a task suite: which tasks gain "
                                  "from scale"),
+    "scaling plan": ("scaling", "the compute-optimal size and tokens for a FLOP budget, as a "
+                                "Gopher-shaped config (and its TPU memory)"),
 }
 
 
