@@ -352,6 +352,7 @@ def test_lm_eval_hf_model_scores_like_our_adapter(trained_export, tmp_path):
     """lm-evaluation-harness's own `hf` model (transformers, torch) on the export against
     our adapter on the workdir: the same per-choice log-likelihoods."""
     pytest.importorskip("lm_eval")
+    import lm_eval.models.huggingface  # noqa: F401 - registers "hf"
     import lm_eval.tasks
     from test_lm_eval import DOCS, local_task
 
