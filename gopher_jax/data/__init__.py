@@ -62,12 +62,15 @@ class Batches(Protocol):
 
 
 def prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = None,
-            processes: int = 1) -> PrepareInfo:
+            processes: int = 1, engine=None) -> PrepareInfo:
     """Everything training reads, built once (`pipeline.prepare`, or `mixture.prepare` for
     data.sources)."""
     if is_mixture(cfg):
+        if engine is not None:
+            raise DataError("--executor with a mixture (data.sources)",
+                            "prepare each source's config with the engine, or drop --executor")
         return mixture.prepare(cfg, log, processes=processes)
-    return pipeline.prepare(cfg, log, processes=processes)
+    return pipeline.prepare(cfg, log, processes=processes, engine=engine)
 
 
 def train_data(cfg: ml_collections.ConfigDict, split: str | None = None) -> Batches:

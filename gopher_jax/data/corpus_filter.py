@@ -184,10 +184,11 @@ def _merge_rules(summaries: list[dict], stage: str) -> dict[str, dict]:
 
 def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | None = None,
                   processes: int = 1, log: Callable[[str], None] | None = None,
-                  fcfg: filters.FilterConfig = filters.PAPER) -> FilterManifest:
+                  fcfg: filters.FilterConfig = filters.PAPER, engine=None) -> FilterManifest:
     """Filters the training split of the source `cfg.data` names into `out_dir` (default
     `artefacts.filter_dir(cfg)`); idempotent: finished shards and stages are reused. Returns the
-    manifest (also `out_dir/manifest.json`)."""
+    manifest (also `out_dir/manifest.json`). With `engine` (an engine.Engine) the stages run
+    on its executor and tasks (engine.py), with the same outputs."""
     log = log or (lambda msg: None)
     d = cfg.data
     if processes < 1:
@@ -219,6 +220,10 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
                    and s != d.train_split]
     plans = {s: shards.shard_ranges(builder.info.splits[s].num_examples, d.docs_per_shard)
              for s in [d.train_split, *eval_splits]}
+    if engine is not None:
+        from gopher_jax.data import engine as engine_lib
+
+        return engine_lib.filter_corpus(engine, cfg, fcfg, out, fp, conf, plans, log)
     tasks = [(cfg, fcfg, s, k, a, b, str(work), fp, s == d.train_split)
              for s, plan in plans.items() for k, (a, b) in enumerate(plan)]
     log(f"[filter] {builder.name}: {len(tasks)} shards of <= {d.docs_per_shard} documents "
@@ -241,58 +246,93 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
                    for k in ("exact_dedup", "near_dedup", "test_set")}
     log(f"[filter] dedup and test-set filtering done ({time.time() - t0:.1f}s)")
 
-    # The audits, in stage order.
+    row = {int(i): k for k, i in enumerate(train["ids"])}
+    later = {}
+    for stage, gone in removed.items():
+        matched = {i: (j if stage == "test_set" else _doc_id(d.train_split, int(j)))
+                   for i, j in gone.items()}
+        later[stage] = removal_rules(stage, d.train_split, matched,
+                                     lambda i: int(train["nbytes"][row[i]]),
+                                     lambda i: str(train["snippets"][row[i]]))
+
+    # The filtered documents, one file per shard.
+    gone_all = {i for v in removed.values() for i in v}
+    shard_rows = []
+    for s in train_summaries:
+        kept = [(i, t) for i, t in shards.read_docs(work / f"{stage1_stem(s, fp)}.jsonl")
+                if i not in gone_all]
+        shard_rows.append(write_shard_docs(docs_dir, s, kept))
+    return write_reports(out, fp, conf, d.train_split, train_summaries, later, shard_rows,
+                         log, t0)
+
+
+REMOVAL_RULES = {"exact_dedup": "identical_text", "near_dedup": "jaccard_13gram_ge_0.8",
+                 "test_set": "eval_jaccard_13gram_ge_0.8"}
+
+
+def stage1_stem(summary: dict, fp: str) -> str:
+    """The stage-1 files' name (without suffix) of a shard, from its summary."""
+    return f"{summary['split']}-{summary['index']:05d}-{fp}"
+
+
+def removal_rules(stage: str, split: str, matched: dict[int, str],
+                  nbytes: Callable[[int], int], snippet: Callable[[int], str]) -> dict:
+    """A dedup stage's audit rules ({rule: {docs, bytes, examples}}) for the removed ids
+    `matched` ({id: the id it matched}), examples the smallest ids."""
+    gone = sorted(matched)
+    if not gone:
+        return {}
+    return {REMOVAL_RULES[stage]: {
+        "docs": len(gone), "bytes": int(sum(nbytes(i) for i in gone)),
+        "examples": [{"id": _doc_id(split, i), "matched": matched[i], "snippet": snippet(i)}
+                     for i in gone[:EXAMPLES]]}}
+
+
+def write_shard_docs(docs_dir: pathlib.Path, summary: dict, kept: list[tuple[int, str]]
+                     ) -> FilterShard:
+    """One shard's filtered documents; returns its row of the manifest."""
+    name = f"{summary['split']}-{summary['index']:05d}.jsonl"
+    target = docs_dir / name
+    shards.write_docs(target, kept)
+    return FilterShard(index=summary["index"], start=summary["start"], stop=summary["stop"],
+                       docs_in=summary["docs_in"], docs_out=len(kept), path=name,
+                       sha256=file_sha(target))
+
+
+def write_reports(out: pathlib.Path, fp: str, conf: dict, split: str,
+                  train_summaries: list[dict], later: dict[str, dict],
+                  shard_rows: list[FilterShard], log: Callable[[str], None], t0: float
+                  ) -> FilterManifest:
+    """The audits (stage order) and, last, the manifest, from the stage-1 summaries (shard
+    order), the dedup stages' rules and the shards' rows."""
+    audit_dir = out / artefacts.FILTER_AUDIT
     docs_in = sum(s["docs_in"] for s in train_summaries)
     bytes_in = sum(s["bytes_in"] for s in train_summaries)
     audits = []
-    for stage in ("quality", "repetition"):
-        a = _audit(stage, docs_in, bytes_in, _merge_rules(train_summaries, stage))
-        audits.append(a)
-        docs_in, bytes_in = a["docs_out"], a["bytes_out"]
-    row = {int(i): k for k, i in enumerate(train["ids"])}
-    for stage in ("exact_dedup", "near_dedup", "test_set"):
-        gone = sorted(removed[stage])
-        rule = {"exact_dedup": "identical_text", "near_dedup": "jaccard_13gram_ge_0.8",
-                "test_set": "eval_jaccard_13gram_ge_0.8"}[stage]
-        rules = {rule: {"docs": len(gone),
-                        "bytes": int(sum(train["nbytes"][row[i]] for i in gone)),
-                        "examples": [{"id": _doc_id(d.train_split, i),
-                                      "matched": (removed[stage][i] if stage == "test_set"
-                                                  else _doc_id(d.train_split,
-                                                               int(removed[stage][i]))),
-                                      "snippet": str(train["snippets"][row[i]])}
-                                     for i in gone[:EXAMPLES]]}} if gone else {}
+    for stage in STAGES:
+        rules = _merge_rules(train_summaries, stage) if stage in ("quality", "repetition") \
+            else later[stage]
         a = _audit(stage, docs_in, bytes_in, rules)
         audits.append(a)
         docs_in, bytes_in = a["docs_out"], a["bytes_out"]
     for a in audits:
         storage.write_atomic(audit_dir / f"{a['stage']}.json", json.dumps(a, indent=1))
         storage.write_atomic(audit_dir / f"{a['stage']}.md", _markdown(a))
-
-    # The filtered documents, one file per shard.
-    gone_all = {i for v in removed.values() for i in v}
-    shard_rows = []
-    for s in train_summaries:
-        k = s["index"]
-        name = f"{d.train_split}-{k:05d}.jsonl"
-        target = docs_dir / name
-        stem = f"{d.train_split}-{k:05d}-{fp}"
-        kept = [(i, t) for i, t in shards.read_docs(work / f"{stem}.jsonl") if i not in gone_all]
-        shards.write_docs(target, kept)
-        shard_rows.append(FilterShard(index=k, start=s["start"], stop=s["stop"],
-                                      docs_in=s["docs_in"], docs_out=len(kept), path=name,
-                                      sha256=file_sha(target)))
     manifest = FilterManifest(
-        fingerprint=fp, settings=conf, split=d.train_split,
-        docs_in=audits[0]["docs_in"], bytes_in=audits[0]["bytes_in"],
-        docs_out=audits[-1]["docs_out"], bytes_out=audits[-1]["bytes_out"],
+        fingerprint=fp, settings=conf, split=split, docs_in=audits[0]["docs_in"],
+        bytes_in=audits[0]["bytes_in"], docs_out=audits[-1]["docs_out"],
+        bytes_out=audits[-1]["bytes_out"],
         stages={a["stage"]: {"docs_removed": a["docs_removed"],
                              "bytes_removed": a["bytes_removed"]} for a in audits},
         shards=tuple(shard_rows))
-    storage.write_atomic(manifest_path, json.dumps(manifest.to_json(), indent=1))
+    storage.write_atomic(out / artefacts.MANIFEST, json.dumps(manifest.to_json(), indent=1))
     log(f"[filter] {manifest.docs_out:,} of {manifest.docs_in:,} training documents "
         f"kept ({time.time() - t0:.1f}s); reports in {audit_dir}")
     return manifest
+
+
+def read_manifest(out: pathlib.Path) -> FilterManifest:
+    return FilterManifest.from_json(json.loads((out / artefacts.MANIFEST).read_text()))
 
 
 def _passes_rules(doc) -> bool:

@@ -47,13 +47,16 @@ def _splits(cfg: ml_collections.ConfigDict) -> list[str]:
 
 
 def prepare(cfg: ml_collections.ConfigDict,
-            log: Callable[[str], None] | None = None, processes: int = 1) -> PrepareInfo:
+            log: Callable[[str], None] | None = None, processes: int = 1,
+            engine=None) -> PrepareInfo:
     """Build the dataset, train the tokenizer if absent, tokenize every split. Idempotent.
 
     `log` receives progress lines. A split with fewer chunks than one batch is a warning (its bits
     per byte rest on little text); a training split without any chunk is an error.
     Splits are tokenized in shards on `processes` processes (shards.py; the chunks never
     depend on it); with data.filter the training split is first filtered (corpus_filter.py).
+    With `engine` (an engine.Engine) filtering and tokenization run as datatrove stages on
+    its executor instead of `processes`, with the same files.
     """
     d = cfg.data
     log = log or (lambda msg: None)
@@ -79,7 +82,7 @@ def prepare(cfg: ml_collections.ConfigDict,
         from gopher_jax.data import corpus_filter  # datatrove: only when filtering
 
         filtered = (artefacts.filter_dir(cfg),
-                    corpus_filter.filter_corpus(cfg, None, processes, log))
+                    corpus_filter.filter_corpus(cfg, None, processes, log, engine=engine))
     for split in _splits(cfg):
         if split not in builder.info.splits:
             log(f"[data] {d.dataset} has no {split!r} split; skipped")
@@ -92,9 +95,16 @@ def prepare(cfg: ml_collections.ConfigDict,
             log(f"[data] {split}: reusing {meta['num_chunks']:,} chunks in {out}")
             splits[split] = SplitInfo.from_meta(meta, reused=True)
             continue
-        meta = shards.prepare_split(
-            cfg, split, builder.info.splits[split].num_examples, tok, tok_path, fp, out,
-            processes, filtered if split == d.train_split else None, log)
+        num_docs = builder.info.splits[split].num_examples
+        source = filtered if split == d.train_split else None
+        if engine is not None:
+            from gopher_jax.data import engine as engine_lib
+
+            meta = engine_lib.prepare_split(engine, cfg, split, num_docs, tok, tok_path, fp,
+                                            out, source, log)
+        else:
+            meta = shards.prepare_split(cfg, split, num_docs, tok, tok_path, fp, out,
+                                        processes, source, log)
         log(f"[data] {split}: {meta['num_docs']:,} docs, {meta['num_bytes']:,} bytes -> "
             f"{meta['num_tokens']:,} tokens -> {meta['num_chunks']:,} chunks of "
             f"{d.seq_len}+1 ({meta['seconds']}s)")

@@ -173,6 +173,22 @@ def prepare_split(cfg, split: str, num_docs: int, tokenizer, tokenizer_path: str
     folder = chunks_dir / split
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder)
+    sources, fps = split_sources(cfg, num_docs, fingerprint, filtered)
+    tasks = [(cfg, str(tokenizer_path), split, k, src, str(folder), fp)
+             for k, (src, fp) in enumerate(zip(sources, fps, strict=True))]
+    log(f"[data] {split}: tokenizing {len(tasks)} shard(s) on {processes} process(es)")
+    token_files = [pathlib.Path(p) for p in run_tasks(tokenize_shard, tasks, processes)]
+    packed = pack_shards(token_files, folder, cfg.data.seq_len, tokenizer.eos_id,
+                         tokenizer.pad_id, tokenizer.piece_bytes)
+    return write_split_meta(folder, fingerprint, cfg.data.seq_len, packed, fps, token_files,
+                            t0)
+
+
+def split_sources(cfg, num_docs: int, fingerprint: dict,
+                  filtered: tuple[pathlib.Path, FilterManifest] | None = None
+                  ) -> tuple[list[tuple], list[str]]:
+    """A split's token shards: their sources (("range", start, stop) of the dataset's split
+    or ("file", path) of filtered documents) and their fingerprints."""
     split_fp = digest(fingerprint)
     if filtered is not None:
         root, manifest = filtered
@@ -182,18 +198,18 @@ def prepare_split(cfg, split: str, num_docs: int, tokenizer, tokenizer_path: str
         plan = shard_ranges(num_docs, cfg.data.docs_per_shard)
         sources = [("range", a, b) for a, b in plan]
         keys = [[split_fp, a, b] for a, b in plan]
-    fps = [digest(k) for k in keys]
-    tasks = [(cfg, str(tokenizer_path), split, k, src, str(folder), fp)
-             for k, (src, fp) in enumerate(zip(sources, fps, strict=True))]
-    log(f"[data] {split}: tokenizing {len(tasks)} shard(s) on {processes} process(es)")
-    token_files = [pathlib.Path(p) for p in run_tasks(tokenize_shard, tasks, processes)]
-    packed = pack_shards(token_files, folder, cfg.data.seq_len, tokenizer.eos_id,
-                         tokenizer.pad_id, tokenizer.piece_bytes)
+    return sources, [digest(k) for k in keys]
+
+
+def write_split_meta(folder: pathlib.Path, fingerprint: dict, seq_len: int, packed: dict,
+                     fps: Sequence[str], token_files: Sequence[pathlib.Path], t0: float) -> dict:
+    """Removes files of an earlier preparation from the split's folder, then writes its
+    metadata (`<split>.json`, last); returns it."""
     current = {p.name for p in token_files} | {f["path"] for f in packed["files"]}
     for p in folder.iterdir():  # files of an earlier preparation with other inputs
         if p.name not in current:
             p.unlink()
-    info = {"fingerprint": fingerprint, "format": "sharded", "seq_len": cfg.data.seq_len,
+    info = {"fingerprint": fingerprint, "format": "sharded", "seq_len": seq_len,
             **packed, "tokens_per_byte": packed["num_tokens"] / max(packed["num_bytes"], 1),
             "shards": [{"index": k, "fingerprint": fp, "tokens": path.name}
                        for k, (fp, path) in enumerate(zip(fps, token_files, strict=True))],

@@ -1,0 +1,238 @@
+"""Exact dedup, MinHash near-dedup and test-set filtering over sharded files: the results of
+dedup.py's whole-corpus functions, computed by tasks that each hold a bounded part.
+
+Every task of a stage owns a slice of the work, decided by `owner` (a shard index, or a
+hash partition, modulo the task count), and writes fixed-dtype binary records (`.bin`,
+numpy `tofile`, no pickle) to a temporary name, renamed when complete:
+
+1. `emit`     (per stage-1 shard)  hash/p<p>/<shard>.bin   (text hash, id) by hash partition
+                                   band/p<p>/<shard>.bin   (band, 5 band rows, text hash, doc)
+                                   for every band of every signature, by band-key partition
+2. `partition` (per partition p)   exact/g<g>/p<p>.bin     (removed id, kept id): a text hash's
+                                   smallest id stays
+                                   cand/g<g>/p<p>.bin      (i, j) LSH candidate pairs
+3. `confirm`  (per owner g)        edges/g<g>.bin          candidate pairs with exact 13-gram
+                                   Jaccard >= 0.8 (train-train)
+                                   test/g<g>.bin           (train id, eval index) likewise
+4. `cluster`  (one task)           near/g<g>.bin           (removed id, cluster's smallest id)
+5. `removals` (per owner g)        what each of g's shards loses, by stage
+
+Memory per task: stage 2 holds 1/P of the band records, stage 3 its candidate pairs and at
+most CACHE_SHARDS shards' 13-gram sets, stage 4 the confirmed edges (documents that have a
+near duplicate, not the corpus: the same as datatrove's MinhashDedupCluster). No task holds
+a whole-corpus structure.
+
+Why our own steps and not datatrove's MinhashDedup{Signature,Buckets,Cluster,Filter}: those
+decide duplicates by bucket collisions alone (every candidate pair is a duplicate), so the
+paper's 0.8 Jaccard is never checked; here each candidate pair is confirmed on its two exact
+13-gram sets (stage 3), as dedup.near_duplicates does, and test-set filtering (pairs with an
+evaluation document) shares the buckets. The layout (signature buckets as sorted sharded
+files, a single clustering task over duplicate pairs only) follows datatrove's.
+
+Equal to dedup.py, document for document: exact duplicates are dropped inside each bucket by
+keeping the smallest id per text hash (an exact copy has the same signature, so its kept twin
+is in every bucket it is in: the candidates are those among exact-dedup survivors, as in
+corpus_filter._stage2); clusters keep their smallest id; a training document's test-set
+match is the smallest evaluation index it matches.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pathlib
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from gopher_jax.data import dedup
+
+HASH_REC = np.dtype([("hash", "<u8"), ("id", "<i8")])
+BAND_REC = np.dtype([("band", "<u2"), ("key", "<u8", (dedup.ROWS,)), ("hash", "<u8"),
+                     ("doc", "<i8")])  # doc >= 0: a training id; -(e + 1): evaluation doc e
+PAIR_REC = np.dtype([("a", "<i8"), ("b", "<i8")])
+CACHE_SHARDS = 4  # shards' 13-gram sets a confirmation task keeps loaded
+
+
+def write_bin(path: pathlib.Path, records: np.ndarray) -> None:
+    """Records to `path` through a temporary name (a killed task leaves no finished-looking
+    file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        records.tofile(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_bins(folder: pathlib.Path, dtype: np.dtype) -> np.ndarray:
+    """Every `.bin` of a folder, concatenated in name order (empty when none)."""
+    files = sorted(folder.glob("*.bin")) if folder.is_dir() else []
+    parts = [np.fromfile(f, dtype) for f in files]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def _partition_of(values: np.ndarray, partitions: int) -> np.ndarray:
+    return (dedup._splitmix64(values.astype(np.uint64)) % np.uint64(partitions)).astype(np.int64)
+
+
+def emit(folder: pathlib.Path, name: str, docs: np.ndarray, hashes: np.ndarray | None,
+         sigs: np.ndarray, partitions: int) -> None:
+    """Stage 1: one shard's hash records (training shards: `hashes` given) and band records,
+    each partition's to its own file `<kind>/p<p>/<name>.bin`."""
+    if hashes is not None:
+        rec = np.zeros(len(docs), HASH_REC)
+        rec["hash"], rec["id"] = hashes, docs
+        part = _partition_of(rec["hash"], partitions)
+        for p in range(partitions):
+            write_bin(folder / "hash" / f"p{p:05d}" / f"{name}.bin", rec[part == p])
+    n = len(docs)
+    rec = np.zeros(n * dedup.BANDS, BAND_REC)
+    bands = sigs.reshape(n, dedup.BANDS, dedup.ROWS)
+    rec["band"] = np.tile(np.arange(dedup.BANDS, dtype=np.uint16), n)
+    rec["key"] = bands.reshape(n * dedup.BANDS, dedup.ROWS)
+    rec["hash"] = np.repeat(hashes if hashes is not None else np.zeros(n, np.uint64),
+                            dedup.BANDS)
+    rec["doc"] = np.repeat(docs, dedup.BANDS)
+    part = _partition_of(rec["key"][:, 0] ^ rec["band"].astype(np.uint64), partitions)
+    for p in range(partitions):
+        write_bin(folder / "band" / f"p{p:05d}" / f"{name}.bin", rec[part == p])
+
+
+def _groups(keys: list[np.ndarray]) -> Iterable[np.ndarray]:
+    """Index arrays of runs of equal keys (lexsorted), runs of 2+ only."""
+    order = np.lexsort(keys[::-1])
+    if len(order) < 2:
+        return []
+    sk = [k[order] for k in keys]
+    change = np.zeros(len(order) - 1, bool)
+    for k in sk:
+        change |= k[1:] != k[:-1]
+    starts = np.concatenate([[0], np.nonzero(change)[0] + 1])
+    ends = np.concatenate([starts[1:], [len(order)]])
+    return [order[s:e] for s, e in zip(starts, ends, strict=True) if e - s > 1]
+
+
+def partition(folder: pathlib.Path, p: int, owner: Callable[[np.ndarray], np.ndarray],
+              owners: int) -> None:
+    """Stage 2 for partition p: exact duplicates of its hashes, LSH candidate pairs of its
+    bands; each result split by the owner of its first document."""
+    h = read_bins(folder / "hash" / f"p{p:05d}", HASH_REC)
+    removed = []
+    for g in _groups([h["hash"]]):
+        ids = np.sort(h["id"][g])
+        removed += [(int(i), int(ids[0])) for i in ids[1:]]
+    _by_owner(folder / "exact", f"p{p:05d}", np.array(removed, np.int64).reshape(-1, 2), owner,
+              owners)
+    b = read_bins(folder / "band" / f"p{p:05d}", BAND_REC)
+    keys = [b["band"].astype(np.uint64)] + [b["key"][:, r] for r in range(dedup.ROWS)]
+    pairs: set[tuple[int, int]] = set()
+    for g in _groups(keys):
+        docs, hashes = b["doc"][g], b["hash"][g]
+        train = docs >= 0
+        first: dict[int, int] = {}
+        for d, hh in zip(docs[train].tolist(), hashes[train].tolist(), strict=True):
+            if hh not in first or d < first[hh]:
+                first[hh] = d  # exact copies: only the smallest id takes part
+        t = sorted(first.values())
+        e = sorted(set(docs[~train].tolist()))  # -(eval index + 1)
+        pairs.update((t[x], t[y]) for x in range(len(t)) for y in range(x + 1, len(t)))
+        pairs.update((i, j) for i in t for j in e)
+    arr = np.array(sorted(pairs), np.int64).reshape(-1, 2)
+    _by_owner(folder / "cand", f"p{p:05d}", arr, owner, owners)
+
+
+def _by_owner(folder: pathlib.Path, name: str, pairs: np.ndarray,
+              owner: Callable[[np.ndarray], np.ndarray], owners: int) -> None:
+    rec = np.zeros(len(pairs), PAIR_REC)
+    rec["a"], rec["b"] = pairs[:, 0], pairs[:, 1]
+    who = owner(rec["a"]) if len(rec) else np.zeros(0, np.int64)
+    for g in range(owners):
+        write_bin(folder / f"g{g:05d}" / f"{name}.bin", rec[who == g])
+
+
+class ShardSets:
+    """13-gram sets by document, loaded a shard at a time (at most CACHE_SHARDS kept)."""
+
+    def __init__(self, load: Callable[[int], tuple[np.ndarray, list[np.ndarray]]],
+                 shard_of: Callable[[int], int]):
+        self._load, self._shard_of = load, shard_of
+        self._cache: collections.OrderedDict[int, tuple[np.ndarray, list]] = \
+            collections.OrderedDict()
+
+    def get(self, doc: int) -> np.ndarray:
+        k = self._shard_of(doc)
+        if k in self._cache:
+            self._cache.move_to_end(k)
+        else:
+            self._cache[k] = self._load(k)
+            while len(self._cache) > CACHE_SHARDS:
+                self._cache.popitem(last=False)
+        ids, sets = self._cache[k]
+        row = int(np.searchsorted(ids, doc))
+        return sets[row]
+
+
+def confirm(folder: pathlib.Path, g: int, sets: ShardSets,
+            threshold: float = dedup.JACCARD) -> None:
+    """Stage 3 for owner g: every candidate pair checked on its exact 13-gram sets; pairs in
+    the order of their second document's shard, so each shard is loaded about once."""
+    cand = np.unique(read_bins(folder / "cand" / f"g{g:05d}", PAIR_REC))
+    shard_b = np.array([sets._shard_of(int(x)) for x in cand["b"]], np.int64)
+    order = np.lexsort((cand["a"], shard_b))
+    edges, test = [], []
+    for a, b in zip(cand["a"][order].tolist(), cand["b"][order].tolist(), strict=True):
+        if dedup.jaccard(sets.get(a), sets.get(b)) >= threshold:
+            (edges if b >= 0 else test).append((a, b))
+    write_bin(folder / "edges" / f"g{g:05d}.bin", _pairs(edges))
+    write_bin(folder / "test" / f"g{g:05d}.bin", _pairs([(a, -b - 1) for a, b in test]))
+
+
+def _pairs(pairs: list[tuple[int, int]]) -> np.ndarray:
+    rec = np.zeros(len(pairs), PAIR_REC)
+    if pairs:
+        a = np.array(pairs, np.int64)
+        rec["a"], rec["b"] = a[:, 0], a[:, 1]
+    return rec
+
+
+def cluster(folder: pathlib.Path, owner: Callable[[np.ndarray], np.ndarray],
+            owners: int) -> None:
+    """Stage 4 (one task): connected components of the confirmed edges; every document but a
+    component's smallest is removed in favour of it."""
+    edges = read_bins(folder / "edges", PAIR_REC)
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in zip(edges["a"].tolist(), edges["b"].tolist(), strict=True):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    removed = sorted((x, root(x)) for x in list(parent) if root(x) != x)
+    _by_owner(folder / "near", "all", np.array(removed, np.int64).reshape(-1, 2), owner,
+              owners)
+
+
+def removals(folder: pathlib.Path, g: int) -> dict[str, dict[int, int]]:
+    """Stage 5 for owner g: {stage: {removed id: matched}} for the documents g owns, as
+    corpus_filter._stage2 computes them (near: not exact; test: neither; matched eval
+    documents as indices)."""
+    exact = {int(a): int(b) for a, b in read_bins(folder / "exact" / f"g{g:05d}", PAIR_REC)}
+    near = {int(a): int(b) for a, b in read_bins(folder / "near" / f"g{g:05d}", PAIR_REC)
+            if int(a) not in exact}
+    test: dict[int, int] = {}
+    path = folder / "test" / f"g{g:05d}.bin"
+    rec = np.fromfile(path, PAIR_REC) if path.is_file() else np.zeros(0, PAIR_REC)
+    for a, e in zip(rec["a"].tolist(), rec["b"].tolist(), strict=True):
+        if a not in exact and a not in near and (a not in test or e < test[a]):
+            test[a] = e
+    return {"exact_dedup": exact, "near_dedup": near, "test_set": test}
+

@@ -1,0 +1,474 @@
+"""The preparation pipeline as steps of datatrove's executors: the same steps on one machine
+(LocalPipelineExecutor), a SLURM cluster (SlurmPipelineExecutor) or a Ray cluster
+(RayPipelineExecutor), with the same bytes out whatever the executor, the number of tasks or
+of workers.
+
+    eng = Engine(executor="local", tasks=8, workers=2)
+    info = data.prepare(cfg, log=print, engine=eng)          # = `data prepare`'s result
+
+Stages, each one executor run of `tasks` tasks (a stage starts when the previous one has
+finished; datatrove's completion markers make a rerun do only the unfinished tasks):
+
+    filter (data.filter):
+      rules      quality and repetition per shard (corpus_filter's stage 1, as `data filter`)
+                 and the shard's hash and band records (dedup_sharded.emit)
+      partition  exact duplicates and LSH candidates per hash partition
+      confirm    candidate pairs checked on exact 13-gram Jaccard >= 0.8
+      cluster    (1 task) near-duplicate clusters from the confirmed pairs
+      docs       each shard's surviving documents and its audit counts
+      report     (1 task) audits and manifest.json, as `data filter` writes them
+    tokenize, per split:
+      tokenize   each shard's documents encoded (shards.tokenize_shard)
+      pack       each shard's chunks (pack_shard): chunk k of the split is tokens
+                 [k*L, k*L + L + 1) of the split, so a shard's chunks follow from the token
+                 counts of the shards before it; written as chunks-<shard>.array_record,
+                 exactly the file the one-pass packer (shards.pack_shards) writes
+      meta       (1 task) <split>.json, last
+
+Shards are the data's `docs_per_shard` ranges (never the task count); task r of N takes
+shards r, r + N, r + 2N...; the hash partitions are N. Every output is a function of the
+documents: the chunk files, their order, the manifest and the fingerprints equal `data
+prepare`'s byte for byte (tests/test_engine.py).
+
+Why steps of our own on datatrove's executors rather than datatrove's reader, filter,
+MinHash and tokenizer steps: the documents are the prepared dataset's, numbered by their
+index in the split (what "the first of a duplicate cluster" and the shards are defined on);
+the rules, the exact-Jaccard confirmation and the chunk format are gopher_jax's (filters.py,
+dedup_sharded.py, tokenized.py say why for each). The executors are datatrove's: tasks,
+workers, completion markers, SLURM job arrays, Ray placement and retries.
+
+Memory: with `trace_memory`, each task records its peak Python/numpy allocation
+(tracemalloc) and the process's peak resident set in `<work>/memory/<stage>-<rank>.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import resource
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from gopher_jax import storage
+from gopher_jax.data import artefacts, dedup_sharded, shards, tokenized
+from gopher_jax.data.digests import digest, file_sha
+from gopher_jax.errors import UsageError
+
+EXECUTORS = ("local", "ray", "slurm")
+ENGINE_DIR = "engine"  # inside a filter dir and a chunks dir: the stages' work and logs
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """Where and how wide the pipeline runs. `workers`: tasks at once (local: processes; 1
+    runs them one after another in this process; Ray: concurrent tasks, -1 all). SLURM
+    settings go to SlurmPipelineExecutor as they are (partition, time, ...)."""
+
+    executor: str = "local"
+    tasks: int = 1
+    workers: int = 1
+    slurm: tuple[tuple[str, Any], ...] = ()
+    trace_memory: bool = False
+
+    def __post_init__(self):
+        if self.executor not in EXECUTORS:
+            raise UsageError(f"--executor {self.executor}", f"use one of {', '.join(EXECUTORS)}")
+        if self.tasks < 1:
+            raise UsageError(f"--tasks {self.tasks}", "give 1 or more")
+        if self.workers < 1 and self.workers != -1:
+            raise UsageError(f"--workers {self.workers}", "give 1 or more (or -1: all tasks)")
+
+
+class Step:
+    """One stage as a datatrove pipeline step: fn(rank, world_size, *args) for the task's
+    rank. A plain picklable callable (datatrove accepts any callable with (data, rank,
+    world_size)); there are no documents flowing between our stages, only files."""
+
+    def __init__(self, stage: str, fn: Callable, args: tuple, memory_dir: str | None):
+        self.stage, self.fn, self.args, self.memory_dir = stage, fn, args, memory_dir
+        self.name = f"gopher_jax {stage}"
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def __call__(self, data, rank: int = 0, world_size: int = 1):
+        del data
+        if self.memory_dir is None:
+            self.fn(rank, world_size, *self.args)
+            return None
+        tracemalloc.start()
+        try:
+            self.fn(rank, world_size, *self.args)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        _write_json(pathlib.Path(self.memory_dir) / f"{self.stage}-{rank:05d}.json",
+                    {"stage": self.stage, "rank": rank, "tracemalloc_peak": peak,
+                     "max_rss": rss})
+        return None
+
+
+def run_stage(eng: Engine, work: pathlib.Path, stage: str, fn: Callable, args: tuple,
+              tasks: int | None = None) -> None:
+    """Runs `fn` as `tasks` (default eng.tasks) datatrove tasks; logs and completion markers
+    in <work>/logs/<stage>."""
+    n = eng.tasks if tasks is None else tasks
+    memory = str(work / "memory") if eng.trace_memory else None
+    pipeline = [Step(stage, fn, args, memory)]
+    logs = str(work / "logs" / stage)
+    if eng.executor == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        workers = n if eng.workers == -1 else min(eng.workers, n)
+        LocalPipelineExecutor(pipeline, tasks=n, workers=workers, logging_dir=logs,
+                              start_method="spawn").run()
+    elif eng.executor == "ray":
+        import ray
+        from datatrove.executor import RayPipelineExecutor
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+        RayPipelineExecutor(pipeline, tasks=n, workers=eng.workers, logging_dir=logs,
+                            cpus_per_task=1, mem_per_cpu_gb=1).run()
+    else:
+        from datatrove.executor import SlurmPipelineExecutor
+
+        kwargs = dict(eng.slurm)
+        kwargs.setdefault("time", "24:00:00")
+        SlurmPipelineExecutor(pipeline, tasks=n, workers=eng.workers, logging_dir=logs,
+                              job_name=f"gopher_{stage}", **kwargs).run()
+    _check_complete(logs, n, stage)
+
+
+def _check_complete(logs: str, tasks: int, stage: str) -> None:
+    done = pathlib.Path(logs) / "completions"
+    missing = [r for r in range(tasks) if not (done / f"{r:05d}").exists()]
+    if missing:
+        raise RuntimeError(f"engine stage {stage}: tasks {missing[:8]} did not complete "
+                           f"(see {logs}/logs); run the same command again to redo only them")
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_atomic(path, json.dumps(obj))
+
+
+def _config(cfg_dict: dict) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(cfg_dict)
+
+
+def _mine(items: list, rank: int, world: int) -> list:
+    return [x for j, x in enumerate(items) if j % world == rank]
+
+
+# ---------------------------------------------------------------------------------------
+# Filtering
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterPlan:
+    """What every filter task needs to know, picklable."""
+
+    cfg: dict
+    fcfg: Any
+    train_split: str
+    jobs: tuple  # (split, shard, start, stop, eval offset or -1 for the training split)
+    out: str
+    fp: str
+    docs_per_shard: int
+
+    @property
+    def work(self) -> pathlib.Path:
+        return pathlib.Path(self.out) / artefacts.FILTER_WORK
+
+    def stage1(self, split: str, k: int, suffix: str) -> pathlib.Path:
+        return self.work / f"{split}-{k:05d}-{self.fp}{suffix}"
+
+    def dedup_dir(self, tasks: int) -> pathlib.Path:
+        return pathlib.Path(self.out) / ENGINE_DIR / f"{self.fp}-n{tasks}"
+
+    def train_jobs(self) -> list:
+        return [j for j in self.jobs if j[4] < 0]
+
+    def eval_jobs(self) -> list:
+        return [j for j in self.jobs if j[4] >= 0]
+
+
+def _owner(docs_per_shard: int, owners: int, ids: np.ndarray) -> np.ndarray:
+    return (ids // docs_per_shard) % owners
+
+
+def _rules_task(rank: int, world: int, plan: FilterPlan) -> None:
+    from gopher_jax.data import corpus_filter
+
+    cfg = _config(plan.cfg)
+    folder = plan.dedup_dir(world)
+    for split, k, a, b, offset in _mine(list(plan.jobs), rank, world):
+        corpus_filter._stage1_shard(cfg, plan.fcfg, split, k, a, b, str(plan.work), plan.fp,
+                                    offset < 0)
+        arr = shards.load_arrays(plan.stage1(split, k, ".npz"))
+        if offset < 0:
+            docs, hashes = arr["ids"], arr["hashes"]
+        else:
+            docs, hashes = -(offset + arr["ids"] + 1), None
+        dedup_sharded.emit(folder, f"{split}-{k:05d}", docs, hashes, arr["sigs"], world)
+
+
+def _partition_task(rank: int, world: int, plan: FilterPlan) -> None:
+    dedup_sharded.partition(plan.dedup_dir(world), rank,
+                            functools.partial(_owner, plan.docs_per_shard, world), world)
+
+
+def _shard_sets(plan: FilterPlan) -> dedup_sharded.ShardSets:
+    """13-gram sets by document code (training id, or -(eval index + 1)); training shards
+    are keys k >= 0, evaluation shards -(1 + their index in plan.eval_jobs())."""
+    evals = plan.eval_jobs()
+    starts = np.array([off + a for _, _, a, _, off in evals], np.int64)
+
+    def shard_of(doc: int) -> int:
+        if doc >= 0:
+            return doc // plan.docs_per_shard
+        return -(1 + int(np.searchsorted(starts, -doc - 1, side="right") - 1))
+
+    def load(key: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        if key >= 0:
+            split, k, offset = plan.train_split, key, None
+        else:
+            split, k, _, _, offset = evals[-key - 1]
+        arr = shards.load_arrays(plan.stage1(split, k, ".npz"))
+        sets = (np.split(arr["set_values"], np.cumsum(arr["set_lengths"])[:-1])
+                if len(arr["ids"]) else [])
+        if offset is None:
+            return arr["ids"], sets
+        return (-(offset + arr["ids"] + 1))[::-1], sets[::-1]
+
+    return dedup_sharded.ShardSets(load, shard_of)
+
+
+def _confirm_task(rank: int, world: int, plan: FilterPlan) -> None:
+    dedup_sharded.confirm(plan.dedup_dir(world), rank, _shard_sets(plan))
+
+
+def _cluster_task(rank: int, world: int, plan: FilterPlan, owners: int) -> None:
+    del rank, world
+    dedup_sharded.cluster(plan.dedup_dir(owners),
+                          functools.partial(_owner, plan.docs_per_shard, owners), owners)
+
+
+def _eval_id(plan: FilterPlan, e: int) -> str:
+    from gopher_jax.data import corpus_filter
+
+    for split, _, a, b, off in plan.eval_jobs():
+        if off + a <= e < off + b:
+            return corpus_filter._doc_id(split, e - off)
+    raise ValueError(f"evaluation index {e} outside every shard")
+
+
+def _docs_task(rank: int, world: int, plan: FilterPlan) -> None:
+    from gopher_jax.data import corpus_filter
+
+    folder = plan.dedup_dir(world)
+    removed = dedup_sharded.removals(folder, rank)
+    gone_all = {i for v in removed.values() for i in v}
+    docs_dir = pathlib.Path(plan.out) / artefacts.FILTER_DOCS
+    for split, k, _, _, _ in _mine(plan.train_jobs(), rank, world):
+        summary = json.loads(plan.stage1(split, k, ".json").read_text())
+        arr = shards.load_arrays(plan.stage1(split, k, ".npz"))
+        row = {int(i): j for j, i in enumerate(arr["ids"])}
+        later = {}
+        for stage, gone in removed.items():
+            mine = {i: (_eval_id(plan, j) if stage == "test_set"
+                        else corpus_filter._doc_id(split, j))
+                    for i, j in gone.items() if i in row}
+            later[stage] = corpus_filter.removal_rules(
+                stage, split, mine, lambda i, a=arr, r=row: int(a["nbytes"][r[i]]),
+                lambda i, a=arr, r=row: str(a["snippets"][r[i]]))
+        kept = [(i, t) for i, t in shards.read_docs(plan.stage1(split, k, ".jsonl"))
+                if i not in gone_all]
+        shard = corpus_filter.write_shard_docs(docs_dir, summary, kept)
+        _write_json(folder / "docs" / f"{k:05d}.json",
+                    {"rules": later, "shard": dataclasses.asdict(shard)})
+
+
+def _report_task(rank: int, world: int, plan: FilterPlan, owners: int, conf: dict,
+                 t0: float) -> None:
+    from gopher_jax.data import corpus_filter
+    from gopher_jax.data.records import FilterShard
+
+    del rank, world
+    folder = plan.dedup_dir(owners)
+    train = plan.train_jobs()
+    summaries = [json.loads(plan.stage1(s, k, ".json").read_text()) for s, k, *_ in train]
+    parts = [json.loads((folder / "docs" / f"{k:05d}.json").read_text()) for _, k, *_ in train]
+    later = {stage: corpus_filter._merge_rules(parts, stage)
+             for stage in ("exact_dedup", "near_dedup", "test_set")}
+    corpus_filter.write_reports(pathlib.Path(plan.out), plan.fp, conf, plan.train_split,
+                                summaries, later, [FilterShard(**p["shard"]) for p in parts],
+                                lambda msg: None, t0)
+
+
+def filter_corpus(eng: Engine, cfg: ml_collections.ConfigDict, fcfg, out: pathlib.Path,
+                  fp: str, conf: dict, plans: dict[str, list[tuple[int, int]]],
+                  log: Callable[[str], None]):
+    """corpus_filter.filter_corpus's stages 1-5 and its outputs, as engine stages (called by
+    it once the settings, fingerprint and shard plans are known)."""
+    from gopher_jax.data import corpus_filter
+
+    t0 = time.time()
+    d = cfg.data
+    jobs, offset = [], 0
+    for split, plan in plans.items():
+        for k, (a, b) in enumerate(plan):
+            jobs.append((split, k, a, b, -1 if split == d.train_split else offset))
+        if split != d.train_split:
+            offset += plan[-1][1] if plan else 0
+    fplan = FilterPlan(cfg.to_dict(), fcfg, d.train_split, tuple(jobs), str(out), fp,
+                       d.docs_per_shard)
+    work = fplan.dedup_dir(eng.tasks)
+    log(f"[engine] filter: {len(jobs)} shards, {eng.tasks} task(s) on the {eng.executor} "
+        f"executor; work in {work}")
+    n = eng.tasks
+    for stage, fn, args, tasks in (
+            ("rules", _rules_task, (fplan,), n), ("partition", _partition_task, (fplan,), n),
+            ("confirm", _confirm_task, (fplan,), n),
+            ("cluster", _cluster_task, (fplan, n), 1), ("docs", _docs_task, (fplan,), n),
+            ("report", _report_task, (fplan, n, conf, t0), 1)):
+        run_stage(eng, work, stage, fn, args, tasks)
+        log(f"[engine] {stage} done ({time.time() - t0:.1f}s)")
+    return corpus_filter.read_manifest(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenization and chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitPlan:
+    cfg: dict
+    split: str
+    tokenizer_path: str
+    folder: str
+    sources: tuple
+    fps: tuple
+
+    def token_file(self, k: int) -> pathlib.Path:
+        return artefacts.token_shard(pathlib.Path(self.folder), k, self.fps[k])
+
+    def packed(self, work: pathlib.Path, k: int) -> pathlib.Path:
+        return work / "packed" / f"{k:05d}.json"
+
+
+def _tokenize_task(rank: int, world: int, plan: SplitPlan) -> None:
+    cfg = _config(plan.cfg)
+    for k in _mine(list(range(len(plan.sources))), rank, world):
+        shards.tokenize_shard(cfg, plan.tokenizer_path, plan.split, k, plan.sources[k],
+                              plan.folder, plan.fps[k])
+
+
+def _emitted(tokens: int, seq_len: int) -> int:
+    """Chunks a packer has emitted after `tokens` tokens (neighbours share one token)."""
+    return max(0, (tokens - 1) // seq_len)
+
+
+def pack_shard(token_files: list[pathlib.Path], k: int, counts: np.ndarray, seq_len: int,
+               eos_id: int, pad_id: int, piece_bytes: np.ndarray) -> np.ndarray:
+    """The records the one-pass packer (shards.pack_shards) emits after adding token shard k:
+    chunks c of [emitted(T_<k), emitted(T_<=k)) (and the padded last chunk after the last
+    shard), read from the token shards that hold tokens [c*L, ...). `counts` are the
+    shards' token counts."""
+    ends = np.cumsum(counts)
+    before = int(ends[k - 1]) if k else 0
+    start = _emitted(before, seq_len) * seq_len
+    first = int(np.searchsorted(ends, start, side="right"))
+    packer = tokenized.ChunkPacker(seq_len, eos_id, pad_id, piece_bytes)
+    records = []
+    for j in range(first, k + 1):
+        a = shards.load_arrays(token_files[j])
+        flat, lens = a["tokens"], a["lengths"]
+        skip = start - (int(ends[j - 1]) if j else 0)
+        if skip > 0:  # begin mid-shard, maybe mid-document (segments are relative)
+            doc_ends = np.cumsum(lens)
+            d0 = int(np.searchsorted(doc_ends, skip, side="right"))
+            lens = np.concatenate([[doc_ends[d0] - skip], lens[d0 + 1:]]) \
+                if d0 < len(lens) else lens[:0]
+            flat = flat[skip:]
+        records.append(packer.add_flat(flat, lens))
+    if k == len(token_files) - 1:
+        records.append(packer.finish())
+    return np.concatenate(records) if records else np.zeros((0, 2 * seq_len + 3), np.int32)
+
+
+def _pack_task(rank: int, world: int, plan: SplitPlan, work: str, eos: int, pad: int) -> None:
+    from gopher_jax.data.tokenizer import Tokenizer
+
+    piece_bytes = Tokenizer.load(plan.tokenizer_path).piece_bytes
+    files = [plan.token_file(k) for k in range(len(plan.sources))]
+    counts = np.array([int(shards.load_arrays(f)["lengths"].sum()) for f in files], np.int64)
+    seq_len = _config(plan.cfg).data.seq_len
+    for k in _mine(list(range(len(files))), rank, world):
+        records = pack_shard(files, k, counts, seq_len, eos, pad, piece_bytes)
+        a = shards.load_arrays(files[k])
+        row = {"num_docs": len(a["lengths"]), "num_tokens": int(counts[k]),
+               "num_text_bytes": int(a["text_bytes"][0]),
+               "num_bytes": int(records[:, -1].sum()) if len(records) else 0, "file": None}
+        if len(records):
+            name = artefacts.chunk_file(k)
+            tokenized.write_records(pathlib.Path(plan.folder) / name, records)
+            row["file"] = {"path": name, "num_chunks": len(records),
+                           "sha256": file_sha(pathlib.Path(plan.folder) / name)}
+        _write_json(plan.packed(pathlib.Path(work), k), row)
+
+
+def _meta_task(rank: int, world: int, plan: SplitPlan, work: str, fingerprint: dict,
+               t0: float) -> None:
+    del rank, world
+    rows = [json.loads(plan.packed(pathlib.Path(work), k).read_text())
+            for k in range(len(plan.sources))]
+    files = [r["file"] for r in rows if r["file"]]
+    packed = {"files": files, "num_chunks": sum(f["num_chunks"] for f in files),
+              **{key: sum(r[key] for r in rows)
+                 for key in ("num_docs", "num_tokens", "num_bytes", "num_text_bytes")}}
+    token_files = [plan.token_file(k) for k in range(len(plan.sources))]
+    shards.write_split_meta(pathlib.Path(plan.folder), fingerprint,
+                            _config(plan.cfg).data.seq_len, packed, list(plan.fps),
+                            token_files, t0)
+
+
+def prepare_split(eng: Engine, cfg: ml_collections.ConfigDict, split: str, num_docs: int,
+                  tokenizer, tokenizer_path: str | os.PathLike, fingerprint: dict,
+                  chunks_dir: pathlib.Path, filtered=None,
+                  log: Callable[[str], None] | None = None) -> dict:
+    """shards.prepare_split (same arguments but `processes`) as engine stages: the same
+    files and metadata."""
+    log = log or (lambda msg: None)
+    folder = chunks_dir / split
+    folder.mkdir(parents=True, exist_ok=True)
+    shards.remove_stale_temporaries(folder)
+    sources, fps = shards.split_sources(cfg, num_docs, fingerprint, filtered)
+    t0 = time.time()
+    plan = SplitPlan(cfg.to_dict(), split, str(tokenizer_path), str(folder), tuple(sources),
+                     tuple(fps))
+    work = folder.parent / ENGINE_DIR / f"{split}-{digest(list(fps))}-n{eng.tasks}"
+    log(f"[engine] {split}: {len(sources)} shard(s), {eng.tasks} task(s) on the "
+        f"{eng.executor} executor")
+    run_stage(eng, work, "tokenize", _tokenize_task, (plan,))
+    run_stage(eng, work, "pack", _pack_task,
+              (plan, str(work), tokenizer.eos_id, tokenizer.pad_id))
+    run_stage(eng, work, "meta", _meta_task, (plan, str(work), fingerprint, t0), 1)
+    return tokenized.read_meta(folder)
+
+
+def memory_report(work: pathlib.Path) -> list[dict]:
+    """The per-task memory records a `trace_memory` run left under `work`."""
+    folder = work / "memory"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] \
+        if folder.is_dir() else []

@@ -1,0 +1,238 @@
+"""The user's raw corpus files, local or on Cloud Storage (`gs://`), in the formats real
+corpora ship in.
+
+    files = list_text_files("gs://bucket/raw/*.jsonl.gz")        # sorted, ** recursive
+    for key, text in file_documents(path, name, "text"): ...      # one file's documents
+    fp = text_files_fingerprint(pattern, "text")                  # changes with any content
+
+Formats, by the name's ending: `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (one JSON object per
+line, `text_field` holds the text; key `<name>:<line>`), `.parquet` (the `text_field`
+column; key `<name>:<row>`, from 1), anything else one document per file (key `<name>`).
+Files are streamed (a line or a parquet row group at a time), never read whole, so a
+multi-GB shard costs one line's memory. Bytes that are not UTF-8 become U+FFFD, counted and
+warned about. Cloud Storage goes through fsspec's gcsfs (`storage.configure` points it at
+an emulator when STORAGE_EMULATOR_HOST is set); there the fingerprint uses each object's
+size and CRC32C from its metadata instead of reading the bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob as glob_lib
+import gzip
+import hashlib
+import io
+import json
+import os
+import posixpath
+import warnings
+from collections.abc import Iterator
+
+from gopher_jax import storage
+from gopher_jax.errors import DataError
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+PARQUET_SUFFIX = ".parquet"
+_PARQUET_BATCH = 1024  # rows per read
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """UTF-8 with invalid sequences replaced by U+FFFD; returns (text, replacements)."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        # Valid U+FFFD already in the file decode to U+FFFD too: don't count them.
+        return text, text.count("\ufffd") - data.count("\ufffd".encode())
+
+
+def _cannot_read(path: str, e: BaseException) -> DataError:
+    return DataError(f"cannot read corpus file {path}: {getattr(e, 'strerror', None) or e}",
+                     "fix its permissions or remove it from data.text_files")
+
+
+def _gcs():
+    storage.configure()
+    import fsspec
+
+    return fsspec.filesystem("gs")
+
+
+def read_text(path: str | os.PathLike, warn: bool = True) -> str:
+    """A file's text; never fails on bad UTF-8 (replaced, counted, warned about)."""
+    try:
+        data = storage.path(path).read_bytes()
+    except OSError as e:
+        raise _cannot_read(str(path), e) from e
+    text, bad = decode_utf8(data)
+    if bad and warn:
+        _warn_bad(str(path), bad)
+    return text
+
+
+def _warn_bad(path: str, bad: int) -> None:
+    warnings.warn(f"{path}: {bad} invalid UTF-8 byte sequence(s) replaced by U+FFFD",
+                  UnicodeWarning, stacklevel=3)
+
+
+def list_text_files(pattern: str) -> list[str]:
+    """The files matching a local or gs:// glob, sorted (** is recursive)."""
+    if not pattern:
+        raise DataError("data.dataset='text_files' needs data.text_files, a glob of your "
+                        "files, e.g. --config.data.text_files='/corpus/**/*.txt'")
+    if storage.is_remote(pattern):
+        storage.check(pattern, "data.text_files")
+        fs = _gcs()
+        try:
+            found = fs.glob(pattern, detail=True)
+        except OSError as e:
+            raise DataError(f"cannot list data.text_files={pattern!r}: {e}",
+                            "check the bucket's name and your access to it") from e
+        files = sorted(f"gs://{k}" for k, v in found.items() if v.get("type") != "directory")
+    else:
+        files = sorted(p for p in glob_lib.glob(os.path.expanduser(pattern), recursive=True)
+                       if not os.path.isdir(p))
+    if not files:
+        raise DataError(f"no files match data.text_files={pattern!r}: fix the glob "
+                        "(use ** with a recursive pattern, quote it in the shell).")
+    return files
+
+
+def doc_names(files: list[str]) -> list[str]:
+    """Names relative to the files' common directory, so moving the corpus (also between a
+    disk and a bucket) keeps the names, and with them the splits."""
+    if all(storage.is_remote(f) for f in files):
+        plain = [f.split("://", 1)[1] for f in files]
+        root = posixpath.commonpath([posixpath.dirname(f) for f in plain])
+        return [posixpath.relpath(f, root) for f in plain]
+    root = os.path.commonpath([os.path.abspath(os.path.dirname(f)) for f in files])
+    return [os.path.relpath(os.path.abspath(f), root) for f in files]
+
+
+@contextlib.contextmanager
+def _open_binary(path: str) -> Iterator[io.BufferedIOBase]:
+    """The file's decompressed bytes (.gz, .zst by name), streamed."""
+    try:
+        raw = _gcs().open(path, "rb") if storage.is_remote(path) else open(path, "rb")
+    except OSError as e:
+        raise _cannot_read(path, e) from e
+    with raw:
+        if path.endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw) as f:
+                yield f
+        elif path.endswith(".zst"):
+            import zstandard
+
+            with zstandard.ZstdDecompressor().stream_reader(raw) as z:
+                yield io.BufferedReader(z)
+        else:
+            yield raw
+
+
+def _jsonl_documents(path: str, name: str, text_field: str,
+                     warn: bool) -> Iterator[tuple[str, str]]:
+    bad = 0
+    with _open_binary(path) as f:
+        try:
+            for i, raw in enumerate(f):
+                line, b = decode_utf8(raw[:-1] if raw.endswith(b"\n") else raw)
+                bad += b
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg}); each line "
+                                    "of a .jsonl file must be one JSON object.") from e
+                if not isinstance(record, dict) or text_field not in record:
+                    raise DataError(f"{path}:{i + 1}: no {text_field!r} key; set "
+                                    "data.text_field to the key that holds the text.")
+                doc = record[text_field]
+                if not isinstance(doc, str):
+                    raise DataError(f"{path}:{i + 1}: {text_field!r} is "
+                                    f"{type(doc).__name__}, not text.")
+                if doc:
+                    yield f"{name}:{i + 1}", doc
+        except (OSError, EOFError) as e:  # a truncated .gz/.zst or a lost connection
+            raise _cannot_read(path, e) from e
+    if bad and warn:
+        _warn_bad(path, bad)
+
+
+def _parquet_documents(path: str, name: str, text_field: str) -> Iterator[tuple[str, str]]:
+    import pyarrow.parquet as pq
+
+    with _open_binary(path) as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as e:  # pyarrow's own error types: not a parquet file
+            raise DataError(f"{path}: not a parquet file ({e})",
+                            "remove it from data.text_files") from e
+        if text_field not in pf.schema_arrow.names:
+            raise DataError(f"{path}: no column {text_field!r} (it has "
+                            f"{pf.schema_arrow.names})", "set data.text_field to the column "
+                            "that holds the text")
+        row = 0
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=[text_field]):
+            for doc in batch.column(0).to_pylist():
+                row += 1
+                if doc is not None and not isinstance(doc, str):
+                    raise DataError(f"{path} row {row}: {text_field!r} is "
+                                    f"{type(doc).__name__}, not text",
+                                    "set data.text_field to a column that holds text")
+                if doc:
+                    yield f"{name}:{row}", doc
+
+
+def file_documents(path: str, name: str, text_field: str,
+                   warn: bool = True) -> Iterator[tuple[str, str]]:
+    """(key, text) for each non-empty document of one file (the module docstring says how
+    each format is read)."""
+    if path.endswith(JSONL_SUFFIXES):
+        yield from _jsonl_documents(path, name, text_field, warn)
+    elif path.endswith(PARQUET_SUFFIX):
+        yield from _parquet_documents(path, name, text_field)
+    else:
+        text = read_text(path, warn=warn)
+        if text:
+            yield name, text
+
+
+def text_files_fingerprint(pattern: str, text_field: str) -> str:
+    """A hash of the files' names and contents: changes when a file is added, removed or
+    edited, and two corpora that differ only in content never share prepared data."""
+    files = list_text_files(pattern)
+    stats = []
+    for f in files:
+        try:
+            if storage.is_remote(f):
+                info = _gcs().info(f)
+                # CRC32C of the object's bytes: a content hash GCS keeps (no read needed).
+                stats.append((f, int(info["size"]), str(info.get("crc32c", "")),
+                              str(info.get("generation", ""))))
+            else:
+                st = os.stat(f)
+                stats.append((f, st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError as e:
+            raise _cannot_read(f, e) from e
+    return _content_hash(text_field, tuple(stats))
+
+
+@functools.lru_cache(maxsize=16)
+def _content_hash(text_field: str, stats: tuple[tuple, ...]) -> str:
+    """Memoised per process by (path, size, mtime or CRC32C, ...): one read of a local corpus
+    per run, none of a bucket's."""
+    m = hashlib.sha256(text_field.encode())
+    for (f, size, *meta), name in zip(stats, doc_names([s[0] for s in stats]), strict=True):
+        m.update(f"{name}\0{size}\0".encode())
+        if storage.is_remote(f):
+            m.update(f"crc32c:{meta[0]}\0".encode())
+            continue
+        try:
+            with open(f, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    m.update(block)
+        except OSError as e:
+            raise _cannot_read(f, e) from e
+    return m.hexdigest()[:12]
