@@ -20,14 +20,20 @@ def _quiet(msg: str) -> None:
     """The default `log`: progress goes nowhere."""
 
 
-def fit(workdir: str | os.PathLike, log: Callable[[str], None] = _quiet) -> dict[str, Any]:
-    """`scaling fit`: fits each split of results.json; writes fit.json and fit.png."""
+def fit(workdir: str | os.PathLike, log: Callable[[str], None] = _quiet,
+        replicates: int = 200) -> dict[str, Any]:
+    """`scaling fit`: fits each split of results.json; writes fit.json and fit.png (a grid
+    ladder: optimal.json and its figures, grid_fit.py, with `replicates` bootstrap draws)."""
     workdir = storage.path(workdir)
     path = workdir / workdir_lib.RESULTS_JSON
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run `python -m gopher_jax scaling run --config "
                                 f"experiments/scaling_ladder.py --workdir {workdir}` first.")
     results = json.loads(path.read_text())
+    if results.get("grid"):
+        from gopher_jax.scaling import grid_fit
+
+        return grid_fit.fit(workdir, results, log, replicates)
     ok = [m for m in results["members"] if m["status"] == "ok"]
     if len(ok) < 3:
         raise ValueError(f"{len(ok)} finished member(s) in {path}; the fit needs at least 3. "

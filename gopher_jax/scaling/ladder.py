@@ -10,6 +10,7 @@ import ml_collections
 
 from gopher_jax.errors import ConfigError
 from gopher_jax.model import sizes
+from gopher_jax.scaling import grid
 
 # A member may change its shape and its learning-rate schedule, nothing that changes which
 # tokens it sees.
@@ -20,28 +21,40 @@ MEMBER_KEYS = {
 }
 
 
+def _members(ladder: ml_collections.ConfigDict) -> dict[str, Any]:
+    """name -> overrides: the ladder's `members`, or its sizes x budgets (grid.py)."""
+    if grid.is_grid(ladder):
+        return grid.members(ladder)[0]
+    return ladder.members if "members" in ladder else {}
+
+
 def member_names(ladder: ml_collections.ConfigDict) -> list[str]:
     """Members from smallest to largest (non-embedding parameters, then name)."""
-    if "members" not in ladder or not len(ladder.members):
+    members = _members(ladder)
+    if not members:
         raise ConfigError(
             "this config has no `members`: `scaling` needs a ladder config such as "
             "experiments/scaling_ladder.py.")
-    return sorted(ladder.members.keys(), key=lambda n: (
+    return sorted(members.keys(), key=lambda n: (
         sizes.param_counts(member_config(ladder, n).model)["non_embedding"], n))
 
 
 def member_config(ladder: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
     """The full run config of one member: the shared settings plus its overrides."""
-    if name not in ladder.members:
+    members = _members(ladder)
+    if name not in members:
         raise ConfigError(f"no member {name!r} in the ladder; it has "
-                          f"{sorted(ladder.members.keys())}.")
+                          f"{sorted(members.keys())}.")
     c = copy.deepcopy(ladder)
     c.unlock()  # config_flags hands over a locked ladder
-    del c["members"]
-    if "scaling" in c:
-        del c["scaling"]
-    for section, values in ladder.members[name].items():
+    for key in ("members", "scaling"):
+        if key in c:
+            del c[key]
+    for section, values in members[name].items():
+        values = ml_collections.ConfigDict(values)
         allowed = MEMBER_KEYS.get(section)
+        if allowed is not None and section == "train" and grid.is_grid(ladder):
+            allowed = allowed | grid.TRAIN_KEYS
         if allowed is None:
             raise ConfigError(
                 f"member {name!r} overrides section {section!r}; members may only set "
@@ -79,12 +92,16 @@ def describe(ladder: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
     counts = sizes.param_counts(m)
     tokens = t.steps * t.batch_size * c.data.seq_len
     fl = sizes.flops_per_token(m, c.data.seq_len)["train"]
-    return {
+    out = {
         "member": name, "num_layers": m.num_layers, "d_model": m.d_model,
         "num_heads": m.num_heads, "head_dim": m.head_dim, "learning_rate": t.learning_rate,
         "params_non_embedding": counts["non_embedding"], "params_total": counts["total"],
         "train_tokens": tokens, "train_flops": fl * tokens, "steps": t.steps,
+        "flops_per_token": fl,
     }
+    if grid.is_grid(ladder):
+        out.update(grid.members(ladder)[1][name])
+    return out
 
 
 def c_split(ladder: ml_collections.ConfigDict) -> tuple[str, str]:

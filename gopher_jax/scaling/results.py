@@ -14,6 +14,7 @@ from etils import epath
 
 from gopher_jax import storage
 from gopher_jax import workdir as workdir_lib
+from gopher_jax.scaling import grid
 from gopher_jax.scaling.ladder import c_split, describe, member_config, member_names
 
 RESULT = "result.json"
@@ -30,7 +31,12 @@ def read_result(workdir: str | os.PathLike, name: str) -> dict[str, Any] | None:
 def is_finished(ladder: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 name: str) -> bool:
     r = read_result(workdir, name)
-    return r is not None and r["status"] == "ok" and r["step"] == ladder.train.steps
+    return r is not None and r["status"] == "ok" and r["step"] == _steps(ladder, name)
+
+
+def _steps(ladder: ml_collections.ConfigDict, name: str) -> int:
+    """The member's own steps (a grid member's budget sets them; else the ladder's)."""
+    return member_config(ladder, name).train.steps
 
 
 def unigram_baseline(ladder: ml_collections.ConfigDict, workdir: epath.Path
@@ -59,10 +65,10 @@ def write_results(ladder: ml_collections.ConfigDict, workdir: str | os.PathLike
         r = read_result(workdir, name)
         if r is None:
             r = dict(describe(ladder, name), status="pending")
-        elif r["status"] == "ok" and r["step"] != ladder.train.steps:
+        elif r["status"] == "ok" and r["step"] != _steps(ladder, name):
             # Trained for another ladder length: not on the same tokens, so not in the fit.
             r["status"] = "stale"
-            r["error"] = (f"trained {r['step']} steps, the ladder has {ladder.train.steps}; "
+            r["error"] = (f"trained {r['step']} steps, the ladder has {_steps(ladder, name)}; "
                           "train the ladder in a new --workdir")
         members.append(r)
     finished = [m for m in members if m["status"] == "ok"]
@@ -80,6 +86,7 @@ def write_results(ladder: ml_collections.ConfigDict, workdir: str | os.PathLike
         "total_train_flops": sum(m["train_flops"] for m in members),
         "total_wall_s": sum(m.get("wall_s", 0) + m.get("eval_wall_s", 0) for m in finished),
         "unigram_bits_per_byte": unigram,
+        "grid": grid.is_grid(ladder),
         "members": members,
     }
     storage.write_atomic(workdir / workdir_lib.RESULTS_JSON, json.dumps(results, indent=2))
@@ -105,15 +112,21 @@ def markdown_table(results: dict[str, Any]) -> str:
     from gopher_jax.model.sizes import human
 
     ev, te = results["splits"]
+    if results.get("grid"):
+        head = (f"Ladder `{results['ladder']}`: sizes x budgets, every member reading a prefix "
+                f"of the same token stream ({results['batch_size']} x {results['seq_len']} "
+                f"tokens per step, seed {results['seed']}) of {results['dataset']}, "
+                f"vocabulary {results['vocab_size']}.")
+    else:
+        head = (f"Ladder `{results['ladder']}`: every member trained on the same "
+                f"{results['train_tokens']:,} tokens ({results['steps']} steps x "
+                f"{results['batch_size']} x {results['seq_len']}, seed {results['seed']}) of "
+                f"{results['dataset']}, vocabulary {results['vocab_size']}.")
     lines = [
-        f"Ladder `{results['ladder']}`: every member trained on the same "
-        f"{results['train_tokens']:,} tokens ({results['steps']} steps x "
-        f"{results['batch_size']} x {results['seq_len']}, seed {results['seed']}) of "
-        f"{results['dataset']}, vocabulary {results['vocab_size']}.",
-        "",
-        f"| member | shape (layers x d_model) | lr | params non-emb | params total | train FLOPs "
-        f"| {ev} bpb | {te} bpb | wall time | status |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        head, "",
+        f"| member | shape (layers x d_model) | lr | params non-emb | params total | tokens "
+        f"| train FLOPs | {ev} bpb | {te} bpb | wall time | status |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for m in results["members"]:
         bpb = [f"{m[s]['bits_per_byte']:.4f}" if s in m else "" for s in (ev, te)]
@@ -128,7 +141,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {m['member']} | {m['num_layers']} x {m['d_model']} | {m['learning_rate']:g} "
             f"| {human(m['params_non_embedding'])} | {human(m['params_total'])} "
-            f"| {m['train_flops']:.3g} | {bpb[0]} | {bpb[1]} | {wall} | {status} |")
+            f"| {human(m['train_tokens'])} | {m['train_flops']:.3g} | {bpb[0]} | {bpb[1]} "
+            f"| {wall} | {status} |")
     uni = results.get("unigram_bits_per_byte")
     if uni and "error" not in uni:
         lines += ["", f"Unigram baseline: {ev} {uni[ev]:.4f}, {te} {uni[te]:.4f} bits/byte."]

@@ -3,6 +3,8 @@ and the loaders that turn a suite's files into Tasks. Nothing is downloaded.
 
     iambic     built in: the held-out plays' tasks (tasks/iambic.py) and bits per byte on the
                held-out plays and on Python's help topics (tasks/corpora.py)
+    recall_arithmetic  built in: recall of the training plays against sums and comparisons
+               written into text (tasks/recall_arithmetic.py)
     lambada    final-word cloze (greedy, exact match); OpenAI's lambada_test.jsonl
     mmlu       57 subjects, 5-shot from each subject's dev questions, group "mmlu"
     hellaswag  4-way sentence completion, length-normalised (acc_norm)
@@ -44,6 +46,7 @@ class Suite:
     from_files: Callable[[epath.Path], list[Task]] | None = None
     tfds: tuple[tuple[str, str], ...] = ()  # (TFDS name, split) read when prepared
     from_tfds: Callable[[list[list[dict[str, Any]]]], list[Task]] | None = None
+    builtin: Callable[[int], list[Task]] | None = None  # examples per task (0: default) -> tasks
 
 
 def _fail(path: Any, what: str, layout: str) -> DataError:
@@ -288,8 +291,15 @@ def _iambic(examples: int = 0) -> list[Task]:
         corpora.task("python_docs", "python_docs:all")]
 
 
+def _recall_arithmetic(examples: int = 0) -> list[Task]:
+    from gopher_jax.tasks import recall_arithmetic
+
+    return recall_arithmetic.suite(examples or recall_arithmetic.EXAMPLES)
+
+
 SUITES: dict[str, Suite] = {s.name: s for s in (
-    Suite("iambic", "(built in: nothing to provide)"),
+    Suite("iambic", "(built in: nothing to provide)", builtin=_iambic),
+    Suite("recall_arithmetic", "(built in: nothing to provide)", builtin=_recall_arithmetic),
     Suite("lambada", LAMBADA_LAYOUT, _lambada_files, (("lambada", "test"),), _lambada_tfds),
     Suite("mmlu", MMLU_LAYOUT, _mmlu_files),
     Suite("hellaswag", HELLASWAG_LAYOUT, _hellaswag_files),
@@ -340,8 +350,8 @@ def load(name: str, suite_dir: str | os.PathLike = "", data_dir: str = "",
     files in suite_dir (or suite_dir/<name>), or from its TFDS data prepared in data_dir when
     no suite_dir is given."""
     suite = SUITES[name]
-    if suite.from_files is None:
-        return _iambic(examples)
+    if suite.builtin is not None:
+        return suite.builtin(examples)
     if not suite_dir and data_dir:
         builders = _tfds_prepared(suite, data_dir)
         if builders is not None:
