@@ -15,7 +15,7 @@ from helpers import cpu_env
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from gopher_jax.config import base_config
-from gopher_jax.data import builders, pipeline, tokenized
+from gopher_jax.data import Batches, builders, pipeline, tokenized
 from gopher_jax.data import rows as rows_lib
 from gopher_jax.data.tokenizer import Tokenizer, train_tokenizer
 from gopher_jax.errors import DataError
@@ -217,6 +217,7 @@ def test_prepare_is_idempotent_and_notices_changes(text_corpus, tmp_path):
 def test_same_seed_same_batches_and_resume(iambic):
     cfg, _ = iambic
     first = pipeline.TrainData(cfg)
+    assert isinstance(first, Batches)  # what data.train_data promises its callers
     seen = [first.local_rows(s) for s in range(6)]
     resumed = pipeline.TrainData(cfg)
     for s in (5, 3):

@@ -68,7 +68,8 @@ def cached_logits(c, params, tokens, prompt: int, segment_ids=None) -> np.ndarra
     return np.stack(out, axis=1)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
+# The scanned layout (the default) in the fast tier, the unscanned one in the slow tier.
+@pytest.mark.parametrize("scan_layers", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_cached_steps_equal_the_forward_pass_past_the_training_length(scan_layers):
     c = config(scan_layers)
     params = random_params(c)

@@ -99,6 +99,7 @@ def test_mixture_batches_match_weights_and_small_sources_repeat_by_epoch(mix):
     e*n .. e*n+n-1 would not be one permutation of its chunks), epochs not reshuffled."""
     cfg, _ = mix
     data = data_lib.train_data(cfg)
+    assert isinstance(data, data_lib.Batches) and isinstance(data, mixture.MixtureData)
     steps, share = 120, sources.shares(cfg)
     tokens = dict.fromkeys(data.names, 0)
     chunks_by_source: list[list[int]] = [[] for _ in data.names]

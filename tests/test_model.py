@@ -82,7 +82,9 @@ def reference_attention(x, p, segment_ids, max_wavelength):
     return out
 
 
-@pytest.mark.parametrize("block_q", [0, 1, 3, 7, 8])
+# 7 and 8 (one block of the 7 positions, like 0) in the slow tier.
+@pytest.mark.parametrize("block_q", [0, 1, 3, pytest.param(7, marks=pytest.mark.slow),
+                                     pytest.param(8, marks=pytest.mark.slow)])
 def test_relative_attention_matches_reference(block_q):
     d, h, k, t = 16, 2, 8, 7
     attn = attention.RelativeAttention(d, h, k, 1.0, jnp.float32, jnp.float32, nnx.Rngs(0),
