@@ -230,15 +230,20 @@ def _usage(jobs: Sequence[engine_lib.Job]) -> dict[str, int]:
 
 
 def _logprobs(service: Service, job: engine_lib.Job, echo: bool, eos_added: bool, k: int,
-              offset0: int) -> dict[str, Any]:
+              as_ids: bool) -> dict[str, Any]:
     """OpenAI's completion logprobs object: tokens, token_logprobs, top_logprobs,
-    text_offset (of the echoed prompt then the completion)."""
-    piece = service.tokenizer.decode
+    text_offset (of the echoed prompt then the completion); with `as_ids` the tokens are
+    named "token_id:<id>" (vLLM's return_tokens_as_token_ids)."""
+    def piece(ids: list[int]) -> str:
+        return service.tokenizer.decode(ids)
+
+    def name(i: int) -> str:
+        return f"token_id:{i}" if as_ids else piece([i])
 
     def top(alts: list[tuple[int, float]]) -> dict[str, float]:
         d: dict[str, float] = {}
         for i, lp in alts[:k]:
-            d.setdefault(piece([i]), lp)
+            d.setdefault(name(i), lp)
         return d
 
     tokens, lps, tops = [], [], []
@@ -254,12 +259,11 @@ def _logprobs(service: Service, job: engine_lib.Job, echo: bool, eos_added: bool
     tokens += job.tokens
     lps += job.logprobs
     tops += [top(a) for a in job.top]
-    strings = [piece([t]) for t in tokens]
-    offsets, at = [], offset0
-    for s in strings:
+    offsets, at = [], 0
+    for t in tokens:
         offsets.append(at)
-        at += len(s)
-    return {"tokens": strings, "token_logprobs": lps, "top_logprobs": tops,
+        at += len(piece([t]))
+    return {"tokens": [name(t) for t in tokens], "token_logprobs": lps, "top_logprobs": tops,
             "text_offset": offsets}
 
 
@@ -404,7 +408,8 @@ async def _completion(call: _Call) -> Any:
         call.outputs.append(text)
         lp = None
         if body.logprobs is not None:
-            lp = _logprobs(service, job, body.echo, eos_added, body.logprobs, 0)
+            lp = _logprobs(service, job, body.echo, eos_added, body.logprobs,
+                           body.return_tokens_as_token_ids)
         choices.append({"index": i, "text": head + text, "logprobs": lp,
                         "finish_reason": job.finish_reason})
     call.audit(200)

@@ -66,6 +66,7 @@ class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+    return_tokens_as_token_ids: bool = False  # vLLM's: tokens as "token_id:<id>"
 
     @pydantic.field_validator("prompt")
     @classmethod
