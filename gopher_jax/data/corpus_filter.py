@@ -35,6 +35,7 @@ import os
 import pathlib
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import ml_collections
 import numpy as np
@@ -182,13 +183,24 @@ def _merge_rules(summaries: list[dict], stage: str) -> dict[str, dict]:
     return out
 
 
+class FilterEngine(Protocol):
+    """Runs the stages elsewhere (engine.Engine: datatrove's executors) from the plan made
+    here, writing the same files; returns the manifest."""
+
+    def filter_corpus(self, cfg: ml_collections.ConfigDict, fcfg: filters.FilterConfig,
+                      out: pathlib.Path, fp: str, conf: dict,
+                      plans: dict[str, list[tuple[int, int]]],
+                      log: Callable[[str], None]) -> FilterManifest: ...
+
+
 def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | None = None,
                   processes: int = 1, log: Callable[[str], None] | None = None,
-                  fcfg: filters.FilterConfig = filters.PAPER, engine=None) -> FilterManifest:
+                  fcfg: filters.FilterConfig = filters.PAPER,
+                  engine: FilterEngine | None = None) -> FilterManifest:
     """Filters the training split of the source `cfg.data` names into `out_dir` (default
     `artefacts.filter_dir(cfg)`); idempotent: finished shards and stages are reused. Returns the
-    manifest (also `out_dir/manifest.json`). With `engine` (an engine.Engine) the stages run
-    on its executor and tasks (engine.py), with the same outputs."""
+    manifest (also `out_dir/manifest.json`). With `engine` (engine.Engine) the stages run
+    on its executor and tasks, with the same outputs."""
     log = log or (lambda msg: None)
     d = cfg.data
     if processes < 1:
@@ -221,9 +233,7 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
     plans = {s: shards.shard_ranges(builder.info.splits[s].num_examples, d.docs_per_shard)
              for s in [d.train_split, *eval_splits]}
     if engine is not None:
-        from gopher_jax.data import engine as engine_lib
-
-        return engine_lib.filter_corpus(engine, cfg, fcfg, out, fp, conf, plans, log)
+        return engine.filter_corpus(cfg, fcfg, out, fp, conf, plans, log)
     tasks = [(cfg, fcfg, s, k, a, b, str(work), fp, s == d.train_split)
              for s, plan in plans.items() for k, (a, b) in enumerate(plan)]
     log(f"[filter] {builder.name}: {len(tasks)} shards of <= {d.docs_per_shard} documents "

@@ -86,6 +86,11 @@ class Engine:
         if self.workers < 1 and self.workers != -1:
             raise UsageError(f"--workers {self.workers}", "give 1 or more (or -1: all tasks)")
 
+    def filter_corpus(self, *args: Any) -> Any:
+        """`filter_corpus` below on this engine: how corpus_filter.filter_corpus hands its
+        stages over (a corpus_filter.FilterEngine), importing nothing of this module."""
+        return filter_corpus(self, *args)
+
 
 class Step:
     """One stage as a datatrove pipeline step: fn(rank, world_size, *args) for the task's

@@ -25,7 +25,7 @@ from typing import Any
 
 import ml_collections
 
-from gopher_jax.errors import UsageError
+from gopher_jax.errors import DataError, UsageError
 from gopher_jax.tasks.spec import LANGUAGE_MODELLING, Task, parse_source
 
 GROUP = "language_modelling"
@@ -77,7 +77,7 @@ def check(c: ml_collections.ConfigDict, t: Task) -> None:
     if kind == "files":
         try:
             builders.list_text_files(arg)
-        except builders.DataError:
+        except DataError:
             raise UsageError(f"{where}: no files match {arg!r}",
                              "fix the glob (quote it in the shell; ** needs a recursive "
                              "pattern)") from None
