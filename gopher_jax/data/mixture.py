@@ -33,7 +33,6 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import grain
-import jax
 import ml_collections
 import numpy as np
 
@@ -217,7 +216,7 @@ def rows_before(count: int, q: Sequence[int]) -> np.ndarray:
     return out
 
 
-class MixtureData:
+class MixtureData(rows_lib.RowBatches):
     """Training batches of a mixture (see the module docstring for the order); a `Batches`
     like `pipeline.TrainData`."""
 
@@ -239,22 +238,11 @@ class MixtureData:
         self.proportions = proportions([s.weight for s in self.sources])
         self.selection = selection(self.proportions)
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.batch_size, self.seq_len + 1)
-
-    def _rows(self, rows: Sequence[int] | None) -> list[int]:
-        if rows is None:
-            return list(range(self.batch_size))
-        if len(rows) and not 0 <= min(rows) <= max(rows) < self.batch_size:
-            raise IndexError(f"rows must lie in [0, {self.batch_size}), got {list(rows)}")
-        return [int(r) for r in rows]
-
     def assignments(self, step: int, rows: Sequence[int] | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
         """(source index, position in that source's order) of every row (or of `rows`)."""
         start = step * self.batch_size
-        pairs = [self.selection[start + r] for r in self._rows(rows)]
+        pairs = [self.selection[start + r] for r in self.checked_rows(rows)]
         return (np.array([p[0] for p in pairs], np.int64).reshape(-1),
                 np.array([p[1] for p in pairs], np.int64).reshape(-1))
 
@@ -270,9 +258,8 @@ class MixtureData:
                    rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """Rows `rows` of the global batch (default: process `process_index`'s contiguous
         block of `process_count`), read without touching any other row."""
-        if rows is None:
-            rows = rows_lib.contiguous_rows(self.batch_size, process_index, process_count)
-        src, chunk = self.global_indices(step, rows)
+        src, chunk = self.global_indices(step, self.process_rows(rows, process_index,
+                                                                 process_count))
         out = tokenized.padded_batch(len(src), self.seq_len, 0)  # every row is filled below
         for i, part in enumerate(self.parts):
             mine = np.flatnonzero(src == i)
@@ -280,12 +267,6 @@ class MixtureData:
                 for k, v in part.chunks.read(chunk[mine]).items():
                     out[k][mine] = v
         return out
-
-    def batch(self, step: int, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-        """The global batch at `step` as jax.Arrays sharded by `sharding` (batch on dim 0)."""
-        mine = rows_lib.rows_for_devices(sharding, self.shape)
-        return rows_lib.to_global(self.local_rows(step, rows=mine), sharding, self.batch_size,
-                                  self.seq_len)
 
     def rows_consumed(self, step: int) -> np.ndarray:
         """Rows of each source in the batches of steps 0 .. step-1."""

@@ -11,6 +11,8 @@ and one corpus here. The chunk format and the loss weights are described in `tok
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -60,7 +62,8 @@ def prepare(cfg: ml_collections.ConfigDict,
     """
     d = cfg.data
     log = log or (lambda msg: None)
-    builder = builders.prepare_builder(cfg, log)
+    with _writing(f"the TFDS dataset {d.dataset!r}", d.data_dir):
+        builder = builders.prepare_builder(cfg, log)
     builders.require_split(builder, d.train_split, f"dataset {d.dataset!r}",
                            "set data.train_split")
     tok_path = artefacts.tokenizer_path(cfg)
@@ -68,8 +71,9 @@ def prepare(cfg: ml_collections.ConfigDict,
         t0 = time.time()
         log(f"[data] training a {cfg.model.vocab_size}-piece tokenizer on "
             f"{d.dataset}:{d.train_split}")
-        train_tokenizer(builders.iter_texts(builder, d.train_split, d.text_field), tok_path,
-                        cfg.model.vocab_size, nfkc=d.nfkc)
+        with _writing(f"the tokenizer {tok_path.name}", tok_path.parent):
+            train_tokenizer(builders.iter_texts(builder, d.train_split, d.text_field),
+                            tok_path, cfg.model.vocab_size, nfkc=d.nfkc)
         log(f"[data] tokenizer written to {tok_path} ({time.time() - t0:.1f}s)")
     tok = load_tokenizer(cfg)
     out = artefacts.chunks_dir(cfg)
@@ -103,8 +107,9 @@ def prepare(cfg: ml_collections.ConfigDict,
             meta = engine_lib.prepare_split(engine, cfg, split, num_docs, tok, tok_path, fp,
                                             out, source, log)
         else:
-            meta = shards.prepare_split(cfg, split, num_docs, tok, tok_path, fp, out,
-                                        processes, source, log)
+            with _writing(f"the {split!r} chunks for seq_len {d.seq_len}", out):
+                meta = shards.prepare_split(cfg, split, num_docs, tok, tok_path, fp, out,
+                                            processes, source, log)
         log(f"[data] {split}: {meta['num_docs']:,} docs, {meta['num_bytes']:,} bytes -> "
             f"{meta['num_tokens']:,} tokens -> {meta['num_chunks']:,} chunks of "
             f"{d.seq_len}+1 ({meta['seconds']}s)")
@@ -114,6 +119,21 @@ def prepare(cfg: ml_collections.ConfigDict,
         log(f"[data] warning: {w}")
     return PrepareInfo(dataset=d.dataset, tokenizer=str(tok_path), tokenizer_sha=tok_sha,
                        chunks_dir=str(out), splits=splits, warnings=tuple(warnings))
+
+
+@contextlib.contextmanager
+def _writing(what: str, where: object) -> Iterator[None]:
+    """Preparing `what`: a data dir that refuses the write (read-only, shared) is one error
+    naming the missing piece; a prepared one is only read."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise DataError(f"{what} is not prepared and cannot be written to {where} "
+                        f"({e.strerror})", "prepare it once where data.data_dir is writable "
+                        "(`python -m gopher_jax data prepare --config ...`), or set "
+                        "data.data_dir to a writable copy") from e
 
 
 def data_identity(info: PrepareInfo, train_split: str) -> dict[str, str]:
@@ -181,7 +201,7 @@ def open_chunks(cfg: ml_collections.ConfigDict, split: str) -> tokenized.Chunks:
 # Training batches
 
 
-class TrainData:
+class TrainData(rows_lib.RowBatches):
     """Training batches: step s holds chunks order[s*B : (s+1)*B] of a seeded order.
 
     The order is grain's index shuffle of the chunk indices, reshuffled every epoch from
@@ -200,32 +220,18 @@ class TrainData:
         self.seed: int = cfg.seed
         self.order = grain.MapDataset.range(self.num_chunks).seed(self.seed).shuffle().repeat()
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.batch_size, self.seq_len + 1)
-
     def global_indices(self, step: int, rows: Sequence[int] | None = None) -> np.ndarray:
         """The chunk index of every row (or of `rows`) of the global batch at `step`."""
-        if rows is None:
-            rows = range(self.batch_size)
-        elif len(rows) and not 0 <= min(rows) <= max(rows) < self.batch_size:
-            raise IndexError(f"rows must lie in [0, {self.batch_size}), got {list(rows)}")
         start = step * self.batch_size
-        return np.array([self.order[start + int(r)] for r in rows], dtype=np.int64)
+        return np.array([self.order[start + r] for r in self.checked_rows(rows)],
+                        dtype=np.int64)
 
     def local_rows(self, step: int, process_index: int = 0, process_count: int = 1,
                    rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """Rows `rows` of the global batch (default: process `process_index`'s contiguous
         block of `process_count`), read without touching any other row."""
-        if rows is None:
-            rows = rows_lib.contiguous_rows(self.batch_size, process_index, process_count)
+        rows = self.process_rows(rows, process_index, process_count)
         return self.chunks.read(self.global_indices(step, rows))
-
-    def batch(self, step: int, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-        """The global batch at `step` as jax.Arrays sharded by `sharding` (batch on dim 0)."""
-        mine = rows_lib.rows_for_devices(sharding, self.shape)
-        return rows_lib.to_global(self.local_rows(step, rows=mine), sharding, self.batch_size,
-                                  self.seq_len)
 
     def consumed(self, step: int) -> dict[str, float]:
         """Per-source reading metrics; a single dataset has none (see MixtureData)."""

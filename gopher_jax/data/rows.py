@@ -53,3 +53,42 @@ def contiguous_rows(batch_size: int, process_index: int, process_count: int) -> 
                         "processes", "make the batch a multiple of the process count")
     per = batch_size // process_count
     return np.arange(process_index * per, (process_index + 1) * per)
+
+
+class RowBatches:
+    """What every kind of training batches shares (pipeline.TrainData, mixture.MixtureData):
+    the global batch's shape, the rows a caller may ask for, and the global batch made of the
+    rows this process's devices hold. Subclasses set batch_size and seq_len and read rows in
+    `local_rows`."""
+
+    batch_size: int
+    seq_len: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.batch_size, self.seq_len + 1)
+
+    def checked_rows(self, rows: Sequence[int] | None) -> list[int]:
+        """`rows` (default: all of the batch), refused outside [0, batch_size)."""
+        if rows is None:
+            return list(range(self.batch_size))
+        if len(rows) and not 0 <= min(rows) <= max(rows) < self.batch_size:
+            raise IndexError(f"rows must lie in [0, {self.batch_size}), got {list(rows)}")
+        return [int(r) for r in rows]
+
+    def process_rows(self, rows: Sequence[int] | None, process_index: int,
+                     process_count: int) -> Sequence[int]:
+        """`rows`, or by default process `process_index`'s contiguous block of `process_count`."""
+        return contiguous_rows(self.batch_size, process_index, process_count) \
+            if rows is None else rows
+
+    def local_rows(self, step: int, process_index: int = 0, process_count: int = 1,
+                   rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def batch(self, step: int, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+        """The global batch at `step` as jax.Arrays sharded by `sharding` (batch on dim 0);
+        this process reads only the rows its devices hold."""
+        mine = rows_for_devices(sharding, self.shape)
+        return to_global(self.local_rows(step, rows=mine), sharding, self.batch_size,
+                         self.seq_len)
