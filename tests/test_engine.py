@@ -164,3 +164,227 @@ def test_gs_glob_of_compressed_jsonl_builds_the_same_dataset_as_local_files(buck
     before = builders.text_files_fingerprint(remote, "text")
     fs.pipe_file(f"{bucket}/raw/part-1.jsonl.gz", gzip.compress(b'{"text": "changed"}\n'))
     assert builders.text_files_fingerprint(remote, "text") != before
+
+
+# ---------------------------------------------------------------------------------------
+# Sharded dedup
+
+
+def _prose(rng: random.Random, vocab: list[str], n: int) -> str:
+    return " ".join(["the", "and"] + [rng.choice(vocab) for _ in range(n - 2)])
+
+
+def prose_corpus(root: pathlib.Path, docs: int, words: int, pair: tuple[int, int] | None
+                 ) -> str:
+    """`docs` distinct documents that pass every rule, as one .jsonl; with `pair` (a, b),
+    line b is line a with one word in 200 changed (13-gram Jaccard ~0.88: a near
+    duplicate)."""
+    rng = random.Random(docs)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5))
+             for _ in range(3000)]
+    texts = [_prose(rng, vocab, words) for _ in range(docs)]
+    if pair is not None:
+        texts[pair[1]] = _variant(texts[pair[0]], 200)
+    with open(root / "c.jsonl", "w") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    return str(root / "c.jsonl")
+
+
+def _prose_config(tmp_path, docs, words, pair, docs_per_shard):
+    (tmp_path / "raw").mkdir()
+    c = base_config()
+    c.data.update(dataset="text_files", docs_per_shard=docs_per_shard,
+                  text_files=prose_corpus(tmp_path / "raw", docs, words, pair),
+                  data_dir=str(tmp_path / "data"))
+    return c
+
+
+def test_near_duplicate_pair_in_two_tasks_shards_is_found(tmp_path):
+    tasks, dps = 4, 8
+    c = _prose_config(tmp_path, 40, 400, (1, 38), dps)
+    eng = engine.Engine("local", tasks=tasks, workers=1)
+    m = corpus_filter.filter_corpus(c, tmp_path / "engine", engine=eng)
+    near = json.loads((tmp_path / "engine" / "audit" / "near_dedup.json").read_text())
+    (rule,) = near["rules"].values()
+    assert rule["docs"] == 1 and m.stages["exact_dedup"]["docs_removed"] == 0
+    removed = int(rule["examples"][0]["id"].split(":")[1])
+    kept = int(rule["examples"][0]["matched"].split(":")[1])
+    assert (removed // dps) % tasks != (kept // dps) % tasks  # other tasks' shards
+    ref = corpus_filter.filter_corpus(c, tmp_path / "ref")
+    assert ref == m
+
+
+@pytest.mark.slow  # ~20 s: two filterings of a 1,200-document corpus
+def test_dedup_task_memory_stays_under_a_bound_the_in_memory_dedup_exceeds(tmp_path):
+    """The whole-corpus dedup (corpus_filter._stage2 on every shard's 13-gram sets and
+    signatures) peaks above the bound; every engine task of 8 stays under it."""
+    import tracemalloc
+
+    from gopher_jax.data import shards
+
+    c = _prose_config(tmp_path, 1200, 300, (5, 1000), 64)
+    ref = corpus_filter.filter_corpus(c, tmp_path / "ref")
+    builder = builders.prepare_builder(c)
+    plans = {s: shards.shard_ranges(builder.info.splits[s].num_examples, 64)
+             for s in builder.info.splits}
+    work = tmp_path / "ref" / "work"
+    tracemalloc.start()
+    train = corpus_filter._load_stage1(work, "train", plans["train"], ref.fingerprint)
+    evals = {s: corpus_filter._load_stage1(work, s, plans[s], ref.fingerprint)
+             for s in ("test", "validation")}
+    corpus_filter._stage2(train, evals)
+    in_memory = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    bound = in_memory // 3
+
+    eng = engine.Engine("local", tasks=8, workers=1, trace_memory=True)
+    m = corpus_filter.filter_corpus(c, tmp_path / "engine", engine=eng)
+    assert m == ref and m.stages["near_dedup"]["docs_removed"] == 1
+    (work_dir,) = (tmp_path / "engine" / "engine").iterdir()
+    peaks = {(r["stage"], r["rank"]): r["tracemalloc_peak"]
+             for r in engine.memory_report(work_dir)}
+    assert {s for s, _ in peaks} == {"rules", "partition", "confirm", "cluster", "docs",
+                                     "report"}
+    over = {k: v for k, v in peaks.items() if v >= bound}
+    assert not over, (bound, in_memory, over)
+
+
+# ---------------------------------------------------------------------------------------
+# Ray
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_tree(proc, sig) -> None:
+    """`proc` and every process under it (Ray's raylet and workers), by pid."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture
+def ray_cluster():
+    """A Ray head and one worker node on 127.0.0.1 (one CPU each), started and stopped
+    here: yields (address, worker process)."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    ray_bin = str(pathlib.Path(sys.executable).parent / "ray")
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
+    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}",
+                             "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                             f"--temp-dir={temp}", *common],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([ray_bin, "status", f"--address={address}"],
+                             capture_output=True).returncode != 0:
+            assert time.time() < deadline and head.poll() is None, "no Ray head"
+            time.sleep(1)
+        worker = subprocess.Popen([ray_bin, "start", f"--address={address}",
+                                   "--node-ip-address=127.0.0.1", *common],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while subprocess.run([ray_bin, "status", f"--address={address}"], capture_output=True,
+                             text=True).stdout.count("node_") < 2:
+            assert time.time() < deadline and worker.poll() is None, "no Ray worker"
+            time.sleep(1)
+        yield address, worker
+    finally:
+        for p in (worker, head):
+            if p is not None:
+                _kill_tree(p, signal.SIGTERM)
+        for p in (worker, head):
+            if p is not None:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    _kill_tree(p, signal.SIGKILL)
+
+
+@pytest.mark.slow  # a few minutes: a Ray cluster, a pipeline of 15 stages run twice
+def test_ray_cluster_prepares_the_same_bytes_and_a_killed_worker_is_made_good(
+        base, tmp_path, ray_cluster):
+    import signal
+    import subprocess
+    import time
+
+    from helpers import ROOT, cli_command, cpu_env
+
+    cfg, ref = base
+    address, worker = ray_cluster
+    data_dir = tmp_path / "ray"
+    args = ["data", "prepare", "--config", "experiments/tiny.py", "--executor", "ray",
+            "--tasks", "4", "--workers", "-1", "--config.data.dataset=text_files",
+            f"--config.data.text_files={cfg.data.text_files}",
+            f"--config.data.data_dir={data_dir}", "--config.data.seq_len=32",
+            "--config.model.vocab_size=400", "--config.data.docs_per_shard=16",
+            f"--config.data.tokenizer_path={cfg.data.tokenizer_path}",
+            "--config.data.filter=True"]
+    env = cpu_env(1, RAY_ADDRESS=address)
+    proc = subprocess.Popen(cli_command(*args), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    rules = data_dir / "filtered"
+    deadline = time.time() + 600
+    done: list[pathlib.Path] = []
+    while time.time() < deadline and proc.poll() is None:
+        done = list(rules.glob("*/engine/*/logs/rules/completions/*"))
+        if done:
+            break
+        time.sleep(0.2)
+    assert done and proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else ""
+    _kill_tree(worker, signal.SIGKILL)  # the worker node, mid-stage
+    out = proc.communicate(timeout=900)[0]
+    first_rc = proc.returncode
+    print(f"first run after the worker's SIGKILL: exit {first_rc}")
+    finished = {p: p.stat().st_mtime_ns for p in rules.glob("*/work/train-*.json")}
+    if first_rc != 0:  # the head alone reruns what did not finish
+        again = subprocess.run(cli_command(*args), cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=900)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        for p, mtime in finished.items():
+            assert p.stat().st_mtime_ns == mtime  # finished shards were not redone
+    else:
+        assert "[engine]" in out
+    c = _config(cfg, data_dir)
+    assert _chunk_bytes(c) == _chunk_bytes(cfg)
+    assert _filter_outputs(c) == _filter_outputs(cfg)
+    meta = json.loads((artefacts.chunks_dir(c) / "train.json").read_text())
+    assert meta["fingerprint"] == ref.splits["train"].fingerprint
+    assert meta["files"] == list(ref.splits["train"].files)
+
+
+def test_engine_flags_are_checked_before_any_work(tmp_path, capsys):
+    from gopher_jax.cli import app
+
+    never = f"--config.data.data_dir={tmp_path / 'never'}"
+    for argv, words in ((["data", "prepare", "--tasks", "2", never], "--tasks without"),
+                        (["data", "filter", "--executor", "spark", never], "--executor spark"),
+                        (["data", "prepare", "--executor", "local", "--tasks", "0", never],
+                         "--tasks 0")):
+        assert app.main(argv) == 2
+        err = [line for line in capsys.readouterr().err.splitlines()
+               if line.startswith("error:")]
+        assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "never").exists()

@@ -14,24 +14,54 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     if name in ("data prepare", "data filter"):
         p.add_argument("--processes", type=int, default=1, metavar="N",
                        help="local processes working on shards (results never depend on N)")
+        p.add_argument("--executor", default=None, metavar="local|ray|slurm",
+                       help="run the stages on datatrove's local, Ray (RAY_ADDRESS or a "
+                            "running cluster) or SLURM executor (BUILD.md); same files")
+        p.add_argument("--tasks", type=int, default=1, metavar="N",
+                       help="with --executor: tasks per stage (results never depend on N)")
+        p.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="with --executor: tasks running at once (-1: all)")
+        p.add_argument("--slurm_partition", default="", metavar="NAME",
+                       help="with --executor slurm: the partition")
+        p.add_argument("--slurm_time", default="24:00:00", metavar="HH:MM:SS",
+                       help="with --executor slurm: the time limit per task")
     if name == "data filter":
         p.add_argument("--out", default="", metavar="DIR",
                        help="output folder (default <data_dir>/filtered/<corpus>)")
+
+
+def _engine(args: argparse.Namespace):
+    """The data.engine.Engine the flags ask for (None: local processes); checked now."""
+    executor = getattr(args, "executor", None)
+    if executor is None:
+        for flag in ("tasks", "workers"):
+            if getattr(args, flag, 1) != 1:
+                raise UsageError(f"--{flag} without --executor",
+                                 "add --executor local|ray|slurm, or use --processes")
+        return None
+    from gopher_jax.data.engine import Engine
+
+    slurm = (("partition", args.slurm_partition), ("time", args.slurm_time)) \
+        if executor == "slurm" else ()
+    eng = Engine(executor, tasks=args.tasks, workers=args.workers, slurm=slurm)
+    eng.check()
+    return eng
 
 
 def run(args: argparse.Namespace) -> int:
     processes = getattr(args, "processes", 1)
     if processes < 1:
         raise UsageError(f"--processes {processes}", "give 1 or more")
+    engine = _engine(args)
     c = common.load_config(args)
     common.writable_dir(c.data.data_dir, "data dir (data.data_dir)")
     if args.name == "tokenizer train":
         return _tokenizer(c)
     if args.name == "data filter":
-        return _filter(c, args.out or None, processes)
+        return _filter(c, args.out or None, processes, engine)
     from gopher_jax import data
 
-    info = data.prepare(c, log=console.out, processes=processes)
+    info = data.prepare(c, log=console.out, processes=processes, engine=engine)
     console.out(f"[data] {info.dataset}: tokenizer {info.tokenizer}")
     for split, s in info.splits.items():
         console.out(f"[data]   {split:>10}: {s.num_chunks:>8,} chunks  {s.num_tokens:>12,} "
@@ -46,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _filter(c, out: str | None, processes: int) -> int:
+def _filter(c, out: str | None, processes: int, engine) -> int:
     from gopher_jax import data
     from gopher_jax.data import artefacts, corpus_filter, mixture
 
@@ -54,6 +84,9 @@ def _filter(c, out: str | None, processes: int) -> int:
         storage.check(out, "--out", remote_ok=False)
         common.writable_dir(out, "--out")
     if data.is_mixture(c):
+        if engine is not None:
+            raise UsageError("--executor with a mixture (data.sources)",
+                             "filter each source's config with the engine, or drop --executor")
         if out:
             raise UsageError("--out with a mixture", "drop it: each source is filtered into "
                              "<data_dir>/filtered/<its corpus>")
@@ -61,7 +94,7 @@ def _filter(c, out: str | None, processes: int) -> int:
             _filter_report(m, f"<data_dir>/filtered/ for source {name}",
                            "training on the mixture reads them", tag=f"filter:{name}")
         return 0
-    m = corpus_filter.filter_corpus(c, out, processes, log=console.out)
+    m = corpus_filter.filter_corpus(c, out, processes, log=console.out, engine=engine)
     _filter_report(m, str(out or artefacts.filter_dir(c)),
                    "train on them: --config.data.filter=True")
     return 0

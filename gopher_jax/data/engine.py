@@ -91,6 +91,28 @@ class Engine:
         stages over (a corpus_filter.FilterEngine), importing nothing of this module."""
         return filter_corpus(self, *args)
 
+    def check(self) -> None:
+        """Refuses an executor this machine cannot reach, before any work."""
+        import importlib.util
+        import shutil
+
+        if self.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise UsageError("--executor ray: ray is not installed", "pip install ray==2.60.0")
+        if self.executor == "ray":
+            import ray
+
+            if not ray.is_initialized():
+                address = os.environ.get("RAY_ADDRESS", "auto")
+                try:
+                    ray.init(address=address, log_to_driver=False)
+                except ConnectionError as e:
+                    raise UsageError(f"--executor ray: no Ray cluster at {address}",
+                                     "start one (`ray start --head`) or set RAY_ADDRESS"
+                                     ) from e
+        if self.executor == "slurm" and shutil.which("sbatch") is None:
+            raise UsageError("--executor slurm: no sbatch on PATH",
+                             "run on a SLURM login node, or use --executor local|ray")
+
 
 class Step:
     """One stage as a datatrove pipeline step: fn(rank, world_size, *args) for the task's
@@ -137,11 +159,9 @@ def run_stage(eng: Engine, work: pathlib.Path, stage: str, fn: Callable, args: t
         LocalPipelineExecutor(pipeline, tasks=n, workers=workers, logging_dir=logs,
                               start_method="spawn").run()
     elif eng.executor == "ray":
-        import ray
         from datatrove.executor import RayPipelineExecutor
 
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+        eng.check()  # connects to the cluster once
         RayPipelineExecutor(pipeline, tasks=n, workers=eng.workers, logging_dir=logs,
                             cpus_per_task=1, mem_per_cpu_gb=1).run()
     else:
