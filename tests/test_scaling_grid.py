@@ -297,3 +297,22 @@ def test_plan_compiles_its_config_for_a_small_topology():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "per-device memory" in r.stdout and "FITS" in r.stdout
     assert np.isfinite(float(r.stdout.split("total ")[1].split()[0]))
+
+
+def test_launch_fans_every_member_out_once(capsys):
+    from launch import scaling_members
+
+    cfg = str(ROOT / "experiments" / "isoflop_ladder.py")
+    assert scaling_members.main(["--config", cfg, "--workdir", "gs://b/ladder", "--nodes",
+                                 "vm-0,vm-1,vm-2", "--zone", "z", "--project", "p",
+                                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    ssh = [x for x in out.splitlines() if x.startswith("+ gcloud compute tpus tpu-vm ssh")]
+    assert [x.split()[6] for x in ssh] == ["vm-0", "vm-1", "vm-2"]
+    members = [m for x in ssh for m in x.split("--member ")[1].split()[0].split(",")]
+    names = scaling.member_names(experiment("isoflop_ladder"))
+    assert sorted(members) == sorted(names)
+    flops = scaling_members.member_flops(cfg, [])
+    loads = [sum(flops[m] for m in x.split("--member ")[1].split()[0].split(",")) for x in ssh]
+    assert max(loads) < 1.2 * min(loads)
+    assert all("--workdir gs://b/ladder" in x and "nohup" in x for x in ssh)
