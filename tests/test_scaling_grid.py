@@ -46,7 +46,7 @@ def tiny_grid(data_dir: str, budgets: dict[str, dict], sizes_: dict = TINY_SIZES
 def test_isoflop_ladder_members_follow_their_budgets():
     ladder = experiment("isoflop_ladder")
     names = scaling.member_names(ladder)
-    assert len(names) == 15
+    assert len(names) == 17
     shared = None
     for n in names:
         d = scaling.describe(ladder, n)
