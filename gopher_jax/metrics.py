@@ -6,14 +6,19 @@ Only process 0 writes; the other processes get a writer that drops everything.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 
 from gopher_jax import storage
 from gopher_jax import workdir as workdir_lib
+from gopher_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -22,28 +27,44 @@ class MetricsWriter:
     With `resume_step` (the step a run restored), rows written after that step by the run that
     was interrupted are dropped from metrics.jsonl, and TensorBoard is told to purge its events
     from the step after it, so the resumed run's rows are the only ones for those steps.
+    Rows after it that `keep` accepts stay (the spikes the checkpoint knows of).
+    `dropped_until` is the time of the newest row dropped (None when none was).
     """
 
     def __init__(self, workdir: str | os.PathLike, enabled: bool | None = None,
-                 resume_step: int = 0):
+                 resume_step: int = 0, keep: Callable[[dict[str, Any]], bool] | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = storage.path(workdir) / workdir_lib.METRICS_JSONL
+        self._tb_dir = storage.path(workdir) / workdir_lib.TENSORBOARD
         self._tb = None
+        self.dropped_until: float | None = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.path.exists():
-                self._truncate_after(resume_step)
-            from tensorboardX import SummaryWriter
+            self._open(resume_step, keep)
 
-            purge = {"purge_step": resume_step + 1} if resume_step > 0 else {}
-            self._tb = SummaryWriter(str(storage.path(workdir) / workdir_lib.TENSORBOARD), **purge)
+    def _open(self, resume_step: int, keep: Callable[[dict[str, Any]], bool] | None) -> None:
+        if self.path.exists():
+            self._truncate_after(resume_step, keep or (lambda row: False))
+        from tensorboardX import SummaryWriter
 
-    def _truncate_after(self, step: int) -> None:
-        lines = self.path.read_text().splitlines()
-        keep = [line for line in lines if line and json.loads(line)["step"] <= step]
-        if len(keep) != len(lines):
+        purge = {"purge_step": resume_step + 1} if resume_step > 0 else {}
+        self._tb = SummaryWriter(str(self._tb_dir), **purge)
+
+    def rewind(self, step: int, keep: Callable[[dict[str, Any]], bool] | None = None) -> None:
+        """Drops the rows after `step` (a run that went back to the checkpoint of `step`)
+        but those `keep` accepts."""
+        if self.enabled:
+            self.close()
+            self._open(step, keep)
+
+    def _truncate_after(self, step: int, kept: Callable[[dict[str, Any]], bool]) -> None:
+        rows = _rows(self.path)
+        keep = [r for r in rows if r["step"] <= step or kept(r)]
+        dropped = [r["time"] for r in rows if not (r["step"] <= step or kept(r))]
+        self.dropped_until = max(dropped, default=None)
+        if len(keep) != len(self.path.read_text().splitlines()):
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(f"{line}\n" for line in keep))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
             tmp.replace(self.path)
 
     def write(self, step: int, scalars: dict[str, Any], prefix: str = "train") -> None:
@@ -62,5 +83,27 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str | os.PathLike, split: str = "train") -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in storage.path(path).read_text().splitlines() if line]
-    return [r for r in rows if r["split"] == split]
+    return [r for r in _rows(storage.path(path)) if r.get("split") == split]
+
+
+def _rows(path: Any) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. A torn last line (a run killed while appending) is
+    dropped with a warning; any other line that is not a row is one error naming it."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a row with a step")
+        except ValueError as e:
+            if n == len(lines):
+                log.warning("%s: dropping its torn last line %d (%s)", path, n, e)
+                continue
+            raise UserError(f"{path} line {n} is not a metrics row ({e})",
+                            "fix or delete that line (a rerun rewrites the file from its "
+                            "rows)") from None
+        rows.append(row)
+    return rows

@@ -243,7 +243,9 @@ def test_non_finite_loss_stops_with_the_step(data_dir, tmp_path):
     bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
     ckpts = tmp_path / "nan" / "checkpoints"
     saved = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
-    assert saved and all(s < bad_step for s in saved)
+    # Step bad_step - 1's checkpoint holds the params whose loss was not finite: set aside.
+    assert all(s < bad_step - 1 for s in saved), saved
+    assert f"a rerun resumes from step {max(saved, default=0)}" in str(e.value)
 
 
 def test_layout_shards_batch_rows_over_the_data_axes(data_dir):
@@ -290,9 +292,9 @@ def test_step_loop_has_no_host_sync_between_logging_steps(data_dir, tmp_path, mo
 
         return marked
 
-    def counted_fetch(pending):
-        fetches.append(len(pending))
-        return fetch(pending)
+    def counted_fetch(run):
+        fetches.append(len(run.pending))
+        return fetch(run)
 
     monkeypatch.setattr(ArrayImpl, "_value", property(counted_value))
     monkeypatch.setattr(step_lib, "make_train_step", make_marked_step)

@@ -78,12 +78,22 @@ class Checkpointer:
         self._in_flight = step
         return saved
 
-    def check(self) -> None:
-        """Raises CheckpointError if a background save has failed."""
+    def check(self, step: int | None = None) -> None:
+        """Raises CheckpointError if a background save has failed (`step`: where training
+        stopped, for the message); never waits for a save still being written. Orbax's
+        finalize thread takes the writer's error for itself (check_for_errors then finds
+        none), so a save that has ended is joined here: that raises its error at once
+        rather than at the next save."""
+        if self._in_flight is None:
+            return
         try:
             self.manager.check_for_errors()
+            if not self.manager.is_saving_in_progress():
+                # The save has ended: its thread is done, so joining it does not block.
+                self.manager.wait_until_finished()
+                self._in_flight = None
         except Exception as e:  # noqa: BLE001
-            raise self._failed(e, self._in_flight) from e
+            raise self._failed(e, self._in_flight, stopped_at=step) from e
 
     def wait(self) -> None:
         try:
@@ -92,7 +102,8 @@ class Checkpointer:
             raise self._failed(e, self._in_flight) from e
         self._in_flight = None
 
-    def _failed(self, error: BaseException, step: int | None = None) -> CheckpointError:
+    def _failed(self, error: BaseException, step: int | None = None,
+                stopped_at: int | None = None) -> CheckpointError:
         """The save failure as one line; the unfinished step's temporary directory is removed,
         so the newest complete checkpoint stays the one a restart resumes from."""
         if jax.process_index() == 0:
@@ -106,8 +117,10 @@ class Checkpointer:
         what = f"step {step}" if step is not None else "a checkpoint"
         good = ocp.utils.checkpoint_steps(self.directory) if self.directory.is_dir() else []
         resume = f"step {max(good)}" if good else "the start"
+        stopped = f"; training stopped at step {stopped_at}" if stopped_at is not None else ""
         return CheckpointError(
-            f"saving {what} to {self.directory} failed: {type(cause).__name__}: {cause}",
+            f"saving {what} to {self.directory} failed: {type(cause).__name__}: {cause}"
+            f"{stopped}",
             f"free space or fix the path's permissions; a rerun resumes from {resume}")
 
     def read_meta(self, step: int) -> dict[str, Any]:
@@ -154,7 +167,7 @@ class Checkpointer:
                     err = e
             if all_processes(err is None):
                 if bad:
-                    self._set_aside(bad)
+                    self.set_aside(bad)
                 return state, meta
             msg = (f"checkpoint step {step} in {self.directory} is unreadable "
                    f"({'another process failed to read it' if err is None else repr(err)[:300]})")
@@ -168,7 +181,9 @@ class Checkpointer:
                                   "afresh, use another --workdir.")
         return None
 
-    def _set_aside(self, steps: list[int]) -> None:
+    def set_aside(self, steps: list[int]) -> None:
+        """Moves these steps to <workdir>/checkpoints_corrupt/ (never deleted): a resume
+        skips them and new saves of those steps do not collide with them."""
         self.wait()
         if jax.process_index() == 0:
             dest_root = self.workdir / CORRUPT_DIR
@@ -217,13 +232,21 @@ def _check_finite(state: State, step: int) -> None:
 
 
 def meta_for(c: ml_collections.ConfigDict, step: int, mesh: jax.sharding.Mesh,
-             data: dict[str, str] | None = None) -> dict[str, Any]:
+             data: dict[str, str] | None = None, position: int | None = None,
+             spikes: dict[str, Any] | None = None, goodput: dict[str, float] | None = None
+             ) -> dict[str, Any]:
     """What is saved beside the state. `data`: content fingerprints of the tokenizer and the
-    training chunks (pipeline.data_identity), checked on resume."""
+    training chunks (pipeline.data_identity), checked on resume. `position`: the next data
+    index (the step unless batches were skipped); `spikes`: the spike guard's skip list and
+    recent losses; `goodput`: the run's time totals (train/goodput.py)."""
     return {
         "step": step,
+        "saved_at": time.time(),
         "data": data or {},
-        "data_step": step,  # the data order is a pure function of (seed, step)
+        # The data order is a pure function of (seed, data index).
+        "data_step": step if position is None else position,
+        "spikes": spikes or {},
+        "goodput": goodput or {},
         "config": json.loads(c.to_json()),
         "layout": "scanned" if c.model.scan_layers else "unscanned",
         "mesh": {k: int(v) for k, v in mesh.shape.items()},

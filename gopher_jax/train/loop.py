@@ -1,15 +1,19 @@
-"""The training loop: mesh -> sharded state (fresh or restored) -> batches -> step -> logs.
+"""The training loop: restore or init, then the steps, with the hooks (log, eval, checkpoint)
+run at the steps their `every` names.
 
-Nothing blocks on the host between steps except at logging, evaluation and checkpoint steps:
-per-step metrics stay on device until then, so dispatch runs ahead of the computation.
+Nothing blocks on the host between steps except at hook steps: per-step metrics stay on
+device until then, so dispatch runs ahead of the computation. At a hook step the pending
+metrics are fetched and judged (spikes.SpikeGuard) before any hook sees the state, so no
+checkpoint is written from a diverged one.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -30,10 +34,13 @@ from gopher_jax.model.gopher import compute_dtype
 from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.train import state as state_lib
 from gopher_jax.train import step as step_lib
+from gopher_jax.train.goodput import Goodput
+from gopher_jax.train.spikes import Spike, SpikeGuard
+from gopher_jax.train.watchdog import Watchdog
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
-    """Training diverged; no checkpoint was written from the bad state."""
+    """Training diverged (or spiked past the policy's rewinds); no checkpoint holds it."""
 
 
 class Reporter:
@@ -95,6 +102,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike,
     """
     from gopher_jax.parallel import distributed
 
+    clock_start = time.perf_counter()
     distributed.initialize_from_env()
     mesh = mesh_lib.make_mesh(c)  # validates the config first: a mistake touches nothing
     lock = ckpt_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
@@ -108,29 +116,104 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike,
         raise error or ckpt_lib.WorkdirLockedError(
             f"process 0 could not lock workdir {workdir}", "see process 0's error")
     try:
-        return _train(c, mesh, storage.path(workdir), reporter or Reporter(), accept_new_data,
-                      lock)
+        run = _restore_or_init(c, mesh, storage.path(workdir), reporter or Reporter(),
+                               accept_new_data, clock_start)
+        return _loop(run, lock)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: epath.Path,
-           reporter: Reporter, accept_new_data: bool, lock: ckpt_lib.WorkdirLock | None
-           ) -> dict[str, Any]:
+@dataclasses.dataclass
+class Run:
+    """What the steps and the hooks share."""
+
+    c: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    layout: Layout
+    workdir: epath.Path
+    reporter: Reporter
+    data: Any
+    identity: dict[str, str]
+    ckpt: ckpt_lib.Checkpointer
+    writer: MetricsWriter
+    guard: SpikeGuard
+    clock: Goodput
+    state: Any
+    step: int
+    flops_per_token: float
+    peak: hardware.Peak
+    pending: list = dataclasses.field(default_factory=list)
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    eval: dict[str, float] | None = None  # this step's evaluation, for keep-best saves
+    eval_step: Callable | None = None
+    compiled: bool = False
+    step_s_seen: float = 0.0  # step time booked up to the previous fetch
+
+    def meta(self) -> dict[str, Any]:
+        return ckpt_lib.meta_for(self.c, self.step, self.mesh, self.identity,
+                                 position=self.guard.index_of(self.step),
+                                 spikes=self.guard.state(),
+                                 goodput=self.clock.state())
+
+
+def _loop(run: Run, lock: ckpt_lib.WorkdirLock | None) -> dict[str, Any]:
+    c, total = run.c, run.c.train.steps
+    train_step = step_lib.make_train_step(c, run.layout)
+    hooks = _hooks(run)
+    preempt, watchdog = Preemption(), Watchdog(c.train.watchdog_s).start()
+    run.reporter.start(run.step, total)
+    run.summary["start_step"], finished = run.step, False
+    try:
+        with jax.set_mesh(run.mesh):
+            while run.step < total:
+                _step(run, train_step, lock)
+                due = [h for h in hooks if h.due(run.step, total)]
+                stop = preempt.should_stop(sync=bool(due))  # one decision per step
+                if not (due or stop):
+                    continue
+                rows = _fetch_checked(run)
+                if rows is None:  # a spike: the run went back to a checkpoint
+                    continue
+                watchdog.beat(f"step {run.step}")
+                _note_rates(run, rows)
+                for hook in hooks:
+                    if hook in due or hook.forced(run, stop):
+                        hook.fn(run)
+                        watchdog.beat(f"{hook.name} at step {run.step}")
+                if stop:
+                    run.ckpt.wait()
+                    run.reporter.message(f"{preempt.name or 'a signal to another process'}: "
+                                         f"saved step {run.step}; exiting to be resumed")
+                    run.summary["preempted"] = True
+                    break
+        finished = True
+    finally:
+        watchdog.stop()
+        preempt.restore()
+        run.reporter.close()
+        run.writer.close()
+        # After a failure its own error is the one to report, not a second one from closing.
+        run.ckpt.close(raise_errors=finished)
+    run.summary.update(step=run.step, goodput=run.clock.summary())
+    return run.summary
+
+
+def _restore_or_init(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                     workdir: epath.Path, reporter: Reporter, accept_new_data: bool,
+                     clock_start: float) -> Run:
+    """Prepares the data, then restores the newest checkpoint that is readable and matches
+    the config and data (or initialises the state), and writes config.json."""
     from gopher_jax.parallel import distributed
 
     say = reporter.message
     say(f"mesh {dict(mesh.shape)} rules={c.mesh.rules} devices={jax.device_count()} "
         f"processes={jax.process_count()}")
-
     info = distributed.run_on_process_zero_first(lambda: data_lib.prepare(c, log=say))
     data = data_lib.train_data(c)
     layout = Layout.build(c, mesh)
-    sharding = layout.batch_sharding
-
-    keep_best = c.train.get("checkpoint_keep_best", 0)
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.checkpoint_keep, keep_best=keep_best)
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.checkpoint_keep,
+                                 keep_best=c.train.checkpoint_keep_best)
     identity = data_lib.data_identity(info, c.data.train_split)
 
     def check(meta: dict[str, Any]) -> None:
@@ -140,6 +223,7 @@ def _train(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: epath
 
     restored = ckpt.restore_latest(layout.state, check=check)
     data_changed: list[str] = []
+    meta: dict[str, Any] = {}
     if restored is None:
         state = state_lib.create_state(c, layout)
         say(f"new run in {workdir}: initialised state (seed {c.seed})")
@@ -154,103 +238,171 @@ def _train(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: epath
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / workdir_lib.CONFIG_JSON).write_text(c.to_json(indent=2))
-
-    train_step = step_lib.make_train_step(c, layout)
-    eval_step = step_lib.make_eval_step(c, layout)
+    step = int(jax.device_get(state["step"]))
+    guard = SpikeGuard(c.train, meta.get("spikes"))
+    writer = MetricsWriter(workdir, resume_step=step, keep=guard.knows)
+    if data_changed:
+        writer.write(step, {f"changed_{k}": 1.0 for k in data_changed}, prefix="data")
+    # The interrupted run's work after this checkpoint (its rows just dropped) is redone.
+    redone = (writer.dropped_until - meta["saved_at"]
+              if writer.dropped_until and "saved_at" in meta else 0.0)
+    clock = Goodput(meta.get("goodput"), redone_s=redone, start=clock_start)
+    clock.lap("startup")
+    clock.saved_at(step)
     flops_tok = sizes.flops_per_token(c.model, c.data.seq_len)["train"]
     peak = hardware.Peak(str(compute_dtype(c.model.dtype)))
     say(f"peak {peak.per_device / 1e9:.1f} GFLOP/s per device ({peak.source}); "
         f"{flops_tok:.3g} train FLOPs/token; {data.num_chunks:,} train chunks "
         f"({info.splits[c.data.train_split].num_tokens:,} tokens)")
-    tokens_per_step = c.train.batch_size * c.data.seq_len
-
-    start = int(jax.device_get(state["step"]))
-    writer = MetricsWriter(workdir, resume_step=start)
-    if data_changed:
-        writer.write(start, {f"changed_{k}": 1.0 for k in data_changed}, prefix="data")
-    total = c.train.steps
-    pending: list[tuple[int, dict[str, jax.Array]]] = []
-    preempt = Preemption()
-    reporter.start(start, total)
-    last_t, last_step = time.perf_counter(), start
-    summary: dict[str, Any] = {"start_step": start}
-    step = start
-    finished = False
-    try:
-        with jax.set_mesh(mesh):
-            while step < total:
-                # Between logging steps nothing may come back to the host: on TPU/GPU the
-                # guard turns an accidental sync (a float() of a metric) into an error (CPU
-                # buffers bypass transfer guards; tests count host reads there instead).
-                with jax.transfer_guard_device_to_host("disallow_explicit"):
-                    state, m = train_step(state, data.batch(step, sharding))
-                pending.append((step, m))
-                step += 1
-                ckpt.check()  # a background save that failed stops the run at the next step
-                if lock is not None and lock.lost:
-                    raise ckpt_lib.WorkdirLockedError(
-                        f"another run took the lock of {workdir} at step {step}",
-                        "make sure one run trains in a workdir")
-                log_now = step % c.train.log_every == 0 or step == total
-                eval_now = c.train.eval_every > 0 and (step % c.train.eval_every == 0
-                                                       or step == total)
-                save_now = step % c.train.checkpoint_every == 0 or step == total
-                # One decision per step (a signal during eval is seen at the next step).
-                stop = preempt.should_stop(sync=log_now or eval_now or save_now)
-                save_now = save_now or stop or (eval_now and keep_best > 0)
-                if not (log_now or eval_now or save_now):
-                    continue
-                rows = _fetch_checked(pending)  # raises before any bad state is saved
-                pending = []
-                now = time.perf_counter()
-                tok_s = (step - last_step) * tokens_per_step / max(now - last_t, 1e-9)
-                last_t, last_step = now, step
-                last = rows[-1]
-                rate = tok_s * flops_tok / jax.device_count()  # model FLOP/s per device
-                last.update(tokens_per_s=tok_s, model_flops_per_s=rate, mfu=peak.mfu(rate))
-                last.update(data.consumed(step))  # a mixture's tokens and epochs per source
-                if log_now:
-                    writer.write(step, last)
-                    reporter.metrics(step, last)
-                if eval_now:
-                    ev = evaluate_split(c, layout, state["params"], c.data.eval_split, eval_step,
-                                        c.train.eval_batches)
-                    writer.write(step, ev, prefix="eval")
-                    reporter.message(f"step {step}: {c.data.eval_split} bits/byte "
-                                     f"{ev['bits_per_byte']:.4f} loss {ev['loss']:.4f}")
-                    summary["eval"] = ev
-                    last_t = time.perf_counter()  # eval time is not training time
-                if save_now:
-                    best = ({ckpt_lib.BEST_METRIC: float(ev["bits_per_byte"])}
-                            if eval_now and keep_best > 0 else None)
-                    ckpt.save(step, state, ckpt_lib.meta_for(c, step, mesh, identity), metrics=best,
-                              force=True)
-                summary["train"] = last
-                if stop:
-                    ckpt.wait()
-                    reporter.message(f"{preempt.name or 'a signal to another process'}: saved step "
-                                     f"{step}; exiting to be resumed")
-                    summary["preempted"] = True
-                    break
-        finished = True
-    finally:
-        preempt.restore()
-        reporter.close()
-        writer.close()
-        # After a failure its own error is the one to report, not a second one from closing.
-        ckpt.close(raise_errors=finished)
-    summary["step"] = step
-    return summary
+    return Run(c=c, mesh=mesh, layout=layout, workdir=workdir, reporter=reporter, data=data,
+               identity=identity, ckpt=ckpt, writer=writer,
+               guard=guard, clock=clock, state=state,
+               step=step,
+               flops_per_token=flops_tok, peak=peak)
 
 
-def _fetch_checked(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[dict[str, float]]:
+def _step(run: Run, train_step: Callable, lock: ckpt_lib.WorkdirLock | None) -> None:
+    """Dispatches one step on the next batch not skipped; a failed background save or a
+    lost workdir lock stops the run here."""
+    index = run.guard.index_of(run.step)
+    # Between hook steps nothing may come back to the host: on TPU/GPU the guard turns an
+    # accidental sync (a float() of a metric) into an error (CPU buffers bypass transfer
+    # guards; tests count host reads there instead).
+    with jax.transfer_guard_device_to_host("disallow_explicit"):
+        run.state, m = train_step(run.state, run.data.batch(index, run.layout.batch_sharding))
+    if not run.compiled:
+        run.clock.lap("compile")  # the first call compiles before it dispatches
+        run.compiled = True
+    run.pending.append((run.step, index, m))
+    run.step += 1
+    run.eval = None
+    run.ckpt.check(run.step)
+    if lock is not None and lock.lost:
+        raise ckpt_lib.WorkdirLockedError(
+            f"another run took the lock of {run.workdir} at step {run.step}",
+            "make sure one run trains in a workdir")
+
+
+def _fetch_checked(run: Run) -> list[dict[str, float]] | None:
+    """The pending steps' metrics, each loss judged by the spike guard. On a spike: the run
+    goes back to a checkpoint from before it (None), or stops (NonFiniteLossError)."""
     rows = []
-    for s, m in jax.device_get(pending):
+    pending, run.pending = run.pending, []
+    for s, index, m in jax.device_get(pending):
         row = {k: float(v) for k, v in m.items()}
-        if not math.isfinite(row["loss"]) or not math.isfinite(row["grad_norm"]):
-            raise NonFiniteLossError(
-                f"non-finite loss {row['loss']} (grad norm {row['grad_norm']}) at step {s + 1}; "
-                "no checkpoint was written from it. Lower train.learning_rate or raise "
-                "train.warmup_steps, then resume from the last checkpoint.")
+        spike = run.guard.judge(s, index, row["loss"], row["grad_norm"])
+        if spike is not None:
+            _rewind_or_stop(run, spike)
+            return None
         rows.append(row)
+    run.clock.lap("step")
     return rows
+
+
+def _rewind_or_stop(run: Run, spike: Spike) -> None:
+    """Checkpoints at or after the spike's step may hold the bad update: they are set aside.
+    With spike_policy=rewind the run restores the newest one before it (or the initial
+    state) and skips the batches around the spike; otherwise it stops naming that one."""
+    run.ckpt.wait()
+    before = [s for s in run.ckpt.steps() if s < spike.state_step]
+    target = max(before, default=0)
+    suspect = [s for s in run.ckpt.steps() if s >= spike.state_step]
+    if suspect:
+        run.ckpt.set_aside(suspect)
+    if not run.guard.can_rewind():
+        aside = (f"; steps {suspect}, which may hold the bad update, were set aside in "
+                 f"{run.workdir / ckpt_lib.CORRUPT_DIR}" if suspect else "")
+        why = ("" if run.guard.policy == "off" else
+               f" ({run.guard.rewinds} rewinds, train.spike_max_rewinds)")
+        raise NonFiniteLossError(
+            f"{spike.describe()}{why}; the newest checkpoint from before it is "
+            f"{f'step {target}' if before else 'none (the start)'}{aside}",
+            "lower train.learning_rate or raise train.warmup_steps, or set "
+            f"train.spike_policy=rewind; a rerun resumes from step {target}")
+    start, end = run.guard.skip_around(spike, target)
+    meta: dict[str, Any] = {}
+    if before:
+        run.state = run.ckpt.restore(target, run.layout.state)
+        meta = run.ckpt.read_meta(target)
+    else:
+        run.state = state_lib.create_state(run.c, run.layout)
+    run.guard.restart_window(meta.get("spikes"))
+    run.step = target
+    run.writer.rewind(target, keep=run.guard.knows)
+    run.writer.write(spike.state_step + 1, {
+        "loss": spike.loss, "grad_norm": spike.grad_norm, "median": spike.median,
+        "rewound_to": target, "skip_start": start, "skip_end": end,
+        "rewinds": run.guard.rewinds}, prefix="spike")
+    run.clock.rewound_to(target)
+    run.clock.lap("rewound")
+    run.step_s_seen = run.clock.run["step"]
+    run.reporter.message(f"{spike.describe()}: back to step {target}, skipping data batches "
+                         f"[{start}, {end}) (rewind {run.guard.rewinds} of "
+                         f"{run.guard.max_rewinds})")
+
+
+def _note_rates(run: Run, rows: list[dict[str, float]]) -> None:
+    """Throughput of the steps just fetched, on the last row (what the log hook writes)."""
+    c, last = run.c, rows[-1]
+    step_s, run.step_s_seen = run.clock.run["step"] - run.step_s_seen, run.clock.run["step"]
+    tok_s = len(rows) * c.train.batch_size * c.data.seq_len / max(step_s, 1e-9)
+    rate = tok_s * run.flops_per_token / jax.device_count()  # model FLOP/s per device
+    last.update(tokens_per_s=tok_s, model_flops_per_s=rate, mfu=run.peak.mfu(rate))
+    # A mixture's tokens and epochs per source.
+    last.update(run.data.consumed(run.guard.index_of(run.step)))
+    run.summary["train"] = last
+
+
+# ------------------------------------------------------------------------------- hooks
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """`fn(run)` at every `every`-th step and at the last (every <= 0: never, unless
+    forced: a checkpoint when the run stops, or after an evaluation with keep-best)."""
+
+    name: str
+    every: int
+    fn: Callable[[Run], None]
+    forced: Callable[[Run, bool], bool] = lambda run, stop: False
+
+    def due(self, step: int, total: int) -> bool:
+        return self.every > 0 and (step % self.every == 0 or step == total)
+
+
+def _hooks(run: Run) -> list[Hook]:
+    t = run.c.train
+    keep_best = t.checkpoint_keep_best > 0
+    return [
+        Hook("log", t.log_every, _log),
+        Hook("eval", t.eval_every, _evaluate),
+        Hook("save", t.checkpoint_every, _save,
+             forced=lambda run, stop: stop or (keep_best and run.eval is not None)),
+    ]
+
+
+def _log(run: Run) -> None:
+    run.writer.write(run.step, run.summary["train"])
+    run.reporter.metrics(run.step, run.summary["train"])
+
+
+def _evaluate(run: Run) -> None:
+    c = run.c
+    if run.eval_step is None:
+        run.eval_step = step_lib.make_eval_step(c, run.layout)
+    ev = evaluate_split(c, run.layout, run.state["params"], c.data.eval_split, run.eval_step,
+                        c.train.eval_batches)
+    run.writer.write(run.step, ev, prefix="eval")
+    run.reporter.message(f"step {run.step}: {c.data.eval_split} bits/byte "
+                         f"{ev['bits_per_byte']:.4f} loss {ev['loss']:.4f}")
+    run.summary["eval"] = run.eval = ev
+    run.clock.lap("eval")
+
+
+def _save(run: Run) -> None:
+    best = ({ckpt_lib.BEST_METRIC: float(run.eval["bits_per_byte"])}
+            if run.eval is not None and run.c.train.checkpoint_keep_best > 0 else None)
+    run.ckpt.save(run.step, run.state, run.meta(), metrics=best, force=True)
+    run.clock.lap("save")
+    run.clock.saved_at(run.step)
+    run.writer.write(run.step, run.clock.summary(), prefix="goodput")
