@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")  # the `hf` extra; the `test` extra install
 transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
-from helpers import ROOT, run_cli, tiny  # noqa: E402
+from helpers import ROOT, experiment, run_cli  # noqa: E402
 
 from gopher_jax import checkpoint as ckpt_lib  # noqa: E402
 from gopher_jax.cli import main  # noqa: E402
@@ -61,10 +61,13 @@ def tokenizer_file(tmp_path_factory) -> pathlib.Path:
 
 
 def random_workdir(root: pathlib.Path, tokenizer_file: pathlib.Path, scan: bool,
-                   tie: bool = True):
-    """experiments/tiny.py with every parameter random, saved as step STEP (no training)."""
-    c = tiny(root / "data")
-    c.data.seq_len = 32
+                   tie: bool = True, name: str = "tiny"):
+    """experiments/<name>.py (tiny: at seq_len 32) with every parameter random, saved as step
+    STEP (no training)."""
+    c = experiment(name)
+    c.data.data_dir = str(root / "data")
+    if name == "tiny":
+        c.data.seq_len = 32
     c.data.tokenizer_path = str(tokenizer_file)
     c.model.scan_layers = scan
     c.model.tie_embeddings = tie
@@ -235,6 +238,17 @@ def test_export_import_export_is_bit_identical(tmp_path, tokenizer_file, dtype):
     assert names == sorted(p.name for p in second.iterdir())
     for n in names:
         assert (first / n).read_bytes() == (second / n).read_bytes(), n
+
+
+@pytest.mark.slow
+def test_default_model_logits_match_past_its_context(tmp_path, tokenizer_file):
+    """experiments/default.py's shapes (8,000 pieces, 4 layers of 4 x 64), random weights,
+    at 4x its 128-token training context."""
+    c, work, params = random_workdir(tmp_path, tokenizer_file, scan=True, name="default")
+    export_lib.export(work, tmp_path / "hf", STEP, tokenizer_path=tokenizer_file)
+    diff = max_logit_diff(c, params, tmp_path / "hf", 4 * c.data.seq_len)
+    print(f"max abs logit diff, default model shapes, T={4 * c.data.seq_len}: {diff:.2e}")
+    assert diff <= TOL
 
 
 @pytest.mark.slow
