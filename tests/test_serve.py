@@ -279,12 +279,13 @@ def test_lm_eval_local_completions_matches_our_adapter(trained, tmp_path):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lm_eval
+    import lm_eval.models  # noqa: F401 - registers local-completions
     import lm_eval.tasks
     import numpy as np
-    from gopher_jax.tasks.score import score
     from test_lm_eval import DOCS, _our_task, local_task
 
     from gopher_jax.lm_eval_adapter import GopherLM
+    from gopher_jax.tasks.grading import score
 
     s = Server(tmp_path / "eval", trained / "work", "--model_name=tiny")
     try:
