@@ -11,6 +11,7 @@ import json
 import pathlib
 import random
 
+import numpy as np
 import pytest
 
 from gopher_jax.config import base_config
@@ -65,22 +66,20 @@ def plays_corpus(root: pathlib.Path) -> str:
 def base(tmp_path_factory):
     """A config on the corpus with its tokenizer trained once; `data prepare` (filtered, one
     process) as the reference."""
-    corpus = tmp_path_factory.mktemp("plays")
     c = base_config()
-    c.model.vocab_size = 400
-    c.train.batch_size = 8
-    c.data.update(dataset="text_files", text_files=plays_corpus(corpus), seq_len=32,
-                  data_dir=str(tmp_path_factory.mktemp("ref")), docs_per_shard=16,
-                  filter=True)
+    c.model.vocab_size, c.train.batch_size = 400, 8
+    c.data.update(dataset="text_files", seq_len=32, docs_per_shard=16, filter=True,
+                  text_files=plays_corpus(tmp_path_factory.mktemp("plays")),
+                  data_dir=str(tmp_path_factory.mktemp("ref")))
     info = pipeline.prepare(c)
     c.data.tokenizer_path = info.tokenizer
     return c, info
 
 
-def _config(base_cfg, data_dir, **data):
+def _config(base_cfg, data_dir):
+    """`base_cfg` with another data dir."""
     c = base_cfg.copy_and_resolve_references()
-    c.data.data_dir = str(data_dir)
-    c.data.update(data)
+    c.data.update(data_dir=str(data_dir))
     return c
 
 
@@ -174,35 +173,43 @@ def _prose(rng: random.Random, vocab: list[str], n: int) -> str:
     return " ".join(["the", "and"] + [rng.choice(vocab) for _ in range(n - 2)])
 
 
-def prose_corpus(root: pathlib.Path, docs: int, words: int, pair: tuple[int, int] | None
-                 ) -> str:
-    """`docs` distinct documents that pass every rule, as one .jsonl; with `pair` (a, b),
-    line b is line a with one word in 200 changed (13-gram Jaccard ~0.88: a near
-    duplicate)."""
+def prose_corpus(root: pathlib.Path, docs: int, words: int,
+                 pairs: list[tuple[int, int, int]]) -> str:
+    """`docs` distinct documents that pass every rule, as one .jsonl; for each (a, b, every)
+    of `pairs`, line b is line a with one word in `every` changed."""
     rng = random.Random(docs)
     vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5))
              for _ in range(3000)]
     texts = [_prose(rng, vocab, words) for _ in range(docs)]
-    if pair is not None:
-        texts[pair[1]] = _variant(texts[pair[0]], 200)
+    for a, b, every in pairs:
+        texts[b] = _variant(texts[a], every)
     with open(root / "c.jsonl", "w") as f:
         for t in texts:
             f.write(json.dumps({"text": t}) + "\n")
     return str(root / "c.jsonl")
 
 
-def _prose_config(tmp_path, docs, words, pair, docs_per_shard):
+def _prose_config(tmp_path, docs, words, pairs, docs_per_shard):
     (tmp_path / "raw").mkdir()
     c = base_config()
     c.data.update(dataset="text_files", docs_per_shard=docs_per_shard,
-                  text_files=prose_corpus(tmp_path / "raw", docs, words, pair),
+                  text_files=prose_corpus(tmp_path / "raw", docs, words, pairs),
                   data_dir=str(tmp_path / "data"))
     return c
 
 
 def test_near_duplicate_pair_in_two_tasks_shards_is_found(tmp_path):
+    """Lines 1 and 38: Jaccard ~0.9, in shards of different tasks. Lines 3 and 20: Jaccard
+    ~0.7, an LSH candidate (checked here) that the exact confirmation keeps."""
+    from gopher_jax.data import dedup
+
     tasks, dps = 4, 8
-    c = _prose_config(tmp_path, 40, 400, (1, 38), dps)
+    c = _prose_config(tmp_path, 40, 400, [(1, 38, 200), (3, 20, 80)], dps)
+    lines = [json.loads(x)["text"] for x in open(c.data.text_files)]
+    a, b = (dedup.shingles(lines[i]) for i in (3, 20))
+    assert 0.6 < dedup.jaccard(a, b) < dedup.JACCARD
+    assert (0, 1) in dedup.candidate_pairs(np.stack([dedup.signature(a),
+                                                     dedup.signature(b)]))
     eng = engine.Engine("local", tasks=tasks, workers=1)
     m = corpus_filter.filter_corpus(c, tmp_path / "engine", engine=eng)
     near = json.loads((tmp_path / "engine" / "audit" / "near_dedup.json").read_text())
@@ -223,7 +230,7 @@ def test_dedup_task_memory_stays_under_a_bound_the_in_memory_dedup_exceeds(tmp_p
 
     from gopher_jax.data import shards
 
-    c = _prose_config(tmp_path, 1200, 300, (5, 1000), 64)
+    c = _prose_config(tmp_path, 1200, 300, [(5, 1000, 200)], 64)
     ref = corpus_filter.filter_corpus(c, tmp_path / "ref")
     builder = builders.prepare_builder(c)
     plans = {s: shards.shard_ranges(builder.info.splits[s].num_examples, 64)
@@ -243,7 +250,7 @@ def test_dedup_task_memory_stays_under_a_bound_the_in_memory_dedup_exceeds(tmp_p
     assert m == ref and m.stages["near_dedup"]["docs_removed"] == 1
     (work_dir,) = (tmp_path / "engine" / "engine").iterdir()
     peaks = {(r["stage"], r["rank"]): r["tracemalloc_peak"]
-             for r in engine.memory_report(work_dir)}
+             for r in engine.task_report(work_dir)}
     assert {s for s, _ in peaks} == {"rules", "partition", "confirm", "cluster", "docs",
                                      "report"}
     over = {k: v for k, v in peaks.items() if v >= bound}

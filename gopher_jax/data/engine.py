@@ -37,8 +37,8 @@ the rules, the exact-Jaccard confirmation and the chunk format are gopher_jax's 
 dedup_sharded.py, tokenized.py say why for each). The executors are datatrove's: tasks,
 workers, completion markers, SLURM job arrays, Ray placement and retries.
 
-Memory: with `trace_memory`, each task records its peak Python/numpy allocation
-(tracemalloc) and the process's peak resident set in `<work>/memory/<stage>-<rank>.json`.
+Each task records its wall time in `<work>/tasks/<stage>-<rank>.json`; with `trace_memory`
+also its peak Python/numpy allocation (tracemalloc) and the process's peak resident set.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ import numpy as np
 from gopher_jax import storage
 from gopher_jax.data import artefacts, dedup_sharded, shards, tokenized
 from gopher_jax.data.digests import digest, file_sha
-from gopher_jax.errors import UsageError
+from gopher_jax.errors import DataError, UsageError
 
 EXECUTORS = ("local", "ray", "slurm")
 ENGINE_DIR = "engine"  # inside a filter dir and a chunks dir: the stages' work and logs
@@ -117,10 +117,12 @@ class Engine:
 class Step:
     """One stage as a datatrove pipeline step: fn(rank, world_size, *args) for the task's
     rank. A plain picklable callable (datatrove accepts any callable with (data, rank,
-    world_size)); there are no documents flowing between our stages, only files."""
+    world_size)); there are no documents flowing between our stages, only files. Each task
+    records its wall time (and with `trace`, its peak memory) in <report_dir>."""
 
-    def __init__(self, stage: str, fn: Callable, args: tuple, memory_dir: str | None):
-        self.stage, self.fn, self.args, self.memory_dir = stage, fn, args, memory_dir
+    def __init__(self, stage: str, fn: Callable, args: tuple, report_dir: str, trace: bool):
+        self.stage, self.fn, self.args = stage, fn, args
+        self.report_dir, self.trace = report_dir, trace
         self.name = f"gopher_jax {stage}"
 
     def __repr__(self) -> str:
@@ -128,19 +130,20 @@ class Step:
 
     def __call__(self, data, rank: int = 0, world_size: int = 1):
         del data
-        if self.memory_dir is None:
-            self.fn(rank, world_size, *self.args)
-            return None
-        tracemalloc.start()
+        t0 = time.perf_counter()
+        if self.trace:
+            tracemalloc.start()
         try:
             self.fn(rank, world_size, *self.args)
-            peak = tracemalloc.get_traced_memory()[1]
+            record = {"stage": self.stage, "rank": rank,
+                      "seconds": time.perf_counter() - t0}
+            if self.trace:
+                record["tracemalloc_peak"] = tracemalloc.get_traced_memory()[1]
+                record["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         finally:
-            tracemalloc.stop()
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        _write_json(pathlib.Path(self.memory_dir) / f"{self.stage}-{rank:05d}.json",
-                    {"stage": self.stage, "rank": rank, "tracemalloc_peak": peak,
-                     "max_rss": rss})
+            if self.trace:
+                tracemalloc.stop()
+        _write_json(pathlib.Path(self.report_dir) / f"{self.stage}-{rank:05d}.json", record)
         return None
 
 
@@ -149,8 +152,7 @@ def run_stage(eng: Engine, work: pathlib.Path, stage: str, fn: Callable, args: t
     """Runs `fn` as `tasks` (default eng.tasks) datatrove tasks; logs and completion markers
     in <work>/logs/<stage>."""
     n = eng.tasks if tasks is None else tasks
-    memory = str(work / "memory") if eng.trace_memory else None
-    pipeline = [Step(stage, fn, args, memory)]
+    pipeline = [Step(stage, fn, args, str(work / "tasks"), eng.trace_memory)]
     logs = str(work / "logs" / stage)
     if eng.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
@@ -169,17 +171,28 @@ def run_stage(eng: Engine, work: pathlib.Path, stage: str, fn: Callable, args: t
 
         kwargs = dict(eng.slurm)
         kwargs.setdefault("time", "24:00:00")
-        SlurmPipelineExecutor(pipeline, tasks=n, workers=eng.workers, logging_dir=logs,
-                              job_name=f"gopher_{stage}", **kwargs).run()
+        slurm = SlurmPipelineExecutor(pipeline, tasks=n, workers=eng.workers, logging_dir=logs,
+                                      job_name=f"gopher_{stage}", **kwargs)
+        slurm.run()  # submits a job array and returns: wait for it to leave the queue
+        _wait_for_slurm(getattr(slurm, "job_id", None))
     _check_complete(logs, n, stage)
+
+
+def _wait_for_slurm(job_id: str | None, poll_s: float = 30) -> None:
+    import subprocess
+
+    while job_id and subprocess.run(["squeue", "-h", "-j", str(job_id)], capture_output=True,
+                                    text=True).stdout.strip():
+        time.sleep(poll_s)
 
 
 def _check_complete(logs: str, tasks: int, stage: str) -> None:
     done = pathlib.Path(logs) / "completions"
     missing = [r for r in range(tasks) if not (done / f"{r:05d}").exists()]
     if missing:
-        raise RuntimeError(f"engine stage {stage}: tasks {missing[:8]} did not complete "
-                           f"(see {logs}/logs); run the same command again to redo only them")
+        raise DataError(f"engine stage {stage}: task(s) {missing[:8]} did not complete "
+                        f"(their logs are in {logs}/logs)",
+                        "run the same command again: it redoes only those tasks")
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
@@ -492,8 +505,9 @@ def prepare_split(eng: Engine, cfg: ml_collections.ConfigDict, split: str, num_d
     return tokenized.read_meta(folder)
 
 
-def memory_report(work: pathlib.Path) -> list[dict]:
-    """The per-task memory records a `trace_memory` run left under `work`."""
-    folder = work / "memory"
+def task_report(work: pathlib.Path) -> list[dict]:
+    """Every task's record under a stage folder `work`: stage, rank, seconds, and with
+    trace_memory its tracemalloc peak and the process's peak resident set (max_rss)."""
+    folder = work / "tasks"
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] \
         if folder.is_dir() else []
