@@ -52,7 +52,7 @@ def replicates(members: Sequence[T], fit: Callable[[list[T]], dict[str, float]],
         draw = resample(members, rng, strata)
         try:
             out = fit(draw)
-        except (ValueError, RuntimeError, np.linalg.LinAlgError):
+        except (ValueError, RuntimeError, ArithmeticError, np.linalg.LinAlgError):
             failed += 1
             continue
         for k, v in out.items():
