@@ -207,6 +207,9 @@ def check(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None,
     elif step not in steps:
         raise UsageError(f"--step {step} is not a checkpoint of {workdir} (it has "
                          f"{', '.join(map(str, steps))})", "pass one of those or no --step")
+    if storage.is_remote(out):
+        raise UsageError(f"--out {out} is not a local path",
+                         "export to a local directory, then copy it (e.g. gsutil -m cp -r)")
     out = pathlib.Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty directory",

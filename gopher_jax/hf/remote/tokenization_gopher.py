@@ -19,6 +19,9 @@ import shutil
 import sentencepiece as spm
 from transformers import PreTrainedTokenizer
 
+# This file runs inside transformers, where gopher_jax need not be installed, so it repeats
+# the two rules of gopher_jax/data/tokenizer.py that fix the ids and bytes (the byte table
+# and the U+2581 split); tests/test_hf.py checks the two give the same ids and text.
 SPACE_SYMBOL = "\u2581"
 
 
