@@ -85,6 +85,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--block_q", type=int, default=None, help="model.attention_block_q override")
     p.add_argument("--scan", type=int, default=None, help="model.scan_layers override (0/1)")
+    p.add_argument("--attention_impl", default=None, help="model.attention_impl override")
     p.add_argument("--out", default="")
     p.add_argument("--profile", default="", help="trace two steps into this directory")
     a = p.parse_args()
@@ -113,6 +114,8 @@ def main() -> None:
         c.model.attention_block_q = a.block_q
     if a.scan is not None:
         c.model.scan_layers = bool(a.scan)
+    if a.attention_impl is not None:
+        c.model.attention_impl = a.attention_impl
     c.train.master_fp32 = False
     c.mesh.update(rules=a.rules, data=1, fsdp=-1, tensor=1)
     if a.rules == "data-only":
@@ -174,7 +177,7 @@ def main() -> None:
     res = {
         "config": a.config, "seq_len": t, "batch": b, "devices": a.devices, "rules": a.rules,
         "remat": a.remat, "dtype": a.dtype, "attention_block_q": c.model.attention_block_q,
-        "scan_layers": c.model.scan_layers,
+        "scan_layers": c.model.scan_layers, "attention_impl": c.model.attention_impl,
         "step_time_s_median": step_s, "step_times_s": times, "compile_s": compile_s,
         "tokens_per_s": tokens / step_s,
         "model_flops_per_step": model_flops,

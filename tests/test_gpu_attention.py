@@ -94,6 +94,32 @@ def test_tiles_are_powers_of_two_covering_the_sequence():
     assert ga.tiles_for(5, 8, 64, interpret=True).block == ga.MIN_SIDE
 
 
+# ----------------------------------------------------- on a GPU (benchmarks/gpu_check.sh)
+
+ON_GPU = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+
+
+@pytest.mark.gpu
+@ON_GPU
+@pytest.mark.parametrize("dtype, head_dim", [("float32", 64), ("bfloat16", 128)])
+def test_compiled_kernel_equals_xla_on_the_gpu(dtype, head_dim):
+    """The Triton-compiled kernels (interpret=False), ragged T, packed rows, 64-wide tiles."""
+    arrays, seg, ct = _inputs(2, 300, 4, head_dim, dtype, 3, seed=3)
+    kernel = jax.jit(functools.partial(ga.gpu_flash_attention, interpret=False))
+    xla = jax.jit(functools.partial(xla_attention, block_q=128))
+    with jax.default_matmul_precision("highest"):  # XLA's fp32 matmuls without TF32
+        want = _value_and_grads(xla, arrays, seg, ct)
+    _assert_close(_value_and_grads(kernel, arrays, seg, ct), want, dtype)
+
+
+@pytest.mark.gpu
+@ON_GPU
+def test_auto_on_this_gpu_follows_the_recorded_runs():
+    want = "pallas_gpu" if hardware.gpu_attention_kernel_runs(
+        jax.devices()[0].device_kind) else "xla"
+    assert resolve_impl("auto") == want
+
+
 # ------------------------------------------------------------------------------ slow tier
 
 
