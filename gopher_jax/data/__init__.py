@@ -6,18 +6,21 @@
     for b in data.eval_batches(cfg, split, 16): ...        # one corpus's split, in order
 
 Whether the config trains on one corpus (pipeline.py) or a weighted mixture of sources
-(mixture.py) is asked of `sources.is_mixture` here, once per call; the modules below do
-not ask it again. The layers, each importing only those under it:
+(mixture.py) is one predicate, `sources.is_mixture`, asked here once per call (and by
+artefacts.corpus_name, which names a mixture's files); nothing else reads data.sources to
+decide it. The layers, each importing only those under it:
 
     __init__ (this API)
     mixture          a mixture's preparation, batches and combined results
     pipeline         one corpus: preparation, chunks, TrainData, eval batches
+    engine           the same preparation as datatrove executor stages (dedup_sharded)
     corpus_filter    the MassiveText filter stage (filters, dedup)
     shards           sharded, resumable, parallel tokenization
     artefacts        the names of every file and folder of a data dir
     sources          sources and weights (mixture or not)
-    builders, tokenizer, tokenized, rows, digests    leaves: TFDS builders, SentencePiece,
-                     the chunk format, batch rows per process, short hashes
+    builders, readers, tokenizer, tokenized, rows, digests, records    leaves: TFDS
+                     builders and raw files, SentencePiece, the chunk format, batch rows per
+                     process, short hashes, the typed records handed between the layers
 """
 
 from __future__ import annotations
