@@ -145,3 +145,28 @@ def test_graph_sees_lazy_relative_and_submodule_imports(tmp_path):
     assert graph[f"{PKG}.sub.c"] == {f"{PKG}.a"}
     assert graph[f"{PKG}.d"] == {f"{PKG}.sub", f"{PKG}.sub.b", f"{PKG}.sub.c"}
     assert cycles(graph) == [[f"{PKG}.a", f"{PKG}.sub.b", f"{PKG}.sub.c"]]
+
+
+# data/'s layers, top first (data/__init__.py describes them): a module may import only those
+# in later layers. A module not listed here is left to test_no_import_cycles.
+DATA_LAYERS = (
+    ("",),  # the API, data/__init__.py
+    ("mixture",),
+    ("pipeline",),
+    ("engine",),
+    ("corpus_filter",),
+    ("shards",),
+    ("artefacts",),
+    ("sources",),
+    ("builders", "dedup_sharded", "tokenized"),
+    ("readers", "tokenizer", "rows", "digests", "records", "filters", "dedup"),
+)
+
+
+def test_data_modules_import_only_the_layers_under_them():
+    graph = import_graph()
+    layer = {f"{PKG}.data{'.' + m if m else ''}": i
+             for i, names in enumerate(DATA_LAYERS) for m in names}
+    upward = [f"{m} -> {d}" for m, i in layer.items() if m in graph
+              for d in sorted(graph[m]) if layer.get(d, len(DATA_LAYERS)) <= i]
+    assert not upward, "data/ imports against its layers:\n" + "\n".join(upward)
