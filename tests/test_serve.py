@@ -218,6 +218,20 @@ def test_a_client_leaving_mid_stream_is_a_clean_close(server):
     no_tracebacks(server)
 
 
+def test_audit_log_rotates_by_size(tmp_path):
+    from gopher_jax.serve.audit import AuditLog
+
+    log = AuditLog(tmp_path / "audit.jsonl", max_bytes=1000, backups=2)
+    for i in range(40):
+        log.write(id=str(i), prompt="x" * 50)
+    log.close()
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
+    ids = [json.loads(line)["id"] for f in reversed(files) for line in f.read_text().splitlines()]
+    assert ids == [str(i) for i in range(40 - len(ids), 40)]  # the newest lines, in order
+    assert all(f.stat().st_size <= 1000 for f in files)
+
+
 def test_non_loopback_bind_without_a_key_is_one_error_line(trained, capsys):
     from gopher_jax.cli.app import main
 

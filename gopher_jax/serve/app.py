@@ -18,7 +18,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -346,23 +346,23 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(400, "a token id is outside the vocabulary", "tokens")
         return {"prompt": service.tokenizer.decode(body.tokens)}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        call = _Call(service, request, "/v1/completions")
+    async def audited(request: Request, endpoint: str,
+                      answer: Callable[[_Call], Awaitable[Any]]) -> Any:
+        """A completion endpoint's answer; its errors are audited too."""
+        call = _Call(service, request, endpoint)
         try:
-            return await _completion(call)
+            return await answer(call)
         except ApiError as e:
             call.audit(e.status, e.message)
             return _error(e)
 
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await audited(request, "/v1/completions", _completion)
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        call = _Call(service, request, "/v1/chat/completions")
-        try:
-            return await _chat(call)
-        except ApiError as e:
-            call.audit(e.status, e.message)
-            return _error(e)
+        return await audited(request, "/v1/chat/completions", _chat)
 
     return app
 
