@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 from etils import epath
 
-from gopher_jax.errors import UsageError
+from gopher_jax.errors import UsageError, UserError
 
 REMOTE_SCHEMES = ("gs",)
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -118,6 +119,22 @@ def write_atomic(p: str | os.PathLike, data: str | bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_json(p: str | os.PathLike, fix: str = "") -> Any:
+    """A JSON file a run wrote (a workdir's or a data dir's); a damaged one (half-written,
+    hand-edited, not UTF-8) is one UserError naming the file and the line, with `fix`."""
+    import json
+
+    text = path(p).read_bytes()
+    fix = fix or "restore the file, or delete it to have it rebuilt where it can be"
+    try:
+        return json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p} is not UTF-8 text (byte {e.start})", fix) from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p} line {e.lineno} column {e.colno} is not valid JSON ({e.msg})",
+                        fix) from e
 
 
 def append_text(p: epath.Path, text: str) -> None:

@@ -9,6 +9,7 @@ import os
 import pathlib
 import shutil
 import signal
+import subprocess
 import threading
 import time
 
@@ -273,3 +274,99 @@ def _launch(cmd: list[str]) -> tuple[int, str]:
     rc = local.launch(cmd, num_processes=2, devices_per_process=2, grace_s=3, timeout_s=150,
                       out=io.StringIO(), capture=lines)
     return rc, "".join(lines)
+
+
+# ------------------------------------------------------------------ damaged inputs
+
+
+def _one_error(capsys, code: int, rc: int) -> str:
+    err = capsys.readouterr().err
+    errors = _error_lines(err)
+    assert rc == code and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]
+
+
+def test_a_config_file_that_does_not_run_is_one_error_line(tmp_path, capsys):
+    """A syntax error or a get_config() that raises: the file and line, not a traceback;
+    --verbose keeps it."""
+    from gopher_jax.cli import main
+
+    bad = tmp_path / "bad.py"
+    bad.write_text("from gopher_jax.config import base_config\n\ndef get_config(:\n")
+    argv = ["train", "--config", str(bad), f"--workdir={tmp_path}/run"]
+    line = _one_error(capsys, 2, main(argv))
+    assert f"config file {bad} line 3" in line and "fix the syntax" in line, line
+    raising = tmp_path / "raising.py"
+    raising.write_text("from gopher_jax.config import base_config\n\n\ndef get_config():\n"
+                       "    c = base_config()\n    return c.no_such_section.x\n")
+    line = _one_error(capsys, 2, main(["train", "--config", str(raising),
+                                       f"--workdir={tmp_path}/run"]))
+    assert f"config file {raising} line 6 raised AttributeError" in line, line
+    assert main(["train", "--config", str(raising), f"--workdir={tmp_path}/run",
+                 "--verbose"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error:")
+    assert not (tmp_path / "run").exists()
+
+
+def test_damaged_files_of_a_workdir_and_a_data_dir_are_one_error_line(trained, tmp_path,
+                                                                      capsys):
+    """config.json half-written or hand-edited into another shape, a metrics row mangled in
+    the middle, a prepared split's meta torn: each is one line naming the file and line."""
+    from gopher_jax.cli import main
+
+    root = tmp_path / "copy"
+    shutil.copytree(trained, root)
+    work, data = root / "work", root / "data"
+    config = work / "config.json"
+    text = config.read_text()
+    config.write_text(text[: len(text) // 2])
+    line = _one_error(capsys, 1, main(["eval", f"--workdir={work}"]))
+    assert f"{config} line " in line and "is not valid JSON" in line, line
+    config.write_text(text.replace('"num_layers": 2', '"num_layers": "two"'))
+    line = _one_error(capsys, 1, main(["eval", f"--workdir={work}"]))
+    assert f"{config} does not hold a config" in line, line
+    config.write_text(text)
+
+    metrics = work / "metrics.jsonl"
+    rows = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([rows[0][:-9], *rows[1:]]) + "\n")
+    argv = ["train", "--config", str(TINY), f"--workdir={work}",
+            f"--config.data.data_dir={data}", "--config.train.steps=6",
+            "--config.train.warmup_steps=1", "--config.train.eval_every=0"]
+    line = _one_error(capsys, 1, main(argv))
+    assert f"{metrics} line 1 is not a metrics row" in line, line
+    metrics.write_text("\n".join(rows) + "\n")
+
+    meta = next(data.glob("chunks/*/*/train.json"))
+    meta.write_text(meta.read_text()[:40])
+    line = _one_error(capsys, 1, main(argv))
+    assert f"{meta} line " in line and "data prepare" in line, line
+
+
+# ------------------------------------------------------------------ read-only prepared data
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
+                    reason="mounting a read-only tmpfs needs root")
+def test_train_and_eval_run_from_a_read_only_prepared_data_dir(data_dir, tmp_path, capsys):
+    """The prepared data on a file system remounted read-only (EROFS: refused to root too,
+    as a read-only NFS export or bucket mount is). Catches a train/eval that insists on
+    writing there; a piece that is missing (chunks for another seq_len) is named."""
+    from gopher_jax.cli import main
+
+    with small_tmpfs(tmp_path / "ro", "64m") as ro:
+        shutil.copytree(data_dir, ro / "data")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        argv = ["train", "--config", str(TINY), f"--workdir={tmp_path}/run",
+                f"--config.data.data_dir={ro}/data", "--config.train.steps=4",
+                "--config.train.warmup_steps=1", "--config.train.eval_every=0",
+                "--config.train.checkpoint_every=4"]
+        assert main(argv) == 0, capsys.readouterr().err[-3000:]
+        assert main(["eval", f"--workdir={tmp_path}/run",
+                     "--config.train.eval_batches=2"]) == 0, capsys.readouterr().err[-3000:]
+        capsys.readouterr()
+        line = _one_error(capsys, 1, main([*argv[:3], f"--workdir={tmp_path}/run32",
+                                           *argv[4:], "--config.data.seq_len=32"]))
+        assert "the 'train' chunks for seq_len 32 is not prepared" in line, line
+        assert f"cannot be written to {ro}/data/chunks/" in line and "Read-only" in line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import tempfile
@@ -14,7 +15,7 @@ from etils import epath
 from gopher_jax import config as config_lib
 from gopher_jax import storage
 from gopher_jax import workdir as workdir_lib
-from gopher_jax.errors import UsageError, UserError
+from gopher_jax.errors import ConfigError, UsageError, UserError
 
 DEFAULT_CONFIG = "experiments/default.py"
 DEFAULT_WORKDIR = "runs/default"
@@ -75,9 +76,30 @@ def apply_multiprocess(args: argparse.Namespace) -> None:
 
 def load_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     """--config FILE with the overrides, checked (ranges, names) before any work."""
-    c = config_lib.load(args.config, args.overrides)
+    c = load_config_file(args.config, args.overrides)
     config_lib.check(c)
     return c
+
+
+def load_config_file(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
+    """config.load, with a config file that does not run (a syntax error, get_config
+    raising) as one ConfigError naming the file and line; --verbose shows the traceback."""
+    try:
+        return config_lib.load(path, overrides)
+    except UserError:
+        raise
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path} line {e.lineno}: {e.msg}",
+                          "fix the syntax there") from e
+    except Exception as e:  # noqa: BLE001 - whatever the user's get_config() raises
+        import traceback
+
+        here = pathlib.Path(path).resolve()
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+                 if pathlib.Path(f.filename).resolve() == here]
+        where = f" line {lines[-1]}" if lines else ""
+        raise ConfigError(f"config file {path}{where} raised {type(e).__name__}: {e}",
+                          "fix get_config() there; --verbose shows the traceback") from e
 
 
 def trained_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
@@ -90,10 +112,23 @@ def trained_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     if not path.is_file():
         raise UserError(f"{workdir} has no {workdir_lib.CONFIG_JSON} (not a training workdir?)",
                         "pass the --workdir of a `train` run, or --config FILE")
-    c = config_lib.apply_overrides(config_lib.from_json(path.read_text()),
-                                   args.overrides)
+    c = config_lib.apply_overrides(stored_config(path), args.overrides)
     config_lib.check(c)
     return c
+
+
+def stored_config(path: epath.Path) -> ml_collections.ConfigDict:
+    """A config a run stored (config.json): damaged or hand-edited into one that does not
+    load, it is one error naming it."""
+    fix = "restore it from the run's copy, or pass --config FILE"
+    stored = storage.read_json(path, fix)
+    try:
+        return config_lib.from_json(json.dumps(stored))
+    except UserError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise UserError(f"{path} does not hold a config ({type(e).__name__}: {e})",
+                        fix) from e
 
 
 def existing_workdir(workdir: str) -> epath.Path:
@@ -103,6 +138,16 @@ def existing_workdir(workdir: str) -> epath.Path:
         raise UserError(f"workdir {workdir} does not exist",
                         "pass the --workdir of a `train` run")
     return path
+
+
+def data_dir(c: ml_collections.ConfigDict) -> epath.Path:
+    """data.data_dir for a command that reads prepared data: one that exists may be read-only
+    (a shared dataset; preparing refuses by name only what it would have to write there);
+    one that does not must be creatable."""
+    path = storage.path(c.data.data_dir)
+    if path.is_dir():
+        return path
+    return writable_dir(c.data.data_dir, "data dir (data.data_dir)")
 
 
 def writable_dir(path: str | os.PathLike, what: str = "workdir") -> epath.Path:

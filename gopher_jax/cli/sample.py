@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     c = common.trained_config(args)
     # Before any checkpoint is read: a bad option costs nothing.
     sample.check_options(c.model.vocab_size, args.max_new_tokens, args.temperature, args.top_k)
-    common.writable_dir(c.data.data_dir, "data dir (data.data_dir)")
+    common.data_dir(c)
     out = sample.run(c, args.workdir, args.prompt, args.max_new_tokens, args.temperature,
                      args.top_k, args.seed)
     for n in out["notices"]:

@@ -8,6 +8,7 @@ import argparse
 
 import ml_collections
 
+from gopher_jax import storage
 from gopher_jax.cli import common, console
 from gopher_jax.errors import UsageError
 
@@ -89,9 +90,12 @@ def resolve_tasks(args: argparse.Namespace, c: ml_collections.ConfigDict,
         if t.kind == spec.LANGUAGE_MODELLING:
             corpora.check(c, t)
     if from_suites:
-        directory = common.writable_dir(c.data.data_dir, "data dir (data.data_dir)") / "tasks"
-        for t in from_suites:
-            spec.write(t, directory)
+        directory = storage.path(c.data.data_dir) / "tasks"
+        for t in from_suites:  # a copy to read; a read-only data dir that has it is fine
+            if not _written(t, directory / f"{t.name}.json"):
+                common.writable_dir(c.data.data_dir, "data dir (data.data_dir), for the "
+                                    f"suite's task {t.name}.json")
+                spec.write(t, directory)
     return [t.limited(args.limit) for t in tasks]
 
 
@@ -105,3 +109,14 @@ def run(args: argparse.Namespace) -> int:
     results = run_lib.run(c, args.workdir, tasks, args.batch_size, args.max_new_tokens)
     console.out(results["markdown"].rstrip())
     return 0
+
+
+def _written(task, path) -> bool:
+    """Whether `path` already holds this task (then nothing needs writing)."""
+    from gopher_jax.tasks import spec
+
+    try:
+        return path.is_file() and spec.load(path) == task
+    except Exception:  # noqa: BLE001 - unreadable or another task: write it again
+        return False
+

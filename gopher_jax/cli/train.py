@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     c = common.load_config(args)
     common.writable_dir(args.workdir)
-    common.writable_dir(c.data.data_dir, "data dir (data.data_dir)")
+    common.data_dir(c)
     common.apply_multiprocess(args)
     from gopher_jax.train import loop
 

@@ -20,7 +20,6 @@ names one `path` instead of `files` (one `<split>.array_record`) is read the sam
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pathlib
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from gopher_jax import storage
 from gopher_jax.data.tokenizer import EOS_ID
 from gopher_jax.errors import DataError
 
@@ -157,7 +157,8 @@ def read_meta(path: str | os.PathLike) -> dict | None:
     meta = meta_path(path)
     if not meta.is_file():
         return None
-    return json.loads(meta.read_text())
+    return storage.read_json(meta, "delete it, then `python -m gopher_jax data prepare "
+                             "--config ...` rebuilds the split")
 
 
 def chunk_files(path: str | os.PathLike, meta: dict) -> list[str]:
