@@ -164,3 +164,26 @@ def test_resample_keeps_each_budget_whole():
     assert [r.budget for r in draw] == [r.budget for r in runs]
     assert all(isinstance(r, Run) for r in draw)
     assert dataclasses.is_dataclass(draw[0])
+
+
+def test_task_sigmoid_recovers_its_parameters_and_predicts_the_held_out_budget():
+    """Scores drawn as binomial accuracies (500 examples) around a known sigmoid of the loss;
+    the largest budget's members have the lowest losses, so the held-out check extrapolates."""
+    from gopher_jax.scaling import task_law
+
+    rng = np.random.default_rng(0)
+    true = {"top": 0.8, "k": 6.0, "x0": 2.4}
+    bpb = np.concatenate([np.linspace(2.9, 2.5, 6), np.linspace(2.6, 2.2, 6),
+                          np.linspace(2.3, 1.9, 6)])
+    p = task_law.sigmoid(bpb, 0.25, true["top"], true["k"], true["x0"])
+    scores = rng.binomial(500, p) / 500
+    budgets = ["C1"] * 6 + ["C2"] * 6 + ["C3"] * 6
+    fit = task_law.fit_scores([f"m{i}" for i in range(18)], list(bpb), list(scores), 0.25,
+                              budgets, {"C1": 1.0, "C2": 2.0, "C3": 3.0}, replicates=60)
+    for key, value in true.items():
+        lo, hi = fit[key]["interval"]
+        assert lo <= value <= hi, (key, fit[key])
+    assert fit["per_bit"]["value"] > 5 * fit["per_bit"]["stderr"]
+    held = fit["held_out"]
+    assert held["budget"] == "C3" and len(held["members"]) == 6
+    assert held["mean_abs_error"] < 0.05 and held["inside"] >= 4

@@ -113,5 +113,6 @@ def summary(out: dict[str, Any]) -> list[str]:
                 f"{held['inside']}/{len(held['members'])} inside" if "members" in held else "")
         lines.append(f"[scaling] tasks {name}: sigmoid top {g['top']['value']:.3f}, "
                      f"k {g['k']['value']:.3g}, x0 {g['x0']['value']:.3f}, "
-                     f"rmse {g['rmse']:.3f}{tail}")
+                     f"rmse {g['rmse']:.3f}; line: {g['per_bit']['value']:+.3f} +- "
+                     f"{g['per_bit']['stderr']:.3f} per bit per byte lost{tail}")
     return lines

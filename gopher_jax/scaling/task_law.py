@@ -56,10 +56,15 @@ def fit_scores(names: list[str], bpb: list[float], scores: list[float], chance: 
 
     point = one(rows)
     values, failed = bootstrap.replicates(rows, one, replicates, seed, strata)
+    # The least-squares line as a plain check of the sigmoid: score gained per bit per byte
+    # of loss lost, with its standard error.
+    (slope, _), cov = np.polyfit(np.asarray(bpb), np.asarray(scores), 1, cov=True)
     out: dict[str, Any] = {"chance": chance,
                            **bootstrap.intervals({k: point[k] for k in ("top", "k", "x0")},
                                                  values, failed),
-                           "rmse": point["rmse"]}
+                           "rmse": point["rmse"],
+                           "per_bit": {"value": float(-slope),
+                                       "stderr": float(np.sqrt(cov[0, 0]))}}
     order = sorted({b for b in budgets if b}, key=lambda b: budget_flops.get(b, 0.0))
     if len(order) < 2:
         out["held_out"] = {"error": "needs two or more budgets"}
