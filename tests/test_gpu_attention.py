@@ -32,25 +32,35 @@ def test_ragged_length_packed_segments_fp32():
     _compare(batch=2, length=37, heads=2, head_dim=12, dtype="float32", segments=3, block=16)
 
 
-def test_sharded_on_8_devices():
-    """The shard_map wrapper over a (2, 2, 2) mesh with the fsdp+tensor rules (batch over
-    data and fsdp, heads over tensor): d(r) comes back summed over the batch shards."""
-    arrays, seg, ct = _inputs(4, 21, 2, 16, "float32", 3)
+def _compare_sharded(rule_set: str, length: int, heads: int, dtype: str, seed: int = 0
+                     ) -> tuple[list[jax.Array], tuple, str]:
+    """The shard_map wrapper on a (2, 2, 2) mesh under `rule_set` against XLA attention
+    unsharded: its outputs and gradients, the specs, and the traced program."""
+    arrays, seg, ct = _inputs(4, length, heads, 16, dtype, 3, seed)
     want = _value_and_grads(jax.jit(functools.partial(xla_attention, block_q=16)),
                             arrays, seg, ct)
     mesh = jax.make_mesh((2, 2, 2), rules_lib.MESH_AXES)
-    rules = rules_lib.RULE_SETS["fsdp+tensor"]
-    heads, rel, seg_spec = ga.flash_attention.attention_specs(rules)
+    rules = rules_lib.RULE_SETS[rule_set]
+    specs = ga.flash_attention.attention_specs(rules)
+    heads_spec, rel, seg_spec = specs
 
     def put(x, spec):
         return jax.device_put(x, jax.NamedSharding(mesh, spec))
 
-    xs = [put(x, heads) for x in arrays[:4]] + [put(arrays[4], rel)]
+    xs = [put(x, heads_spec) for x in arrays[:4]] + [put(arrays[4], rel)]
     with jax.set_mesh(mesh), rules_lib.use_rules(rules):
         attend = jax.jit(functools.partial(ga.sharded_gpu_flash_attention, block=16))
-        assert "shard_map" in str(jax.make_jaxpr(attend)(*xs, put(seg, seg_spec)))
-        got = _value_and_grads(attend, xs, put(seg, seg_spec), put(ct, heads))
-    _assert_close(got, want, "float32")
+        jaxpr = str(jax.make_jaxpr(attend)(*xs, put(seg, seg_spec)))
+        got = _value_and_grads(attend, xs, put(seg, seg_spec), put(ct, heads_spec))
+    _assert_close(got, want, dtype)
+    return got, specs, jaxpr
+
+
+def test_sharded_on_8_devices():
+    """The shard_map wrapper over a (2, 2, 2) mesh with the fsdp+tensor rules (batch over
+    data and fsdp, heads over tensor): d(r) comes back summed over the batch shards."""
+    got, (heads, rel, _), jaxpr = _compare_sharded("fsdp+tensor", 21, 2, "float32")
+    assert "shard_map" in jaxpr
     assert got[0].sharding.spec == heads and got[5].sharding.spec == rel
 
 
@@ -145,20 +155,7 @@ def test_one_position_and_one_block():
 @pytest.mark.slow
 @pytest.mark.parametrize("rule_set", sorted(rules_lib.RULE_SETS))
 def test_sharded_under_every_rule_set(rule_set):
-    arrays, seg, ct = _inputs(4, 40, 4, 16, "bfloat16", 2, seed=2)
-    want = _value_and_grads(jax.jit(functools.partial(xla_attention, block_q=16)),
-                            arrays, seg, ct)
-    mesh = jax.make_mesh((2, 2, 2), rules_lib.MESH_AXES)
-    rules = rules_lib.RULE_SETS[rule_set]
-    heads, rel, seg_spec = ga.flash_attention.attention_specs(rules)
-    def put(x, spec):
-        return jax.device_put(x, jax.NamedSharding(mesh, spec))
-
-    xs = [put(x, heads) for x in arrays[:4]] + [put(arrays[4], rel)]
-    with jax.set_mesh(mesh), rules_lib.use_rules(rules):
-        attend = jax.jit(functools.partial(ga.sharded_gpu_flash_attention, block=16))
-        got = _value_and_grads(attend, xs, put(seg, seg_spec), put(ct, heads))
-    _assert_close(got, want, "bfloat16")
+    _compare_sharded(rule_set, 40, 4, "bfloat16", seed=2)
 
 
 @pytest.mark.slow
