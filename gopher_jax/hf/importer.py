@@ -31,6 +31,7 @@ from gopher_jax import workdir as workdir_lib
 from gopher_jax.errors import UserError
 from gopher_jax.hf import export as export_lib
 from gopher_jax.hf import safetensors_out, weights
+from gopher_jax.hf.checkpoint_reader import checkpoint_steps
 from gopher_jax.model import sizes
 
 EXPERIMENT_PY = '''"""The config of a model imported from Hugging Face: config.json beside it."""
@@ -139,8 +140,7 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike) -> dict[str
     hf_dir = pathlib.Path(hf_dir)
     hf = read_config(hf_dir)
     workdir_path = storage.path(workdir)
-    if (workdir_path / workdir_lib.CHECKPOINTS).is_dir() and ckpt_lib.Checkpointer(
-            workdir, read_only=True).steps():
+    if checkpoint_steps(workdir):
         raise UserError(f"workdir {workdir} already has checkpoints",
                         "import into a new --workdir")
     tokenizer_path = pathlib.Path(workdir_path) / export_lib.TOKENIZER_FILE
