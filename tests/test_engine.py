@@ -105,6 +105,15 @@ def test_local_engine_with_several_tasks_equals_data_prepare(base, tmp_path):
             assert _records(c, split) == _records(cfg, split)
 
 
+@pytest.mark.slow  # ~30 s: spawned worker processes import JAX and TFDS for every stage
+def test_local_engine_on_two_worker_processes_equals_data_prepare(base, tmp_path):
+    cfg, ref = base
+    c = _config(cfg, tmp_path / "w2")
+    info = pipeline.prepare(c, engine=engine.Engine("local", tasks=4, workers=2))
+    assert _identity(info) == _identity(ref)
+    assert _chunk_bytes(c) == _chunk_bytes(cfg) and _filter_outputs(c) == _filter_outputs(cfg)
+
+
 # ---------------------------------------------------------------------------------------
 # Readers
 
@@ -325,9 +334,56 @@ def ray_cluster():
         for p in (worker, head):
             if p is not None:
                 try:
-                    p.wait(timeout=30)
+                    p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     _kill_tree(p, signal.SIGKILL)
+
+
+def _cli_args(cfg, data_dir, *extra: str) -> list[str]:
+    """`data prepare` of the `base` corpus and tokenizer into `data_dir`."""
+    return ["data", "prepare", "--config", "experiments/tiny.py", *extra,
+            "--config.data.dataset=text_files", f"--config.data.text_files={cfg.data.text_files}",
+            f"--config.data.data_dir={data_dir}", "--config.data.seq_len=32",
+            "--config.model.vocab_size=400", "--config.data.docs_per_shard=16",
+            f"--config.data.tokenizer_path={cfg.data.tokenizer_path}",
+            "--config.data.filter=True"]
+
+
+@pytest.mark.slow  # ~40 s: two CLI runs
+def test_killed_local_engine_run_reruns_only_unfinished_tasks(base, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from helpers import ROOT, cli_command, cpu_env, run_cli
+
+    cfg, ref = base
+    data_dir = tmp_path / "killed"
+    args = _cli_args(cfg, data_dir, "--executor", "local", "--tasks", "4")
+    proc = subprocess.Popen(cli_command(*args), cwd=ROOT, env=cpu_env(1),
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marks = data_dir / "filtered"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(
+            marks.glob("*/engine/*/logs/rules/completions/*"))) < 1:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-stage: the CLI (tasks run in it, one at a time)
+    proc.wait()
+    done = sorted(int(p.name) for p in marks.glob("*/engine/*/logs/rules/completions/*"))
+    assert 1 <= len(done) < 4 and not list(marks.glob("*/manifest.json")), done
+    jobs = sorted(marks.glob("*/work/train-*.json"))
+    owned = {p: p.stat().st_mtime_ns for p in jobs
+             if int(p.name.split("-")[1]) % 4 in done}  # shard k belongs to task k % 4
+    assert owned
+    p = run_cli(*args, env=cpu_env(1))
+    assert p.returncode == 0, p.stderr[-3000:]
+    for path, mtime in owned.items():  # the finished tasks were not redone
+        assert path.stat().st_mtime_ns == mtime, path
+    c = _config(cfg, data_dir)
+    assert _chunk_bytes(c) == _chunk_bytes(cfg) and _filter_outputs(c) == _filter_outputs(cfg)
+    assert _identity(pipeline.prepare(c)) == _identity(ref)
 
 
 @pytest.mark.slow  # a few minutes: a Ray cluster, a pipeline of 15 stages run twice
@@ -342,13 +398,7 @@ def test_ray_cluster_prepares_the_same_bytes_and_a_killed_worker_is_made_good(
     cfg, ref = base
     address, worker = ray_cluster
     data_dir = tmp_path / "ray"
-    args = ["data", "prepare", "--config", "experiments/tiny.py", "--executor", "ray",
-            "--tasks", "4", "--workers", "-1", "--config.data.dataset=text_files",
-            f"--config.data.text_files={cfg.data.text_files}",
-            f"--config.data.data_dir={data_dir}", "--config.data.seq_len=32",
-            "--config.model.vocab_size=400", "--config.data.docs_per_shard=16",
-            f"--config.data.tokenizer_path={cfg.data.tokenizer_path}",
-            "--config.data.filter=True"]
+    args = _cli_args(cfg, data_dir, "--executor", "ray", "--tasks", "4", "--workers", "-1")
     env = cpu_env(1, RAY_ADDRESS=address)
     proc = subprocess.Popen(cli_command(*args), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -364,7 +414,8 @@ def test_ray_cluster_prepares_the_same_bytes_and_a_killed_worker_is_made_good(
     _kill_tree(worker, signal.SIGKILL)  # the worker node, mid-stage
     out = proc.communicate(timeout=900)[0]
     first_rc = proc.returncode
-    print(f"first run after the worker's SIGKILL: exit {first_rc}")
+    print(f"first run after the worker's SIGKILL: exit {first_rc}; a lost task resubmitted: "
+          f"{'retriable' in out or 'RayActorError' in out}")
     finished = {p: p.stat().st_mtime_ns for p in rules.glob("*/work/train-*.json")}
     if first_rc != 0:  # the head alone reruns what did not finish
         again = subprocess.run(cli_command(*args), cwd=ROOT, env=env, capture_output=True,
