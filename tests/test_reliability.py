@@ -370,3 +370,38 @@ def test_train_and_eval_run_from_a_read_only_prepared_data_dir(data_dir, tmp_pat
                                            *argv[4:], "--config.data.seq_len=32"]))
         assert "the 'train' chunks for seq_len 32 is not prepared" in line, line
         assert f"cannot be written to {ro}/data/chunks/" in line and "Read-only" in line
+
+
+# ------------------------------------------------------------------ corpus files
+
+
+def test_corpus_glob_reads_each_real_file_once_and_skips_files_that_are_not_text(tmp_path,
+                                                                                 capsys):
+    """A directory symlink loop and a symlinked file lead ** to the same files again; a
+    binary file and a mostly-invalid-UTF-8 one match the glob too. Catches symlinks
+    followed twice (more documents than files) and binaries fed to the tokenizer."""
+    from test_safety import _words
+
+    from gopher_jax.cli import main
+
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    for i in range(8):
+        (corpus / ("sub" if i % 2 else ".") / f"f{i}.txt").write_text(_words(i, 300))
+    (corpus / "sub" / "loop").symlink_to(corpus)  # corpus/sub/loop/sub/loop/...
+    (corpus / "again.txt").symlink_to(corpus / "f0.txt")
+    (corpus / "blob.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
+    (corpus / "latin.txt").write_bytes(bytes(range(128, 256)) * 16)
+    argv = ["data", "prepare", "--config", str(TINY), f"--config.data.data_dir={tmp_path}/d",
+            "--config.data.dataset=text_files", f"--config.data.text_files={corpus}/**/*.txt",
+            "--config.model.vocab_size=300"]
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    out = capsys.readouterr()
+    report = out.out + out.err
+    assert (f"2 file(s) of data.text_files skipped as not text (NUL bytes or mostly invalid "
+            f"UTF-8): {corpus}/blob.txt, {corpus}/latin.txt") in report, report[-3000:]
+    c = tiny(tmp_path / "d")
+    c.data.update(dataset="text_files", text_files=f"{corpus}/**/*.txt")
+    c.model.vocab_size = 300
+    info = pipeline.prepare(c)
+    assert sum(s.num_docs for s in info.splits.values()) == 8

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gopher_jax.data import artefacts, builders, digests, shards, tokenized
+from gopher_jax.data import artefacts, builders, digests, readers, shards, tokenized
 from gopher_jax.data import rows as rows_lib
 from gopher_jax.data.records import PrepareInfo, SplitInfo
 from gopher_jax.data.tokenizer import Tokenizer, held_out_stats, train_tokenizer
@@ -115,6 +115,11 @@ def prepare(cfg: ml_collections.ConfigDict,
             f"{d.seq_len}+1 ({meta['seconds']}s)")
         splits[split] = SplitInfo.from_meta(meta, reused=False)
     warnings = _small_splits(cfg, splits)
+    if d.dataset == "text_files":
+        skipped = readers.scan_text_files(d.text_files)[1]
+        if skipped:
+            warnings.append(f"{len(skipped)} file(s) of data.text_files skipped as not text "
+                            f"(NUL bytes or mostly invalid UTF-8): {', '.join(skipped)}")
     for w in warnings:
         log(f"[data] warning: {w}")
     return PrepareInfo(dataset=d.dataset, tokenizer=str(tok_path), tokenizer_sha=tok_sha,
