@@ -321,3 +321,31 @@ def test_lm_eval_local_completions_matches_our_adapter(trained, tmp_path):
         assert s.stop() == 0
     finally:
         s.stop()
+
+
+@pytest.mark.slow
+def test_timeout_gives_504_and_redaction_keeps_serving(trained, tmp_path):
+    """One slot and a 0.2 s timeout: of several 48-token requests at once, those that wait
+    too long get 504; with --redact_output, answers are
+    audited with their redaction counts and logprobs of generated tokens are refused."""
+    pytest.importorskip("datatrove")
+    s = Server(tmp_path / "timeout", trained / "work", "--slots=1", "--queue=32",
+               "--timeout_s=0.2", "--redact_output")
+    try:
+        body = {"prompt": "To be, or not to be", "max_tokens": 48, "temperature": 0}
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(lambda _: s.post("/v1/completions", body), range(24)))
+        codes = [r.status_code for r in answers]
+        tokens = [r.json()["usage"]["completion_tokens"] for r in answers if r.ok]
+        assert set(codes) <= {200, 504} and 504 in codes, (codes, tokens)
+        refused = s.post("/v1/completions", {**body, "logprobs": 1})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+        ok = s.post("/v1/completions", {"prompt": "x", "max_tokens": 4})
+        assert ok.status_code == 200
+        lines = s.audit_lines()
+        assert sorted(x["status"] for x in lines[:24]) == sorted(codes)
+        assert all(x["redacted"] is None or isinstance(x["redacted"], dict) for x in lines)
+        assert s.stop() == 0
+        no_tracebacks(s)
+    finally:
+        s.stop()
