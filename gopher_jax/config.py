@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.nfkc = False  # Gopher's tokenizer used NFKC; identity keeps decode(encode(x)) == x
     d.tokenizer_path = ""  # empty: <data_dir>/tokenizers/<dataset>_<vocab>.model
     d.filter = False  # train on the MassiveText-filtered training split (`data filter`)
+    d.pii = True  # filtering also redacts personal data in the training split (gopher_jax/pii.py)
     d.docs_per_shard = 1024  # preparation shards (files); results never depend on it
     # name -> source(...): a weighted mixture of corpora (data/mixture.py) that replaces
     # dataset / text_files / text_field; empty: the one dataset above.

@@ -106,6 +106,10 @@ def _filter_report(m, where: str, next_step: str, tag: str = "filter") -> None:
     for stage, s in m.stages.items():
         console.out(f"[{tag}]   {stage:>12}: -{s['docs_removed']:>7,} documents  "
                     f"-{s['bytes_removed']:>12,} bytes")
+    if m.pii:
+        kinds = ", ".join(f"{k} {n:,}" for k, n in m.pii["counts"].items())
+        console.out(f"[{tag}]   {'pii':>12}: {m.pii['docs_redacted']:,} documents redacted "
+                    f"({kinds})")
     console.out(f"[{tag}] {m.docs_out:,} documents, {m.bytes_out:,} bytes kept in "
                 f"{where} ({next_step})")
 

@@ -12,6 +12,11 @@ bytes removed per rule, a few examples with their ids and a snippet):
 4. near_dedup  13-gram Jaccard >= 0.8 clusters keep their first (dedup.near_duplicates)
 5. test_set    13-gram Jaccard >= 0.8 to any document of the evaluation splits
 
+and then, with data.pii (the default), the kept documents' personal data (e-mail addresses,
+phone numbers, IP addresses, payment cards: gopher_jax.pii) is replaced by placeholders,
+counted per kind in `audit/pii.{json,md}` and the manifest. Dedup and test-set removal see
+the original text; the evaluation splits are never redacted (they are scored as they are).
+
 The evaluation splits are not filtered (they are the benchmarks); their 13-grams are only
 read for stage 5. A document's id is its index in its split's stored order, so "the first"
 is well defined and the result does not depend on the shards or the processes.
@@ -21,11 +26,12 @@ Files (every one written to a temporary name and renamed; `manifest.json` last):
                                          the shard's counts (the .json marks it finished)
   removed.json                          stages 3-5: {removed id: the id it duplicates}
   docs/<split>-<k>.jsonl                the filtered documents, {"id", "text"} per line
-  audit/<stage>.json, audit/<stage>.md  the reports
+  audit/<stage>.json, audit/<stage>.md  the reports (and audit/pii.{json,md})
   manifest.json                         settings, fingerprint, every shard's counts and hash
 
-At scale (a corpus larger than one machine): the same stages map onto datatrove pipelines
-run by its SLURM or Ray executor; see README.md, "Filtering and preparing a corpus".
+At scale (a corpus larger than one machine): `filter_corpus(..., engine=Engine(...))` runs
+the same stages as datatrove executor stages (local, SLURM or Ray; engine.py) with the same
+outputs, dedup over sharded files (dedup_sharded.py).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ FILTER_FORMAT = 1
 STAGES = ("quality", "repetition", "exact_dedup", "near_dedup", "test_set")
 EXAMPLES = 3  # per rule in the audit
 SNIPPET = 100  # characters
+PII_CONTEXT = 40  # characters either side of the first placeholder in a redaction example
 
 
 def settings(cfg: ml_collections.ConfigDict, fcfg: filters.FilterConfig) -> dict:
@@ -59,7 +66,12 @@ def settings(cfg: ml_collections.ConfigDict, fcfg: filters.FilterConfig) -> dict
             "eval_splits": sorted({cfg.data.eval_split, cfg.data.test_split}),
             "docs_per_shard": cfg.data.docs_per_shard, "ngram": dedup.NGRAM,
             "jaccard": dedup.JACCARD, "minhash": [dedup.BANDS, dedup.ROWS],
-            "filters": repr(fcfg)}
+            "filters": repr(fcfg), "pii": pii_on(cfg)}
+
+
+def pii_on(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the kept training documents are redacted (data.pii)."""
+    return bool(cfg.data.get("pii", True))
 
 
 def _doc_id(split: str, i: int) -> str:
@@ -271,9 +283,10 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
     for s in train_summaries:
         kept = [(i, t) for i, t in shards.read_docs(work / f"{stage1_stem(s, fp)}.jsonl")
                 if i not in gone_all]
-        shard_rows.append(write_shard_docs(docs_dir, s, kept))
-    return write_reports(out, fp, conf, d.train_split, train_summaries, later, shard_rows,
-                         log, t0)
+        shard_rows.append(write_shard_docs(docs_dir, s, kept, conf["pii"]))
+    return write_reports(out, fp, conf, d.train_split, train_summaries, later,
+                         [row for row, _ in shard_rows],
+                         [r for _, r in shard_rows if r is not None], log, t0)
 
 
 REMOVAL_RULES = {"exact_dedup": "identical_text", "near_dedup": "jaccard_13gram_ge_0.8",
@@ -298,23 +311,77 @@ def removal_rules(stage: str, split: str, matched: dict[int, str],
                      for i in gone[:EXAMPLES]]}}
 
 
-def write_shard_docs(docs_dir: pathlib.Path, summary: dict, kept: list[tuple[int, str]]
-                     ) -> FilterShard:
-    """One shard's filtered documents; returns its row of the manifest."""
+def _pii_example(split: str, i: int, redacted: str, counts: dict[str, int]) -> dict:
+    """The redacted text around its first placeholder (never the original value)."""
+    from gopher_jax import pii
+
+    at = min(p for p in (redacted.find(v) for v in pii.PLACEHOLDERS.values()) if p >= 0)
+    context = " ".join(redacted[max(0, at - PII_CONTEXT):at + 2 * PII_CONTEXT].split())
+    return {"id": _doc_id(split, i), "kinds": [k for k, n in counts.items() if n],
+            "snippet": context}
+
+
+def redact_docs(split: str, docs: list[tuple[int, str]]
+                ) -> tuple[list[tuple[int, str]], dict]:
+    """The documents with their personal data replaced (gopher_jax.pii.redact), and the
+    report: documents redacted, matches per kind, the first few examples."""
+    from gopher_jax import pii
+
+    report = {"docs": 0, "counts": dict.fromkeys(pii.KINDS, 0), "examples": []}
+    out = []
+    for i, text in docs:
+        redacted, counts = pii.redact(text)
+        if any(counts.values()):
+            report["docs"] += 1
+            for kind, n in counts.items():
+                report["counts"][kind] += n
+            if len(report["examples"]) < EXAMPLES:
+                report["examples"].append(_pii_example(split, i, redacted, counts))
+        out.append((i, redacted))
+    return out, report
+
+
+def write_shard_docs(docs_dir: pathlib.Path, summary: dict, kept: list[tuple[int, str]],
+                     pii: bool) -> tuple[FilterShard, dict | None]:
+    """One shard's filtered documents (with `pii`, redacted); returns its row of the manifest
+    and its redaction report (None without `pii`)."""
+    report = None
+    if pii:
+        kept, report = redact_docs(summary["split"], kept)
     name = f"{summary['split']}-{summary['index']:05d}.jsonl"
     target = docs_dir / name
     shards.write_docs(target, kept)
     return FilterShard(index=summary["index"], start=summary["start"], stop=summary["stop"],
                        docs_in=summary["docs_in"], docs_out=len(kept), path=name,
-                       sha256=file_sha(target))
+                       sha256=file_sha(target)), report
+
+
+def _merge_pii(reports: list[dict], docs_in: int) -> dict:
+    counts: dict[str, int] = {}
+    for r in reports:
+        for kind, n in r["counts"].items():
+            counts[kind] = counts.get(kind, 0) + n
+    return {"stage": "pii", "docs_in": docs_in, "docs_redacted": sum(r["docs"] for r in reports),
+            "counts": counts,
+            "examples": [e for r in reports for e in r["examples"]][:EXAMPLES]}
+
+
+def _pii_markdown(a: dict) -> str:
+    lines = ["# pii", "", f"{a['docs_redacted']:,} of {a['docs_in']:,} kept documents redacted.",
+             "", "| kind | matches |", "|---|---:|"]
+    lines += [f"| {kind} | {n:,} |" for kind, n in a["counts"].items()]
+    lines += ["", "Examples (redacted text):", ""]
+    lines += [f"- `{e['id']}` ({', '.join(e['kinds'])}): {e['snippet']!r}" for e in a["examples"]]
+    return "\n".join(lines) + "\n"
 
 
 def write_reports(out: pathlib.Path, fp: str, conf: dict, split: str,
                   train_summaries: list[dict], later: dict[str, dict],
-                  shard_rows: list[FilterShard], log: Callable[[str], None], t0: float
-                  ) -> FilterManifest:
-    """The audits (stage order) and, last, the manifest, from the stage-1 summaries (shard
-    order), the dedup stages' rules and the shards' rows."""
+                  shard_rows: list[FilterShard], pii_reports: list[dict],
+                  log: Callable[[str], None], t0: float) -> FilterManifest:
+    """The audits (stage order, then pii when `conf` has it on) and, last, the manifest,
+    from the stage-1 summaries (shard order), the dedup stages' rules, the shards' rows and
+    their redaction reports."""
     audit_dir = out / artefacts.FILTER_AUDIT
     docs_in = sum(s["docs_in"] for s in train_summaries)
     bytes_in = sum(s["bytes_in"] for s in train_summaries)
@@ -328,13 +395,19 @@ def write_reports(out: pathlib.Path, fp: str, conf: dict, split: str,
     for a in audits:
         storage.write_atomic(audit_dir / f"{a['stage']}.json", json.dumps(a, indent=1))
         storage.write_atomic(audit_dir / f"{a['stage']}.md", _markdown(a))
+    pii = {}
+    if conf["pii"]:
+        a = _merge_pii(pii_reports, audits[-1]["docs_out"])
+        storage.write_atomic(audit_dir / "pii.json", json.dumps(a, indent=1))
+        storage.write_atomic(audit_dir / "pii.md", _pii_markdown(a))
+        pii = {"docs_redacted": a["docs_redacted"], "counts": a["counts"]}
     manifest = FilterManifest(
         fingerprint=fp, settings=conf, split=split, docs_in=audits[0]["docs_in"],
         bytes_in=audits[0]["bytes_in"], docs_out=audits[-1]["docs_out"],
         bytes_out=audits[-1]["bytes_out"],
         stages={a["stage"]: {"docs_removed": a["docs_removed"],
                              "bytes_removed": a["bytes_removed"]} for a in audits},
-        shards=tuple(shard_rows))
+        shards=tuple(shard_rows), pii=pii)
     storage.write_atomic(out / artefacts.MANIFEST, json.dumps(manifest.to_json(), indent=1))
     log(f"[filter] {manifest.docs_out:,} of {manifest.docs_in:,} training documents "
         f"kept ({time.time() - t0:.1f}s); reports in {audit_dir}")

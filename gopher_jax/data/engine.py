@@ -332,9 +332,10 @@ def _docs_task(rank: int, world: int, plan: FilterPlan) -> None:
                 lambda i, a=arr, r=row: str(a["snippets"][r[i]]))
         kept = [(i, t) for i, t in shards.read_docs(plan.stage1(split, k, ".jsonl"))
                 if i not in gone_all]
-        shard = corpus_filter.write_shard_docs(docs_dir, summary, kept)
+        shard, pii = corpus_filter.write_shard_docs(docs_dir, summary, kept,
+                                                    corpus_filter.pii_on(_config(plan.cfg)))
         _write_json(folder / "docs" / f"{k:05d}.json",
-                    {"rules": later, "shard": dataclasses.asdict(shard)})
+                    {"rules": later, "shard": dataclasses.asdict(shard), "pii": pii})
 
 
 def _report_task(rank: int, world: int, plan: FilterPlan, owners: int, conf: dict,
@@ -351,6 +352,7 @@ def _report_task(rank: int, world: int, plan: FilterPlan, owners: int, conf: dic
              for stage in ("exact_dedup", "near_dedup", "test_set")}
     corpus_filter.write_reports(pathlib.Path(plan.out), plan.fp, conf, plan.train_split,
                                 summaries, later, [FilterShard(**p["shard"]) for p in parts],
+                                [p["pii"] for p in parts if p["pii"] is not None],
                                 lambda msg: None, t0)
 
 

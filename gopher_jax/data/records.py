@@ -25,7 +25,7 @@ class FilterShard:
 class FilterManifest:
     """What `data filter` kept (manifest.json): the settings and fingerprint it depends on,
     the training split's documents and bytes in and out, what each stage removed, and the
-    shards of kept documents."""
+    shards of kept documents, and the personal data redacted in them."""
 
     fingerprint: str
     settings: dict[str, Any]
@@ -36,6 +36,8 @@ class FilterManifest:
     bytes_out: int
     stages: dict[str, dict[str, int]]  # stage -> {"docs_removed", "bytes_removed"}
     shards: tuple[FilterShard, ...]
+    # with data.pii: {"docs_redacted", "counts": {kind: matches}} of the kept documents
+    pii: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"shards": [dataclasses.asdict(s) for s in self.shards]}
