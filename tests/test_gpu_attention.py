@@ -64,15 +64,16 @@ def test_sharded_on_8_devices():
     assert got[0].sharding.spec == heads and got[5].sharding.spec == rel
 
 
-def test_lowers_to_triton_for_cuda():
+@pytest.mark.parametrize("dtype, head_dim", [("bfloat16", 32), ("float32", 128)])
+def test_lowers_to_triton_for_cuda(dtype, head_dim):
     """jax.export for CUDA on this CPU host runs the Pallas Triton lowering of all four
-    kernels (forward, d(k)d(v), d(q), d(r)) in bf16 at a 64-position tile: catches an
-    operation Triton has no lowering for, or a non-power-of-two tensor. Compiling the Triton
-    IR to PTX happens only on a GPU."""
+    kernels (forward, d(k)d(v), d(q), d(r)) at a 64-position tile: catches an operation
+    Triton has no lowering for, or a non-power-of-two tensor. Compiling the Triton IR to PTX
+    happens only on a GPU."""
     from jax import export
 
-    x = jax.ShapeDtypeStruct((2, 100, 2, 32), jnp.bfloat16)
-    r = jax.ShapeDtypeStruct((100, 2, 32), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((2, 100, 2, head_dim), dtype)
+    r = jax.ShapeDtypeStruct((100, 2, head_dim), dtype)
     seg = jax.ShapeDtypeStruct((2, 100), jnp.int32)
 
     def grads(*a):

@@ -99,12 +99,19 @@ def _grid_rows(t: _Tiles) -> tuple[jax.Array, jax.Array]:
     return a, c
 
 
+def _gather(slot_ref, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """slot[rows, cols], a volatile load: other threads of the program wrote the slot just
+    before, so no cached copy may be read (the ".cg" cache modifier, L2 only, would do as
+    well, but this JAX's Triton lowering does not map its name)."""
+    return plgpu.load(slot_ref.at[rows, cols], volatile=True)
+
+
 def _shift(by_distance: jax.Array, skew_ref, t: _Tiles) -> jax.Array:
     """[b, 2b] by window row -> [b, b] by key: entry (a, c) from column b-1-a+c."""
     skew_ref[...] = by_distance
     _barrier(t)
     a, c = _grid_rows(t)
-    out = skew_ref[a, t.block - 1 - a + c]
+    out = _gather(skew_ref, a, t.block - 1 - a + c)
     _barrier(t)  # the next tile overwrites the slot
     return out
 
@@ -118,7 +125,7 @@ def _unshift(ds: jax.Array, skew_ref, t: _Tiles) -> jax.Array:
     m = jax.lax.broadcasted_iota(jnp.int32, (t.block, 2 * t.block), 1)
     key = m - (t.block - 1) + a
     inside = (key >= 0) & (key < t.block)
-    out = jnp.where(inside, skew_ref[a, jnp.clip(key, 0, t.block - 1)], 0.0)
+    out = jnp.where(inside, _gather(skew_ref, a, jnp.clip(key, 0, t.block - 1)), 0.0)
     _barrier(t)
     return out
 
