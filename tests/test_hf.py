@@ -8,9 +8,11 @@ the CLI end to end, lm-evaluation-harness's own `hf` model and a 2-process check
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pathlib
+import shutil
 import tempfile
 
 import numpy as np
@@ -21,6 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # transformers copies remote code into a module cache: a fresh one, so that the modeling file
 # of each export is the one that runs
 os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="gopher_hf_modules_")
+atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], True)
 torch = pytest.importorskip("torch")  # the `hf` extra; the `test` extra installs it too
 transformers = pytest.importorskip("transformers")
 
