@@ -82,13 +82,18 @@ def _needed(i: jax.Array, j: jax.Array, t: _Tiles) -> jax.Array:
 
 # Index maps use lax.div (truncating; the operands are non-negative): `//` lowers through
 # `sign`, whose Mosaic rule asks the default backend for its TPU generation (fails in AOT
-# compiles from a CPU host).
+# compiles from a CPU host). The divisor takes the grid index's dtype: lax.div does not
+# promote, and with jax_enable_x64 a Python int would become int64 against int32 indices.
+def _div(x: jax.Array, n: int) -> jax.Array:
+    return jax.lax.div(x, jnp.asarray(n, x.dtype))
+
+
 def _last_key_block(i: jax.Array, t: _Tiles) -> jax.Array:
-    return jax.lax.div(i * t.block_q + t.block_q - 1, t.block_k)
+    return _div(i * t.block_q + t.block_q - 1, t.block_k)
 
 
 def _first_query_block(j: jax.Array, t: _Tiles) -> jax.Array:
-    return jax.lax.div(j * t.block_k, t.block_q)
+    return _div(j * t.block_k, t.block_q)
 
 
 def _window_start(i: jax.Array, j: jax.Array, t: _Tiles) -> jax.Array:
