@@ -109,7 +109,9 @@ def recall_speech_start(texts: dict[str, str], all_speeches: list[Speech], n: in
     rng = random.Random(SEED)
     by_person: dict[tuple[str, str], list[Speech]] = collections.defaultdict(list)
     for s in all_speeches:
-        if len(s.lines[0].split()) >= START_WORDS:
+        # The first line right after the speaker's name (no stage direction between them).
+        if len(s.lines[0].split()) >= START_WORDS and \
+                texts[s.play][s.start:s.spans[0][0]] == f"**{s.speaker}**  \n":
             by_person[(s.play, s.speaker)].append(s)
     candidates = []
     for group in by_person.values():
@@ -163,15 +165,16 @@ def sum_3digit(n: int) -> Task:
 
 def compare_4digit(n: int) -> Task:
     rng = random.Random(SEED + 2)
-    examples = []
+    examples, seen = [], set()
     while len(examples) < n:
         a = rng.randint(1000, 9999)
         digits = list(str(a))
         i, j = sorted(rng.sample(range(4), 2))
         digits[i], digits[j] = digits[j], digits[i]  # the same digits, another order
         b = int("".join(digits))
-        if b == a or b < 1000:
+        if b == a or b < 1000 or (min(a, b), max(a, b)) in seen:
             continue
+        seen.add((min(a, b), max(a, b)))
         first, second = (a, b) if rng.random() < 0.5 else (b, a)
         examples.append(_choice(rng, f"Of {first} and {second} the larger is",
                                 f" {max(a, b)}", [f" {min(a, b)}"]))
