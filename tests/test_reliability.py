@@ -267,6 +267,17 @@ def test_watchdog_ends_a_host_left_waiting_by_a_stopped_one_and_the_rerun_resume
     assert f"resumed from step {newest}" in out
     steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")]
     assert steps == list(range(1, newest + 6)), steps
+    # Goodput: the hung run's steps after its last checkpoint were redone, and counted so.
+    g = read_jsonl(workdir / "metrics.jsonl", split="goodput")[-1]
+    assert g["redone_s"] > 0 and g["startup_s"] > 0 and g["compile_s"] > 0, g
+    parts = sum(g[f"{k}_s"] for k in ("step", "startup", "compile", "eval", "save", "rewound",
+                                      "redone"))
+    assert 0 < g["goodput"] < 1 and parts <= g["wall_s"] * 1.01, g
+    assert g["total_wall_s"] > g["wall_s"] and 0 < g["total_goodput"] < 1, g
+    meta = ckpt_lib.Checkpointer(workdir, read_only=True).read_meta(newest + 5)
+    assert meta["goodput"]["redone"] == pytest.approx(g["total_redone_s"], rel=0.01)
+    info = run_cli("checkpoint", "info", "--workdir", workdir, env=cpu_env(1))
+    assert info.returncode == 0 and "goodput=" in info.stdout, info.stdout + info.stderr
 
 
 def _launch(cmd: list[str]) -> tuple[int, str]:

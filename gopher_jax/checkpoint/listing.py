@@ -52,6 +52,9 @@ def info(workdir: str | os.PathLike) -> list[dict[str, Any]]:
             row.update(layout=meta["layout"], mesh=meta["mesh"], rules=meta["rules"],
                        processes=meta["process_count"], devices=meta["device_count"],
                        data_step=meta["data_step"])
+            goodput = meta.get("goodput") or {}
+            if goodput.get("wall"):
+                row["goodput"] = goodput["step"] / goodput["wall"]
         except (OSError, ValueError, KeyError):
             row["layout"] = None
         metrics = _step_metrics(path)
@@ -72,6 +75,8 @@ def format_info(workdir: str | os.PathLike) -> str:
         mesh_s = ",".join(str(mesh.get(a, "?")) for a in ("data", "fsdp", "tensor"))
         topo = f"{r['processes']} x {r['devices'] // r['processes']}" if "processes" in r else "?"
         extra = "".join(f"  {k}={v:.4f}" for k, v in (r.get("metrics") or {}).items())
+        if "goodput" in r:
+            extra += f"  goodput={r['goodput']:.1%}"
         lines.append(f"{r['step'] if r['step'] is not None else '?':>8}  "
                      f"{r['bytes'] / 2**20:>7.2f} MiB  {r['layout'] or '?':<9}  {mesh_s:<23}  "
                      f"{r.get('rules', '?'):<11}  {topo:<15}  {r['status']}{extra}")
