@@ -51,24 +51,25 @@ def approach3(runs: list[Run], replicates: int = bootstrap.DEFAULT_REPLICATES,
     return out
 
 
+def _bootstrapped(fit: Any, runs: list[Run], replicates: int, seed: int,
+                  skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`fit` on the members, with intervals from `fit` on redraws of them."""
+    point = fit(runs)
+    values, failed = bootstrap.replicates(runs, fit, replicates, seed, _strata(runs))
+    return bootstrap.intervals({k: v for k, v in point.items() if k not in skip}, values,
+                               failed)
+
+
 def approach1(runs: list[Run], replicates: int = bootstrap.DEFAULT_REPLICATES,
               seed: int = 0) -> dict[str, Any]:
-    point = isoflop.approach1(runs)
-    values, failed = bootstrap.replicates(runs, isoflop.approach1, replicates, seed,
-                                          _strata(runs))
-    out = bootstrap.intervals({k: v for k, v in point.items() if k != "points"}, values,
-                              failed)
-    env = isoflop.envelope(runs)
-    out["envelope"] = {k: v.tolist() for k, v in env.items()}
+    out = _bootstrapped(isoflop.approach1, runs, replicates, seed, skip=("points",))
+    out["envelope"] = {k: v.tolist() for k, v in isoflop.envelope(runs).items()}
     return out
 
 
 def approach2(runs: list[Run], replicates: int = bootstrap.DEFAULT_REPLICATES,
               seed: int = 0) -> dict[str, Any]:
-    point = isoflop.approach2(runs)
-    values, failed = bootstrap.replicates(runs, isoflop.approach2, replicates, seed,
-                                          _strata(runs))
-    out = bootstrap.intervals(point, values, failed)
+    out = _bootstrapped(isoflop.approach2, runs, replicates, seed)
     out["profiles"] = isoflop.profiles(runs)
     return out
 
