@@ -56,6 +56,17 @@ def _compare_sharded(rule_set: str, length: int, heads: int, dtype: str, seed: i
     return got, specs, jaxpr
 
 
+def test_kernel_under_x64_matches_xla():
+    """jax_enable_x64 on: Python ints in the loop bounds and index arithmetic become int64
+    beside int32 program ids; the kernels must still trace and agree with XLA."""
+    jax.config.update("jax_enable_x64", True)
+    try:
+        _compare(batch=1, length=32, heads=1, head_dim=16, dtype="float32", segments=2,
+                 block=16)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
 def test_sharded_on_8_devices():
     """The shard_map wrapper over a (2, 2, 2) mesh with the fsdp+tensor rules (batch over
     data and fsdp, heads over tensor): d(r) comes back summed over the batch shards."""
