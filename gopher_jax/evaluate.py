@@ -154,7 +154,9 @@ def evaluate_mixture(c: ml_collections.ConfigDict, layout: Layout | jax.sharding
 
 
 def restore_params(c: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                   layout: Layout | jax.sharding.Mesh) -> tuple[Any, int]:
+                   layout: Layout | jax.sharding.Mesh, int8: bool = False) -> tuple[Any, int]:
+    """(params, step) of the newest checkpoint; with `int8` every kernel weight-only int8
+    (model/int8.py)."""
     directory = storage.path(workdir) / workdir_lib.CHECKPOINTS
     if not directory.is_dir():
         raise ckpt_lib.CheckpointError(
@@ -172,6 +174,10 @@ def restore_params(c: ml_collections.ConfigDict, workdir: str | os.PathLike,
             f"no checkpoint in {directory}", "train first with `python -m gopher_jax train "
             f"--config ... --workdir {workdir}`")
     state, meta = restored
+    if int8:
+        from gopher_jax.model import int8 as int8_lib
+
+        return int8_lib.quantize(c.model, state["params"]), meta["step"]
     return state["params"], meta["step"]
 
 
@@ -207,17 +213,20 @@ def _mixture_split(c: ml_collections.ConfigDict, layout: Layout, params: Any, sp
     return out
 
 
-def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike, int8: bool = False
+        ) -> dict[str, Any]:
     """Bits per byte of the workdir's newest checkpoint on the eval and test splits, each with
     its unigram baseline; written to <workdir>/eval.json (process 0) and returned. For a
-    mixture, "splits" holds the mixture's and "sources" each source's: {name: {split: ...}}."""
+    mixture, "splits" holds the mixture's and "sources" each source's: {name: {split: ...}}.
+    With `int8` the weights are int8 (model/int8.py) and "int8" is true in the results."""
     distributed.initialize_from_env()
     layout = Layout.build(c, mesh_lib.make_mesh(c))
     # The checkpoint first: a workdir without one is refused before any data is built.
-    params, step = restore_params(c, workdir, layout)
+    params, step = restore_params(c, workdir, layout, int8)
     info = distributed.run_on_process_zero_first(lambda: data.prepare(c))
     eval_step = step_lib.make_eval_step(c, layout)
-    results: dict[str, Any] = {"step": step, "warnings": list(info.warnings), "splits": {}}
+    results: dict[str, Any] = {"step": step, "int8": int8, "warnings": list(info.warnings),
+                               "splits": {}}
     if data.is_mixture(c):
         results["sources"] = {}
     for split in dict.fromkeys((c.data.eval_split, c.data.test_split)):

@@ -120,16 +120,16 @@ def check_options(vocab_size: int, max_new_tokens: int, temperature: float,
 
 def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, prompt: str,
         max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 40,
-        seed: int = 0) -> dict[str, object]:
+        seed: int = 0, int8: bool = False) -> dict[str, object]:
     """{"text": prompt + continuation, "notices": [...]} from the workdir's newest checkpoint.
 
     A prompt longer than the context (data.seq_len tokens) keeps its last tokens, with a
-    notice saying how many were dropped.
+    notice saying how many were dropped. With `int8`, the weights are int8 (model/int8.py).
     """
     from gopher_jax.evaluate import restore_params
 
     check_options(c.model.vocab_size, max_new_tokens, temperature, top_k)
-    params, _ = restore_params(c, workdir, mesh_lib.make_mesh(c))
+    params, _ = restore_params(c, workdir, mesh_lib.make_mesh(c), int8)
     params = jax.device_get(params)
     tok = data.load_tokenizer(c)
     # Documents start with EOS in training data, so a prompt does too.

@@ -54,6 +54,11 @@ def add_workdir(p: argparse.ArgumentParser, default: str | None = DEFAULT_WORKDI
                    help="run directory (checkpoints, metrics, config.json)")
 
 
+def add_int8(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--int8", action="store_true",
+                   help="weight-only int8 inference (per-output-channel scales)")
+
+
 def add_multiprocess(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-process (launch/local.py, SLURM and TPU VMs set these)")
     g.add_argument("--coordinator", default="", metavar="HOST:PORT",

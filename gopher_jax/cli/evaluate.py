@@ -11,6 +11,7 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     common.add_config(p, default=None)
     common.add_workdir(p)
     common.add_multiprocess(p)
+    common.add_int8(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     from gopher_jax import evaluate
 
-    results = evaluate.run(c, args.workdir)
+    results = evaluate.run(c, args.workdir, args.int8)
     if jax.process_index() != 0:
         return 0
     for w in results["warnings"]:

@@ -10,6 +10,7 @@ from gopher_jax.cli import common, console
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     common.add_config(p, default=None)
     common.add_workdir(p)
+    common.add_int8(p)
     p.add_argument("--prompt", default="", help="the text to continue")
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate (>= 1)")
     p.add_argument("--temperature", type=float, default=0.8,
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     sample.check_options(c.model.vocab_size, args.max_new_tokens, args.temperature, args.top_k)
     common.data_dir(c)
     out = sample.run(c, args.workdir, args.prompt, args.max_new_tokens, args.temperature,
-                     args.top_k, args.seed)
+                     args.top_k, args.seed, args.int8)
     for n in out["notices"]:
         console.err(f"notice: {n}")
     console.out(out["text"])

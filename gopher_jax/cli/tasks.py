@@ -45,6 +45,7 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     common.add_config(p, default=None)
     common.add_workdir(p)
+    common.add_int8(p)
     add_task_arguments(p)
 
 
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     tasks = resolve_tasks(args, c, given)
     from gopher_jax.tasks import run as run_lib
 
-    results = run_lib.run(c, args.workdir, tasks, args.batch_size, args.max_new_tokens)
+    results = run_lib.run(c, args.workdir, tasks, args.batch_size, args.max_new_tokens,
+                             int8=args.int8)
     console.out(results["markdown"].rstrip())
     return 0
 

@@ -168,14 +168,14 @@ class ShardedModel(model_queries.Uncached):
 
 
 def load(c: ml_collections.ConfigDict, source: Any, mesh: Mesh | Layout,
-         cached: bool = True) -> tuple[ShardedModel, int | None]:
+         cached: bool = True, int8: bool = False) -> tuple[ShardedModel, int | None]:
     """(the model, its training step) from `source`: a workdir (its newest checkpoint,
     restored with the mesh's shardings) or a param tree (placed on the mesh; step None)."""
     layout = Layout.of(c, mesh)
     if isinstance(source, (str, os.PathLike)):
         from gopher_jax.evaluate import restore_params
 
-        params, step = restore_params(c, source, layout)
+        params, step = restore_params(c, source, layout, int8)
     else:
         params, step = jax.device_put(source, layout.param_shardings), None
     return ShardedModel(c, params, layout, cached), step
@@ -228,11 +228,11 @@ def score_model(c: ml_collections.ConfigDict, model: ShardedModel, tasks: Sequen
 
 def score_tasks(c: ml_collections.ConfigDict, source: Any, mesh: Mesh | Layout,
                 tasks: Sequence[Task], batch_size: int = 8, max_new_tokens: int = 32,
-                tok: TokenizerLike | None = None) -> dict[str, Any]:
+                tok: TokenizerLike | None = None, int8: bool = False) -> dict[str, Any]:
     """The results dict ({"step", "tasks", "groups"}) of `tasks` scored with `source` (a
     workdir or a param tree, see `load`) on `mesh`; writes nothing. The tokenizer defaults to
     the config's."""
-    model, step = load(c, source, mesh)
+    model, step = load(c, source, mesh, int8=int8)
     if tok is None:
         from gopher_jax import data
 
@@ -241,7 +241,7 @@ def score_tasks(c: ml_collections.ConfigDict, source: Any, mesh: Mesh | Layout,
 
 
 def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike, tasks: Sequence[Task],
-        batch_size: int = 8, max_new_tokens: int = 32) -> dict[str, Any]:
+        batch_size: int = 8, max_new_tokens: int = 32, int8: bool = False) -> dict[str, Any]:
     """The tasks scored with the workdir's newest checkpoint on the config's mesh; written to
     <workdir>/tasks.json and tasks.md (by process 0), and returned with "markdown" added."""
     from gopher_jax.parallel import distributed
@@ -249,7 +249,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike, tasks: Sequenc
 
     distributed.initialize_from_env()
     results = score_tasks(c, workdir, mesh_lib.make_mesh(c), tasks, batch_size,
-                          max_new_tokens)
+                          max_new_tokens, int8=int8)
     table = markdown(results)
     if jax.process_index() == 0:
         out = storage.path(workdir)
