@@ -152,6 +152,7 @@ def _spike_argv(data_dir: str, workdir: pathlib.Path, policy: str = "rewind") ->
             "--config.train.spike_skip_batches=3", "--config.train.checkpoint_keep=10"]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stop_names_the_checkpoint_before_the_bad_update(data_dir, tmp_path,
                                                                           monkeypatch, capsys):
     """Data index 24's update blows the params up; step 25's checkpoint holds them, step 26's
