@@ -170,6 +170,7 @@ def test_read_only_workdir_is_refused_before_any_work(trained, tmp_path):
     assert tree(ro) == before
 
 
+@pytest.mark.slow
 def test_no_libtpu_start_up_noise_on_a_cpu_machine(trained):
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     for args in (["eval"], ["sample", "--max_new_tokens=2"]):
@@ -220,6 +221,7 @@ def test_only_the_cli_prints_or_exits():
     assert not offenders, offenders
 
 
+@pytest.mark.slow
 def test_eval_runs_at_longer_contexts_and_training_resume_still_refuses_them(trained, capsys):
     import math
     import re

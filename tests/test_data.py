@@ -377,7 +377,7 @@ def test_invalid_utf8_is_replaced_counted_and_reported(tmp_path):
 def test_empty_corpus_errors(tmp_path):
     cfg = small_config(tmp_path / "d", dataset="text_files",
                        text_files=str(tmp_path / "none" / "*.txt"))
-    with pytest.raises(DataError, match="no files match data.text_files"):
+    with pytest.raises(DataError, match="no text files match data.text_files"):
         pipeline.prepare(cfg)
     cfg.data.text_files = ""
     with pytest.raises(DataError, match="needs data.text_files"):

@@ -30,6 +30,7 @@ def small_tmpfs(path: pathlib.Path, size: str) -> Iterator[pathlib.Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
                     reason="mounting a small tmpfs needs root")
 def test_full_disk_stops_at_the_failed_save_and_keeps_the_previous_checkpoint(data_dir,
@@ -168,6 +169,7 @@ def test_second_train_on_a_live_workdir_is_refused_naming_the_holder(data_dir, t
     assert not (workdir / "LOCK").exists(), "the lock is released at the end of a run"
 
 
+@pytest.mark.slow
 def test_lock_of_a_killed_run_is_taken_over(data_dir, tmp_path):
     import signal
     import time

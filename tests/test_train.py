@@ -94,6 +94,7 @@ def test_our_optimizer_clips_by_the_global_norm_before_adam(name):
 # ---------------------------------------------------------------- the step
 
 
+@pytest.mark.slow
 def test_microbatches_equal_one_big_batch(data_dir):
     c = tiny(data_dir)
     graphdef, _ = gopher.abstract(c.model)
@@ -189,6 +190,7 @@ def test_eight_devices_fsdp_tensor_match_one_device(data_dir):
     assert adam.count.sharding.is_fully_replicated
 
 
+@pytest.mark.slow
 def test_bf16_params_with_fp32_master(data_dir):
     c = tiny(data_dir, master_fp32=True, steps=40)
     c.model.param_dtype = "bfloat16"
