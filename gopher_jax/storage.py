@@ -5,14 +5,22 @@ talk to a GCS-API emulator instead of Google when STORAGE_EMULATOR_HOST=http://h
 set (the variable Google's own clients read): `configure()` derives the other libraries'
 settings from it, so users and tests set that one variable.
 
-Data dirs stay on a file system: ArrayRecord and TFDS cannot write to Cloud Storage. Mount a
-bucket with gcsfuse to keep prepared data there.
+A data dir may be a bucket too. Readers go straight to it (ArrayRecord reads gs:// objects
+itself, the rest goes through epath). Writers that only write local files (ArrayRecord, TFDS's
+builders) write into a local temporary folder that is then uploaded (`local_file`,
+`upload_tree`): a Cloud Storage object appears whole when its upload is finalised or not at
+all, and a set of objects is uploaded with the file that marks it finished last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pathlib
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from etils import epath
@@ -32,19 +40,12 @@ def is_remote(p: str | os.PathLike) -> bool:
     return scheme(p) is not None
 
 
-def check(p: str | os.PathLike, what: str, remote_ok: bool = True) -> None:
+def check(p: str | os.PathLike, what: str) -> None:
     """Refuses a path whose scheme nothing here can read and write (before any work)."""
     s = scheme(p)
-    if s is None:
-        return
-    if s not in REMOTE_SCHEMES:
+    if s is not None and s not in REMOTE_SCHEMES:
         raise UsageError(f"{what} {p}: the {s}:// scheme is not supported",
                          "use a local path or gs://BUCKET/...")
-    if not remote_ok:
-        raise UsageError(f"{what} {p} is on Cloud Storage, where ArrayRecord and TFDS cannot "
-                         "write prepared data",
-                         "use a local data dir, or mount the bucket with gcsfuse and pass the "
-                         "mount path")
 
 
 def path(p: str | os.PathLike) -> epath.Path:
@@ -53,6 +54,64 @@ def path(p: str | os.PathLike) -> epath.Path:
         check(p, "path")
         return epath.Path(str(p))
     return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(p))))
+
+
+def data_path(p: str | os.PathLike) -> pathlib.Path | epath.Path:
+    """A path of a data dir: on a file system a pathlib.Path as given (~ expanded), on Cloud
+    Storage an epath; both have the methods data/ uses (/, open, read_bytes, is_file, glob,
+    iterdir, mkdir, unlink)."""
+    if is_remote(p):
+        return path(p)
+    return pathlib.Path(os.path.expanduser(os.fspath(p)))
+
+
+def _gcs_fs():
+    import fsspec
+
+    return fsspec.filesystem("gs")
+
+
+def upload(local: str | os.PathLike, remote: str | os.PathLike) -> None:
+    """One local file as one object; it appears whole once the upload is finalised, never in
+    part (a killed upload leaves nothing)."""
+    _gcs_fs().put_file(os.fspath(local), str(remote))
+
+
+def upload_tree(local: str | os.PathLike, remote: str | os.PathLike,
+                last: Sequence[str] = ()) -> None:
+    """Every file below the local folder to the same names below `remote`, the files named
+    in `last` (names in the folder itself, the ones that mark the set finished) after all
+    the others, in that order: a reader that checks for them never sees a part."""
+    local = pathlib.Path(local)
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    rank = {name: i for i, name in enumerate(last)}
+    files.sort(key=lambda p: (p.parent == local and p.name in rank,
+                              rank.get(p.name, -1) if p.parent == local else -1))
+    for p in files:
+        upload(p, f"{str(remote).rstrip('/')}/{p.relative_to(local).as_posix()}")
+
+
+@contextlib.contextmanager
+def local_file(p: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """A local path for a writer that cannot stream to `p`'s place (ArrayRecord): written
+    there, it is moved into place once the block succeeds (a rename on a file system, one
+    upload to Cloud Storage); a failed or killed write leaves nothing at `p`."""
+    if is_remote(p):
+        tmp_dir = tempfile.mkdtemp(prefix="gopher_jax_upload")
+        try:
+            tmp = pathlib.Path(tmp_dir) / pathlib.PurePosixPath(str(p)).name
+            yield tmp
+            upload(tmp, p)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        return
+    p = pathlib.Path(p)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def configure() -> None:
@@ -107,8 +166,12 @@ def create_exclusive(p: epath.Path, text: str) -> bool:
 
 def write_atomic(p: str | os.PathLike, data: str | bytes) -> None:
     """Writes a whole file so that readers see the old or the new content, never a part; a
-    failed write (a full disk) leaves no temporary file behind."""
+    failed write (a full disk) leaves no temporary file behind. On Cloud Storage one upload
+    is that already (an object appears whole or not at all)."""
     p = path(p)
+    if is_remote(p):
+        p.write_bytes(data if isinstance(data, bytes) else data.encode())
+        return
     tmp = p.parent / f".{p.name}.tmp{os.getpid()}"
     try:
         if isinstance(data, bytes):

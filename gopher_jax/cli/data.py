@@ -81,7 +81,14 @@ def _filter(c, out: str | None, processes: int, engine) -> int:
     from gopher_jax.data import artefacts, corpus_filter, mixture
 
     if out:
-        storage.check(out, "--out", remote_ok=False)
+        storage.check(out, "--out")
+    where = out or c.data.data_dir
+    if storage.is_remote(where):
+        raise UsageError(f"the filter stage's output {where} is on Cloud Storage, where it "
+                         "cannot write its work", "filter into a local folder (--out, or a "
+                         "local data.data_dir), then copy it to the bucket (`gcloud storage "
+                         "cp -r`)")
+    if out:
         common.writable_dir(out, "--out")
     if data.is_mixture(c):
         if engine is not None:

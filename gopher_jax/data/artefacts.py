@@ -8,18 +8,19 @@
         manifest.json, removed.json, work/, docs/, audit/
     <data_dir>/<TFDS name>/...                                the TFDS builders' own files
 
+The data dir may be local or on Cloud Storage (gs://): the same names, the same bytes.
 A corpus's name (`corpus_name`) is file-name safe and changes with its content: a text_files
 glob and python_docs carry a content hash, a mixture a hash of its sources and proportions.
 """
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 
 import ml_collections
 
+from gopher_jax import storage
 from gopher_jax.data import builders, digests
 from gopher_jax.data import sources as sources_lib
 
@@ -33,7 +34,7 @@ FILTER_WORK, FILTER_DOCS, FILTER_AUDIT = "work", "docs", "audit"
 
 
 def _data_dir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
-    return pathlib.Path(os.path.expanduser(cfg.data.data_dir))
+    return storage.data_path(cfg.data.data_dir)
 
 
 def _one_corpus_name(d: ml_collections.ConfigDict) -> str:
@@ -63,7 +64,7 @@ def tokenizer_path(cfg: ml_collections.ConfigDict) -> pathlib.Path:
     """data.tokenizer_path, or <data_dir>/tokenizers/<corpus>_<vocab>[_nfkc].model."""
     d = cfg.data
     if d.tokenizer_path:
-        return pathlib.Path(os.path.expanduser(d.tokenizer_path))
+        return storage.data_path(d.tokenizer_path)
     nfkc = "_nfkc" if d.nfkc else ""
     return _data_dir(cfg) / TOKENIZERS / f"{corpus_name(cfg)}_{cfg.model.vocab_size}{nfkc}.model"
 

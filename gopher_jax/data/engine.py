@@ -59,7 +59,7 @@ import numpy as np
 
 from gopher_jax import storage
 from gopher_jax.data import artefacts, dedup_sharded, shards, tokenized
-from gopher_jax.data.digests import digest, file_sha
+from gopher_jax.data.digests import digest
 from gopher_jax.errors import DataError, UsageError
 
 EXECUTORS = ("local", "ray", "slurm")
@@ -130,6 +130,7 @@ class Step:
 
     def __call__(self, data, rank: int = 0, world_size: int = 1):
         del data
+        storage.configure()  # a gs:// data dir from a fresh worker process
         t0 = time.perf_counter()
         if self.trace:
             tracemalloc.start()
@@ -143,7 +144,8 @@ class Step:
         finally:
             if self.trace:
                 tracemalloc.stop()
-        _write_json(pathlib.Path(self.report_dir) / f"{self.stage}-{rank:05d}.json", record)
+        _write_json(storage.data_path(self.report_dir) / f"{self.stage}-{rank:05d}.json",
+                    record)
         return None
 
 
@@ -187,7 +189,7 @@ def _wait_for_slurm(job_id: str | None, poll_s: float = 30) -> None:
 
 
 def _check_complete(logs: str, tasks: int, stage: str) -> None:
-    done = pathlib.Path(logs) / "completions"
+    done = storage.data_path(logs) / "completions"
     missing = [r for r in range(tasks) if not (done / f"{r:05d}").exists()]
     if missing:
         raise DataError(f"engine stage {stage}: task(s) {missing[:8]} did not complete "
@@ -401,7 +403,7 @@ class SplitPlan:
     fps: tuple
 
     def token_file(self, k: int) -> pathlib.Path:
-        return artefacts.token_shard(pathlib.Path(self.folder), k, self.fps[k])
+        return artefacts.token_shard(storage.data_path(self.folder), k, self.fps[k])
 
     def packed(self, work: pathlib.Path, k: int) -> pathlib.Path:
         return work / "packed" / f"{k:05d}.json"
@@ -462,23 +464,23 @@ def _pack_task(rank: int, world: int, plan: SplitPlan, work: str, eos: int, pad:
                "num_bytes": int(records[:, -1].sum()) if len(records) else 0, "file": None}
         if len(records):
             name = artefacts.chunk_file(k)
-            tokenized.write_records(pathlib.Path(plan.folder) / name, records)
-            row["file"] = {"path": name, "num_chunks": len(records),
-                           "sha256": file_sha(pathlib.Path(plan.folder) / name)}
-        _write_json(plan.packed(pathlib.Path(work), k), row)
+            row["file"] = {"path": name, "num_chunks": len(records), "sha256":
+                           tokenized.write_records(storage.data_path(plan.folder) / name,
+                                                   records)}
+        _write_json(plan.packed(storage.data_path(work), k), row)
 
 
 def _meta_task(rank: int, world: int, plan: SplitPlan, work: str, fingerprint: dict,
                t0: float) -> None:
     del rank, world
-    rows = [json.loads(plan.packed(pathlib.Path(work), k).read_text())
+    rows = [json.loads(plan.packed(storage.data_path(work), k).read_text())
             for k in range(len(plan.sources))]
     files = [r["file"] for r in rows if r["file"]]
     packed = {"files": files, "num_chunks": sum(f["num_chunks"] for f in files),
               **{key: sum(r[key] for r in rows)
                  for key in ("num_docs", "num_tokens", "num_bytes", "num_text_bytes")}}
     token_files = [plan.token_file(k) for k in range(len(plan.sources))]
-    shards.write_split_meta(pathlib.Path(plan.folder), fingerprint,
+    shards.write_split_meta(storage.data_path(plan.folder), fingerprint,
                             _config(plan.cfg).data.seq_len, packed, list(plan.fps),
                             token_files, t0)
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from gopher_jax import storage
 from gopher_jax.data import artefacts, builders, tokenized
-from gopher_jax.data.digests import digest, file_sha
+from gopher_jax.data.digests import digest
 from gopher_jax.data.records import FilterManifest
 from gopher_jax.data.tokenizer import Tokenizer
 
@@ -81,7 +81,7 @@ def write_docs(path: pathlib.Path, docs: Iterator[tuple[int, str]] | Sequence[tu
 
 
 def read_docs(path: str | os.PathLike) -> list[tuple[int, str]]:
-    with open(path, encoding="utf-8") as f:
+    with storage.data_path(path).open(encoding="utf-8") as f:
         return [(r["id"], r["text"]) for r in map(json.loads, f)]
 
 
@@ -96,6 +96,8 @@ def save_arrays(path: pathlib.Path, **arrays: np.ndarray) -> None:
 
 
 def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    if storage.is_remote(path):
+        path = io.BytesIO(storage.data_path(path).read_bytes())
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
@@ -123,7 +125,7 @@ def tokenize_shard(cfg, tokenizer_path: str, split: str, index: int, source: tup
     """Encodes one shard of documents into `tokens-<index>-<fingerprint>.npz` unless that
     file exists. `source` is ("range", start, stop) of the dataset's split or ("file", path)
     of filtered documents."""
-    path = artefacts.token_shard(pathlib.Path(folder), index, fingerprint)
+    path = artefacts.token_shard(storage.data_path(folder), index, fingerprint)
     if path.is_file():
         return str(path)
     if source[0] == "range":
@@ -151,9 +153,8 @@ def pack_shards(token_files: Sequence[pathlib.Path], folder: pathlib.Path, seq_l
             records = np.concatenate([records, packer.finish()])
         if len(records):
             name = artefacts.chunk_file(k)
-            tokenized.write_records(folder / name, records)
             files.append({"path": name, "num_chunks": len(records),
-                          "sha256": file_sha(folder / name)})
+                          "sha256": tokenized.write_records(folder / name, records)})
             n_bytes += int(records[:, -1].sum())
     return {"files": files, "num_chunks": sum(f["num_chunks"] for f in files),
             "num_docs": packer.num_docs, "num_tokens": packer.num_tokens,
@@ -177,7 +178,7 @@ def prepare_split(cfg, split: str, num_docs: int, tokenizer, tokenizer_path: str
     tasks = [(cfg, str(tokenizer_path), split, k, src, str(folder), fp)
              for k, (src, fp) in enumerate(zip(sources, fps, strict=True))]
     log(f"[data] {split}: tokenizing {len(tasks)} shard(s) on {processes} process(es)")
-    token_files = [pathlib.Path(p) for p in run_tasks(tokenize_shard, tasks, processes)]
+    token_files = [storage.data_path(p) for p in run_tasks(tokenize_shard, tasks, processes)]
     packed = pack_shards(token_files, folder, cfg.data.seq_len, tokenizer.eos_id,
                          tokenizer.pad_id, tokenizer.piece_bytes)
     return write_split_meta(folder, fingerprint, cfg.data.seq_len, packed, fps, token_files,

@@ -29,6 +29,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from gopher_jax import storage
+from gopher_jax.data import digests
 from gopher_jax.data.tokenizer import EOS_ID
 from gopher_jax.errors import DataError
 
@@ -130,22 +131,27 @@ def padded_batch(batch_size: int, seq_len: int, pad_id: int) -> dict[str, np.nda
 
 def meta_path(path: str | os.PathLike) -> pathlib.Path:
     """The metadata file of the split whose chunks are under `path` (<folder>/<split>)."""
-    return pathlib.Path(path).with_suffix(".json")
+    return storage.data_path(path).with_suffix(".json")
 
 
-def write_records(path: pathlib.Path, records: np.ndarray) -> None:
-    """Records [n, 2*(L+1)+1] as one ArrayRecord file, written to a temporary name first."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+def write_records(path: pathlib.Path, records: np.ndarray) -> str:
+    """Records [n, 2*(L+1)+1] as one ArrayRecord file; returns its SHA-256 (16 digits).
+    ArrayRecord writes local files only: it writes a temporary file that is renamed, or on
+    Cloud Storage uploaded as one object (storage.local_file), so no reader sees a part."""
     try:
-        for r in records:
-            writer.write(r.astype("<i4").tobytes())
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(Exception):
+        with storage.local_file(path) as tmp:
+            writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+            try:
+                for r in records:
+                    writer.write(r.astype("<i4").tobytes())
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    writer.close()
+                raise
             writer.close()
-        tmp.unlink(missing_ok=True)
+            sha = digests.file_sha(tmp)
+        return sha
+    except BaseException as e:
         if isinstance(e, RuntimeError | OSError):  # array_record reports I/O as RuntimeError
             raise DataError(f"writing token chunks to {path.parent} failed: {e}",
                             "free space or choose another data.data_dir, then run again"
@@ -165,7 +171,7 @@ def chunk_files(path: str | os.PathLike, meta: dict) -> list[str]:
     """The split's ArrayRecord files in chunk order: `files` (sharded, relative to the
     folder `<path>/`, in shard order), or the one file a metadata `path` names."""
     if "files" in meta:
-        folder = pathlib.Path(path)
+        folder = storage.data_path(path)
         return [str(folder / f["path"]) for f in meta["files"]]
     return [meta["path"]]
 
@@ -183,8 +189,8 @@ class Chunks:
         self.files = chunk_files(path, self.meta)
         self.source = grain.sources.ArrayRecordDataSource(self.files)
         if len(self.source) != self.meta["num_chunks"]:
-            raise DataError(f"{pathlib.Path(path).parent} holds {len(self.source)} chunks "
-                            f"for {pathlib.Path(path).name}, its metadata says "
+            raise DataError(f"{storage.data_path(path).parent} holds {len(self.source)} chunks "
+                            f"for {storage.data_path(path).name}, its metadata says "
                             f"{self.meta['num_chunks']}", "run `data prepare` again")
 
     def __len__(self) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import pathlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -38,7 +37,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        path = pathlib.Path(path)
+        path = storage.data_path(path)
         if not path.is_file():
             raise DataError(f"no tokenizer at {path}", "train one with `python -m gopher_jax "
                             "tokenizer train --config ...` (or `data prepare`)")
@@ -136,7 +135,7 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: i
             num_threads=2, minloglevel=2)
     except RuntimeError as e:
         raise _vocab_error(vocab_size, str(e)) from None
-    path = pathlib.Path(path)
+    path = storage.data_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     storage.write_atomic(path, buf.getvalue())  # a reader never sees half a model
     return Tokenizer(buf.getvalue(), str(path))
