@@ -38,6 +38,13 @@ class Layout:
     def param_shardings(self) -> Any:
         return self.state_shardings["params"]
 
+    def with_params(self, params: Any) -> Layout:
+        """This layout with the param shardings those of `params` (placed arrays whose tree
+        may differ from the float params': int8 kernels, model/int8.py)."""
+        shardings = jax.tree.map(lambda x: x.sharding, params)
+        return dataclasses.replace(self, state_shardings={**self.state_shardings,
+                                                          "params": shardings})
+
     @property
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())

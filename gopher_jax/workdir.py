@@ -3,8 +3,8 @@
     config.json      the config a run trained with (train)
     checkpoints/     Orbax checkpoints, one folder per step (checkpoint/)
     metrics.jsonl    one JSON row per logged step; tb/ the same as TensorBoard events
-    eval.json        `eval`'s bits per byte
-    tasks.json, tasks.md     `tasks`'s results
+    eval.json        `eval`'s bits per byte (eval_int8.json: `eval --int8`'s)
+    tasks.json, tasks.md     `tasks`'s results (tasks_int8.json, tasks_int8.md: `tasks --int8`'s)
     ladder.json      the ladder config a `scaling run` workdir trains (scaling/)
     results.json, results.md, fit.json, unigram.json   a ladder's results and fits
 """
@@ -21,3 +21,12 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 FIT_JSON = "fit.json"
 UNIGRAM_JSON = "unigram.json"
+
+
+def int8_name(name: str, int8: bool = True) -> str:
+    """A result file's name for a measurement with int8 weights: eval.json -> eval_int8.json
+    (`name` unchanged when not int8), so the float results are kept beside them."""
+    if not int8:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}_int8{dot}{ext}"

@@ -13,6 +13,7 @@ from gopher_jax.errors import UserError
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     common.add_config(p, default=None)
     common.add_workdir(p)
+    common.add_int8(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but 127.0.0.1, localhost or ::1 needs "
                         "--api_key_file")

@@ -97,8 +97,10 @@ def contraction_axes(names: tuple[str, ...]) -> tuple[int, ...] | None:
 
 
 def quantize(m: ml_collections.ConfigDict, params: Any, per_channel: bool = True) -> Any:
-    """`params` (a model's param State) with every kernel an Int8Weight; `per_channel=False`
-    uses one scale per tensor (worse: a benchmark and test comparison)."""
+    """`params` (a model's param State) with every kernel an Int8Weight (a split kernel's
+    values split as it was, its scales the same but whole on the contraction axes, by jax's
+    sharding propagation); `per_channel=False` uses one scale per tensor (worse: a benchmark
+    and test comparison)."""
     names = _names(m)
 
     def one(path: tuple, leaf: Any) -> Any:

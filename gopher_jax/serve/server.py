@@ -39,6 +39,7 @@ class Options:
     max_tokens: int = 256
     timeout_s: float = 120.0
     model_name: str = ""
+    int8: bool = False  # weight-only int8 kernels (model/int8.py)
 
 
 def check(o: Options) -> str | None:
@@ -134,7 +135,7 @@ def prepare(c: ml_collections.ConfigDict, workdir: str, o: Options, api_key: str
             raise UserError(f"--audit_log {o.audit_log} cannot be opened ({e.strerror})",
                             "pass a writable path") from None
     layout = Layout.of(c, mesh_lib.make_mesh(c))
-    params, step = restore_params(c, workdir, layout)
+    params, step = restore_params(c, workdir, layout, o.int8)
     slots = rows_per_batch(o.slots, layout)
     batch = Batch(c, layout, params, slots, max_prompt, max_prompt + o.max_tokens)
     engine = Engine(batch, tok.decode, tok.eos_id, o.queue)
