@@ -97,6 +97,16 @@ def base_config() -> ml_collections.ConfigDict:
     # Must exceed log_every steps plus an evaluation and a save.
     t.watchdog_s = 1800.0
 
+    # `distill` (train/distill.py): the student's loss is (1 - kl_weight) * cross-entropy
+    # + kl_weight * temperature^2 * KL(teacher_T || student_T) on the same batches.
+    c.distill = ds = ml_collections.ConfigDict()
+    ds.teacher = ""  # the teacher's workdir (`distill --teacher DIR` sets it)
+    ds.teacher_step = -1  # the teacher's checkpoint step; -1: its newest
+    ds.kl_weight = 0.5  # lambda
+    ds.temperature = 1.0  # T, for both distributions
+    ds.topk = 32  # ids per position that `distill logits` stores
+    ds.teacher_logits = ""  # stored top-k (`distill --teacher_logits DIR`) instead of a teacher
+
     c.mesh = ms = ml_collections.ConfigDict()
     ms.data = 1
     ms.fsdp = -1  # -1 takes the remaining devices
@@ -267,10 +277,11 @@ _MINIMUM = (
     ("train.checkpoint_every", 1), ("train.checkpoint_keep", 1),
     ("train.checkpoint_keep_best", 0), ("train.metrics_every", 1), ("train.grad_clip", 0),
     ("train.spike_window", 1), ("train.spike_skip_batches", 1), ("train.spike_max_rewinds", 0),
-    ("train.watchdog_s", 0), ("mesh.num_slices", 1),
+    ("train.watchdog_s", 0), ("mesh.num_slices", 1), ("distill.topk", 1),
+    ("distill.kl_weight", 0),
 )
 _POSITIVE_FLOATS = ("model.norm_eps", "model.rel_pos_max_wavelength", "train.learning_rate",
-                    "train.lr_decay_factor")
+                    "train.lr_decay_factor", "distill.temperature")
 
 
 def get(c: ml_collections.ConfigDict, key: str) -> Any:
@@ -304,6 +315,12 @@ def check(c: ml_collections.ConfigDict) -> None:
     if t.eval_batches == 0 or t.eval_batches < -1:
         raise ConfigError(f"train.eval_batches = {t.eval_batches} must be -1 (the whole split) "
                           "or >= 1", "set --config.train.eval_batches=-1")
+    if not c.distill.kl_weight <= 1:
+        raise ConfigError(f"distill.kl_weight = {c.distill.kl_weight!r} must lie in [0, 1]",
+                          "set --config.distill.kl_weight, e.g. 0.5")
+    if c.distill.teacher_step < -1:
+        raise ConfigError(f"distill.teacher_step = {c.distill.teacher_step} names no step",
+                          "give a checkpoint step of the teacher, or -1 for its newest")
     if t.spike_policy not in names.SPIKE_POLICIES:
         raise ConfigError(f"unknown train.spike_policy={t.spike_policy!r}",
                           f"choose one of {names.SPIKE_POLICIES}")

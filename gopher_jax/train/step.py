@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -38,18 +39,50 @@ def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Ar
     return gopher.nll_sum(graphdef, params, inputs, seg, targets, weights), jnp.sum(weights)
 
 
+# (graphdef, params, batch, extra) -> (the summed loss to differentiate, {name: summed
+# metric}); the dict holds at least "nll" (the summed cross-entropy in nats) and "weight".
+LossSums = Callable[[nnx.GraphDef, Any, Batch, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A loss in place of the plain cross-entropy (train/distill.py): its `sums`, and `extra`,
+    an input of every step that is not trained (a teacher's params), placed by
+    `extra_shardings`. Its sums other than nll and weight become metrics (per target)."""
+
+    sums: LossSums
+    extra: Any = None
+    extra_shardings: Any = None
+
+
+def _ce_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch, extra: Any
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    del extra
+    nll, w = loss_sums(graphdef, params, batch)
+    return nll, {"nll": nll, "weight": w}
+
+
 def gradients(graphdef: nnx.GraphDef, params: Any, batch: Batch, microbatches: int,
               batch_spec: PartitionSpec | None = None) -> tuple[Any, jax.Array, jax.Array]:
     """Gradients of the *summed* nll, the summed nll and the summed weight, accumulated over
     `microbatches` slices of the batch (sums make k slices of b equal one batch of k*b)."""
+    g, _, sums = objective_gradients(graphdef, params, batch, microbatches, batch_spec)
+    return g, sums["nll"], sums["weight"]
+
+
+def objective_gradients(graphdef: nnx.GraphDef, params: Any, batch: Batch, microbatches: int,
+                        batch_spec: PartitionSpec | None = None, sums: LossSums = _ce_sums,
+                        extra: Any = None) -> tuple[Any, jax.Array, dict[str, jax.Array]]:
+    """(gradients of the summed loss, the summed loss, its metric sums) of `sums`, accumulated
+    like `gradients`."""
     k = microbatches
 
-    def f(p: Any, b: Batch) -> tuple[jax.Array, jax.Array]:
-        return loss_sums(graphdef, p, b)
+    def f(p: Any, b: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return sums(graphdef, p, b, extra)
 
     if k == 1:
-        (nll, w), g = jax.value_and_grad(f, has_aux=True)(params, batch)
-        return g, nll, w
+        (loss, aux), g = jax.value_and_grad(f, has_aux=True)(params, batch)
+        return g, loss, aux
 
     # Microbatch i takes rows i, i+k, ...: every data shard holds rows of every microbatch.
     def micro(x: jax.Array) -> jax.Array:
@@ -60,29 +93,39 @@ def gradients(graphdef: nnx.GraphDef, params: Any, batch: Batch, microbatches: i
         return jax.lax.with_sharding_constraint(x, spec)
 
     def body(carry: Any, b: Batch) -> tuple[Any, None]:
-        g_acc, nll_acc, w_acc = carry
-        (nll, w), g = jax.value_and_grad(f, has_aux=True)(params, b)
-        return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, w_acc + w), None
+        g_acc, loss_acc, aux_acc = carry
+        (loss, aux), g = jax.value_and_grad(f, has_aux=True)(params, b)
+        return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss,
+                jax.tree.map(jnp.add, aux_acc, aux)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (g, nll, w), _ = jax.lax.scan(body, init, jax.tree.map(micro, batch))
-    return g, nll, w
+    first = jax.tree.map(lambda x: x[0], jax.tree.map(micro, batch))
+    aux0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                        jax.eval_shape(f, params, first)[1])
+    init = (zeros, jnp.zeros((), jnp.float32), aux0)
+    (g, loss, aux), _ = jax.lax.scan(body, init, jax.tree.map(micro, batch))
+    return g, loss, aux
 
 
-def make_train_step(c: ml_collections.ConfigDict, layout: Layout | Mesh
-                    ) -> Callable[[State, Batch], Any]:
+def make_train_step(c: ml_collections.ConfigDict, layout: Layout | Mesh,
+                    objective: Objective | None = None) -> Callable[[State, Batch], Any]:
     """A jitted (state, batch) -> (state, metrics) with donated state and the layout's
-    shardings (a Mesh: the layout of `c` on it)."""
+    shardings (a Mesh: the layout of `c` on it). With an `objective` the step minimises its
+    loss ("loss" in the metrics; the cross-entropy is "ce_loss", bits_per_byte stays the
+    cross-entropy's) and is a function calling the jitted one with objective.extra."""
     layout = Layout.of(c, layout)
     graphdef, rules = layout.graphdef, layout.rules
     tx, lr_fn = optimizer(c.train), schedule(c.train)
     batch_spec = layout.batch_sharding.spec
+    sums = _ce_sums if objective is None else objective.sums
 
-    def step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+    def step(state: State, batch: Batch, extra: Any = None
+             ) -> tuple[State, dict[str, jax.Array]]:
         with rules_lib.use_rules(rules):
             params = state["params"]
-            g, nll, w = gradients(graphdef, params, batch, c.train.microbatches, batch_spec)
+            g, loss, aux = objective_gradients(graphdef, params, batch, c.train.microbatches,
+                                               batch_spec, sums, extra)
+            nll, w = aux["nll"], aux["weight"]
         with rules_lib.use_rules(rules), jax.named_scope("optimizer"):
             denom = jnp.maximum(w, 1.0)
             g = jax.tree.map(lambda x: x.astype(jnp.float32) / denom, g)
@@ -97,18 +140,26 @@ def make_train_step(c: ml_collections.ConfigDict, layout: Layout | Mesh
                 new_params = optax.apply_updates(params, updates)
         nbytes = jnp.sum(batch["num_bytes"]).astype(jnp.float32)
         metrics = {
-            "loss": nll / denom,
+            "loss": loss / denom,
             "bits_per_byte": nll / LN2 / jnp.maximum(nbytes, 1.0),
             "grad_norm": optax.tree.norm(g),
             "learning_rate": lr_fn(state["step"]),
             "tokens": w,
         }
+        if objective is not None:
+            metrics["ce_loss"] = nll / denom
+            metrics.update({k: v / denom for k, v in aux.items() if k not in ("nll", "weight")})
         new = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         return new, metrics
 
     shardings = layout.state_shardings
-    return jax.jit(step, in_shardings=(shardings, layout.batch_sharding),
-                   out_shardings=(shardings, layout.replicated), donate_argnums=(0,))
+    if objective is None:
+        return jax.jit(step, in_shardings=(shardings, layout.batch_sharding),
+                       out_shardings=(shardings, layout.replicated), donate_argnums=(0,))
+    jitted = jax.jit(step, in_shardings=(shardings, layout.batch_sharding,
+                                         objective.extra_shardings),
+                     out_shardings=(shardings, layout.replicated), donate_argnums=(0,))
+    return lambda state, batch: jitted(state, batch, objective.extra)
 
 
 def make_eval_step(c: ml_collections.ConfigDict, layout: Layout | Mesh
