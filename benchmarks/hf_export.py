@@ -61,7 +61,7 @@ def status(key):
             return int(line.split()[1]) * 1024
 work, out, tok = sys.argv[1:4]
 reader = StepReader(work, 1)
-m = config_lib.from_json(json.dumps(reader.meta["config"])).model
+m = config_lib.from_json(json.dumps(reader.meta.config)).model
 entries = weights.entries(m)
 hf_max = max(4 * int(math.prod(e.hf_shape)) for e in entries)
 stored = {e.source for e in entries}

@@ -3,6 +3,7 @@ next to a unigram baseline computed by the same code on the same chunks."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -23,6 +24,59 @@ from gopher_jax.layout import Layout
 from gopher_jax.parallel import distributed
 from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.train import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitEval:
+    """One split's result in eval.json: loss (nats per token), bits per byte, the tokens and
+    UTF-8 bytes scored, and the unigram baseline on the same chunks. A mixture's split also
+    has the sources' shares of the rows; each of its sources' results, the chunks scored."""
+
+    loss: float
+    bits_per_byte: float
+    tokens: float
+    bytes: float
+    chunks: float | None = None
+    unigram_bits_per_byte: float | None = None
+    shares: dict[str, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SplitEval:
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResults:
+    """What `eval` measured (<workdir>/eval.json): the checkpoint's step, whether its weights
+    were int8, the data's warnings, each split's result, and for a mixture each source's
+    ({name: {split: result}})."""
+
+    step: int
+    int8: bool
+    warnings: tuple[str, ...]
+    splits: dict[str, SplitEval]
+    sources: dict[str, dict[str, SplitEval]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"step": self.step, "int8": self.int8, "warnings": list(self.warnings),
+               "splits": {k: r.to_json() for k, r in self.splits.items()}}
+        if self.sources is not None:
+            out["sources"] = {n: {k: r.to_json() for k, r in by.items()}
+                              for n, by in self.sources.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EvalResults:
+        sources = d.get("sources")
+        return cls(step=d["step"], int8=d.get("int8", False),
+                   warnings=tuple(d.get("warnings", ())),
+                   splits={k: SplitEval.from_json(r) for k, r in d["splits"].items()},
+                   sources=None if sources is None else {
+                       n: {k: SplitEval.from_json(r) for k, r in by.items()}
+                       for n, by in sources.items()})
 
 
 def eval_batch_size(c: ml_collections.ConfigDict) -> int:
@@ -177,8 +231,8 @@ def restore_params(c: ml_collections.ConfigDict, workdir: str | os.PathLike,
     if int8:
         from gopher_jax.model import int8 as int8_lib
 
-        return int8_lib.quantize(c.model, state["params"]), meta["step"]
-    return state["params"], meta["step"]
+        return int8_lib.quantize(c.model, state["params"]), meta.step
+    return state["params"], meta.step
 
 
 def unigram_bits_per_byte(c: ml_collections.ConfigDict, split: str) -> float:
@@ -198,7 +252,7 @@ def unigram_bits_per_byte(c: ml_collections.ConfigDict, split: str) -> float:
 
 
 def _mixture_split(c: ml_collections.ConfigDict, layout: Layout, params: Any, split: str,
-                   eval_step: Any, by_source: dict[str, dict]) -> dict[str, float]:
+                   eval_step: Any, by_source: dict[str, dict[str, SplitEval]]) -> SplitEval:
     """The mixture's result on `split` for `run` (model and unigram baseline, combined the
     same way); each source's own goes into by_source[name][split]."""
     per = evaluate_sources(c, layout, params, split, eval_step)
@@ -206,18 +260,18 @@ def _mixture_split(c: ml_collections.ConfigDict, layout: Layout, params: Any, sp
         if s.name in per:
             per[s.name]["unigram_bits_per_byte"] = unigram_bits_per_byte(
                 mixture.source_config(c, s), split)
-            by_source.setdefault(s.name, {})[split] = per[s.name]
-    out = _mixture_totals(c, per)
-    out["unigram_bits_per_byte"] = _combined(c, per, "unigram_bits_per_byte")["bits_per_byte"]
-    out["shares"] = {n: v for n, v in sources.shares(c).items() if n in per}
-    return out
+            by_source.setdefault(s.name, {})[split] = SplitEval(**per[s.name])
+    return SplitEval(
+        **_mixture_totals(c, per),
+        unigram_bits_per_byte=_combined(c, per, "unigram_bits_per_byte")["bits_per_byte"],
+        shares={n: v for n, v in sources.shares(c).items() if n in per})
 
 
 def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike, int8: bool = False
-        ) -> dict[str, Any]:
+        ) -> EvalResults:
     """Bits per byte of the workdir's newest checkpoint on the eval and test splits, each with
     its unigram baseline; written to <workdir>/eval.json (process 0) and returned. For a
-    mixture, "splits" holds the mixture's and "sources" each source's: {name: {split: ...}}.
+    mixture, `splits` holds the mixture's and `sources` each source's.
     With `int8` the weights are int8 (model/int8.py) and "int8" is true in the results."""
     distributed.initialize_from_env()
     layout = Layout.build(c, mesh_lib.make_mesh(c))
@@ -225,20 +279,19 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike, int8: bool = F
     params, step = restore_params(c, workdir, layout, int8)
     info = distributed.run_on_process_zero_first(lambda: data.prepare(c))
     eval_step = step_lib.make_eval_step(c, layout)
-    results: dict[str, Any] = {"step": step, "int8": int8, "warnings": list(info.warnings),
-                               "splits": {}}
-    if data.is_mixture(c):
-        results["sources"] = {}
+    splits: dict[str, SplitEval] = {}
+    by_source: dict[str, dict[str, SplitEval]] | None = {} if data.is_mixture(c) else None
     for split in dict.fromkeys((c.data.eval_split, c.data.test_split)):
         if split not in info.splits:
             continue
-        if data.is_mixture(c):
-            results["splits"][split] = _mixture_split(c, layout, params, split, eval_step,
-                                                      results["sources"])
+        if by_source is not None:
+            splits[split] = _mixture_split(c, layout, params, split, eval_step, by_source)
             continue
-        r = evaluate_split(c, layout, params, split, eval_step)
-        r["unigram_bits_per_byte"] = unigram_bits_per_byte(c, split)
-        results["splits"][split] = r
+        splits[split] = SplitEval(**evaluate_split(c, layout, params, split, eval_step),
+                                  unigram_bits_per_byte=unigram_bits_per_byte(c, split))
+    results = EvalResults(step=step, int8=int8, warnings=tuple(info.warnings), splits=splits,
+                          sources=by_source)
     if jax.process_index() == 0:
-        (storage.path(workdir) / workdir_lib.EVAL_JSON).write_text(json.dumps(results, indent=2))
+        (storage.path(workdir) / workdir_lib.EVAL_JSON).write_text(
+            json.dumps(results.to_json(), indent=2))
     return results

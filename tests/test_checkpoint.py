@@ -84,8 +84,8 @@ def check_restore(c, mesh, workdir, ref: dict[str, np.ndarray], train: bool = Tr
     for k, v in got.items():
         assert v.dtype == ref[k].dtype and v.shape == ref[k].shape, k
         assert v.tobytes() == ref[k].tobytes(), f"{k} differs after restore"
-    step = meta["data_step"]
-    assert step == int(_host(state["step"])) == meta["step"]
+    step = meta.data_step
+    assert step == int(_host(state["step"])) == meta.step
     batch = pipeline.TrainData(c).batch(step, layout.batch_sharding)
     for k, v in batch.items():
         assert _host(v).tobytes() == ref[f"batch/{k}"].tobytes(), f"next batch {k} differs"
@@ -112,7 +112,7 @@ def test_restore_8_devices_fsdp_tensor_onto_4_and_1(data_dir, tmp_path):
     c1 = tiny(data_dir, "data-only", fsdp=1)
     check_restore(c1, mesh_lib.make_mesh(c1, jax.devices()[:1]), tmp_path, ref, train=False)
     meta = ckpt_lib.read_meta(tmp_path / "checkpoints", 2)
-    assert meta["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2} and meta["device_count"] == 8
+    assert meta.mesh == {"data": 1, "fsdp": 4, "tensor": 2} and meta.device_count == 8
 
 
 def _worker(argv: list[str]) -> None:
@@ -156,7 +156,7 @@ def test_two_processes_to_one_and_back(data_dir, tmp_path):
     assert out.count("SAVED on 2 process(es) x 4 devices") == 2
     out = _run_worker(["restore", str(a), data_dir, "fsdp", "-1", "1"], 1, 4)
     assert "RESTORED bit-identically on 1 process(es) x 4 devices" in out
-    assert ckpt_lib.read_meta(a / "checkpoints", 2)["process_count"] == 2
+    assert ckpt_lib.read_meta(a / "checkpoints", 2).process_count == 2
 
     out = _run_worker(["save", str(b), data_dir, "fsdp+tensor", "4", "2"], 1, 8)
     assert "SAVED on 1 process(es) x 8 devices" in out
@@ -193,7 +193,7 @@ def test_truncated_newest_falls_back_to_previous(small, tmp_path, caplog):
     assert ck.steps() == [1, 2]
     with caplog.at_level("WARNING"):
         state, meta = ck.restore_latest(Layout.build(c, mesh).state)
-    assert meta["step"] == 1
+    assert meta.step == 1
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(s1), strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
     warned = " ".join(r.getMessage() for r in caplog.records)
@@ -251,7 +251,9 @@ def test_keep_best_by_validation_bits_per_byte(tmp_path, keep_best, kept):
     state = {"w": jnp.arange(8.0)}
     for step, bpb in zip(range(1, 6), [3.0, 1.0, 2.0, None, None], strict=True):
         metrics = None if bpb is None else {ckpt_lib.BEST_METRIC: bpb}
-        ck.save(step, state, {"step": step}, metrics=metrics)
+        meta = ckpt_lib.CheckpointMeta(step=step, config={}, layout="unscanned", mesh={},
+                                       rules="fsdp", process_count=1, device_count=1)
+        ck.save(step, state, meta, metrics=metrics)
         ck.wait()
     assert ck.steps() == kept
     assert ck.best_step() == (2 if keep_best else None)

@@ -180,8 +180,8 @@ def _run_record(workdir: pathlib.Path) -> dict:
     return {"train": [(r["step"], r["loss"]) for r in read_jsonl(workdir / "metrics.jsonl")],
             "spike": [(r["step"], r["skip_start"], r["skip_end"], r["rewound_to"])
                       for r in read_jsonl(workdir / "metrics.jsonl", split="spike")],
-            "skips": meta["spikes"]["skips"], "step": meta["step"],
-            "data_step": meta["data_step"]}
+            "skips": meta.spikes["skips"], "step": meta.step,
+            "data_step": meta.data_step}
 
 
 @pytest.mark.slow
@@ -278,7 +278,7 @@ def test_watchdog_ends_a_host_left_waiting_by_a_stopped_one_and_the_rerun_resume
     assert 0 < g["goodput"] < 1 and parts <= g["wall_s"] * 1.01, g
     assert g["total_wall_s"] > g["wall_s"] and 0 < g["total_goodput"] < 1, g
     meta = ckpt_lib.Checkpointer(workdir, read_only=True).read_meta(newest + 5)
-    assert meta["goodput"]["redone"] == pytest.approx(g["total_redone_s"], rel=0.01)
+    assert meta.goodput["redone"] == pytest.approx(g["total_redone_s"], rel=0.01)
     info = run_cli("checkpoint", "info", "--workdir", workdir, env=cpu_env(1))
     assert info.returncode == 0 and "goodput=" in info.stdout, info.stdout + info.stderr
 

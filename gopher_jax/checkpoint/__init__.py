@@ -11,7 +11,8 @@ The package:
   errors.py   CheckpointError, the one-line user error of this package
   compat.py   which config changes a resume refuses (shapes, dtypes, data order) and why
   manager.py  the Checkpointer (Orbax manager: save, keep-best, restore the newest readable
-              step, set broken ones aside) and the metadata written with each step
+              step, set broken ones aside)
+  meta.py     CheckpointMeta, the metadata written with each step
   listing.py  `checkpoint info`: one row per step directory of a workdir
   lock.py     one writer per workdir: a renewed lease in <workdir>/LOCK
 
@@ -30,17 +31,12 @@ from gopher_jax.checkpoint.compat import (
 from gopher_jax.checkpoint.errors import CheckpointError
 from gopher_jax.checkpoint.listing import format_info, info
 from gopher_jax.checkpoint.lock import WorkdirLock, WorkdirLockedError
-from gopher_jax.checkpoint.manager import (
-    BEST_METRIC,
-    CORRUPT_DIR,
-    Checkpointer,
-    all_processes,
-    meta_for,
-    read_meta,
-)
+from gopher_jax.checkpoint.manager import BEST_METRIC, CORRUPT_DIR, Checkpointer, all_processes
+from gopher_jax.checkpoint.meta import CheckpointMeta, meta_for, read_meta
 
 __all__ = [
-    "BEST_METRIC", "CORRUPT_DIR", "EVAL_KEYS", "SHAPE_KEYS", "CheckpointError", "Checkpointer",
+    "BEST_METRIC", "CORRUPT_DIR", "EVAL_KEYS", "SHAPE_KEYS", "CheckpointError", "CheckpointMeta",
+    "Checkpointer",
     "ConfigMismatchError", "DataChangedError", "check_config", "check_data", "config_diff",
     "WorkdirLock", "WorkdirLockedError", "all_processes", "format_info", "info", "meta_for",
     "read_meta",

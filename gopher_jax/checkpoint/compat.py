@@ -5,12 +5,12 @@ against the current one, and the refusal that names the keys that differ."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import ml_collections
 
 from gopher_jax import config as config_lib
 from gopher_jax.checkpoint.errors import CheckpointError
+from gopher_jax.checkpoint.meta import CheckpointMeta
 
 # Config keys that change the shapes, dtypes or structure of the state.
 MODEL_KEYS = (
@@ -48,19 +48,19 @@ def _covered(key: str, keys: tuple[str, ...]) -> bool:
     return key in keys or any(key.startswith(k + ".") for k in keys)
 
 
-def check_config(meta: dict[str, Any], c: ml_collections.ConfigDict,
+def check_config(meta: CheckpointMeta, c: ml_collections.ConfigDict,
                  keys: tuple[str, ...] = SHAPE_KEYS) -> list[str]:
     """Raises ConfigMismatchError naming the keys among `keys` (by default what a training
     resume must keep) that differ from the checkpoint's config; returns the other (allowed)
     differing keys."""
-    saved = meta["config"]
+    saved = meta.config
     shape, other = config_diff(saved, json.loads(c.to_json()), keys)
     if shape:
         a, b = config_lib.flatten(saved), config_lib.flatten(json.loads(c.to_json()))
         diffs = ", ".join(f"{k}: {a.get(k)!r} in the checkpoint vs {b.get(k)!r} now"
                           for k in shape)
         raise ConfigMismatchError(
-            f"the checkpoint at step {meta.get('step')} was trained with another model or data "
+            f"the checkpoint at step {meta.step} was trained with another model or data "
             f"order ({diffs}). "
             "Use another --workdir, or the checkpoint's config (config.json in the workdir).")
     return other
@@ -70,19 +70,19 @@ class DataChangedError(CheckpointError):
     """The data a checkpoint was trained on differs from what the config now prepares."""
 
 
-def check_data(meta: dict[str, Any], current: dict[str, str], accept: bool = False
+def check_data(meta: CheckpointMeta, current: dict[str, str], accept: bool = False
                ) -> list[str]:
     """Compares the checkpoint's data fingerprints (tokenizer, training chunks) with the
     current ones. A difference raises DataChangedError naming it, unless `accept`; returns
     the names of what changed. A checkpoint without fingerprints is not checked."""
-    saved = meta.get("data")
+    saved = meta.data
     if not saved:
         return []
     changed = [k for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)]
     if changed and not accept:
         what = ", ".join(f"{k} {saved.get(k)} -> {current.get(k)}" for k in changed)
         raise DataChangedError(
-            f"the training data changed since the checkpoint at step {meta.get('step')} "
+            f"the training data changed since the checkpoint at step {meta.step} "
             f"({what})", "train in a new --workdir, or pass --accept_new_data to continue "
             "this run on the new data (recorded in its metrics)")
     return changed

@@ -15,6 +15,7 @@ from gopher_jax import storage
 from gopher_jax import workdir as workdir_lib
 from gopher_jax.checkpoint.errors import CheckpointError
 from gopher_jax.checkpoint.manager import CORRUPT_DIR
+from gopher_jax.checkpoint.meta import CheckpointMeta, meta_path
 
 
 def _step_metrics(step_dir: epath.Path) -> dict[str, Any] | None:
@@ -48,14 +49,14 @@ def info(workdir: str | os.PathLike) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"step": int(step_str) if step_str.isdigit() else None,
                                "status": status, "path": str(path), "bytes": _dir_bytes(path)}
         try:
-            meta = json.loads((path / "meta" / "metadata").read_text())
-            row.update(layout=meta["layout"], mesh=meta["mesh"], rules=meta["rules"],
-                       processes=meta["process_count"], devices=meta["device_count"],
-                       data_step=meta["data_step"])
-            goodput = meta.get("goodput") or {}
+            meta = CheckpointMeta.from_json(json.loads(meta_path(path).read_text()))
+            row.update(layout=meta.layout, mesh=meta.mesh, rules=meta.rules,
+                       processes=meta.process_count, devices=meta.device_count,
+                       data_step=meta.data_step)
+            goodput = meta.goodput
             if goodput.get("wall"):
                 row["goodput"] = goodput["step"] / goodput["wall"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             row["layout"] = None
         metrics = _step_metrics(path)
         if metrics:

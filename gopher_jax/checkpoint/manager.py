@@ -4,7 +4,6 @@ that are then set aside), and the JSON metadata saved with each step."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -13,7 +12,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -22,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gopher_jax import storage
 from gopher_jax import workdir as workdir_lib
 from gopher_jax.checkpoint.errors import CheckpointError
+from gopher_jax.checkpoint.meta import CheckpointMeta, read_meta
 from gopher_jax.train.state import State
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: State, meta: dict[str, Any],
+    def save(self, step: int, state: State, meta: CheckpointMeta,
              metrics: dict[str, float] | None = None, force: bool = False) -> bool:
         """Starts an async save and returns once the arrays are copied off the devices (the
         previous save is awaited first); the files are written in the background. A failure,
@@ -71,7 +70,7 @@ class Checkpointer:
             saved = self.manager.save(
                 step,
                 args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                        meta=ocp.args.JsonSave(meta)),
+                                        meta=ocp.args.JsonSave(meta.to_json())),
                 metrics=metrics, force=force)
         except Exception as e:  # noqa: BLE001 - any failure to save ends the run
             raise self._failed(e, step) from e
@@ -123,7 +122,7 @@ class Checkpointer:
             f"{stopped}",
             f"free space or fix the path's permissions; a rerun resumes from {resume}")
 
-    def read_meta(self, step: int) -> dict[str, Any]:
+    def read_meta(self, step: int) -> CheckpointMeta:
         return read_meta(self.directory, step)
 
     def best_step(self) -> int | None:
@@ -138,8 +137,8 @@ class Checkpointer:
         return out["state"]
 
     def restore_latest(self, target: State,
-                       check: Callable[[dict[str, Any]], Any] | None = None
-                       ) -> tuple[State, dict[str, Any]] | None:
+                       check: Callable[[CheckpointMeta], Any] | None = None
+                       ) -> tuple[State, CheckpointMeta] | None:
         """The newest checkpoint that restores, or None when there is none.
 
         `check(meta)` runs before each restore; what it raises (e.g. ConfigMismatchError)
@@ -229,32 +228,3 @@ def _check_finite(state: State, step: int) -> None:
     bad = [name for (name, _), ok in zip(leaves, np.asarray(finite), strict=True) if not ok]
     if bad:
         raise CheckpointError(f"non-finite values in {bad[:3]} at step {step}")
-
-
-def meta_for(c: ml_collections.ConfigDict, step: int, mesh: jax.sharding.Mesh,
-             data: dict[str, str] | None = None, position: int | None = None,
-             spikes: dict[str, Any] | None = None, goodput: dict[str, float] | None = None
-             ) -> dict[str, Any]:
-    """What is saved beside the state. `data`: content fingerprints of the tokenizer and the
-    training chunks (pipeline.data_identity), checked on resume. `position`: the next data
-    index (the step unless batches were skipped); `spikes`: the spike guard's skip list and
-    recent losses; `goodput`: the run's time totals (train/goodput.py)."""
-    return {
-        "step": step,
-        "saved_at": time.time(),
-        "data": data or {},
-        # The data order is a pure function of (seed, data index).
-        "data_step": step if position is None else position,
-        "spikes": spikes or {},
-        "goodput": goodput or {},
-        "config": json.loads(c.to_json()),
-        "layout": "scanned" if c.model.scan_layers else "unscanned",
-        "mesh": {k: int(v) for k, v in mesh.shape.items()},
-        "rules": c.mesh.rules,
-        "process_count": jax.process_count(),
-        "device_count": jax.device_count(),
-    }
-
-
-def read_meta(directory: str | os.PathLike, step: int) -> dict[str, Any]:
-    return json.loads((storage.path(directory) / str(step) / "meta" / "metadata").read_text())

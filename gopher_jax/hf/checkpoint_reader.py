@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -35,7 +34,7 @@ class StepReader:
     def __init__(self, workdir: str | os.PathLike, step: int):
         self.directory = storage.path(workdir) / workdir_lib.CHECKPOINTS
         self.step = step
-        self.meta: dict[str, Any] = ckpt_lib.read_meta(self.directory, step)
+        self.meta: ckpt_lib.CheckpointMeta = ckpt_lib.read_meta(self.directory, step)
         self.state_dir = self.directory / str(step) / "state"
         metadata = json.loads((self.state_dir / "_METADATA").read_text())
         self._use_zarr3 = bool(metadata.get("use_zarr3", False))

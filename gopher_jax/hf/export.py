@@ -23,7 +23,7 @@ import os
 import pathlib
 import shutil
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import ml_dtypes
@@ -35,6 +35,9 @@ from gopher_jax.hf import safetensors_out, weights
 from gopher_jax.hf.checkpoint_reader import StepReader
 from gopher_jax.model import sizes
 
+if TYPE_CHECKING:
+    from gopher_jax.checkpoint import CheckpointMeta
+
 REMOTE_DIR = pathlib.Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_gopher.py", "modeling_gopher.py", "tokenization_gopher.py")
 TOKENIZER_FILE = "tokenizer.model"
@@ -42,8 +45,6 @@ DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 # Config keys that name places on the machine that trained: not part of the model.
 LOCAL_KEYS = (("data", "data_dir"), ("data", "tokenizer_path"))
-# What an imported checkpoint's metadata carries about the weights it started from.
-IMPORT_META = "hf_import"
 ARCHITECTURE = "GopherForCausalLM"
 MODEL_TYPE = "gopher"
 
@@ -56,15 +57,16 @@ def portable_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def provenance(meta: dict[str, Any], eval_results: dict[str, Any] | None) -> dict[str, Any]:
+def provenance(meta: CheckpointMeta, eval_results: dict[str, Any] | None
+               ) -> dict[str, Any]:
     """{"config", "step", "eval"} of the weights at a checkpoint: the training steps behind
     them (an imported checkpoint adds its own steps to those of the model it was imported
     from) and the eval numbers measured at that step, if any."""
-    source = meta.get(IMPORT_META) or {}
-    step = int(source.get("step", 0)) + int(meta["step"])
-    if eval_results is None and meta["step"] == 0:
+    source = meta.hf_import or {}
+    step = int(source.get("step", 0)) + int(meta.step)
+    if eval_results is None and meta.step == 0:
         eval_results = source.get("eval")
-    return {"config": portable_config(meta["config"]), "step": step, "eval": eval_results}
+    return {"config": portable_config(meta.config), "step": step, "eval": eval_results}
 
 
 def eval_at(workdir: str | os.PathLike, step: int) -> dict[str, Any] | None:
@@ -216,7 +218,7 @@ def check(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None,
                         "pass a new directory")
     if tokenizer_path is None:
         meta = ckpt_lib.read_meta(storage.path(workdir) / workdir_lib.CHECKPOINTS, step)
-        return step, run_tokenizer(config_lib.from_json(json.dumps(meta["config"])))
+        return step, run_tokenizer(config_lib.from_json(json.dumps(meta.config)))
     tokenizer_path = pathlib.Path(tokenizer_path)
     if not tokenizer_path.is_file():
         raise UserError(f"--tokenizer {tokenizer_path} is not a file",
@@ -243,7 +245,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int,
     docstring); returns {"dir", "step", "files", "tensors", "bytes"}. `tokenizer_path`
     defaults to the run config's tokenizer."""
     reader = StepReader(workdir, step)
-    c = config_lib.from_json(json.dumps(reader.meta["config"]))
+    c = config_lib.from_json(json.dumps(reader.meta.config))
     m = c.model
     tokenizer_path = pathlib.Path(tokenizer_path or run_tokenizer(c))
     source = provenance(reader.meta, eval_at(workdir, step))

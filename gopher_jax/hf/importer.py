@@ -15,6 +15,7 @@ so that exporting it again writes the same directory, byte for byte.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -162,10 +163,9 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike) -> dict[str
             out_shardings=layout.state_shardings["opt_state"]["master"])(params)
 
     source = hf.get("gopher_jax") or {}
-    meta = ckpt_lib.meta_for(c, 0, mesh)
-    meta[export_lib.IMPORT_META] = {"from": str(hf_dir.absolute()),
-                                    "step": int(source.get("step", 0)),
-                                    "eval": source.get("eval")}
+    meta = dataclasses.replace(ckpt_lib.meta_for(c, 0, mesh), hf_import={
+        "from": str(hf_dir.absolute()), "step": int(source.get("step", 0)),
+        "eval": source.get("eval")})
     workdir_path.mkdir(parents=True, exist_ok=True)
     with ckpt_lib.WorkdirLock(workdir):
         shutil.copyfile(hf_dir / export_lib.TOKENIZER_FILE, tokenizer_path)

@@ -150,7 +150,7 @@ class Run:
     compiled: bool = False
     step_s_seen: float = 0.0  # step time booked up to the previous fetch
 
-    def meta(self) -> dict[str, Any]:
+    def meta(self) -> ckpt_lib.CheckpointMeta:
         return ckpt_lib.meta_for(self.c, self.step, self.mesh, self.identity,
                                  position=self.guard.index_of(self.step),
                                  spikes=self.guard.state(),
@@ -216,14 +216,14 @@ def _restore_or_init(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                                  keep_best=c.train.checkpoint_keep_best)
     identity = data_lib.data_identity(info, c.data.train_split)
 
-    def check(meta: dict[str, Any]) -> None:
+    def check(meta: ckpt_lib.CheckpointMeta) -> None:
         # Before any restore: a different model or different data is refused by name.
         ckpt_lib.check_config(meta, c)
         ckpt_lib.check_data(meta, identity, accept_new_data)
 
     restored = ckpt.restore_latest(layout.state, check=check)
     data_changed: list[str] = []
-    meta: dict[str, Any] = {}
+    meta: ckpt_lib.CheckpointMeta | None = None
     if restored is None:
         state = state_lib.create_state(c, layout)
         say(f"new run in {workdir}: initialised state (seed {c.seed})")
@@ -231,22 +231,22 @@ def _restore_or_init(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
         state, meta = restored
         other = ckpt_lib.check_config(meta, c)
         data_changed = ckpt_lib.check_data(meta, identity, accept_new_data)
-        say(f"resumed from step {meta['step']} in {ckpt.directory} (written on mesh "
-            f"{meta['mesh']}, {meta['process_count']} process(es))"
+        say(f"resumed from step {meta.step} in {ckpt.directory} (written on mesh "
+            f"{meta.mesh}, {meta.process_count} process(es))"
             + (f"; config changes allowed: {other}" if other else "")
             + (f"; new data accepted: {data_changed}" if data_changed else ""))
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / workdir_lib.CONFIG_JSON).write_text(c.to_json(indent=2))
     step = int(jax.device_get(state["step"]))
-    guard = SpikeGuard(c.train, meta.get("spikes"))
+    guard = SpikeGuard(c.train, meta.spikes if meta else None)
     writer = MetricsWriter(workdir, resume_step=step, keep=guard.knows)
     if data_changed:
         writer.write(step, {f"changed_{k}": 1.0 for k in data_changed}, prefix="data")
     # The interrupted run's work after this checkpoint (its rows just dropped) is redone.
-    redone = (writer.dropped_until - meta["saved_at"]
-              if writer.dropped_until and "saved_at" in meta else 0.0)
-    clock = Goodput(meta.get("goodput"), redone_s=redone, start=clock_start)
+    redone = (writer.dropped_until - meta.saved_at
+              if writer.dropped_until and meta and meta.saved_at is not None else 0.0)
+    clock = Goodput(meta.goodput if meta else None, redone_s=redone, start=clock_start)
     clock.lap("startup")
     clock.saved_at(step)
     flops_tok = sizes.flops_per_token(c.model, c.data.seq_len)["train"]
@@ -320,13 +320,13 @@ def _rewind_or_stop(run: Run, spike: Spike) -> None:
             "lower train.learning_rate or raise train.warmup_steps, or set "
             f"train.spike_policy=rewind; a rerun resumes from step {target}")
     start, end = run.guard.skip_around(spike, target)
-    meta: dict[str, Any] = {}
+    spikes = None
     if before:
         run.state = run.ckpt.restore(target, run.layout.state)
-        meta = run.ckpt.read_meta(target)
+        spikes = run.ckpt.read_meta(target).spikes
     else:
         run.state = state_lib.create_state(run.c, run.layout)
-    run.guard.restart_window(meta.get("spikes"))
+    run.guard.restart_window(spikes)
     run.step = target
     run.writer.rewind(target, keep=run.guard.knows)
     run.writer.write(spike.state_step + 1, {
