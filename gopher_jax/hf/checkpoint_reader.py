@@ -1,4 +1,4 @@
-"""One array (or one layer of a stacked array) at a time from an Orbax checkpoint step.
+"""One array, or a run of layers of a stacked array, at a time from an Orbax checkpoint step.
 
 The arrays are opened with TensorStore through Orbax's own read spec (the OCDBT/zarr layout
 it wrote, whichever processes wrote it) and read one at a time, so nothing holds the whole
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -38,9 +39,7 @@ class StepReader:
         self.state_dir = self.directory / str(step) / "state"
         metadata = json.loads((self.state_dir / "_METADATA").read_text())
         self._use_zarr3 = bool(metadata.get("use_zarr3", False))
-        # One chunk decoded at a time: a layer of a scanned array is a slice of chunks that
-        # hold every layer, so the peak is one stored chunk plus the slice, not the array
-        # (benchmarks/hf_export.py).
+        # One chunk decoded at a time, straight into the array read (benchmarks/hf_export.py).
         self._context = ocp.type_handlers.get_ts_context(use_ocdbt=True,
                                                          data_copy_concurrency_limit=1)
         self._opened: dict[str, ts.TensorStore] = {}
@@ -57,13 +56,19 @@ class StepReader:
         self._opened = {name: store}  # one handle kept: it holds no data once read
         return store
 
-    def read(self, path: tuple[str, ...], layer: int | None = None) -> np.ndarray:
-        """params/<path> (e.g. ("blocks", "attn", "wq")), or its `layer`-th entry along the
-        leading axis."""
+    def read(self, path: tuple[str, ...]) -> np.ndarray:
+        """params/<path>, e.g. ("blocks", "0", "attn", "wq")."""
+        return np.asarray(self._open(".".join(("params", *path))).read().result())
+
+    def layer_blocks(self, path: tuple[str, ...]) -> Iterator[tuple[int, np.ndarray]]:
+        """(first layer, [n, ...] array) for consecutive runs of the leading axis of a stacked
+        array, each run the layers its stored chunks span, so that every chunk is decoded
+        once. Orbax chunks by shard and the layers axis is seldom sharded: then the one run
+        is the whole array. (Reading layer by layer would decode every chunk once per layer.)"""
         arr = self._open(".".join(("params", *path)))
-        if layer is not None:
-            arr = arr[layer]
-        return np.asarray(arr.read().result())
+        n, per_chunk = arr.shape[0], max(1, arr.chunk_layout.read_chunk.shape[0])
+        for start in range(0, n, per_chunk):
+            yield start, np.asarray(arr[start:start + per_chunk].read().result())
 
     def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
         return tuple(self._open(".".join(("params", *path))).shape)

@@ -10,8 +10,9 @@
     DIR/model.safetensors           or model-0000k-of-0000n.safetensors + the index
     DIR/README.md                   the model, its training config and step, its eval numbers
 
-Tensors go from the checkpoint to the file one at a time (checkpoint_reader.StepReader): no
-host holds the model. The directory is written under a temporary name and renamed when
+Tensors go from the checkpoint to the file one stored array at a time
+(checkpoint_reader.StepReader; a scanned array by runs of its chunks' layers): no host holds
+the model. The directory is written under a temporary name and renamed when
 complete. Every file is a pure function of the checkpoint's values and metadata (no
 timestamps, no paths of this machine), so the same weights always give the same bytes.
 """
@@ -23,6 +24,7 @@ import os
 import pathlib
 import shutil
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import ml_collections
@@ -256,10 +258,8 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int,
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        files = safetensors_out.write(
-            tmp, [(e.hf_name, e.hf_shape) for e in entries],
-            lambda i: entries[i].to_hf(reader.read(entries[i].source, entries[i].layer)),
-            np_dtype, max_shard_bytes)
+        files = safetensors_out.write(tmp, [(e.hf_name, e.hf_shape) for e in entries],
+                                      hf_tensors(reader, entries), np_dtype, max_shard_bytes)
         names = [f.name for f in files]
         _write_json(tmp / "config.json", hf_config(m, c.data.seq_len, dtype, source))
         for name, content in tokenizer_files().items():
@@ -276,6 +276,26 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int,
         raise
     return {"dir": str(out), "step": source["step"], "files": names, "tensors": len(entries),
             "bytes": sum((out / n).stat().st_size for n in names)}
+
+
+def hf_tensors(reader: StepReader, entries: list[weights.Entry]
+               ) -> Iterator[tuple[int, np.ndarray]]:
+    """(index into entries, HF tensor) for every entry, each stored array read once: a
+    stacked (scanned) array is read whole, by runs of layers as it is chunked, and its
+    layers' tensors are given before the next array is read."""
+    by_source: dict[tuple[str, ...], list[int]] = {}
+    for i, e in enumerate(entries):
+        by_source.setdefault(e.source, []).append(i)
+    for source, idx in by_source.items():
+        if entries[idx[0]].layer is None:
+            yield idx[0], entries[idx[0]].to_hf(reader.read(source))
+            continue
+        by_layer = {entries[i].layer: i for i in idx}
+        for start, block in reader.layer_blocks(source):
+            for j in range(block.shape[0]):
+                i = by_layer[start + j]
+                yield i, entries[i].to_hf(block[j])
+            del block
 
 
 def _write_json(path: pathlib.Path, content: Any) -> None:
