@@ -272,11 +272,14 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike, int8: bool = F
     """Bits per byte of the workdir's newest checkpoint on the eval and test splits, each with
     its unigram baseline; written to <workdir>/eval.json (process 0) and returned. For a
     mixture, `splits` holds the mixture's and `sources` each source's.
-    With `int8` the weights are int8 (model/int8.py) and "int8" is true in the results."""
+    With `int8` the weights are int8 (model/int8.py), "int8" is true in the results and they
+    go to eval_int8.json instead."""
     distributed.initialize_from_env()
     layout = Layout.build(c, mesh_lib.make_mesh(c))
     # The checkpoint first: a workdir without one is refused before any data is built.
     params, step = restore_params(c, workdir, layout, int8)
+    if int8:  # int8 kernels are (values, scales): the eval step takes their shardings
+        layout = layout.with_params(params)
     info = distributed.run_on_process_zero_first(lambda: data.prepare(c))
     eval_step = step_lib.make_eval_step(c, layout)
     splits: dict[str, SplitEval] = {}
@@ -292,6 +295,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike, int8: bool = F
     results = EvalResults(step=step, int8=int8, warnings=tuple(info.warnings), splits=splits,
                           sources=by_source)
     if jax.process_index() == 0:
-        (storage.path(workdir) / workdir_lib.EVAL_JSON).write_text(
+        name = workdir_lib.int8_name(workdir_lib.EVAL_JSON, int8)
+        (storage.path(workdir) / name).write_text(
             json.dumps(results.to_json(), indent=2))
     return results
