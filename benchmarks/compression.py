@@ -12,9 +12,10 @@ into OUT (its own data dir OUT/data, prepared by the first training):
   prompt-scoring tokens/s), into OUT/measure_<model>.json; then OUT/compression.json and the
   table as markdown (OUT/compression.md, printed).
 
-Each stage runs on a clone of this repository at its HEAD commit (OUT/clone-<commit>, with
-this interpreter), so a shared working tree's uncommitted edits never take part; the commit
-of each training and measurement is recorded (OUT/<model>.commits, compression.json).
+Each stage runs on a clone of this repository (OUT/clone-<commit>, with this interpreter), so
+a shared working tree's uncommitted edits never take part: a training at the HEAD commit it
+started at (resumed there too), a measurement at HEAD; the commits are recorded
+(OUT/<model>.commits, compression.json).
 
 Every stage is resumable: a training resumes from its newest checkpoint (`train` and `distill`
 do), a finished training or measurement is skipped. --stage_seconds stops a training by
@@ -48,9 +49,9 @@ TEACHER_STEPS = 900
 DISTILL_LAMBDA, DISTILL_T = 0.5, 1.0
 
 
-def clone(out: pathlib.Path) -> tuple[pathlib.Path, str]:
-    """(a clone of this repository at HEAD under OUT, its short commit)."""
-    commit = git_commit()
+def clone(out: pathlib.Path, commit: str | None = None) -> tuple[pathlib.Path, str]:
+    """(a clone of this repository at `commit` (default HEAD) under OUT, its short commit)."""
+    commit = commit or git_commit()
     path = out / f"clone-{commit}"
     if not path.is_dir():
         subprocess.run(["git", "clone", "-q", str(ROOT), str(path)], check=True)
@@ -83,8 +84,9 @@ def train(name: str, out: pathlib.Path, steps: int, seconds: float | None) -> bo
     if trained_to(out / name) >= steps:
         print(f"{name}: trained ({steps} steps)", flush=True)
         return True
-    repo, commit = clone(out)
-    with open(out / f"{name}.commits", "a") as f:
+    started = out / f"{name}.commits"  # a training resumes at the commit it started at
+    repo, commit = clone(out, started.read_text().split()[0] if started.is_file() else None)
+    with open(started, "a") as f:
         f.write(f"{commit} from step {trained_to(out / name)}\n")
     log = out / f"{name}.log"
     print(f"{name}: {' '.join(command(name, out))}  (at {commit}, log {log})", flush=True)
