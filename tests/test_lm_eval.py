@@ -77,10 +77,10 @@ def test_simple_evaluate_matches_our_task_runner(lm, tmp_path):
     out = lm_eval.simple_evaluate(model=lm, tasks=["gopher_mc"], task_manager=tasks,
                                   log_samples=True, bootstrap_iters=0)
     ours = score(_our_task(), lm.tokenizer, lm.logits_fn, lm.seq_len, batch_size=8)
-    assert out["results"]["gopher_mc"]["acc,none"] == pytest.approx(ours["metrics"]["acc"])
+    assert out["results"]["gopher_mc"]["acc,none"] == pytest.approx(ours.metrics["acc"])
     samples = sorted(out["samples"]["gopher_mc"], key=lambda s: s["doc_id"])
     assert len(samples) == len(DOCS)
-    for s, p in zip(samples, ours["predictions"], strict=True):
+    for s, p in zip(samples, ours.predictions, strict=True):
         theirs = [float(r[0][0]) for r in s["resps"]]
         np.testing.assert_allclose(theirs, p["loglikelihoods"], rtol=1e-5, atol=1e-5)
 
@@ -160,4 +160,4 @@ def test_lm_eval_command_line_with_the_model_registered(lm, trained, tmp_path):
     (path,) = (tmp_path / "out").rglob("results_*.json")
     got = json.loads(path.read_text())["results"]["gopher_mc"]["acc,none"]
     assert got == pytest.approx(score(_our_task(), lm.tokenizer, lm.logits_fn, lm.seq_len,
-                                      batch_size=8)["metrics"]["acc"])
+                                      batch_size=8).metrics["acc"])

@@ -8,6 +8,9 @@ import json
 
 from gopher_jax.checkpoint.meta import CheckpointMeta
 from gopher_jax.evaluate import EvalResults
+from gopher_jax.tasks import run as tasks_run
+from gopher_jax.tasks.records import TaskResults, TaskScore
+from gopher_jax.tasks.spec import Example, Task
 
 # <step>/meta/metadata as the checkpoint manager wrote it (keys in the file's order).
 META = {"step": 20, "saved_at": 1764700000.25, "data": {"tokenizer": "ab12", "train": "cd34"},
@@ -32,6 +35,18 @@ MIXTURE_EVAL = {"step": 40, "int8": True, "warnings": [],
                                                  "tokens": 4.0, "bytes": 16.0, "chunks": 2.0,
                                                  "unigram_bits_per_byte": 3.5}}}}
 
+# tasks.json: a multiple-choice task and a corpus (with its counts).
+TASKS = {"step": 7, "tasks": {
+    "pick": {"group": "toy", "kind": "multiple_choice", "n": 2, "chance": 0.5,
+             "main_metric": "acc", "metrics": {"acc": 0.5, "acc_norm": 1.0}},
+    "prose": {"group": "language_modelling", "kind": "language_modelling", "n": 3,
+              "chance": 0.0, "main_metric": "bits_per_byte", "metrics": {"bits_per_byte": 2.5},
+              "counts": {"documents": 3, "bytes": 90, "text_bytes": 90, "tokens": 30,
+                         "loss": 5.2}}},
+    "groups": {"toy": {"mean": 0.5, "tasks": 1},
+               "language_modelling": {"mean": 2.5, "tasks": 1}}}
+
+
 def _same_bytes(record_type, d):
     record = record_type.from_json(json.loads(json.dumps(d)))
     assert json.dumps(record.to_json(), indent=2) == json.dumps(d, indent=2)
@@ -55,3 +70,18 @@ def test_eval_results_keep_the_file():
     assert r.splits["validation"].shares == {"a": 0.25, "b": 0.75}
     assert r.sources["a"]["validation"].chunks == 2.0
 
+
+def test_task_results_keep_the_file_and_summarize_into_it():
+    r = _same_bytes(TaskResults, TASKS)
+    assert r.tasks["pick"].main == 0.5 and r.tasks["pick"].counts is None
+    # summarize builds the same results from the scores
+    pick = Task(name="pick", group="toy", kind="multiple_choice", chance=0.5,
+                examples=(Example(context="a", choices=(" b", " c"), answer=0),) * 2)
+    prose = Task(name="prose", group="language_modelling", kind="language_modelling",
+                 examples=(), chance=0.0, source="split:validation")
+    scored = [TaskScore(metrics={"acc": 0.5, "acc_norm": 1.0}, predictions=[{}, {}]),
+              TaskScore(metrics={"bits_per_byte": 2.5}, n=3,
+                        counts=TASKS["tasks"]["prose"]["counts"])]
+    assert tasks_run.summarize([pick, prose], scored, 7).to_json() == TASKS
+    assert "| pick | toy | multiple_choice | 2 | acc 0.500, acc_norm 1.000 | 0.500 |" in \
+        tasks_run.markdown(r)

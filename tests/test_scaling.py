@@ -13,7 +13,7 @@ import pytest
 from helpers import experiment, run_cli, tiny
 
 from gopher_jax import scaling
-from gopher_jax.errors import ConfigError
+from gopher_jax.errors import ConfigError, UserError
 from gopher_jax.model import sizes
 from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.scaling import runner
@@ -184,7 +184,7 @@ def test_run_skip_fail_and_fit_with_stand_in_training(data_dir, tmp_path, monkey
     by = {m["member"]: m for m in json.loads((wd / "results.json").read_text())["members"]}
     assert by["L2_d64"]["status"] == "ok"
     assert [by[n]["status"] for n in good[:3]] == ["stale"] * 3
-    with pytest.raises(ValueError, match="1 finished member"):
+    with pytest.raises(UserError, match="1 finished member"):
         scaling.fit(wd, log=lambda s: None)
     calls.clear()
     scaling.run(ladder, wd, log=lambda s: None)

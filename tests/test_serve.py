@@ -314,10 +314,10 @@ def test_lm_eval_local_completions_matches_our_adapter(trained, tmp_path):
         ours = score(_our_task(), lm.tokenizer, lm.logits_fn, lm.seq_len, batch_size=8)
         samples = sorted(out["samples"]["gopher_mc"], key=lambda x: x["doc_id"])
         assert len(samples) == len(DOCS)
-        for sample, p in zip(samples, ours["predictions"], strict=True):
+        for sample, p in zip(samples, ours.predictions, strict=True):
             theirs = [float(r[0][0]) for r in sample["resps"]]
             np.testing.assert_allclose(theirs, p["loglikelihoods"], atol=1e-4, rtol=0)
-        assert out["results"]["gopher_mc"]["acc,none"] == pytest.approx(ours["metrics"]["acc"])
+        assert out["results"]["gopher_mc"]["acc,none"] == pytest.approx(ours.metrics["acc"])
         assert s.stop() == 0
     finally:
         s.stop()

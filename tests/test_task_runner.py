@@ -209,25 +209,25 @@ def test_task_results_do_not_depend_on_batch_size_or_device_count(tiny_params):
                 score(t, tok, model, c.data.seq_len, model.rows(batch_size), 5)
                 for t in tasks]
         summary = run.score_tasks(c, params, mesh, tasks, 3, 5, tok=tok)
-        assert summary["step"] is None and set(summary["tasks"]) == {t.name for t in tasks}
-        assert [summary["tasks"][t.name]["metrics"] for t in tasks] == [
-            r["metrics"] for r in runs[devices, 3]]
+        assert summary.step is None and set(summary.tasks) == {t.name for t in tasks}
+        assert [summary.tasks[t.name].metrics for t in tasks] == [
+            r.metrics for r in runs[devices, 3]]
         uncached = run.ShardedModel(c, model.params, model.layout, cached=False)
         assert [score(t, tok, uncached, c.data.seq_len, 8, 5) for t in tasks[1:]] == \
             runs[devices, 8][1:]
     first = runs[1, 1]
     for key, other in runs.items():
         for a, b in zip(first, other, strict=True):
-            assert a["metrics"].keys() == b["metrics"].keys(), key
-            if "acc" in a["metrics"]:
+            assert a.metrics.keys() == b.metrics.keys(), key
+            if "acc" in a.metrics:
                 np.testing.assert_allclose(
-                    [p["loglikelihoods"] for p in b["predictions"]],
-                    [p["loglikelihoods"] for p in a["predictions"]], rtol=RTOL, atol=ATOL)
+                    [p["loglikelihoods"] for p in b.predictions],
+                    [p["loglikelihoods"] for p in a.predictions], rtol=RTOL, atol=ATOL)
                 strip = [{k: v for k, v in p.items() if k != "loglikelihoods"}
-                         for p in a["predictions"]]
+                         for p in a.predictions]
                 assert strip == [{k: v for k, v in p.items() if k != "loglikelihoods"}
-                                 for p in b["predictions"]], key
-                assert a["metrics"] == b["metrics"], key
+                                 for p in b.predictions], key
+                assert a.metrics == b.metrics, key
             else:
                 assert a == b, key
 

@@ -12,6 +12,7 @@ from test_scaling import mini_ladder
 
 from gopher_jax import scaling
 from gopher_jax.scaling import task_scaling
+from gopher_jax.tasks.records import TaskResult, TaskResults
 from gopher_jax.tasks.spec import Example, Task
 
 N = 100  # examples per stand-in task
@@ -46,13 +47,14 @@ def _stand_in(names, calls):
         calls.append(mdir.name)
         metrics = {"grows": ("acc", GROWS[i]), "flat": ("acc", FLAT[i]),
                    "prose": ("bits_per_byte", BPB[i])}
-        out = {"step": c.train.steps, "tasks": {}}
+        results = {}
         for t in tasks:
             metric, value = metrics[t.name]
-            out["tasks"][t.name] = {"group": t.group, "kind": t.kind, "n": len(t.examples),
-                                    "chance": t.chance, "main_metric": metric,
-                                    "metrics": {metric: value}}
-        (mdir / task_scaling.TASKS_FILE).write_text(json.dumps(out))
+            results[t.name] = TaskResult(group=t.group, kind=t.kind, n=len(t.examples),
+                                         chance=t.chance, main_metric=metric,
+                                         metrics={metric: value})
+        out = TaskResults(step=c.train.steps, tasks=results, groups={})
+        (mdir / task_scaling.TASKS_FILE).write_text(json.dumps(out.to_json()))
         return out
     return score
 

@@ -136,7 +136,7 @@ def test_multiple_choice_picks_the_argmax_raw_and_per_byte(tiny_model, data_dir)
     t = task("multiple_choice", examples, num_fewshot=1, fewshot_seed=3)
     out = score(t, tok, logits_fn, c.data.seq_len, batch_size=5)
     acc = acc_norm = 0
-    for p, ex, pred in zip(prompts(t), t.examples, out["predictions"], strict=True):
+    for p, ex, pred in zip(prompts(t), t.examples, out.predictions, strict=True):
         context = [tok.eos_id] + tok.encode(p)
         ll = [by_hand(forward, context, tok.encode(ch), c.data.seq_len) for ch in ex.choices]
         norm = [v / len(ch.encode()) for v, ch in zip(ll, ex.choices, strict=True)]
@@ -144,7 +144,7 @@ def test_multiple_choice_picks_the_argmax_raw_and_per_byte(tiny_model, data_dir)
         assert pred["pred"] == int(np.argmax(ll)) and pred["pred_norm"] == int(np.argmax(norm))
         acc += pred["pred"] == ex.answer
         acc_norm += pred["pred_norm"] == ex.answer
-    assert out["metrics"] == {"acc": acc / len(words), "acc_norm": acc_norm / len(words)}
+    assert out.metrics == {"acc": acc / len(words), "acc_norm": acc_norm / len(words)}
 
 
 def test_fewshot_exemplars_are_other_examples_with_their_answers():
@@ -166,23 +166,23 @@ def test_stub_model_known_answers_for_every_kind():
                            {"context": "xy", "target": " q"},
                            {"context": "m", "target": " nq"}])
     out = score(cloze, tok, fn, seq_len=16, batch_size=2)
-    assert [p["word"] for p in out["predictions"]] == ["xyz", "z", "nq"]
-    assert out["metrics"] == {"exact_match": 2 / 3}
+    assert [p["word"] for p in out.predictions] == ["xyz", "z", "nq"]
+    assert out.metrics == {"exact_match": 2 / 3}
     gen = task("generation", [{"context": "a", "target": "bc xyz"},
                               {"context": "a", "target": "bc foo"},
                               {"context": "m", "target": "The nq"}])
     out = score(gen, tok, fn, seq_len=16, batch_size=2)
-    assert [p["text"] for p in out["predictions"]] == ["bc xyz.", "bc xyz.", "nq"]
-    assert out["metrics"]["exact_match"] == pytest.approx(2 / 3)
-    assert out["metrics"]["f1"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert [p["text"] for p in out.predictions] == ["bc xyz.", "bc xyz.", "nq"]
+    assert out.metrics["exact_match"] == pytest.approx(2 / 3)
+    assert out.metrics["f1"] == pytest.approx((1 + 0.5 + 1) / 3)
     mc = task("multiple_choice", [{"context": "ab", "choices": ["q", "c x"], "answer": 1},
                                   {"context": "x", "choices": ["yz.", "q"], "answer": 1}])
     out = score(mc, tok, fn, seq_len=16, batch_size=1)
-    assert [p["pred"] for p in out["predictions"]] == [1, 0]
-    assert [p["pred_norm"] for p in out["predictions"]] == [1, 0]
-    assert out["metrics"] == {"acc": 0.5, "acc_norm": 0.5}
+    assert [p["pred"] for p in out.predictions] == [1, 0]
+    assert [p["pred_norm"] for p in out.predictions] == [1, 0]
+    assert out.metrics == {"acc": 0.5, "acc_norm": 0.5}
     confident = np.log(1 / (1 + 257 * np.exp(-10.0)))
-    np.testing.assert_allclose(out["predictions"][1]["loglikelihoods"][0], 3 * confident,
+    np.testing.assert_allclose(out.predictions[1]["loglikelihoods"][0], 3 * confident,
                                rtol=1e-5)
 
 
@@ -215,9 +215,9 @@ def test_results_do_not_depend_on_the_batch_size(tiny_model):
     for other in runs[1:]:
         np.testing.assert_allclose(other[0], runs[0][0], rtol=1e-6, atol=1e-5)
         assert other[1] == runs[0][1]
-        assert other[2]["metrics"] == runs[0][2]["metrics"]
-        assert [p["pred"] for p in other[2]["predictions"]] == [
-            p["pred"] for p in runs[0][2]["predictions"]]
+        assert other[2].metrics == runs[0][2].metrics
+        assert [p["pred"] for p in other[2].predictions] == [
+            p["pred"] for p in runs[0][2].predictions]
         assert other[3] == runs[0][3]
 
 

@@ -73,7 +73,7 @@ def _run_tasks(args: argparse.Namespace) -> int:
     # Every member shares the data and tokenizer, so the first member's config resolves them.
     tasks = resolve_tasks(args, member_config(ladder, member_names(ladder)[0]), given)
 
-    def score(c: ml_collections.ConfigDict, mdir, member_tasks) -> dict:
+    def score(c: ml_collections.ConfigDict, mdir, member_tasks) -> run_lib.TaskResults:
         # The batch size changes nothing in the results (the runner guarantees it), so it
         # stays out of the fingerprint.
         return run_lib.run(c, mdir, member_tasks, args.batch_size, args.max_new_tokens)

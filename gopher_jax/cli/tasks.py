@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     results = run_lib.run(c, args.workdir, tasks, args.batch_size, args.max_new_tokens,
                              int8=args.int8)
-    console.out(results["markdown"].rstrip())
+    console.out(run_lib.markdown(results).rstrip())
     return 0
 
 

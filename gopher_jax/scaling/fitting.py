@@ -12,8 +12,9 @@ import numpy as np
 
 from gopher_jax import storage
 from gopher_jax import workdir as workdir_lib
+from gopher_jax.errors import UserError
 from gopher_jax.scaling.plot import plot
-from gopher_jax.scaling.powerlaw import fit_split
+from gopher_jax.scaling.powerlaw import fit_split, require_members
 
 
 def _quiet(msg: str) -> None:
@@ -27,17 +28,15 @@ def fit(workdir: str | os.PathLike, log: Callable[[str], None] = _quiet,
     workdir = storage.path(workdir)
     path = workdir / workdir_lib.RESULTS_JSON
     if not path.is_file():
-        raise FileNotFoundError(f"no {path}: run `python -m gopher_jax scaling run --config "
-                                f"experiments/scaling_ladder.py --workdir {workdir}` first.")
+        raise UserError(f"no {path}", "run `python -m gopher_jax scaling run --config "
+                        f"experiments/scaling_ladder.py --workdir {workdir}` first")
     results = json.loads(path.read_text())
     if results.get("grid"):
         from gopher_jax.scaling import grid_fit
 
         return grid_fit.fit(workdir, results, log, replicates)
     ok = [m for m in results["members"] if m["status"] == "ok"]
-    if len(ok) < 3:
-        raise ValueError(f"{len(ok)} finished member(s) in {path}; the fit needs at least 3. "
-                         "Run the remaining members with `scaling run` first.")
+    require_members(len(ok), path)
     n = np.array([m["params_non_embedding"] for m in ok], np.float64)
     out: dict[str, Any] = {"ladder": results["ladder"], "model": "L(N) = a * N^(-alpha) + c",
                            "N": "non-embedding parameters", "unit": "bits per byte",

@@ -14,7 +14,7 @@ from etils import epath
 
 from gopher_jax import storage
 from gopher_jax.scaling import optimal, plot_optimal, task_law
-from gopher_jax.scaling.powerlaw import fit_split
+from gopher_jax.scaling.powerlaw import fit_split, require_members
 from gopher_jax.scaling.runs import flops_per_token_law, from_results
 from gopher_jax.scaling.task_scaling import OUT as TASKS_OUT
 
@@ -51,9 +51,7 @@ def fit(workdir: epath.Path, results: dict[str, Any], log: Callable[[str], None]
         replicates: int) -> dict[str, Any]:
     split = results["splits"][0]
     runs = from_results(results, split)
-    if len(runs) < 3:
-        raise ValueError(f"{len(runs)} finished member(s) in {workdir}; the fits need at "
-                         "least 3. Run the remaining members with `scaling run` first.")
+    require_members(len(runs), workdir)
     out: dict[str, Any] = {
         "ladder": results["ladder"], "split": split, "unit": "bits per byte",
         "N": "all parameters (embeddings included), as Hoffmann et al. count",

@@ -9,6 +9,17 @@ from typing import Any
 
 import numpy as np
 
+from gopher_jax.errors import UserError
+
+MIN_MEMBERS = 3  # the laws' fits have three parameters or more
+
+
+def require_members(count: int, where: object) -> None:
+    """Refuses a fit of fewer than MIN_MEMBERS finished members of the ladder at `where`."""
+    if count < MIN_MEMBERS:
+        raise UserError(f"{count} finished member(s) in {where}; the fit needs at least "
+                        f"{MIN_MEMBERS}", "run the remaining members with `scaling run` first")
+
 
 def power_law(n: np.ndarray, a: float, alpha: float, c: float) -> np.ndarray:
     return a * np.power(n, -alpha) + c

@@ -32,6 +32,7 @@ from gopher_jax import storage
 from gopher_jax import workdir as workdir_lib
 from gopher_jax.scaling.ladder import describe, member_config, member_names
 from gopher_jax.scaling.results import is_finished, read_result
+from gopher_jax.tasks.records import TaskResults
 from gopher_jax.tasks.spec import LOWER_IS_BETTER, Task
 
 SUITE_FILE = "tasks_suite.json"
@@ -39,7 +40,7 @@ TASKS_FILE = workdir_lib.TASKS_JSON
 OUT = "tasks_scaling"
 BINOMIAL_METRICS = frozenset({"acc", "acc_norm", "exact_match"})
 
-Scorer = Callable[[ml_collections.ConfigDict, epath.Path, Sequence[Task]], dict[str, Any]]
+Scorer = Callable[[ml_collections.ConfigDict, epath.Path, Sequence[Task]], TaskResults]
 
 
 def _quiet(msg: str) -> None:
@@ -85,13 +86,12 @@ def run(ladder: ml_collections.ConfigDict, workdir: str | os.PathLike, tasks: Se
             log(f"[scaling tasks] {name}: scored earlier on this suite; skipped")
             continue
         results = score(member_config(ladder, name), mdir, tasks)
-        if results["step"] != step:
-            raise RuntimeError(f"{name}: scored step {results['step']}, trained {step}")
+        if results.step != step:
+            raise RuntimeError(f"{name}: scored step {results.step}, trained {step}")
         storage.write_atomic(mdir / SUITE_FILE, json.dumps(
             {"fingerprint": fingerprint, "step": step, "options": options or {}}, indent=2))
         scored.append(name)
-        mains = ", ".join(f"{n} {t['metrics'][t['main_metric']]:.3f}"
-                          for n, t in results["tasks"].items())
+        mains = ", ".join(f"{n} {t.main:.3f}" for n, t in results.tasks.items())
         log(f"[scaling tasks] {name}: {mains}")
     results = collect(ladder, workdir, fingerprint)
     write(results, workdir)

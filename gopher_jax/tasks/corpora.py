@@ -26,6 +26,7 @@ from typing import Any
 import ml_collections
 
 from gopher_jax.errors import DataError, UsageError
+from gopher_jax.tasks.records import TaskScore
 from gopher_jax.tasks.spec import LANGUAGE_MODELLING, Task, parse_source
 
 GROUP = "language_modelling"
@@ -120,9 +121,9 @@ def documents(c: ml_collections.ConfigDict, t: Task) -> Iterator[str]:
 
 
 def score(c: ml_collections.ConfigDict, layout: Any, params: Any, t: Task,
-          eval_step: Any = None) -> dict[str, Any]:
-    """{"metrics": {"bits_per_byte"}, "n": documents, "counts": {bytes, tokens, ...}}: the
-    corpus's exact bits per byte under the model (every token, no dropped remainder)."""
+          eval_step: Any = None) -> TaskScore:
+    """The corpus's exact bits per byte under the model (every token, no dropped remainder),
+    the documents scored and their counts."""
     from gopher_jax import evaluate
 
     kind, arg = parse_source(t.source)
@@ -139,5 +140,5 @@ def score(c: ml_collections.ConfigDict, layout: Any, params: Any, t: Task,
     counts = {"documents": int(r["documents"]), "bytes": int(r["bytes"]),
               "text_bytes": int(r["text_bytes"]), "tokens": int(r["tokens"]),
               "loss": r["loss"]}
-    return {"metrics": {"bits_per_byte": r["bits_per_byte"]}, "n": counts["documents"],
-            "counts": counts}
+    return TaskScore(metrics={"bits_per_byte": r["bits_per_byte"]}, n=counts["documents"],
+                     counts=counts)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from gopher_jax.tasks import model_queries, text_match
+from gopher_jax.tasks.records import TaskScore
 from gopher_jax.tasks.spec import MAIN_METRICS, Task
 
 # A kind's default main metric: the first it allows (spec.MAIN_METRICS owns the list).
@@ -54,7 +55,7 @@ def _text(tok: TokenizerLike, ids: list[int]) -> str:
 
 def _multiple_choice(task: Task, tok: TokenizerLike, contexts: list[list[int]],
                      model: Model, seq_len: int, batch_size: int, packed: bool
-                     ) -> dict[str, Any]:
+                     ) -> TaskScore:
     requests = []
     for i, ex in enumerate(task.examples):
         for choice in ex.choices:
@@ -73,7 +74,7 @@ def _multiple_choice(task: Task, tok: TokenizerLike, contexts: list[list[int]],
         predictions.append({"loglikelihoods": raw, "pred": pick, "pred_norm": pick_norm,
                             "answer": ex.answer})
     n = len(task.examples)
-    return {"metrics": {"acc": acc / n, "acc_norm": acc_norm / n}, "predictions": predictions}
+    return TaskScore(metrics={"acc": acc / n, "acc_norm": acc_norm / n}, predictions=predictions)
 
 
 def _decoded(task: Task, tok: TokenizerLike, contexts: list[list[int]], model: Model,
@@ -91,8 +92,8 @@ def _decoded(task: Task, tok: TokenizerLike, contexts: list[list[int]], model: M
 
 
 def score(task: Task, tok: TokenizerLike, model: Model, seq_len: int, batch_size: int,
-          max_new_tokens: int = 32, packed: bool = True) -> dict[str, Any]:
-    """{"metrics": {...}, "predictions": [...]}; each prompt starts with EOS, as documents do
+          max_new_tokens: int = 32, packed: bool = True) -> TaskScore:
+    """The task's metrics and a prediction per example; each prompt starts with EOS, as documents do
     in the training data. `packed` and `batch_size` change only the speed (model_queries.py)."""
     contexts = [[tok.eos_id] + tok.encode(p) for p in prompts(task)]
     if task.kind == "multiple_choice":
@@ -103,13 +104,14 @@ def score(task: Task, tok: TokenizerLike, model: Model, seq_len: int, batch_size
         words = [text_match.first_word(t) for t in texts]
         em = [float(w == text_match.first_word(ex.target))
               for w, ex in zip(words, task.examples, strict=True)]
-        return {"metrics": {"exact_match": sum(em) / n},
-                "predictions": [{"text": t, "word": w, "target": ex.target}
-                                for t, w, ex in zip(texts, words, task.examples, strict=True)]}
+        return TaskScore(metrics={"exact_match": sum(em) / n},
+                         predictions=[{"text": t, "word": w, "target": ex.target}
+                                      for t, w, ex in zip(texts, words, task.examples,
+                                                          strict=True)])
     answers = [text_match.cut_at_stop(t, task.stop).strip() for t in texts]
     em = [text_match.exact_match(a, ex.target)
           for a, ex in zip(answers, task.examples, strict=True)]
     f1 = [text_match.f1(a, ex.target) for a, ex in zip(answers, task.examples, strict=True)]
-    return {"metrics": {"exact_match": sum(em) / n, "f1": sum(f1) / n},
-            "predictions": [{"text": a, "target": ex.target}
-                            for a, ex in zip(answers, task.examples, strict=True)]}
+    return TaskScore(metrics={"exact_match": sum(em) / n, "f1": sum(f1) / n},
+                     predictions=[{"text": a, "target": ex.target}
+                                  for a, ex in zip(answers, task.examples, strict=True)])

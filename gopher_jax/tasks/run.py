@@ -32,6 +32,7 @@ from gopher_jax.model import decode, gopher
 from gopher_jax.parallel import rules as rules_lib
 from gopher_jax.tasks import model_queries
 from gopher_jax.tasks.grading import MAIN_METRIC, TokenizerLike, score
+from gopher_jax.tasks.records import GroupResult, TaskResult, TaskResults, TaskScore
 from gopher_jax.tasks.spec import LANGUAGE_MODELLING, LOWER_IS_BETTER, Task
 
 
@@ -181,38 +182,38 @@ def load(c: ml_collections.ConfigDict, source: Any, mesh: Mesh | Layout,
     return ShardedModel(c, params, layout, cached), step
 
 
-def summarize(tasks: Sequence[Task], scored: Sequence[dict[str, Any]], step: int | None
-              ) -> dict[str, Any]:
-    """Per task: metrics, n, chance, group, main metric (the task's, else its kind's); per
-    group: mean of the main metric."""
-    out: dict[str, Any] = {"step": step, "tasks": {}, "groups": {}}
+def summarize(tasks: Sequence[Task], scored: Sequence[TaskScore], step: int | None
+              ) -> TaskResults:
+    """Per task: its result; per group: the mean of its tasks' main metrics."""
+    results: dict[str, TaskResult] = {}
+    by_group: dict[str, list[float]] = {}
     for task, s in zip(tasks, scored, strict=True):
-        main = task.main_metric or MAIN_METRIC[task.kind]
-        out["tasks"][task.name] = {"group": task.group, "kind": task.kind,
-                                   "n": s.get("n", len(task.examples)), "chance": task.chance,
-                                   "main_metric": main, "metrics": s["metrics"],
-                                   **({"counts": s["counts"]} if "counts" in s else {})}
-        out["groups"].setdefault(task.group, []).append(s["metrics"][main])
-    out["groups"] = {g: {"mean": float(np.mean(v)), "tasks": len(v)}
-                     for g, v in out["groups"].items()}
-    return out
+        r = TaskResult(group=task.group, kind=task.kind,
+                       n=len(task.examples) if s.n is None else s.n, chance=task.chance,
+                       main_metric=task.main_metric or MAIN_METRIC[task.kind],
+                       metrics=s.metrics, counts=s.counts)
+        results[task.name] = r
+        by_group.setdefault(task.group, []).append(r.main)
+    return TaskResults(step=step, tasks=results, groups={
+        g: GroupResult(mean=float(np.mean(v)), tasks=len(v)) for g, v in by_group.items()})
 
 
-def markdown(results: dict[str, Any]) -> str:
+def markdown(results: TaskResults) -> str:
+    """tasks.md: a row per task, then a row per group."""
     rows = ["| task | group | kind | n | metrics | chance |", "|---|---|---|---:|---|---:|"]
-    for name, t in results["tasks"].items():
-        values = ", ".join(f"{k} {v:.3f}" for k, v in t["metrics"].items())
-        chance = "n/a" if t["main_metric"] in LOWER_IS_BETTER else f"{t['chance']:.3f}"
-        rows.append(f"| {name} | {t['group']} | {t['kind']} | {t['n']} | {values} | {chance} |")
+    for name, t in results.tasks.items():
+        values = ", ".join(f"{k} {v:.3f}" for k, v in t.metrics.items())
+        chance = "n/a" if t.main_metric in LOWER_IS_BETTER else f"{t.chance:.3f}"
+        rows.append(f"| {name} | {t.group} | {t.kind} | {t.n} | {values} | {chance} |")
     rows += ["", "| group | tasks | mean of main metric |", "|---|---:|---:|"]
-    rows += [f"| {g} | {v['tasks']} | {v['mean']:.3f} |" for g, v in results["groups"].items()]
+    rows += [f"| {g} | {v.tasks} | {v.mean:.3f} |" for g, v in results.groups.items()]
     return "\n".join(rows) + "\n"
 
 
 def score_model(c: ml_collections.ConfigDict, model: ShardedModel, tasks: Sequence[Task],
                 tok: TokenizerLike, batch_size: int = 8, max_new_tokens: int = 32,
-                step: int | None = None, packed: bool = True) -> dict[str, Any]:
-    """The results dict of `tasks` scored with a loaded model (batch_size rounded up to a
+                step: int | None = None, packed: bool = True) -> TaskResults:
+    """The results of `tasks` scored with a loaded model (batch_size rounded up to a
     multiple of the batch axes' device count)."""
     rows = model.rows(batch_size)
     scored = []
@@ -228,10 +229,9 @@ def score_model(c: ml_collections.ConfigDict, model: ShardedModel, tasks: Sequen
 
 def score_tasks(c: ml_collections.ConfigDict, source: Any, mesh: Mesh | Layout,
                 tasks: Sequence[Task], batch_size: int = 8, max_new_tokens: int = 32,
-                tok: TokenizerLike | None = None, int8: bool = False) -> dict[str, Any]:
-    """The results dict ({"step", "tasks", "groups"}) of `tasks` scored with `source` (a
-    workdir or a param tree, see `load`) on `mesh`; writes nothing. The tokenizer defaults to
-    the config's."""
+                tok: TokenizerLike | None = None, int8: bool = False) -> TaskResults:
+    """The results of `tasks` scored with `source` (a workdir or a param tree, see `load`)
+    on `mesh`; writes nothing. The tokenizer defaults to the config's."""
     model, step = load(c, source, mesh, int8=int8)
     if tok is None:
         from gopher_jax import data
@@ -241,9 +241,9 @@ def score_tasks(c: ml_collections.ConfigDict, source: Any, mesh: Mesh | Layout,
 
 
 def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike, tasks: Sequence[Task],
-        batch_size: int = 8, max_new_tokens: int = 32, int8: bool = False) -> dict[str, Any]:
+        batch_size: int = 8, max_new_tokens: int = 32, int8: bool = False) -> TaskResults:
     """The tasks scored with the workdir's newest checkpoint on the config's mesh; written to
-    <workdir>/tasks.json and tasks.md (by process 0), and returned with "markdown" added."""
+    <workdir>/tasks.json and tasks.md (by process 0), and returned."""
     from gopher_jax.parallel import distributed
     from gopher_jax.parallel import mesh as mesh_lib
 
@@ -253,6 +253,6 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike, tasks: Sequenc
     table = markdown(results)
     if jax.process_index() == 0:
         out = storage.path(workdir)
-        (out / workdir_lib.TASKS_JSON).write_text(json.dumps(results, indent=2))
+        (out / workdir_lib.TASKS_JSON).write_text(json.dumps(results.to_json(), indent=2))
         (out / workdir_lib.TASKS_MD).write_text(table)
-    return {**results, "markdown": table}
+    return results
