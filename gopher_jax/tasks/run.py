@@ -177,6 +177,8 @@ def load(c: ml_collections.ConfigDict, source: Any, mesh: Mesh | Layout,
         from gopher_jax.evaluate import restore_params
 
         params, step = restore_params(c, source, layout, int8)
+        if int8:  # corpora's eval step takes the int8 kernels' shardings
+            layout = layout.with_params(params)
     else:
         params, step = jax.device_put(source, layout.param_shardings), None
     return ShardedModel(c, params, layout, cached), step
@@ -243,7 +245,8 @@ def score_tasks(c: ml_collections.ConfigDict, source: Any, mesh: Mesh | Layout,
 def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike, tasks: Sequence[Task],
         batch_size: int = 8, max_new_tokens: int = 32, int8: bool = False) -> TaskResults:
     """The tasks scored with the workdir's newest checkpoint on the config's mesh; written to
-    <workdir>/tasks.json and tasks.md (by process 0), and returned."""
+    <workdir>/tasks.json and tasks.md (by process 0; with `int8`, tasks_int8.json and
+    tasks_int8.md), and returned."""
     from gopher_jax.parallel import distributed
     from gopher_jax.parallel import mesh as mesh_lib
 
@@ -253,6 +256,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | os.PathLike, tasks: Sequenc
     table = markdown(results)
     if jax.process_index() == 0:
         out = storage.path(workdir)
-        (out / workdir_lib.TASKS_JSON).write_text(json.dumps(results.to_json(), indent=2))
-        (out / workdir_lib.TASKS_MD).write_text(table)
+        (out / workdir_lib.int8_name(workdir_lib.TASKS_JSON, int8)).write_text(
+            json.dumps(results.to_json(), indent=2))
+        (out / workdir_lib.int8_name(workdir_lib.TASKS_MD, int8)).write_text(table)
     return results
