@@ -42,13 +42,14 @@ def parse_topology(spec: str) -> tuple[str, tuple[int, ...]]:
     """'v5p:16x16x16' -> ('v5p', (16, 16, 16)), checked against the generation's torus."""
     m = re.fullmatch(r"(v\d+[a-z]*):(\d+(?:x\d+)*)", spec.strip())
     if not m or m.group(1) not in hardware.TPU_GENERATIONS:
-        raise AotError(f"--topology={spec!r}: expected GEN:AxB[xC] with GEN one of "
-                       f"{sorted(hardware.TPU_GENERATIONS)}, e.g. v5p:16x16x16 or v3:32x32")
+        raise AotError(f"--topology={spec!r}: expected GEN:AxB[xC]",
+                       f"GEN one of {sorted(hardware.TPU_GENERATIONS)}, e.g. v5p:16x16x16 or "
+                       "v3:32x32")
     gen, dims = m.group(1), tuple(int(x) for x in m.group(2).split("x"))
     ndim = hardware.TPU_GENERATIONS[gen].torus_dims
     if len(dims) != ndim:
-        raise AotError(f"--topology={spec!r}: {gen} chips form a {ndim}-D torus; give "
-                       f"{ndim} dimensions")
+        raise AotError(f"--topology={spec!r}: {gen} chips form a {ndim}-D torus",
+                       f"give {ndim} dimensions")
     return gen, dims
 
 
@@ -176,7 +177,7 @@ def compile_train_step(c: ml_collections.ConfigDict, devices: list[jax.Device],
 
 def aot_compile(c: ml_collections.ConfigDict, topology: str, num_slices: int = 1) -> Report:
     if not libtpu_available():
-        raise AotError("libtpu is not installed: pip install -e '.[tpu]' (jax[tpu]==0.10.2 "
+        raise AotError("libtpu is not installed", "pip install -e '.[tpu]' (jax[tpu]==0.10.2 "
                        "pulls the matching libtpu 0.0.42.*)")
     quiet_libtpu()
     c = copy.deepcopy(c)  # the caller's config is left as it was

@@ -401,7 +401,7 @@ def test_unreadable_file_error(tmp_path):
 
 def test_bad_jsonl_errors(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"body": "hi"}\n')
-    with pytest.raises(DataError, match="no 'text' key; set data.text_field"):
+    with pytest.raises(DataError, match=r"no 'text' key \(set data.text_field"):
         list(builders.file_documents(str(tmp_path / "x.jsonl"), "x.jsonl", "text"))
     (tmp_path / "y.jsonl").write_text("not json\n")
     with pytest.raises(DataError, match=r"y.jsonl:1: not valid JSON"):

@@ -4,6 +4,7 @@ threshold, MinHash near-duplicates, test-set filtering, and one filtered corpus 
 import inspect
 import json
 import random
+import shutil
 import string
 
 import numpy as np
@@ -367,6 +368,22 @@ def test_filter_corpus_rerun_reuses_everything(filtered_corpus):
     lines = []
     assert corpus_filter.filter_corpus(cfg, out, log=lines.append) == manifest
     assert lines and lines[0].startswith("[filter] reusing")
+
+
+def test_filter_corpus_takes_stages_3_to_5_from_removed_json(filtered_corpus, tmp_path):
+    """Without a manifest, a rerun reuses the stage-1 shards and, when removed.json holds
+    these settings' stages 3-5, those (here edited: nothing removed as an exact copy)."""
+    cfg, out, manifest, *_ = filtered_corpus
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "manifest.json").unlink()
+    removed = json.loads((copy / "removed.json").read_text())
+    removed["exact_dedup"] = {}
+    (copy / "removed.json").write_text(json.dumps(removed))
+    again = corpus_filter.filter_corpus(cfg, copy)
+    assert again.stages["exact_dedup"]["docs_removed"] == 0
+    assert again.docs_out == manifest.docs_out + 1
+    assert again.stages["near_dedup"] == manifest.stages["near_dedup"]
 
 
 def test_datatrove_executor_runs_the_same_rules(filtered_corpus, tmp_path):

@@ -61,8 +61,8 @@ def check_config(meta: CheckpointMeta, c: ml_collections.ConfigDict,
                           for k in shape)
         raise ConfigMismatchError(
             f"the checkpoint at step {meta.step} was trained with another model or data "
-            f"order ({diffs}). "
-            "Use another --workdir, or the checkpoint's config (config.json in the workdir).")
+            f"order ({diffs})",
+            "use another --workdir, or the checkpoint's config (config.json in the workdir)")
     return other
 
 

@@ -35,8 +35,8 @@ def info(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     workdir = storage.path(workdir)
     directory = workdir / workdir_lib.CHECKPOINTS
     if not directory.is_dir():
-        raise CheckpointError(f"no checkpoints in {workdir}: {directory} does not exist. "
-                              "Pass the --workdir of a training run.")
+        raise CheckpointError(f"no checkpoints in {workdir}: {directory} does not exist",
+                              "pass the --workdir of a training run")
     rows = []
     complete = set(ocp.utils.checkpoint_steps(directory))
     entries = [(p, "complete" if p.name.isdigit() and int(p.name) in complete else "incomplete")

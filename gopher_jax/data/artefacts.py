@@ -83,11 +83,6 @@ def chunks_dir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
     return chunks_root(cfg) / corpus_name(cfg) / f"tok{tokenizer_sha(cfg)}-L{cfg.data.seq_len}"
 
 
-def split_meta(folder: pathlib.Path, split: str) -> pathlib.Path:
-    """A prepared split's metadata file, beside its folder of chunk files."""
-    return folder / f"{split}.json"
-
-
 def token_shard(folder: pathlib.Path, index: int, fingerprint: str) -> pathlib.Path:
     return folder / f"tokens-{index:05d}-{fingerprint}.npz"
 

@@ -17,6 +17,11 @@ phone numbers, IP addresses, payment cards: gopher_jax.pii) is replaced by place
 counted per kind in `audit/pii.{json,md}` and the manifest. Dedup and test-set removal see
 the original text; the evaluation splits are never redacted (they are scored as they are).
 
+`filter_corpus` runs these as steps over one shared `_Filtering`: _read (the source, the
+settings' fingerprint, the shards; a finished result is reused), _rules (stages 1-2),
+_exact_dedup, _near_dedup, _test_set (stages 3-5), _docs (the kept documents, redacted) and
+_write (the audits, then the manifest).
+
 The evaluation splits are not filtered (they are the benchmarks); their 13-grams are only
 read for stage 5. A document's id is its index in its split's stored order, so "the first"
 is well defined and the result does not depend on the shards or the processes.
@@ -36,12 +41,13 @@ outputs, dedup over sharded files (dedup_sharded.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import ml_collections
 import numpy as np
@@ -142,24 +148,47 @@ def _load_stage1(folder: pathlib.Path, split: str, plan, fp: str) -> dict:
             "snippets": np.concatenate([p["snippets"] for p in parts]) if parts else []}
 
 
-def _stage2(train: dict, evals: dict[str, dict]) -> dict[str, dict[int, str]]:
-    """{stage: {removed train id: the id it matched}} for exact, near and test-set removal."""
-    ids = [int(i) for i in train["ids"]]
-    exact = dedup.exact_duplicates(ids, [int(h) for h in train["hashes"]])
-    rest = [k for k, i in enumerate(ids) if i not in exact]
-    near = dedup.near_duplicates([ids[k] for k in rest], train["sigs"][rest],
+def _exact(train: dict, evals: dict[str, dict], rest: list[int]) -> dict[int, int]:
+    """Identical texts among the rows `rest`: the first (smallest id) stays."""
+    return dedup.exact_duplicates([int(train["ids"][k]) for k in rest],
+                                  [int(train["hashes"][k]) for k in rest])
+
+
+def _near(train: dict, evals: dict[str, dict], rest: list[int]) -> dict[int, int]:
+    """13-gram Jaccard >= 0.8 clusters among the rows `rest`: each keeps its first."""
+    return dedup.near_duplicates([int(train["ids"][k]) for k in rest], train["sigs"][rest],
                                  [train["sets"][k] for k in rest])
-    rest = [k for k in rest if ids[k] not in near]
+
+
+def _test(train: dict, evals: dict[str, dict], rest: list[int]) -> dict[int, str]:
+    """The rows `rest` with a 13-gram Jaccard >= 0.8 to a document of the evaluation splits."""
     eval_ids = [_doc_id(s, int(i)) for s, e in evals.items() for i in e["ids"]]
     eval_sigs = np.concatenate([e["sigs"] for e in evals.values()]) if evals \
         else np.zeros((0, dedup.NUM_PERM), np.uint64)
     eval_sets = [s for e in evals.values() for s in e["sets"]]
-    test = dedup.test_set_overlap([ids[k] for k in rest], train["sigs"][rest],
+    return dedup.test_set_overlap([int(train["ids"][k]) for k in rest], train["sigs"][rest],
                                   [train["sets"][k] for k in rest], eval_ids, eval_sigs,
                                   eval_sets)
-    return {"exact_dedup": {i: str(j) for i, j in exact.items()},
-            "near_dedup": {i: str(j) for i, j in near.items()},
-            "test_set": {i: str(j) for i, j in test.items()}}
+
+
+DEDUP = {"exact_dedup": _exact, "near_dedup": _near, "test_set": _test}  # in stage order
+
+
+def _dedup(stage: str, train: dict, evals: dict[str, dict],
+           removed: dict[str, dict[int, str]]) -> dict[int, str]:
+    """One dedup stage on the training documents the stages before it (`removed`) kept:
+    {removed train id: the id it matched}."""
+    gone = {i for v in removed.values() for i in v}
+    rest = [k for k, i in enumerate(train["ids"]) if int(i) not in gone]
+    return {i: str(j) for i, j in DEDUP[stage](train, evals, rest).items()}
+
+
+def _stage2(train: dict, evals: dict[str, dict]) -> dict[str, dict[int, str]]:
+    """{stage: {removed train id: the id it matched}} for exact, near and test-set removal."""
+    removed: dict[str, dict[int, str]] = {}
+    for stage in DEDUP:
+        removed[stage] = _dedup(stage, train, evals, removed)
+    return removed
 
 
 def _audit(stage: str, docs_in: int, bytes_in: int, rules: dict[str, dict]) -> dict:
@@ -205,6 +234,38 @@ class FilterEngine(Protocol):
                       log: Callable[[str], None]) -> FilterManifest: ...
 
 
+@dataclasses.dataclass
+class _Filtering:
+    """What the steps of `filter_corpus` share."""
+
+    cfg: ml_collections.ConfigDict
+    fcfg: filters.FilterConfig
+    out: pathlib.Path
+    processes: int
+    log: Callable[[str], None]
+    t0: float
+    builder: Any
+    conf: dict
+    fp: str
+    plans: dict[str, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)
+    reused: FilterManifest | None = None  # the output folder holds these settings' result
+    summaries: list[dict] = dataclasses.field(default_factory=list)  # training shards, stage 1
+    train: dict = dataclasses.field(default_factory=dict)  # the survivors' arrays, stage 1
+    removed: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)  # stages 3-5
+    cached: bool = False  # stages 3-5 read from removed.json
+    shard_rows: list[FilterShard] = dataclasses.field(default_factory=list)
+    pii_reports: list[dict] = dataclasses.field(default_factory=list)
+    manifest: FilterManifest | None = None
+
+    @property
+    def split(self) -> str:
+        return self.cfg.data.train_split
+
+    @property
+    def eval_splits(self) -> list[str]:
+        return [s for s in self.plans if s != self.split]
+
+
 def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | None = None,
                   processes: int = 1, log: Callable[[str], None] | None = None,
                   fcfg: filters.FilterConfig = filters.PAPER,
@@ -213,80 +274,124 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
     `artefacts.filter_dir(cfg)`); idempotent: finished shards and stages are reused. Returns the
     manifest (also `out_dir/manifest.json`). With `engine` (engine.Engine) the stages run
     on its executor and tasks, with the same outputs."""
-    log = log or (lambda msg: None)
-    d = cfg.data
     if processes < 1:
         raise DataError(f"--processes {processes}", "give 1 or more")
+    f = _read(cfg, out_dir, processes, log or (lambda msg: None), fcfg)
+    if f.reused is not None:
+        return f.reused
+    if engine is not None:
+        return engine.filter_corpus(cfg, fcfg, f.out, f.fp, f.conf, f.plans, f.log)
+    for step in (_rules, _exact_dedup, _near_dedup, _test_set, _docs, _write):
+        step(f)
+    return f.manifest
+
+
+def _read(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | None, processes: int,
+          log: Callable[[str], None], fcfg: filters.FilterConfig) -> _Filtering:
+    """The source, the settings' fingerprint and the shards of every split; a finished
+    result of these settings is reused, the work files of other settings removed."""
+    d = cfg.data
     out = pathlib.Path(out_dir) if out_dir is not None else artefacts.filter_dir(cfg)
     builder = builders.prepare_builder(cfg, log)
     builders.require_split(builder, d.train_split, f"dataset {d.dataset!r}",
                            "set data.train_split")
     conf = settings(cfg, fcfg)
-    fp = digest([conf, builders.corpus_fingerprint(builder)])
+    f = _Filtering(cfg, fcfg, out, processes, log, time.time(), builder, conf,
+                   digest([conf, builders.corpus_fingerprint(builder)]))
     manifest_path = out / artefacts.MANIFEST
     if manifest_path.is_file():
         stored = json.loads(manifest_path.read_text())
-        if stored.get("fingerprint") == fp:
-            manifest = FilterManifest.from_json(stored)
-            log(f"[filter] reusing {out} ({manifest.docs_out:,} of "
-                f"{manifest.docs_in:,} training documents kept)")
-            return manifest
-    t0 = time.time()
-    work, docs_dir, audit_dir = (out / artefacts.FILTER_WORK, out / artefacts.FILTER_DOCS,
-                                 out / artefacts.FILTER_AUDIT)
-    for f in (work, docs_dir, audit_dir):
-        f.mkdir(parents=True, exist_ok=True)
-        shards.remove_stale_temporaries(f)
-    for p in work.iterdir():  # shards of other settings or another version of the corpus
-        if f"-{fp}." not in p.name:
+        if stored.get("fingerprint") == f.fp:
+            f.reused = FilterManifest.from_json(stored)
+            log(f"[filter] reusing {out} ({f.reused.docs_out:,} of "
+                f"{f.reused.docs_in:,} training documents kept)")
+            return f
+    for folder in (out / artefacts.FILTER_WORK, out / artefacts.FILTER_DOCS,
+                   out / artefacts.FILTER_AUDIT):
+        folder.mkdir(parents=True, exist_ok=True)
+        shards.remove_stale_temporaries(folder)
+    for p in (out / artefacts.FILTER_WORK).iterdir():  # other settings or corpus versions
+        if f"-{f.fp}." not in p.name:
             p.unlink()
     eval_splits = [s for s in conf["eval_splits"] if s in builder.info.splits
                    and s != d.train_split]
-    plans = {s: shards.shard_ranges(builder.info.splits[s].num_examples, d.docs_per_shard)
-             for s in [d.train_split, *eval_splits]}
-    if engine is not None:
-        return engine.filter_corpus(cfg, fcfg, out, fp, conf, plans, log)
-    tasks = [(cfg, fcfg, s, k, a, b, str(work), fp, s == d.train_split)
-             for s, plan in plans.items() for k, (a, b) in enumerate(plan)]
-    log(f"[filter] {builder.name}: {len(tasks)} shards of <= {d.docs_per_shard} documents "
-        f"on {processes} process(es)")
-    summaries = shards.run_tasks(_stage1_shard, tasks, processes)
-    train_summaries = [s for s in summaries if s["split"] == d.train_split]
-    log(f"[filter] quality and repetition done ({time.time() - t0:.1f}s)")
+    f.plans = {s: shards.shard_ranges(builder.info.splits[s].num_examples, d.docs_per_shard)
+               for s in [d.train_split, *eval_splits]}
+    return f
 
-    removed_path = out / artefacts.REMOVED
-    removed_doc = json.loads(removed_path.read_text()) if removed_path.is_file() else None
-    train = _load_stage1(work, d.train_split, plans[d.train_split], fp)
-    if removed_doc is None or removed_doc.get("fingerprint") != fp:
-        evals = {s: _load_stage1(work, s, plans[s], fp) for s in eval_splits}
-        removed = _stage2(train, evals)
-        storage.write_atomic(removed_path, json.dumps(
-            {"fingerprint": fp, **{k: {str(i): j for i, j in v.items()}
-                                   for k, v in removed.items()}}))
-    else:
-        removed = {k: {int(i): j for i, j in removed_doc[k].items()}
-                   for k in ("exact_dedup", "near_dedup", "test_set")}
-    log(f"[filter] dedup and test-set filtering done ({time.time() - t0:.1f}s)")
 
-    row = {int(i): k for k, i in enumerate(train["ids"])}
+def _rules(f: _Filtering) -> None:
+    """Stages 1-2, quality and repetition, one task per shard (every split's shards also
+    store their 13-gram sets for stages 3-5); then the survivors' arrays, and stages 3-5
+    when removed.json holds them for these settings."""
+    work = f.out / artefacts.FILTER_WORK
+    tasks = [(f.cfg, f.fcfg, s, k, a, b, str(work), f.fp, s == f.split)
+             for s, plan in f.plans.items() for k, (a, b) in enumerate(plan)]
+    f.log(f"[filter] {f.builder.name}: {len(tasks)} shards of <= {f.cfg.data.docs_per_shard} "
+          f"documents on {f.processes} process(es)")
+    f.summaries = [s for s in shards.run_tasks(_stage1_shard, tasks, f.processes)
+                   if s["split"] == f.split]
+    f.log(f"[filter] quality and repetition done ({time.time() - f.t0:.1f}s)")
+    f.train = _load_stage1(work, f.split, f.plans[f.split], f.fp)
+    path = f.out / artefacts.REMOVED
+    stored = json.loads(path.read_text()) if path.is_file() else None
+    if stored is not None and stored.get("fingerprint") == f.fp:
+        f.removed = {k: {int(i): j for i, j in stored[k].items()} for k in DEDUP}
+        f.cached = True
+
+
+def _dedup_stage(f: _Filtering, stage: str, evals: dict[str, dict] | None = None) -> None:
+    if not f.cached:
+        f.removed[stage] = _dedup(stage, f.train, evals or {}, f.removed)
+
+
+def _exact_dedup(f: _Filtering) -> None:
+    """Stage 3: identical texts, the first stays."""
+    _dedup_stage(f, "exact_dedup")
+
+
+def _near_dedup(f: _Filtering) -> None:
+    """Stage 4: near-duplicate clusters keep their first."""
+    _dedup_stage(f, "near_dedup")
+
+
+def _test_set(f: _Filtering) -> None:
+    """Stage 5: documents too close to an evaluation document; stages 3-5 go to
+    removed.json."""
+    if not f.cached:
+        work = f.out / artefacts.FILTER_WORK
+        _dedup_stage(f, "test_set",
+                     {s: _load_stage1(work, s, f.plans[s], f.fp) for s in f.eval_splits})
+        storage.write_atomic(f.out / artefacts.REMOVED, json.dumps(
+            {"fingerprint": f.fp, **{k: {str(i): j for i, j in v.items()}
+                                     for k, v in f.removed.items()}}))
+    f.log(f"[filter] dedup and test-set filtering done ({time.time() - f.t0:.1f}s)")
+
+
+def _docs(f: _Filtering) -> None:
+    """The kept documents, one file per shard (redacted with data.pii)."""
+    work, gone = f.out / artefacts.FILTER_WORK, {i for v in f.removed.values() for i in v}
+    for s in f.summaries:
+        kept = [(i, t) for i, t in shards.read_docs(work / f"{stage1_stem(s, f.fp)}.jsonl")
+                if i not in gone]
+        row, report = write_shard_docs(f.out / artefacts.FILTER_DOCS, s, kept, f.conf["pii"])
+        f.shard_rows.append(row)
+        if report is not None:
+            f.pii_reports.append(report)
+
+
+def _write(f: _Filtering) -> None:
+    """The audits of every stage and, last, the manifest."""
+    row = {int(i): k for k, i in enumerate(f.train["ids"])}
     later = {}
-    for stage, gone in removed.items():
-        matched = {i: (j if stage == "test_set" else _doc_id(d.train_split, int(j)))
+    for stage, gone in f.removed.items():
+        matched = {i: (j if stage == "test_set" else _doc_id(f.split, int(j)))
                    for i, j in gone.items()}
-        later[stage] = removal_rules(stage, d.train_split, matched,
-                                     lambda i: int(train["nbytes"][row[i]]),
-                                     lambda i: str(train["snippets"][row[i]]))
-
-    # The filtered documents, one file per shard.
-    gone_all = {i for v in removed.values() for i in v}
-    shard_rows = []
-    for s in train_summaries:
-        kept = [(i, t) for i, t in shards.read_docs(work / f"{stage1_stem(s, fp)}.jsonl")
-                if i not in gone_all]
-        shard_rows.append(write_shard_docs(docs_dir, s, kept, conf["pii"]))
-    return write_reports(out, fp, conf, d.train_split, train_summaries, later,
-                         [row for row, _ in shard_rows],
-                         [r for _, r in shard_rows if r is not None], log, t0)
+        later[stage] = removal_rules(stage, f.split, matched,
+                                     lambda i: int(f.train["nbytes"][row[i]]),
+                                     lambda i: str(f.train["snippets"][row[i]]))
+    f.manifest = write_reports(f.out, f.fp, f.conf, f.split, f.summaries, later,
+                               f.shard_rows, f.pii_reports, f.log, f.t0)
 
 
 REMOVAL_RULES = {"exact_dedup": "identical_text", "near_dedup": "jaccard_13gram_ge_0.8",

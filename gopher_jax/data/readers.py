@@ -90,8 +90,9 @@ def list_text_files(pattern: str) -> list[str]:
 def scan_text_files(pattern: str) -> tuple[list[str], list[str]]:
     """(the text files matching the glob, the local files skipped as not text)."""
     if not pattern:
-        raise DataError("data.dataset='text_files' needs data.text_files, a glob of your "
-                        "files, e.g. --config.data.text_files='/corpus/**/*.txt'")
+        raise DataError("data.dataset='text_files' needs data.text_files",
+                        "give a glob of your files, e.g. "
+                        "--config.data.text_files='/corpus/**/*.txt'")
     if storage.is_remote(pattern):
         storage.check(pattern, "data.text_files")
         fs = _gcs()
@@ -108,9 +109,9 @@ def scan_text_files(pattern: str) -> tuple[list[str], list[str]]:
         files = sorted(p for p in real if _is_text(p))
         skipped = sorted(set(real) - set(files))
     if not files:
-        raise DataError(f"no text files match data.text_files={pattern!r}: fix the glob "
-                        "(use ** with a recursive pattern, quote it in the shell)"
-                        + (f"; skipped as not text: {skipped[:3]}" if skipped else ""))
+        raise DataError(f"no text files match data.text_files={pattern!r}"
+                        + (f"; skipped as not text: {skipped[:3]}" if skipped else ""),
+                        "fix the glob: use ** with a recursive pattern, quote it in the shell")
     return files, skipped
 
 
@@ -187,15 +188,16 @@ def _jsonl_documents(path: str, name: str, text_field: str,
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg}); each line "
-                                    "of a .jsonl file must be one JSON object.") from e
+                    raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg})",
+                                    "make each line of a .jsonl file one JSON object") from e
                 if not isinstance(record, dict) or text_field not in record:
-                    raise DataError(f"{path}:{i + 1}: no {text_field!r} key; set "
-                                    "data.text_field to the key that holds the text.")
+                    raise DataError(f"{path}:{i + 1}: no {text_field!r} key",
+                                    "set data.text_field to the key that holds the text")
                 doc = record[text_field]
                 if not isinstance(doc, str):
                     raise DataError(f"{path}:{i + 1}: {text_field!r} is "
-                                    f"{type(doc).__name__}, not text.")
+                                    f"{type(doc).__name__}, not text",
+                                    "set data.text_field to the key that holds the text")
                 if doc:
                     yield f"{name}:{i + 1}", doc
         except (OSError, EOFError) as e:  # a truncated .gz/.zst or a lost connection

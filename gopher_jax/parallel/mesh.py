@@ -45,20 +45,22 @@ def mesh_shape(ms: ml_collections.ConfigDict, num_devices: int) -> tuple[int, in
     """(data, fsdp, tensor) with one -1 resolved to the remaining devices."""
     dims = [ms.data, ms.fsdp, ms.tensor]
     if dims.count(-1) > 1:
-        raise ConfigError(f"mesh {dict(data=ms.data, fsdp=ms.fsdp, tensor=ms.tensor)}: at most "
-                          "one axis may be -1 (the remaining devices).")
+        raise ConfigError(f"mesh {dict(data=ms.data, fsdp=ms.fsdp, tensor=ms.tensor)} has more "
+                          "than one axis -1", "set at most one axis to -1 (the remaining "
+                          "devices)")
     known = math.prod(d for d in dims if d != -1)
     if any(d == 0 or d < -1 for d in dims):
-        raise ConfigError(f"mesh axes must be positive or -1, got {dims}.")
+        raise ConfigError(f"mesh axes {dims}", "give each axis a positive size or -1")
     if -1 in dims:
         if num_devices % known:
             raise ConfigError(f"{num_devices} devices cannot be split into mesh axes {dims}: "
-                              f"{num_devices} is not divisible by {known}.")
+                              f"{num_devices} is not divisible by {known}",
+                              "change the other axes")
         dims[dims.index(-1)] = num_devices // known
     if math.prod(dims) != num_devices:
         raise ConfigError(f"mesh data*fsdp*tensor = {dims[0]}*{dims[1]}*{dims[2]} = "
-                          f"{math.prod(dims)} but there are {num_devices} devices; "
-                          "set one axis to -1 to take the rest.")
+                          f"{math.prod(dims)} but there are {num_devices} devices",
+                          "set one axis to -1 to take the rest")
     return tuple(dims)
 
 
@@ -70,8 +72,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
     config_lib.check(c)
     m, t, ms = c.model, c.train, c.mesh
     if ms.rules not in names.RULE_SETS:
-        raise ConfigError(f"unknown rule set mesh.rules={ms.rules!r}; choose one of "
-                          f"{names.RULE_SETS}.")
+        raise ConfigError(f"unknown rule set mesh.rules={ms.rules!r}",
+                          f"choose one of {names.RULE_SETS}")
     data, fsdp, tensor = mesh_shape(ms, num_devices)
     rules = rules_lib.get_rules(ms.rules)
     axis_size = {"data": data, "fsdp": fsdp, "tensor": tensor}
@@ -79,8 +81,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
         used = rules_lib.mesh_axes_used(rules)
         if axis_size[logical] > 1 and logical not in used:
             raise ConfigError(f"rule set {ms.rules!r} does not use the {logical} axis, but "
-                              f"mesh.{logical}={axis_size[logical]}: set mesh.{logical}=1 or "
-                              "pick rules that shard over it.")
+                              f"mesh.{logical}={axis_size[logical]}",
+                              f"set mesh.{logical}=1 or pick rules that shard over it")
 
     def size(logical: str) -> int:
         return math.prod(axis_size[a] for a in rules_lib.mesh_axes_for(rules, logical))
@@ -96,15 +98,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, 
         if value % n:
             axes = "*".join(f"{a}={axis_size[a]}" for a in rules_lib.mesh_axes_for(rules, logical))
             raise ConfigError(f"{what} = {value} is not divisible by the mesh axes that rule set "
-                              f"{ms.rules!r} shards '{logical}' over ({axes} = {n}); change the "
-                              "mesh or the rule set.")
+                              f"{ms.rules!r} shards '{logical}' over ({axes} = {n})",
+                              "change the mesh or the rule set")
     n_batch = size("batch")
     micro = t.batch_size // t.microbatches
     if micro % n_batch:
         raise ConfigError(f"the per-microbatch batch {micro} (train.batch_size {t.batch_size} / "
                           f"microbatches {t.microbatches}) is not divisible by data*fsdp = "
-                          f"{data}*{fsdp} = {n_batch}; make it a multiple of {n_batch}.")
+                          f"{data}*{fsdp} = {n_batch}", f"make it a multiple of {n_batch}")
     if ms.num_slices > 1 and data % ms.num_slices:
-        raise ConfigError(f"mesh.data = {data} must be a multiple of mesh.num_slices = "
-                          f"{ms.num_slices} (data parallelism spans slices).")
+        raise ConfigError(f"mesh.data = {data} is not a multiple of mesh.num_slices = "
+                          f"{ms.num_slices} (data parallelism spans slices)",
+                          "change mesh.data or mesh.num_slices")
     return data, fsdp, tensor

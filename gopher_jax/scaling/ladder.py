@@ -32,9 +32,8 @@ def member_names(ladder: ml_collections.ConfigDict) -> list[str]:
     """Members from smallest to largest (non-embedding parameters, then name)."""
     members = _members(ladder)
     if not members:
-        raise ConfigError(
-            "this config has no `members`: `scaling` needs a ladder config such as "
-            "experiments/scaling_ladder.py.")
+        raise ConfigError("this config has no `members`",
+                          "`scaling` needs a ladder config such as experiments/scaling_ladder.py")
     return sorted(members.keys(), key=lambda n: (
         sizes.param_counts(member_config(ladder, n).model)["non_embedding"], n))
 
@@ -43,8 +42,8 @@ def member_config(ladder: ml_collections.ConfigDict, name: str) -> ml_collection
     """The full run config of one member: the shared settings plus its overrides."""
     members = _members(ladder)
     if name not in members:
-        raise ConfigError(f"no member {name!r} in the ladder; it has "
-                          f"{sorted(members.keys())}.")
+        raise ConfigError(f"no member {name!r} in the ladder",
+                          f"name one of {sorted(members.keys())}")
     c = copy.deepcopy(ladder)
     c.unlock()  # config_flags hands over a locked ladder
     for key in ("members", "scaling"):
@@ -57,13 +56,13 @@ def member_config(ladder: ml_collections.ConfigDict, name: str) -> ml_collection
             allowed = allowed | grid.TRAIN_KEYS
         if allowed is None:
             raise ConfigError(
-                f"member {name!r} overrides section {section!r}; members may only set "
-                f"{sorted(MEMBER_KEYS)} so that all see the same tokens.")
+                f"member {name!r} overrides section {section!r}",
+                f"members may only set {sorted(MEMBER_KEYS)} so that all see the same tokens")
         bad = sorted(set(values.keys()) - allowed)
         if bad:
             raise ConfigError(
-                f"member {name!r} sets {section}.{bad}; a member may only set {section}."
-                f"{sorted(allowed)} (data, seed, steps and batch are shared by the ladder).")
+                f"member {name!r} sets {section}.{bad}", f"a member may only set {section}."
+                f"{sorted(allowed)}: data, seed, steps and batch are shared by the ladder")
         c[section].update(values.to_dict())
     c.name = f"{ladder.name}/{name}"
     return c
@@ -79,9 +78,9 @@ def resolve_member(ladder: ml_collections.ConfigDict, member: str) -> str:
     except ValueError:
         i = None
     if i is None or not 0 <= i < len(names):
-        raise ConfigError(
-            f"--member={member!r}: give an index 0..{len(names) - 1} (smallest first) or one "
-            f"of {names}.")
+        raise ConfigError(f"--member={member!r} is not a member",
+                          f"give an index 0..{len(names) - 1} (smallest first) or one of "
+                          f"{names}")
     return names[i]
 
 
