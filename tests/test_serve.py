@@ -349,3 +349,40 @@ def test_timeout_gives_504_and_redaction_keeps_serving(trained, tmp_path):
         no_tracebacks(s)
     finally:
         s.stop()
+
+
+@pytest.mark.slow
+def test_int8_server_scores_with_the_int8_weights(trained, tmp_path):
+    """serve --int8: a prompt's echoed log-probabilities are the int8 model's (the checkpoint
+    restored and quantized here), not the float model's."""
+    import jax
+    import numpy as np
+
+    from gopher_jax import evaluate
+    from gopher_jax.cli.common import stored_config
+    from gopher_jax.model import gopher
+    from gopher_jax.parallel import mesh as mesh_lib
+
+    s = Server(tmp_path / "int8", trained / "work", "--int8")
+    try:
+        ids = s.post("/tokenize", {"prompt": "Shall I compare thee to a summer's day"}
+                     ).json()["tokens"]
+        got = s.post("/v1/completions", {"prompt": ids, "max_tokens": 0, "echo": True,
+                                         "logprobs": 1}).json()
+        assert s.stop() == 0
+        no_tracebacks(s)
+    finally:
+        s.stop()
+    got = np.array(got["choices"][0]["logprobs"]["token_logprobs"])
+    c = stored_config(trained / "work" / "config.json")
+    c.mesh.update(data=1, fsdp=1, tensor=1)
+    mesh = mesh_lib.make_mesh(c, jax.devices()[:1])
+    tokens = np.array([[1, *ids]], np.int32)  # the server scores after EOS
+    want = {}
+    for int8 in (False, True):
+        params, _ = evaluate.restore_params(c, trained / "work", mesh, int8)
+        graphdef, _ = gopher.abstract(c.model)
+        logp = jax.nn.log_softmax(gopher.apply(graphdef, params, tokens[:, :-1])[0])
+        want[int8] = np.take_along_axis(np.asarray(logp), tokens[0, 1:, None], 1)[:, 0]
+    np.testing.assert_allclose(got, want[True], atol=1e-4)
+    assert np.max(np.abs(got - want[False])) > 1e-3
