@@ -22,6 +22,8 @@ from gopher_jax.cli import platform
 COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("params", "parameter counts and training FLOPs per token (nothing allocated)"),
     "train": ("train", "train, resuming from the newest checkpoint in --workdir"),
+    "distill": ("distill", "train a student against a teacher workdir: (1 - lambda) CE + "
+                           "lambda T^2 KL(teacher || student)"),
     "eval": ("evaluate", "bits per byte of a trained workdir on its held-out splits"),
     "sample": ("sample", "generate text from a trained workdir"),
     "tasks": ("tasks", "score a trained workdir on tasks (cloze, multiple choice, generation)"),

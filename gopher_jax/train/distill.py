@@ -43,13 +43,13 @@ class TeacherError(UserError):
 @dataclasses.dataclass(frozen=True)
 class Teacher:
     """A teacher workdir's checkpoint, read without its arrays: `config` is its config on the
-    student's mesh and rules; `record` the fingerprint the student's checkpoints keep."""
+    student's mesh and rules; `fingerprint` what the student's checkpoints keep of it."""
 
     workdir: epath.Path
     config: ml_collections.ConfigDict
     step: int
     tokenizer_sha: str | None  # the tokenizer fingerprint its checkpoint recorded
-    record: dict[str, Any]
+    fingerprint: str  # "<digest>@step<N>"
 
 
 def open_teacher(c: ml_collections.ConfigDict, workdir: str) -> Teacher:
@@ -85,7 +85,7 @@ def open_teacher(c: ml_collections.ConfigDict, workdir: str) -> Teacher:
     # retrained teacher of the same config and step differs in its save time).
     fingerprint = digest([meta.config, meta.step, meta.saved_at, meta.data])
     return Teacher(workdir=path, config=tc, step=step, tokenizer_sha=meta.data.get("tokenizer"),
-                   record={"fingerprint": fingerprint, "step": step})
+                   fingerprint=f"{fingerprint}@step{step}")
 
 
 def _check_vocab(c: ml_collections.ConfigDict, tc: ml_collections.ConfigDict,
@@ -126,20 +126,23 @@ def restore_params(teacher: Teacher, layout: Layout) -> Any:
 
 
 class Distillation:
-    """The objective `loop.train` runs: the teacher's fingerprint for the checkpoints, the
-    refusal of a checkpoint distilled from another teacher, and the train step."""
+    """The objective `loop.train` runs: what the checkpoints add to the data fingerprints
+    (the teacher's: the soft targets are training data too, so a resume against another
+    teacher is refused like one onto other data), and the train step."""
 
     def __init__(self, c: ml_collections.ConfigDict, teacher: Teacher):
         self.c, self.teacher = c, teacher
-        self.record = teacher.record
 
-    def check_identity(self, identity: dict[str, str]) -> None:
-        check_tokenizer(self.teacher, identity)
+    def identity(self, data_identity: dict[str, str]) -> dict[str, str]:
+        """The data fingerprints with the teacher's; a teacher trained with another tokenizer
+        file than the student's data uses is refused here, before any restore or step."""
+        check_tokenizer(self.teacher, data_identity)
+        return {**data_identity, "teacher": self.teacher.fingerprint}
 
     def make_step(self, c: ml_collections.ConfigDict, layout: Layout) -> Any:
         t_layout = Layout.build(self.teacher.config, layout.mesh)
         params = restore_params(self.teacher, t_layout)
-        objective = step_lib.Objective(sums=online_sums(c, t_layout.graphdef), extra=params,
+        objective = step_lib.Loss(sums=online_sums(c, t_layout.graphdef), extra=params,
                                        extra_shardings=t_layout.param_shardings)
         return step_lib.make_train_step(c, layout, objective)
 

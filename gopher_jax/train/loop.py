@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import ml_collections
@@ -90,8 +90,19 @@ class Preemption:
             signal.signal(s, old)
 
 
+class Objective(Protocol):
+    """What `train` minimises in place of the cross-entropy (train/distill.py): the train
+    step it builds on the run's layout, and the fingerprints it adds to the data's in every
+    checkpoint (a resume where they differ is refused like one onto other data)."""
+
+    def identity(self, data_identity: dict[str, str]) -> dict[str, str]: ...
+
+    def make_step(self, c: ml_collections.ConfigDict, layout: Layout) -> Callable: ...
+
+
 def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike,
-          reporter: Reporter | None = None, accept_new_data: bool = False) -> dict[str, Any]:
+          reporter: Reporter | None = None, accept_new_data: bool = False,
+          objective: Objective | None = None) -> dict[str, Any]:
     """Trains to c.train.steps, resuming from the newest checkpoint in workdir. Returns a
     summary with the final metrics.
 
@@ -117,7 +128,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike,
             f"process 0 could not lock workdir {workdir}", "see process 0's error")
     try:
         run = _restore_or_init(c, mesh, storage.path(workdir), reporter or Reporter(),
-                               accept_new_data, clock_start)
+                               accept_new_data, clock_start, objective)
         return _loop(run, lock)
     finally:
         if lock is not None:
@@ -149,6 +160,7 @@ class Run:
     eval_step: Callable | None = None
     compiled: bool = False
     step_s_seen: float = 0.0  # step time booked up to the previous fetch
+    objective: Objective | None = None  # None: the cross-entropy
 
     def meta(self) -> ckpt_lib.CheckpointMeta:
         return ckpt_lib.meta_for(self.c, self.step, self.mesh, self.identity,
@@ -159,7 +171,8 @@ class Run:
 
 def _loop(run: Run, lock: ckpt_lib.WorkdirLock | None) -> dict[str, Any]:
     c, total = run.c, run.c.train.steps
-    train_step = step_lib.make_train_step(c, run.layout)
+    train_step = (step_lib.make_train_step(c, run.layout) if run.objective is None
+                  else run.objective.make_step(c, run.layout))
     hooks = _hooks(run)
     preempt, watchdog = Preemption(), Watchdog(c.train.watchdog_s).start()
     run.reporter.start(run.step, total)
@@ -201,7 +214,7 @@ def _loop(run: Run, lock: ckpt_lib.WorkdirLock | None) -> dict[str, Any]:
 
 def _restore_or_init(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                      workdir: epath.Path, reporter: Reporter, accept_new_data: bool,
-                     clock_start: float) -> Run:
+                     clock_start: float, objective: Objective | None = None) -> Run:
     """Prepares the data, then restores the newest checkpoint that is readable and matches
     the config and data (or initialises the state), and writes config.json."""
     from gopher_jax.parallel import distributed
@@ -215,6 +228,8 @@ def _restore_or_init(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.checkpoint_keep,
                                  keep_best=c.train.checkpoint_keep_best)
     identity = data_lib.data_identity(info, c.data.train_split)
+    if objective is not None:
+        identity = objective.identity(identity)
 
     def check(meta: ckpt_lib.CheckpointMeta) -> None:
         # Before any restore: a different model or different data is refused by name.
@@ -258,7 +273,7 @@ def _restore_or_init(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                identity=identity, ckpt=ckpt, writer=writer,
                guard=guard, clock=clock, state=state,
                step=step,
-               flops_per_token=flops_tok, peak=peak)
+               flops_per_token=flops_tok, peak=peak, objective=objective)
 
 
 def _step(run: Run, train_step: Callable, lock: ckpt_lib.WorkdirLock | None) -> None:

@@ -45,7 +45,7 @@ LossSums = Callable[[nnx.GraphDef, Any, Batch, Any], tuple[jax.Array, dict[str, 
 
 
 @dataclasses.dataclass(frozen=True)
-class Objective:
+class Loss:
     """A loss in place of the plain cross-entropy (train/distill.py): its `sums`, and `extra`,
     an input of every step that is not trained (a teacher's params), placed by
     `extra_shardings`. Its sums other than nll and weight become metrics (per target)."""
@@ -108,7 +108,7 @@ def objective_gradients(graphdef: nnx.GraphDef, params: Any, batch: Batch, micro
 
 
 def make_train_step(c: ml_collections.ConfigDict, layout: Layout | Mesh,
-                    objective: Objective | None = None) -> Callable[[State, Batch], Any]:
+                    objective: Loss | None = None) -> Callable[[State, Batch], Any]:
     """A jitted (state, batch) -> (state, metrics) with donated state and the layout's
     shardings (a Mesh: the layout of `c` on it). With an `objective` the step minimises its
     loss ("loss" in the metrics; the cross-entropy is "ce_loss", bits_per_byte stays the
