@@ -446,3 +446,177 @@ def test_engine_flags_are_checked_before_any_work(tmp_path, capsys):
                if line.startswith("error:")]
         assert len(err) == 1 and words in err[0], err
     assert not (tmp_path / "never").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Two jobs on one data dir
+
+
+def test_a_preparation_waits_while_another_holds_the_data_dir_then_holds_it(tmp_path):
+    """Catches a hold() that does not wait for a live holder, that waits again for itself,
+    or a nested session that releases the lock before the outermost ends."""
+    import threading
+    import time
+
+    from gopher_jax.checkpoint.lock import WorkdirLock
+    from gopher_jax.data import prepare_lock
+
+    lock_file = tmp_path / prepare_lock.LOCK_NAME
+    other = WorkdirLock(tmp_path, name=prepare_lock.LOCK_NAME).acquire()  # a live holder
+    freed = threading.Event()
+
+    def release() -> None:
+        freed.set()
+        other.release()
+
+    threading.Timer(0.5, release).start()
+    said: list[str] = []
+    with prepare_lock.preparing(tmp_path, said.append):
+        with prepare_lock.preparing(tmp_path):
+            prepare_lock.hold(tmp_path)
+            assert freed.is_set() and lock_file.is_file()
+        t0 = time.monotonic()
+        prepare_lock.hold(tmp_path)  # held by this session: no wait
+        assert time.monotonic() - t0 < 0.5 and lock_file.is_file()
+    assert not lock_file.exists()
+    assert len(said) == 1 and said[0].startswith("[data] waiting: another job is preparing")
+    with pytest.raises(RuntimeError):
+        prepare_lock.hold(tmp_path)  # outside any session
+
+
+def _prepared_tree(data_dir: pathlib.Path) -> dict[str, object]:
+    """Every file of a data dir but the engine's work and logs, the one-process filter's
+    removed.json (the engine keeps that in its work) and the lock; a split's metadata
+    without its `seconds`."""
+    out: dict[str, object] = {}
+    for p in sorted(data_dir.rglob("*")):
+        rel = p.relative_to(data_dir)
+        if p.is_dir() or "engine" in rel.parts or p.name in ("PREPARE_LOCK", "removed.json"):
+            continue
+        if p.parent.name.startswith("tok") and p.suffix == ".json":
+            out[str(rel)] = {k: v for k, v in json.loads(p.read_text()).items()
+                             if k != "seconds"}
+        else:
+            out[str(rel)] = p.read_bytes()
+    return out
+
+
+@pytest.mark.slow  # ~20 s: two CLI preparations (dataset, tokenizer, filter, chunks) at once
+def test_two_preparations_of_one_data_dir_at_once_end_as_one(base, tmp_path):
+    """`data prepare` and `data prepare --executor local --tasks 2` started together on one
+    new data dir. So that they surely overlap, the test holds the dir's lock until both wait
+    for it, then lets them go at the same moment: both succeed, one prepares, the other
+    waits for it and reuses everything, and the dir holds a single preparation's files.
+    Catches two jobs preparing at once (no lock: neither waits, both build, train and
+    write), a waiter that redoes the work, and files that differ from one preparation's."""
+    import subprocess
+    import threading
+    import time
+
+    from helpers import ROOT, cli_command, cpu_env
+
+    from gopher_jax.checkpoint.lock import WorkdirLock
+    from gopher_jax.data import prepare_lock
+
+    cfg, ref = base
+    data_dir = tmp_path / "shared"
+    gate = WorkdirLock(data_dir, name=prepare_lock.LOCK_NAME).acquire()
+    args = [a for a in _cli_args(cfg, data_dir) if "tokenizer_path" not in a]  # trained too
+    outs: list[list[str]] = [[], []]
+    procs = [subprocess.Popen(cli_command(*c), cwd=ROOT, env=cpu_env(1), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for c in (args, [*args, "--executor", "local", "--tasks", "2"])]
+    readers = [threading.Thread(target=lambda p=p, o=o: o.extend(p.stdout), daemon=True)
+               for p, o in zip(procs, outs, strict=True)]
+    for r in readers:
+        r.start()
+    deadline = time.time() + 300
+    while not all(any("[data] waiting: another job" in line for line in o) for o in outs):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), outs
+        time.sleep(0.1)
+    gate.release()
+    for p, r in zip(procs, readers, strict=True):
+        p.wait(timeout=600)
+        r.join()
+    logs = ["".join(o) for o in outs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0 and "Traceback" not in log, log[-3000:]
+    work = ("building TFDS dataset", "training a", "[filter] quality", "[engine]")
+    worked = [log for log in logs if any(w in log for w in work)]
+    assert len(worked) == 1, [log[-2000:] for log in logs]
+    reused = logs[1 - logs.index(worked[0])]
+    split_lines = [line for line in reused.splitlines() if "tokens/byte" in line]
+    assert len(split_lines) == len(ref.splits) and all("(reused)" in line
+                                                       for line in split_lines), reused
+    assert _prepared_tree(data_dir) == _prepared_tree(pathlib.Path(cfg.data.data_dir))
+
+
+# ---------------------------------------------------------------------------------------
+# SLURM (no cluster here: sbatch, srun and squeue are stand-ins that run the array locally)
+
+
+_SBATCH = r"""#!/bin/bash
+# Records the call and the script; runs a job array's indices one after another, as SLURM
+# would on its nodes (SLURM_ARRAY_TASK_ID, RUN_OFFSET from --export); prints a job id.
+script="${@: -1}"
+n=$(ls "$RECORD" | grep -c '^call-.*\.args$')
+printf '%s\n' "$@" > "$RECORD/call-$n.args"
+cp "$script" "$RECORD/call-$n.sh"
+offset=$(printf '%s\n' "$@" | sed -n 's/^--export=ALL,RUN_OFFSET=//p')
+if grep -q launch_pickled_pipeline "$script"; then
+    last=$(sed -n 's/^#SBATCH --array=0-\([0-9]*\).*/\1/p' "$script")
+    for i in $(seq 0 "$last"); do
+        SLURM_ARRAY_TASK_ID=$i RUN_OFFSET=${offset:-0} SLURM_NODELIST=localhost \
+            bash "$script" > "$RECORD/task-$i.log" 2>&1 || exit 1
+    done
+fi
+echo "Submitted batch job 4242"
+"""
+_SRUN = """#!/bin/bash
+while [[ "$1" == -* ]]; do [[ "$1" == "-n" ]] && shift; shift; done
+exec "$@"
+"""
+
+
+def test_slurm_executor_submits_a_job_array_that_runs_the_stage(tmp_path, monkeypatch):
+    """The SLURM route of run_stage with datatrove's SlurmPipelineExecutor: the sbatch
+    script it writes (array size and concurrency from --tasks/--workers, partition, time
+    limit, one srun per array index running the pickled pipeline), the stats job after
+    it, the wait on squeue, and every array index run as SLURM would run it completing its
+    task. Catches flags that do not reach the script, and a stage that does not run from
+    the pickled pipeline in a fresh process."""
+    import os
+    import sys
+
+    from gopher_jax.errors import UsageError
+
+    bin_dir, record = tmp_path / "bin", tmp_path / "record"
+    bin_dir.mkdir()
+    record.mkdir()
+    for name, text in (("sbatch", _SBATCH), ("srun", _SRUN),
+                       ("squeue", f"#!/bin/bash\necho \"$@\" >> {record}/squeue\n"),
+                       ("scontrol", "#!/bin/bash\necho localhost\n")):  # show hostnames
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{pathlib.Path(sys.executable).parent}:"
+                               f"{os.environ['PATH']}")
+    monkeypatch.setenv("RECORD", str(record))
+    with pytest.raises(UsageError, match="--slurm_partition"):
+        engine.Engine("slurm", tasks=3, workers=2).check()
+    eng = engine.Engine("slurm", tasks=3, workers=2,
+                        slurm=(("partition", "cpu"), ("time", "04:00:00")))
+    eng.check()
+    work = tmp_path / "work"
+    engine.run_stage(eng, work, "probe", print, ("from the pickled pipeline",))
+    script = (record / "call-0.sh").read_text()
+    logs = work / "logs" / "probe"
+    for line in ("#SBATCH --array=0-2%2", "#SBATCH --partition=cpu", "#SBATCH --time=04:00:00",
+                 "#SBATCH --job-name=gopher_probe", "#SBATCH --cpus-per-task=1",
+                 f"srun  -l -n 1 launch_pickled_pipeline {logs}/executor.pik"):
+        assert line in script.splitlines(), script
+    assert (record / "call-0.args").read_text().splitlines()[0] == "--export=ALL,RUN_OFFSET=0"
+    assert "#SBATCH --dependency=afterok:4242" in (record / "call-1.sh").read_text()  # stats
+    assert (record / "squeue").read_text().split() == ["-h", "-j", "4242"]
+    for rank in range(3):
+        assert f"{rank} 3 from the pickled pipeline" in (record / f"task-{rank}.log").read_text()
+        assert json.loads((work / "tasks" / f"probe-{rank:05d}.json").read_text())["rank"] == rank

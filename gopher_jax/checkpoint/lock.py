@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from etils import epath
@@ -73,9 +74,11 @@ def _pid_alive(pid: int) -> bool:
 class WorkdirLock:
     """Held from `acquire()` to `release()`; also a context manager."""
 
-    def __init__(self, workdir: str | os.PathLike, lease_s: float = LEASE_S):
+    def __init__(self, workdir: str | os.PathLike, lease_s: float = LEASE_S,
+                 name: str = LOCK_NAME):
         self.workdir = storage.path(workdir)
-        self.path = self.workdir / LOCK_NAME
+        self.name = name
+        self.path = self.workdir / name
         self.lease_s = lease_s
         self.me = Holder(host=socket.gethostname(), pid=os.getpid(), start=time.time(),
                          renewed=time.time(), token=uuid.uuid4().hex)
@@ -113,6 +116,24 @@ class WorkdirLock:
         self._thread.start()
         return self
 
+    def acquire_waiting(self, timeout_s: float | None = None, poll_s: float = 1.0,
+                        on_wait: Callable[[Holder | None], None] | None = None
+                        ) -> WorkdirLock:
+        """`acquire`, waiting while another live run holds the lock (at most `timeout_s`
+        seconds, None: no limit); `on_wait(holder)` is called once, when the wait begins."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        waited = False
+        while True:
+            try:
+                return self.acquire()
+            except WorkdirLockedError:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
+                if not waited and on_wait is not None:
+                    on_wait(_read(self.path))
+                waited = True
+                time.sleep(poll_s)
+
     def _text(self) -> str:
         return json.dumps(dataclasses.asdict(self.me))
 
@@ -126,7 +147,7 @@ class WorkdirLock:
                 return
             self.me = dataclasses.replace(self.me, renewed=time.time())
             try:
-                tmp = self.workdir / f"{LOCK_NAME}.{self.me.token}.tmp"
+                tmp = self.workdir / f"{self.name}.{self.me.token}.tmp"
                 tmp.write_text(self._text())
                 tmp.replace(self.path)
             except OSError as e:  # a storage hiccup: the next renewal tries again

@@ -17,6 +17,7 @@ decide it. The layers, each importing only those under it:
     corpus_filter    the MassiveText filter stage (filters, dedup)
     shards           sharded, resumable, parallel tokenization
     artefacts        the names of every file and folder of a data dir
+    prepare_lock     one preparation at a time per data dir (the others wait, then reuse)
     sources          sources and weights (mixture or not)
     builders, readers, tokenizer, tokenized, rows, digests, records    leaves: TFDS
                      builders and raw files, SentencePiece, the chunk format, batch rows per
@@ -26,17 +27,22 @@ decide it. The layers, each importing only those under it:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import jax
 import ml_collections
 import numpy as np
 
-from gopher_jax.data import mixture, pipeline
 from gopher_jax.data.records import PrepareInfo, SplitInfo
 from gopher_jax.data.sources import is_mixture
-from gopher_jax.data.tokenizer import Tokenizer
 from gopher_jax.errors import DataError
+
+if TYPE_CHECKING:
+    import jax
+
+    from gopher_jax.data.tokenizer import Tokenizer
+
+# mixture and pipeline (grain, JAX) are imported by the functions below, not here: the
+# preparation's workers (engine.py) import this package and need neither.
 
 __all__ = ["Batches", "PrepareInfo", "SplitInfo", "data_identity", "eval_batches",
            "is_mixture", "load_tokenizer", "prepare", "train_data"]
@@ -72,12 +78,18 @@ def prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = 
         if engine is not None:
             raise DataError("--executor with a mixture (data.sources)",
                             "prepare each source's config with the engine, or drop --executor")
+        from gopher_jax.data import mixture
+
         return mixture.prepare(cfg, log, processes=processes)
+    from gopher_jax.data import pipeline
+
     return pipeline.prepare(cfg, log, processes=processes, engine=engine)
 
 
 def train_data(cfg: ml_collections.ConfigDict, split: str | None = None) -> Batches:
     """The training batches of the config (default: its train split)."""
+    from gopher_jax.data import mixture, pipeline
+
     if is_mixture(cfg):
         return mixture.MixtureData(cfg, split)
     return pipeline.TrainData(cfg, split)
@@ -86,6 +98,8 @@ def train_data(cfg: ml_collections.ConfigDict, split: str | None = None) -> Batc
 def data_identity(info: PrepareInfo, train_split: str) -> dict[str, str]:
     """Content fingerprints of what training reads, from `prepare`'s result: a resume onto
     other data is refused by name."""
+    from gopher_jax.data import mixture, pipeline
+
     if info.sources:
         return mixture.data_identity(info, train_split)
     return pipeline.data_identity(info, train_split)
@@ -99,9 +113,13 @@ def eval_batches(cfg: ml_collections.ConfigDict, split: str, batch_size: int,
     if is_mixture(cfg):
         raise DataError("a mixture has one chunk set per source",
                         "evaluate each source's config (mixture.source_config)")
+    from gopher_jax.data import pipeline
+
     return pipeline.eval_batches(cfg, split, batch_size, sharding, max_batches)
 
 
 def load_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
     """The config's tokenizer (one corpus's or a mixture's shared one)."""
+    from gopher_jax.data import pipeline
+
     return pipeline.load_tokenizer(cfg)

@@ -25,7 +25,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from gopher_jax import storage
-from gopher_jax.data import digests
+from gopher_jax.data import digests, prepare_lock
 from gopher_jax.data.readers import (  # noqa: F401
     decode_utf8,
     doc_names,
@@ -265,12 +265,9 @@ def prepare_builder(cfg: ml_collections.ConfigDict, log: Callable[[str], None] |
     builder = get_builder(cfg)
     if isinstance(builder, Iambic | TextFiles | PythonDocs):
         if not builder.is_prepared():
-            if log is not None:
-                log(f"[data] building TFDS dataset {builder.name} in {builder.data_dir}")
-            if storage.is_remote(builder.data_dir):
-                _build_and_upload(cfg, builder)
-                return get_builder(cfg)
-            builder.download_and_prepare()
+            with prepare_lock.preparing(d.data_dir, log):
+                prepare_lock.hold(d.data_dir)
+                return _build(cfg, log)
         return builder
     name = d.dataset
     if not builder.is_prepared():
@@ -288,6 +285,22 @@ def prepare_builder(cfg: ml_collections.ConfigDict, log: Callable[[str], None] |
     if d.text_field not in builder.info.features:
         raise DataError(f"TFDS dataset {name!r} has no feature {d.text_field!r} (it has "
                         f"{list(builder.info.features)})", "set data.text_field")
+    return builder
+
+
+def _build(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None
+           ) -> tfds.core.DatasetBuilder:
+    """Builds one of our datasets, unless another job built it while this one waited for
+    the data dir's lock (prepare_lock.py)."""
+    builder = get_builder(cfg)
+    if builder.is_prepared():
+        return builder
+    if log is not None:
+        log(f"[data] building TFDS dataset {builder.name} in {builder.data_dir}")
+    if storage.is_remote(builder.data_dir):
+        _build_and_upload(cfg, builder)
+        return get_builder(cfg)
+    builder.download_and_prepare()
     return builder
 
 

@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 
 from gopher_jax import storage
-from gopher_jax.data import artefacts, builders, dedup, filters, shards
+from gopher_jax.data import artefacts, builders, dedup, filters, prepare_lock, shards
 from gopher_jax.data.digests import digest, file_sha
 from gopher_jax.data.records import FilterManifest, FilterShard
 from gopher_jax.errors import DataError
@@ -276,14 +276,26 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
     on its executor and tasks, with the same outputs."""
     if processes < 1:
         raise DataError(f"--processes {processes}", "give 1 or more")
-    f = _read(cfg, out_dir, processes, log or (lambda msg: None), fcfg)
-    if f.reused is not None:
-        return f.reused
-    if engine is not None:
-        return engine.filter_corpus(cfg, fcfg, f.out, f.fp, f.conf, f.plans, f.log)
-    for step in (_rules, _exact_dedup, _near_dedup, _test_set, _docs, _write):
-        step(f)
-    return f.manifest
+    log = log or (lambda msg: None)
+    with prepare_lock.preparing(cfg.data.data_dir, log):
+        f = _read(cfg, out_dir, processes, log, fcfg)
+        if f.reused is not None:
+            return f.reused
+        if engine is not None:
+            return engine.filter_corpus(cfg, fcfg, f.out, f.fp, f.conf, f.plans, f.log)
+        for step in (_rules, _exact_dedup, _near_dedup, _test_set, _docs, _write):
+            step(f)
+        return f.manifest
+
+
+def _finished(out: pathlib.Path, fp: str) -> FilterManifest | None:
+    """The manifest of a finished result of the settings `fp` in `out`, if there is one."""
+    manifest_path = out / artefacts.MANIFEST
+    if manifest_path.is_file():
+        stored = json.loads(manifest_path.read_text())
+        if stored.get("fingerprint") == fp:
+            return FilterManifest.from_json(stored)
+    return None
 
 
 def _read(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | None, processes: int,
@@ -298,14 +310,14 @@ def _read(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | None, pro
     conf = settings(cfg, fcfg)
     f = _Filtering(cfg, fcfg, out, processes, log, time.time(), builder, conf,
                    digest([conf, builders.corpus_fingerprint(builder)]))
-    manifest_path = out / artefacts.MANIFEST
-    if manifest_path.is_file():
-        stored = json.loads(manifest_path.read_text())
-        if stored.get("fingerprint") == f.fp:
-            f.reused = FilterManifest.from_json(stored)
-            log(f"[filter] reusing {out} ({f.reused.docs_out:,} of "
-                f"{f.reused.docs_in:,} training documents kept)")
-            return f
+    f.reused = _finished(out, f.fp)
+    if f.reused is None:
+        prepare_lock.hold(d.data_dir)  # and look again: another job may have finished it
+        f.reused = _finished(out, f.fp)
+    if f.reused is not None:
+        log(f"[filter] reusing {out} ({f.reused.docs_out:,} of "
+            f"{f.reused.docs_in:,} training documents kept)")
+        return f
     for folder in (out / artefacts.FILTER_WORK, out / artefacts.FILTER_DOCS,
                    out / artefacts.FILTER_AUDIT):
         folder.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,9 @@ class Engine:
                     raise UsageError(f"--executor ray: no Ray cluster at {address}",
                                      "start one (`ray start --head`) or set RAY_ADDRESS"
                                      ) from e
+        if self.executor == "slurm" and not dict(self.slurm).get("partition"):
+            raise UsageError("--executor slurm without --slurm_partition",
+                             "name the partition the tasks run in (`sinfo` lists them)")
         if self.executor == "slurm" and shutil.which("sbatch") is None:
             raise UsageError("--executor slurm: no sbatch on PATH",
                              "run on a SLURM login node, or use --executor local|ray")

@@ -36,7 +36,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from gopher_jax.data import artefacts, builders, pipeline, tokenized
+from gopher_jax.data import artefacts, builders, pipeline, prepare_lock, tokenized
 from gopher_jax.data import rows as rows_lib
 from gopher_jax.data import tokenizer as tokenizer_lib
 from gopher_jax.data.records import FilterManifest, PrepareInfo, SplitInfo
@@ -145,6 +145,12 @@ def prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = 
     The splits' counts are summed over the sources (a split is listed when a source has it);
     `sources` holds each source's own `pipeline.prepare` result."""
     log = log or (lambda msg: None)
+    with prepare_lock.preparing(cfg.data.data_dir, log):
+        return _prepare(cfg, log, processes)
+
+
+def _prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None],
+             processes: int) -> PrepareInfo:
     d = cfg.data
     srcs = sources(cfg)
     check_files(srcs)  # all of them before any work
@@ -155,6 +161,8 @@ def prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = 
                                "give it more documents or set data.train_split")
         built[s.name] = b
     path = artefacts.tokenizer_path(cfg)
+    if not path.is_file():
+        prepare_lock.hold(d.data_dir)  # and look again: another job may have written it
     if not path.is_file():
         _train_tokenizer(cfg, srcs, built, log)
     per = {}

@@ -22,7 +22,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from gopher_jax.data import artefacts, builders, digests, readers, shards, tokenized
+from gopher_jax.data import (
+    artefacts,
+    builders,
+    digests,
+    prepare_lock,
+    readers,
+    shards,
+    tokenized,
+)
 from gopher_jax.data import rows as rows_lib
 from gopher_jax.data.records import PrepareInfo, SplitInfo
 from gopher_jax.data.tokenizer import Tokenizer, held_out_stats, train_tokenizer
@@ -58,15 +66,24 @@ def prepare(cfg: ml_collections.ConfigDict,
     Splits are tokenized in shards on `processes` processes (shards.py; the chunks never
     depend on it); with data.filter the training split is first filtered (corpus_filter.py).
     With `engine` (an engine.Engine) filtering and tokenization run as datatrove stages on
-    its executor instead of `processes`, with the same files.
+    its executor instead of `processes`, with the same files. Two jobs preparing one data
+    dir at once: one writes, the other waits for it and reuses its files (prepare_lock.py).
     """
-    d = cfg.data
     log = log or (lambda msg: None)
+    with prepare_lock.preparing(cfg.data.data_dir, log):
+        return _prepare(cfg, log, processes, engine)
+
+
+def _prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None], processes: int,
+             engine) -> PrepareInfo:
+    d = cfg.data
     with _writing(f"the TFDS dataset {d.dataset!r}", d.data_dir):
         builder = builders.prepare_builder(cfg, log)
     builders.require_split(builder, d.train_split, f"dataset {d.dataset!r}",
                            "set data.train_split")
     tok_path = artefacts.tokenizer_path(cfg)
+    if not tok_path.is_file():
+        prepare_lock.hold(d.data_dir)
     if not tok_path.is_file():
         t0 = time.time()
         log(f"[data] training a {cfg.model.vocab_size}-piece tokenizer on "
@@ -95,6 +112,9 @@ def prepare(cfg: ml_collections.ConfigDict,
         if filtered is not None and split == d.train_split:
             fp["filter"] = filtered[1].fingerprint
         meta = tokenized.read_meta(out / split)
+        if meta is None or meta["fingerprint"] != fp:
+            prepare_lock.hold(d.data_dir)  # and look again: another job may have written it
+            meta = tokenized.read_meta(out / split)
         if meta is not None and meta["fingerprint"] == fp:
             log(f"[data] {split}: reusing {meta['num_chunks']:,} chunks in {out}")
             splits[split] = SplitInfo.from_meta(meta, reused=True)
@@ -163,11 +183,14 @@ def _small_splits(cfg: ml_collections.ConfigDict, splits: dict[str, SplitInfo]) 
 
 
 def train_from_config(cfg: ml_collections.ConfigDict) -> Tokenizer:
-    """Train on the config's train split and write to the config's tokenizer path."""
-    builder = builders.prepare_builder(cfg)
-    texts = builders.iter_texts(builder, cfg.data.train_split, cfg.data.text_field)
-    return train_tokenizer(texts, artefacts.tokenizer_path(cfg), cfg.model.vocab_size,
-                           nfkc=cfg.data.nfkc)
+    """Train on the config's train split and write to the config's tokenizer path (while
+    no other job prepares the data dir)."""
+    with prepare_lock.preparing(cfg.data.data_dir):
+        builder = builders.prepare_builder(cfg)
+        prepare_lock.hold(cfg.data.data_dir)
+        texts = builders.iter_texts(builder, cfg.data.train_split, cfg.data.text_field)
+        return train_tokenizer(texts, artefacts.tokenizer_path(cfg), cfg.model.vocab_size,
+                               nfkc=cfg.data.nfkc)
 
 
 def train_and_measure(cfg: ml_collections.ConfigDict) -> dict:

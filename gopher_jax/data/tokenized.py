@@ -24,7 +24,6 @@ import os
 import pathlib
 from collections.abc import Sequence
 
-import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -187,6 +186,8 @@ class Chunks:
                             "run `python -m gopher_jax data prepare --config ...`")
         self.seq_len: int = self.meta["seq_len"]
         self.files = chunk_files(path, self.meta)
+        import grain  # readers only: the preparation's writers need no grain (orbax, JAX)
+
         self.source = grain.sources.ArrayRecordDataSource(self.files)
         if len(self.source) != self.meta["num_chunks"]:
             raise DataError(f"{storage.data_path(path).parent} holds {len(self.source)} chunks "
