@@ -203,7 +203,7 @@ def test_truncated_newest_falls_back_to_previous(small, tmp_path, caplog):
     assert (tmp_path / "checkpoints_corrupt" / "2" / "state").is_dir()
     ck.save(2, s2, ckpt_lib.meta_for(c, 2, mesh))  # the step can be written again
     ck.close()
-    rows = {(r["step"], r["status"]) for r in ckpt_lib.info(tmp_path)}
+    rows = {(r.step, r.status) for r in ckpt_lib.info(tmp_path)}
     assert rows == {(1, "complete"), (2, "complete"), (2, "set aside (broken)"),
                     (3, "incomplete")}
 
@@ -267,7 +267,7 @@ def test_checkpoint_info_command(data_dir, tmp_path):
     state = state_lib.create_state(c, Layout.build(c, mesh))
     ck = ckpt_lib.Checkpointer(tmp_path, keep_best=1)
     for step in (10, 20):
-        ck.save(step, state, ckpt_lib.meta_for(c, step, mesh),
+        ck.save(step, state, ckpt_lib.meta_for(c, step, mesh, goodput={"step": 1.0, "wall": 4.0}),
                 metrics={ckpt_lib.BEST_METRIC: 4.5})
     ck.close()
     p = run_cli("checkpoint", "info", "--workdir", tmp_path, timeout=120)
@@ -278,7 +278,8 @@ def test_checkpoint_info_command(data_dir, tmp_path):
         nbytes = sum(f.stat().st_size for f in (tmp_path / "checkpoints" / str(step)).rglob("*")
                      if f.is_file())
         assert re.match(rf"\s*{step}\s+{nbytes / 2**20:.2f} MiB\s+unscanned\s+1,4,2\s+"
-                        r"fsdp\+tensor\s+1 x 8\s+complete\s+eval_bits_per_byte=4\.5000", line), line
+                        r"fsdp\+tensor\s+1 x 8\s+complete\s+eval_bits_per_byte=4\.5000\s+"
+                        r"goodput=25\.0%$", line), line
     with pytest.raises(ckpt_lib.CheckpointError, match="nothing/checkpoints does not exist"):
         ckpt_lib.info(tmp_path / "nothing")
 

@@ -29,15 +29,15 @@ from gopher_jax.checkpoint.compat import (
     config_diff,
 )
 from gopher_jax.checkpoint.errors import CheckpointError
-from gopher_jax.checkpoint.listing import format_info, info
+from gopher_jax.checkpoint.listing import StepRow, info
 from gopher_jax.checkpoint.lock import WorkdirLock, WorkdirLockedError
 from gopher_jax.checkpoint.manager import BEST_METRIC, CORRUPT_DIR, Checkpointer, all_processes
 from gopher_jax.checkpoint.meta import CheckpointMeta, meta_for, read_meta
 
 __all__ = [
     "BEST_METRIC", "CORRUPT_DIR", "EVAL_KEYS", "SHAPE_KEYS", "CheckpointError", "CheckpointMeta",
-    "Checkpointer",
+    "Checkpointer", "StepRow",
     "ConfigMismatchError", "DataChangedError", "check_config", "check_data", "config_diff",
-    "WorkdirLock", "WorkdirLockedError", "all_processes", "format_info", "info", "meta_for",
+    "WorkdirLock", "WorkdirLockedError", "all_processes", "info", "meta_for",
     "read_meta",
 ]

@@ -1,9 +1,10 @@
 """`checkpoint info`: one row per step directory of a workdir (complete, an incomplete save,
-or set aside as broken) with its size, layout, mesh, topology and stored metrics, and the
-table printed from those rows."""
+or set aside as broken) with its size, its metadata (layout, mesh, topology, goodput) and
+its stored metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -18,6 +19,27 @@ from gopher_jax.checkpoint.manager import CORRUPT_DIR
 from gopher_jax.checkpoint.meta import CheckpointMeta, meta_path
 
 
+@dataclasses.dataclass(frozen=True)
+class StepRow:
+    """One step directory: its step (None when the name is not a number), "complete",
+    "incomplete" or "set aside (broken)", where it is, its bytes, its metadata (None when
+    unreadable) and the metrics Orbax stored with it (validation bits per byte with
+    keep_best)."""
+
+    step: int | None
+    status: str
+    path: str
+    bytes: int
+    meta: CheckpointMeta | None = None
+    metrics: dict[str, Any] | None = None
+
+    @property
+    def goodput(self) -> float | None:
+        """Productive step time over wall time, over the workdir's runs up to this save."""
+        g = self.meta.goodput if self.meta is not None else {}
+        return g["step"] / g["wall"] if g.get("wall") else None
+
+
 def _step_metrics(step_dir: epath.Path) -> dict[str, Any] | None:
     """What Orbax stored with the step (validation bits per byte with keep_best)."""
     try:
@@ -26,59 +48,30 @@ def _step_metrics(step_dir: epath.Path) -> dict[str, Any] | None:
         return None
 
 
-def _dir_bytes(path: epath.Path) -> int:
-    return storage.tree_bytes(path)
+def _read_meta(step_dir: epath.Path) -> CheckpointMeta | None:
+    try:
+        return CheckpointMeta.from_json(json.loads(meta_path(step_dir).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
-def info(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+def info(workdir: str | os.PathLike) -> list[StepRow]:
     """One row per step directory (complete, incomplete save, or set aside as broken)."""
     workdir = storage.path(workdir)
     directory = workdir / workdir_lib.CHECKPOINTS
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoints in {workdir}: {directory} does not exist",
                               "pass the --workdir of a training run")
-    rows = []
     complete = set(ocp.utils.checkpoint_steps(directory))
     entries = [(p, "complete" if p.name.isdigit() and int(p.name) in complete else "incomplete")
                for p in directory.iterdir() if p.is_dir()]
     corrupt = workdir / CORRUPT_DIR
     if corrupt.is_dir():
         entries += [(p, "set aside (broken)") for p in corrupt.iterdir() if p.is_dir()]
+    rows = []
     for path, status in entries:
-        step_str = path.name.split(".")[0]
-        row: dict[str, Any] = {"step": int(step_str) if step_str.isdigit() else None,
-                               "status": status, "path": str(path), "bytes": _dir_bytes(path)}
-        try:
-            meta = CheckpointMeta.from_json(json.loads(meta_path(path).read_text()))
-            row.update(layout=meta.layout, mesh=meta.mesh, rules=meta.rules,
-                       processes=meta.process_count, devices=meta.device_count,
-                       data_step=meta.data_step)
-            goodput = meta.goodput
-            if goodput.get("wall"):
-                row["goodput"] = goodput["step"] / goodput["wall"]
-        except (OSError, ValueError, KeyError, TypeError):
-            row["layout"] = None
-        metrics = _step_metrics(path)
-        if metrics:
-            row["metrics"] = metrics
-        rows.append(row)
-    return sorted(rows, key=lambda r: (r["step"] is None, r["step"] or 0, r["status"]))
-
-
-def format_info(workdir: str | os.PathLike) -> str:
-    rows = info(workdir)
-    if not rows:
-        return f"{workdir}: no checkpoints yet"
-    lines = [f"{'step':>8}  {'size':>11}  {'layout':<9}  {'mesh (data,fsdp,tensor)':<23}  "
-             f"{'rules':<11}  {'procs x devices':<15}  status"]
-    for r in rows:
-        mesh = r.get("mesh") or {}
-        mesh_s = ",".join(str(mesh.get(a, "?")) for a in ("data", "fsdp", "tensor"))
-        topo = f"{r['processes']} x {r['devices'] // r['processes']}" if "processes" in r else "?"
-        extra = "".join(f"  {k}={v:.4f}" for k, v in (r.get("metrics") or {}).items())
-        if "goodput" in r:
-            extra += f"  goodput={r['goodput']:.1%}"
-        lines.append(f"{r['step'] if r['step'] is not None else '?':>8}  "
-                     f"{r['bytes'] / 2**20:>7.2f} MiB  {r['layout'] or '?':<9}  {mesh_s:<23}  "
-                     f"{r.get('rules', '?'):<11}  {topo:<15}  {r['status']}{extra}")
-    return "\n".join(lines)
+        step = path.name.split(".")[0]
+        rows.append(StepRow(step=int(step) if step.isdigit() else None, status=status,
+                            path=str(path), bytes=storage.tree_bytes(path),
+                            meta=_read_meta(path), metrics=_step_metrics(path)))
+    return sorted(rows, key=lambda r: (r.step is None, r.step or 0, r.status))
