@@ -104,8 +104,6 @@ def base_config() -> ml_collections.ConfigDict:
     ds.teacher_step = -1  # the teacher's checkpoint step; -1: its newest
     ds.kl_weight = 0.5  # lambda
     ds.temperature = 1.0  # T, for both distributions
-    ds.topk = 32  # ids per position that `distill logits` stores
-    ds.teacher_logits = ""  # stored top-k (`distill --teacher_logits DIR`) instead of a teacher
 
     c.mesh = ms = ml_collections.ConfigDict()
     ms.data = 1
@@ -277,8 +275,7 @@ _MINIMUM = (
     ("train.checkpoint_every", 1), ("train.checkpoint_keep", 1),
     ("train.checkpoint_keep_best", 0), ("train.metrics_every", 1), ("train.grad_clip", 0),
     ("train.spike_window", 1), ("train.spike_skip_batches", 1), ("train.spike_max_rewinds", 0),
-    ("train.watchdog_s", 0), ("mesh.num_slices", 1), ("distill.topk", 1),
-    ("distill.kl_weight", 0),
+    ("train.watchdog_s", 0), ("mesh.num_slices", 1), ("distill.kl_weight", 0),
 )
 _POSITIVE_FLOATS = ("model.norm_eps", "model.rel_pos_max_wavelength", "train.learning_rate",
                     "train.lr_decay_factor", "distill.temperature")

@@ -181,7 +181,6 @@ def test_a_student_equal_to_its_teacher_has_kl_zero(data_dir):
 @pytest.mark.parametrize("key,value,match", [
     ("distill.kl_weight", "1.5", "must lie in"), ("distill.kl_weight", "-0.1", "non-negative"),
     ("distill.temperature", "0", "must be > 0"), ("distill.teacher_step", "-2", "names no step"),
-    ("distill.topk", "0", "positive"),
 ])
 def test_bad_distill_settings_are_refused(key, value, match):
     c = config_lib.apply_overrides(config_lib.base_config(), [f"{key}={value}"])
@@ -214,6 +213,17 @@ def test_teacher_refusals_are_one_line_before_any_work(data_dir, tmp_path):
     c2.data.nfkc = True
     with pytest.raises(distill.TeacherError, match="data.nfkc"):
         distill.open_teacher(c2, str(untrained))
+
+
+def test_a_teacher_trained_with_another_tokenizer_file_is_refused(data_dir, tmp_path):
+    c = tiny(data_dir)
+    t = distill.Teacher(workdir=tmp_path, config=c, step=3, tokenizer_sha="aaaa",
+                        fingerprint="f00d@step3")
+    objective = distill.Distillation(c, t)
+    assert objective.identity({"tokenizer": "aaaa", "train_chunks": "c"}) == {
+        "tokenizer": "aaaa", "train_chunks": "c", "teacher": "f00d@step3"}
+    with pytest.raises(distill.TeacherError, match="tokenizer aaaa, the student's data uses bbbb"):
+        objective.identity({"tokenizer": "bbbb", "train_chunks": "c"})
 
 
 # ---------------------------------------------------------------- the loop and the CLI
