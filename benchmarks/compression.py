@@ -159,6 +159,10 @@ def main() -> None:
         return
     results = {}
     for name in args.models.split(","):
+        steps = TEACHER_STEPS if name == "teacher" else STEPS
+        if trained_to(out / name) < steps:
+            print(f"{name}: trained to step {trained_to(out / name)} of {steps}; train it first")
+            return
         r = measure(name, out)
         c = json.loads((out / name / "config.json").read_text())
         r["layers"] = c["model"]["num_layers"]
