@@ -73,6 +73,10 @@ def command(name: str, out: pathlib.Path) -> list[str]:
             f"--config.distill.temperature={DISTILL_T}"]
 
 
+def steps_of(name: str) -> int:
+    return TEACHER_STEPS if name == "teacher" else STEPS
+
+
 def trained_to(workdir: pathlib.Path) -> int:
     """The newest checkpoint step in a workdir (0: none)."""
     steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
@@ -151,17 +155,16 @@ def main() -> None:
     stages = args.stages.split(",")
     t0 = time.time()
     for name in MODELS:
-        steps = TEACHER_STEPS if name == "teacher" else STEPS
-        if name in stages and not train(name, out, steps, args.stage_seconds):
+        if name in stages and not train(name, out, steps_of(name), args.stage_seconds):
             print(f"{name}: not finished; run again to resume")
             return
     if "measure" not in stages:
         return
     results = {}
     for name in args.models.split(","):
-        steps = TEACHER_STEPS if name == "teacher" else STEPS
-        if trained_to(out / name) < steps:
-            print(f"{name}: trained to step {trained_to(out / name)} of {steps}; train it first")
+        if trained_to(out / name) < steps_of(name):
+            print(f"{name}: trained to step {trained_to(out / name)} of {steps_of(name)}; "
+                  "train it first")
             return
         r = measure(name, out)
         c = json.loads((out / name / "config.json").read_text())
