@@ -28,7 +28,7 @@ class MetricsWriter:
     was interrupted are dropped from metrics.jsonl, and TensorBoard is told to purge its events
     from the step after it, so the resumed run's rows are the only ones for those steps.
     Rows after it that `keep` accepts stay (the spikes the checkpoint knows of).
-    `dropped_until` is the time of the newest row dropped (None when none was).
+    `dropped`: the rows dropped; `last_kept`: the newest row kept of each split.
     """
 
     def __init__(self, workdir: str | os.PathLike, enabled: bool | None = None,
@@ -37,7 +37,8 @@ class MetricsWriter:
         self.path = storage.path(workdir) / workdir_lib.METRICS_JSONL
         self._tb_dir = storage.path(workdir) / workdir_lib.TENSORBOARD
         self._tb = None
-        self.dropped_until: float | None = None
+        self.dropped: list[dict[str, Any]] = []
+        self.last_kept: dict[str, dict[str, Any]] = {}
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._open(resume_step, keep)
@@ -60,21 +61,22 @@ class MetricsWriter:
     def _truncate_after(self, step: int, kept: Callable[[dict[str, Any]], bool]) -> None:
         rows = _rows(self.path)
         keep = [r for r in rows if r["step"] <= step or kept(r)]
-        dropped = [r["time"] for r in rows if not (r["step"] <= step or kept(r))]
-        self.dropped_until = max(dropped, default=None)
+        self.dropped = [r for r in rows if not (r["step"] <= step or kept(r))]
+        self.last_kept = {r.get("split", ""): r for r in keep}
         if len(keep) != len(self.path.read_text().splitlines()):
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
             tmp.replace(self.path)
 
-    def write(self, step: int, scalars: dict[str, Any], prefix: str = "train") -> None:
+    def write(self, step: int, scalars: dict[str, Any], prefix: str = "train",
+              tensorboard: bool = True) -> None:
         if not self.enabled:
             return
         row = {"step": step, "split": prefix, "time": time.time()}
         scalars = {k: float(v) for k, v in scalars.items() if v is not None}
         row.update(scalars)
         storage.append_text(self.path, json.dumps(row) + "\n")
-        for k, v in scalars.items():
+        for k, v in scalars.items() if tensorboard else ():
             self._tb.add_scalar(f"{prefix}/{k}", v, step)
 
     def close(self) -> None:

@@ -34,7 +34,7 @@ from gopher_jax.model.gopher import compute_dtype
 from gopher_jax.parallel import mesh as mesh_lib
 from gopher_jax.train import state as state_lib
 from gopher_jax.train import step as step_lib
-from gopher_jax.train.goodput import Goodput
+from gopher_jax.train.goodput import START_SPLIT, Goodput, redone_after
 from gopher_jax.train.spikes import Spike, SpikeGuard
 from gopher_jax.train.watchdog import Watchdog
 
@@ -96,6 +96,8 @@ class Objective(Protocol):
     checkpoint (a resume where they differ is refused like one onto other data)."""
 
     def identity(self, data_identity: dict[str, str]) -> dict[str, str]: ...
+
+    def batches(self, data: data_lib.Batches) -> data_lib.Batches: ...
 
     def make_step(self, c: ml_collections.ConfigDict, layout: Layout) -> Callable: ...
 
@@ -224,6 +226,8 @@ def _restore_or_init(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
         f"processes={jax.process_count()}")
     info = distributed.run_on_process_zero_first(lambda: data_lib.prepare(c, log=say))
     data = data_lib.train_data(c)
+    if objective is not None:
+        data = objective.batches(data)  # what the step reads beside the tokens
     layout = Layout.build(c, mesh)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.checkpoint_keep,
                                  keep_best=c.train.checkpoint_keep_best)
@@ -258,12 +262,13 @@ def _restore_or_init(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     writer = MetricsWriter(workdir, resume_step=step, keep=guard.knows)
     if data_changed:
         writer.write(step, {f"changed_{k}": 1.0 for k in data_changed}, prefix="data")
-    # The interrupted run's work after this checkpoint (its rows just dropped) is redone.
-    redone = (writer.dropped_until - meta.saved_at
-              if writer.dropped_until and meta and meta.saved_at is not None else 0.0)
-    clock = Goodput(meta.goodput if meta else None, redone_s=redone, start=clock_start)
+    # The interrupted runs' work after this checkpoint (their rows just dropped) is redone.
+    redone = redone_after(meta.saved_at if meta else None, step, writer.dropped,
+                          writer.last_kept.get(START_SPLIT))
+    clock = Goodput(meta.goodput if meta else None, redone=redone, start=clock_start)
     clock.lap("startup")
     clock.saved_at(step)
+    writer.write(step, clock.start_row(), prefix=START_SPLIT, tensorboard=False)
     flops_tok = sizes.flops_per_token(c.model, c.data.seq_len)["train"]
     peak = hardware.Peak(str(compute_dtype(c.model.dtype)))
     say(f"peak {peak.per_device / 1e9:.1f} GFLOP/s per device ({peak.source}); "
