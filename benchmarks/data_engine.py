@@ -11,9 +11,17 @@ The tokenizer is trained and the TFDS dataset built before any timing. Three run
 - workers 1: the tasks run one after another in this process, so the sum of a stage's task
   seconds is that stage's cost on one core: MB/s per core = the stage's input bytes / that
   sum (filter stages: the training split's text; tokenization stages: every split's text);
-- workers 2: the same tasks, two at a time (spawned processes, which import TFDS and JAX);
-- workers 1 with trace_memory: each task's tracemalloc peak (Python and numpy allocations)
-  and its process's peak RSS (which includes the imported libraries: ~hundreds of MB).
+- workers 2: the same tasks, two at a time, in processes each stage spawns (datatrove's
+  local executor: a pool per stage), which import what the stage's code needs;
+- workers 2 with trace_memory: each task's tracemalloc peak (Python and numpy allocations)
+  and its worker process's peak RSS (the imported libraries included; a one-task stage
+  runs in the driver, whose RSS holds everything the driver imported).
+
+Each stage's wall time is recorded on every run (stage_wall_s); with 2 workers the start-up
+per stage is its wall time minus its tasks' seconds / 2 (spawning the pool, importing, the
+executor's bookkeeping). `worker_imports` times a fresh interpreter importing what a
+spawned worker of a filter stage and of a tokenization stage imports (datatrove's executor,
+engine.py and the stage's modules), less a bare interpreter, and says whether JAX came in.
 
 The extrapolation multiplies the per-core costs out to MassiveText's 10.5 TB (GOPHER.md,
 Table 2: the sum of the six sources' disk sizes), assumptions in the JSON. This machine has
@@ -25,23 +33,75 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
 from common import git_commit, write_results
 
 from gopher_jax.config import base_config
-from gopher_jax.data import artefacts, builders, engine, pipeline
+from gopher_jax.data import artefacts, builders, engine
+
+# Spawned workers import this script again (as __mp_main__): what they import beyond the
+# stage's own needs must be imported in main(), as pipeline (grain, JAX) is.
 
 MASSIVETEXT_BYTES = 10.5e12  # GOPHER.md, Table 2: 1.9 + 2.1 + 0.75 + 2.7 + 3.1 + 0.001 TB
 MASSIVETEXT_DOCS = 2.217e9  # the same table: 604M + 4M + 361M + 1.1B + 142M + 6M
 DOCS_PER_SHARD = 1024  # the config's default (data.docs_per_shard)
 SERIAL = ("cluster", "report", "meta")  # one-task stages
 CLUSTERS = ((1, 32), (8, 32), (64, 32), (256, 64), (1024, 64))  # (machines, cores each)
+WORKER_IMPORTS = {  # what unpickling a stage's step and running it imports in a worker
+    "filter stages": "datatrove.executor.local, gopher_jax.data.engine, "
+                     "gopher_jax.data.corpus_filter",
+    "tokenize stages": "datatrove.executor.local, gopher_jax.data.engine, "
+                       "gopher_jax.data.tokenizer"}
+
+
+def _interpreter_seconds(code: str, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                       cwd=tempfile.gettempdir())  # not the repo: PYTHONPATH decides
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _worker_imports() -> dict:
+    bare = _interpreter_seconds("pass")
+    out = {"bare_interpreter_s": round(bare, 3)}
+    for name, modules in WORKER_IMPORTS.items():
+        jax = subprocess.run([sys.executable, "-c", f"import sys, {modules}; "
+                              "print('jax' in sys.modules, 'grain' in sys.modules)"],
+                             check=True, capture_output=True, text=True,
+                             cwd=tempfile.gettempdir()).stdout.split()
+        out[name] = {"modules": modules, "seconds": round(
+            _interpreter_seconds(f"import {modules}") - bare, 3),
+            "imports_jax": jax[0] == "True", "imports_grain": jax[1] == "True"}
+    return out
+
+
+@contextlib.contextmanager
+def _stage_walls(walls: dict[str, float]):
+    """Records each engine stage's wall time (summed over splits) while the block runs."""
+    inner = engine.run_stage
+
+    def timed(eng, work, stage, *args, **kwargs):
+        t0 = time.perf_counter()
+        inner(eng, work, stage, *args, **kwargs)
+        walls[stage] = walls.get(stage, 0.0) + time.perf_counter() - t0
+
+    engine.run_stage = timed
+    try:
+        yield
+    finally:
+        engine.run_stage = inner
 
 
 def _corpus(root: pathlib.Path, plays: int) -> str:
@@ -53,11 +113,15 @@ def _corpus(root: pathlib.Path, plays: int) -> str:
 
 
 def _run(cfg, data_dir: pathlib.Path, eng: engine.Engine, tfds_dir: pathlib.Path) -> dict:
+    from gopher_jax.data import pipeline
+
     c = cfg.copy_and_resolve_references()
     c.data.data_dir = str(data_dir)
     shutil.copytree(tfds_dir, data_dir / "text_files")  # the same built dataset
+    walls: dict[str, float] = {}
     t0 = time.perf_counter()
-    info = pipeline.prepare(c, engine=eng)
+    with _stage_walls(walls):
+        info = pipeline.prepare(c, engine=eng)
     wall = time.perf_counter() - t0
     filt = artefacts.filter_dir(c)
     records = []
@@ -70,7 +134,8 @@ def _run(cfg, data_dir: pathlib.Path, eng: engine.Engine, tfds_dir: pathlib.Path
         for s in info.splits if s != c.data.train_split)
     text_bytes = sum(json.loads((artefacts.chunks_dir(c) / f"{s}.json").read_text())
                      ["num_text_bytes"] for s in info.splits)
-    return {"wall": wall, "records": records, "train_bytes": manifest["bytes_in"],
+    return {"wall": wall, "stage_walls": walls, "records": records,
+            "train_bytes": manifest["bytes_in"],
             "shards": shards,
             "tokenized_bytes": text_bytes, "files": {s: v.files for s, v in
                                                      info.splits.items()}}
@@ -83,6 +148,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" /
                                          "data_engine.json"))
     args = ap.parse_args()
+    from gopher_jax.data import pipeline
+
+    worker_imports = _worker_imports()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="data_engine"))
     (tmp / "raw").mkdir()
     cfg = base_config()
@@ -97,7 +165,7 @@ def main() -> None:
     runs = {}
     for name, eng in (("workers_1", engine.Engine("local", args.tasks, 1)),
                       ("workers_2", engine.Engine("local", args.tasks, 2)),
-                      ("traced", engine.Engine("local", args.tasks, 1, trace_memory=True))):
+                      ("traced", engine.Engine("local", args.tasks, 2, trace_memory=True))):
         runs[name] = _run(cfg, tmp / name, eng, tfds_dir)
         print(f"{name}: {runs[name]['wall']:.1f} s end to end")
     assert runs["workers_1"]["files"] == runs["workers_2"]["files"]  # the same chunks
@@ -107,19 +175,29 @@ def main() -> None:
     seconds = collections.defaultdict(float)
     for r in one["records"]:
         seconds[r["stage"]] += r["seconds"]
+    two_seconds = collections.defaultdict(float)
+    for r in runs["workers_2"]["records"]:
+        two_seconds[r["stage"]] += r["seconds"]
     stages = {}
     for stage, s in seconds.items():
         mb = tok_mb if stage in ("tokenize", "pack", "meta") else train_mb
+        wall2 = runs["workers_2"]["stage_walls"][stage]
         stages[stage] = {"core_seconds": round(s, 3), "input_mb": round(mb, 3),
-                         "mb_per_s_per_core": round(mb / s, 3) if s else None}
+                         "mb_per_s_per_core": round(mb / s, 3) if s else None,
+                         "stage_wall_s": {"workers_1": round(one["stage_walls"][stage], 3),
+                                          "workers_2": round(wall2, 3)},
+                         "startup_s_workers_2": round(
+                             wall2 - two_seconds[stage] / (1 if stage in SERIAL else 2), 3)}
     peaks = collections.defaultdict(lambda: {"tracemalloc_peak_mb": 0.0, "max_rss_mb": 0.0})
     for r in runs["traced"]["records"]:
         p = peaks[r["stage"]]
         p["tracemalloc_peak_mb"] = max(p["tracemalloc_peak_mb"], r["tracemalloc_peak"] / 1e6)
         p["max_rss_mb"] = max(p["max_rss_mb"], r["max_rss"] / 1e6)
     end_to_end = {name: {"seconds": round(r["wall"], 2),
-                         "mb_per_s": round(train_mb / r["wall"], 3)}
-                  for name, r in runs.items() if name != "traced"}
+                         "mb_per_s": round(train_mb / r["wall"], 3),
+                         "mb_per_s_per_core": round(train_mb / r["wall"] / cores, 3)}
+                  for name, cores, r in (("workers_1", 1, runs["workers_1"]),
+                                         ("workers_2", 2, runs["workers_2"]))}
     end_to_end["speedup_2_over_1"] = round(runs["workers_1"]["wall"] /
                                            runs["workers_2"]["wall"], 3)
 
@@ -137,7 +215,8 @@ def main() -> None:
     out = {"commit": git_commit(), "load_average_before": load, "plays": args.plays,
            "shards": one["shards"],
            "tasks": args.tasks, "train_mb": round(train_mb, 3),
-           "tokenized_mb": round(tok_mb, 3), "stages": stages,
+           "tokenized_mb": round(tok_mb, 3), "worker_imports": worker_imports,
+           "stages": stages,
            "peak_memory_per_task": {k: {a: round(b, 2) for a, b in v.items()}
                                     for k, v in peaks.items()},
            "end_to_end": end_to_end,
@@ -157,11 +236,17 @@ def main() -> None:
                    "which this corpus hardly has)",
                    "dedup cost per MB as measured (it grows with the candidate pairs, i.e. "
                    "with how duplicated the corpus is)",
+                   "per-stage start-up (spawning workers, imports: startup_s_workers_2) is "
+                   "not counted: a few seconds per stage and worker, against hours of work",
                    "reading from and writing to buckets, scheduling and stragglers are not "
                    "counted; this machine's 2 cores are shared (load average recorded)"]}}
+    print(f"worker imports: {worker_imports}")
     for st, v in stages.items():
         print(f"{st:>10}: {v['mb_per_s_per_core']} MB/s per core, peak "
-              f"{peaks[st]['tracemalloc_peak_mb']:.2f} MB traced per task")
+              f"{peaks[st]['tracemalloc_peak_mb']:.2f} MB traced, "
+              f"{peaks[st]['max_rss_mb']:.0f} MB RSS per task; stage wall 1 worker "
+              f"{v['stage_wall_s']['workers_1']} s, 2 workers {v['stage_wall_s']['workers_2']}"
+              f" s (start-up {v['startup_s_workers_2']} s)")
     print(f"end to end: {end_to_end}")
     for row in table:
         print(f"MassiveText on {row['machines']} x {row['cores_per_machine']} cores: "

@@ -143,13 +143,26 @@ class Step:
                       "seconds": time.perf_counter() - t0}
             if self.trace:
                 record["tracemalloc_peak"] = tracemalloc.get_traced_memory()[1]
-                record["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                record["max_rss"] = _peak_rss()
         finally:
             if self.trace:
                 tracemalloc.stop()
         _write_json(storage.data_path(self.report_dir) / f"{self.stage}-{rank:05d}.json",
                     record)
         return None
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set in bytes: VmHWM, which starts afresh in a spawned
+    worker (getrusage's ru_maxrss keeps the peak of the parent it was forked from)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_stage(eng: Engine, work: pathlib.Path, stage: str, fn: Callable, args: tuple,
