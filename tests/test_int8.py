@@ -62,8 +62,10 @@ def _sharded(c, devices):
     return Layout.build(c, mesh_lib.make_mesh(c, jax.devices()[:devices]))
 
 
-@pytest.mark.parametrize("rules,fsdp,tensor", [("fsdp", 8, 1), ("tensor", 2, 4),
-                                               ("fsdp+tensor", 2, 4)])
+# Both axes in the fast tier; each rule set alone in the slow tier.
+@pytest.mark.parametrize("rules,fsdp,tensor", [
+    ("fsdp+tensor", 2, 4), pytest.param("fsdp", 8, 1, marks=pytest.mark.slow),
+    pytest.param("tensor", 2, 4, marks=pytest.mark.slow)])
 def test_sharded_int8_equals_single_device_int8(rules, fsdp, tensor):
     """Kernels placed by the rules, then quantized: each int8 kernel stays split as its float
     kernel was (its scales unsplit on the contraction axes), and the evaluation step's loss
