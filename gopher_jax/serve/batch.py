@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,18 +53,62 @@ def choose(logits: jax.Array, seed: jax.Array, index: jax.Array, temperature: ja
     Temperature 0 is greedy; else the logits / temperature, cut to the top_k tokens (0: all)
     and then to the smallest set holding top_p of the probability, are sampled with the key
     of (seed, index): the index-th token of a request always gets the same key."""
-    logp = jax.nn.log_softmax(logits)
-    x = logits / jnp.maximum(temperature, 1e-6)
+    x = _cut(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
+    return _pick(logits, _sampled(x, seed, index), temperature)
+
+
+def choose_rows(logits: jax.Array, seeds: jax.Array, index: jax.Array,
+                temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+    """`choose` for every row of logits [B, V], token for token the same. The cut's sort of
+    the vocabulary (most of a small model's step) runs only when some row has a top_k or
+    top_p, and the sampling only when some row samples: a row without them gets the same
+    logits from the cut, and a greedy row ignores the sample."""
+    x = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    x = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1)),
+                     lambda x: jax.vmap(_cut)(x, top_k, top_p), lambda x: x, x)
+    sampled = jax.lax.cond(jnp.any(temperature > 0),
+                           lambda x: jax.vmap(_sampled)(x, seeds, index),
+                           lambda x: jnp.zeros(x.shape[0], jnp.int32), x)
+    return jax.vmap(_pick)(logits, sampled, temperature)
+
+
+def _cut(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """One row's scaled logits with every token outside top_k, then top_p, at -inf (none is
+    cut with top_k 0 and top_p 1)."""
     ordered = jnp.sort(x)[::-1]
     kth = jnp.where(top_k > 0, ordered[jnp.clip(top_k - 1, 0, x.shape[0] - 1)], -jnp.inf)
     ordered = jnp.where(ordered < kth, -jnp.inf, ordered)
     p = jax.nn.softmax(ordered)
     keep = jnp.where(top_p >= 1, x.shape[0], jnp.maximum(jnp.sum((jnp.cumsum(p) - p) < top_p), 1))
-    x = jnp.where(x < jnp.maximum(kth, ordered[keep - 1]), -jnp.inf, x)
+    return jnp.where(x < jnp.maximum(kth, ordered[keep - 1]), -jnp.inf, x)
+
+
+def _sampled(x: jax.Array, seed: jax.Array, index: jax.Array) -> jax.Array:
     key = jax.random.fold_in(jax.random.key(seed), index)
-    sampled = jax.random.categorical(key, x).astype(jnp.int32)
+    return jax.random.categorical(key, x).astype(jnp.int32)
+
+
+def _pick(logits: jax.Array, sampled: jax.Array, temperature: jax.Array
+          ) -> tuple[jax.Array, jax.Array]:
     token = jnp.where(temperature > 0, sampled, jnp.argmax(logits).astype(jnp.int32))
-    return token, logp[token]
+    return token, jax.nn.log_softmax(logits)[token]
+
+
+class Rows(NamedTuple):
+    """Per-row inputs of a decode step, each [slots]: the row's last token, whether it is
+    decoding, its request's seed, the token's index in the request, sampling settings."""
+
+    tokens: Any
+    active: Any
+    seeds: Any
+    index: Any
+    temperature: Any
+    top_k: Any
+    top_p: Any
+
+
+_ROW_DTYPES = Rows(np.int32, np.bool_, np.uint32, np.int32, np.float32, np.int32, np.float32)
 
 
 def _top(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -130,24 +174,29 @@ class Batch:
 
         rows_step = jax.vmap(row_step, in_axes=(None, None, 1, 1, 0, 0, 0),
                              out_axes=(0, (1, 1, 0, 0)), spmd_axis_name=batch_axes or None)
-        sample = jax.vmap(choose)
 
-        @functools.partial(jax.jit, donate_argnums=1,
-                           out_shardings=((self.replicated,) * 2, self.cache_sharding))
-        def step(params: Any, cache: decode.Cache, tokens: jax.Array, active: jax.Array,
-                 seeds: jax.Array, index: jax.Array, temperature: jax.Array,
-                 top_k: jax.Array, top_p: jax.Array
-                 ) -> tuple[tuple[jax.Array, jax.Array], decode.Cache]:
+        row_sharding = self.cache_sharding.length
+        self.rows_sharding = Rows(*(row_sharding,) * len(Rows._fields))
+
+        @functools.partial(jax.jit, donate_argnums=1, out_shardings=(
+            (self.replicated,) * 2, self.cache_sharding, self.rows_sharding))
+        def step(params: Any, cache: decode.Cache, rows: Rows
+                 ) -> tuple[tuple[jax.Array, jax.Array], decode.Cache, Rows]:
             """-> (([B, 1+TOP] the sampled token then the top ids, [B, 1+TOP] their
-            log-probabilities), the cache with each active row one longer)."""
+            log-probabilities), the cache with each active row one longer, the rows' inputs
+            of the next step: each active row's new token at the next index)."""
             logits, (k, v, seg, length) = rows_step(params, cache.r, cache.k, cache.v,
-                                                    cache.segment_ids, cache.length, tokens)
-            token, lp = sample(logits, seeds, index, temperature, top_k, top_p)
+                                                    cache.segment_ids, cache.length,
+                                                    rows.tokens)
+            token, lp = choose_rows(logits, rows.seeds, rows.index, rows.temperature, rows.top_k,
+                               rows.top_p)
             ids, top_lp = _top(logits)
-            length = jnp.where(active, length, cache.length)
+            length = jnp.where(rows.active, length, cache.length)
             out = (jnp.concatenate([token[:, None], ids], 1),
                    jnp.concatenate([lp[:, None], top_lp], 1))
-            return out, decode.Cache(k, v, cache.r, seg, length)
+            following = rows._replace(tokens=jnp.where(rows.active, token, rows.tokens),
+                                      index=rows.index + rows.active.astype(jnp.int32))
+            return out, decode.Cache(k, v, cache.r, seg, length), following
 
         @functools.partial(jax.jit, out_shardings=(self.replicated,) * 2)
         def score(params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -188,19 +237,22 @@ class Batch:
             cache = self._insert(cache, row, np.int32(slot))
         return np.asarray(ids_lp[0]), np.asarray(ids_lp[1]), cache
 
-    def step(self, cache: decode.Cache, tokens: np.ndarray, active: np.ndarray,
-             seeds: np.ndarray, index: np.ndarray, temperature: np.ndarray,
-             top_k: np.ndarray, top_p: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, decode.Cache]:
-        """One token for every row (per-row arrays of length `slots`) -> ([slots, 1+TOP]
-        tokens and top ids, their log-probabilities, the cache)."""
-        rows = self.cache_sharding.length
-        args = [self._put(np.asarray(a, t), rows) for a, t in (
-            (tokens, np.int32), (active, np.bool_), (seeds, np.uint32), (index, np.int32),
-            (temperature, np.float32), (top_k, np.int32), (top_p, np.float32))]
+    def rows(self, tokens: np.ndarray, active: np.ndarray, seeds: np.ndarray,
+             index: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray
+             ) -> Rows:
+        """The step's per-row inputs (host arrays of length `slots`) on the device."""
+        host = Rows(tokens, active, seeds, index, temperature, top_k, top_p)
+        return Rows(*(self._put(np.asarray(a, t), s) for a, t, s in zip(
+            host, _ROW_DTYPES, self.rows_sharding, strict=True)))
+
+    def step(self, cache: decode.Cache, rows: Rows
+             ) -> tuple[np.ndarray, np.ndarray, decode.Cache, Rows]:
+        """One token for every row -> ([slots, 1+TOP] tokens and top ids, their
+        log-probabilities, the cache, the next step's `rows` while no row starts or ends)."""
         with self._on_mesh(self.row_rules):
-            (ids, lp), cache = self._step(self.params, cache, *args)
-        return np.asarray(ids), np.asarray(lp), cache
+            (ids, lp), cache, rows = self._step(self.params, cache, rows)
+        ids, lp = jax.device_get((ids, lp))
+        return ids, lp, cache, rows
 
     def score(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """([n-1, 1+TOP] token i+1 then the top ids after position i, log-probabilities) of
@@ -230,7 +282,7 @@ class Batch:
             _, _, cache = self.prefill(cache, 0, [1] * w, 0, 1.0, 0, 1.0)
             self.score([1] * w)
         z = np.zeros(self.slots)
-        _, _, cache = self.step(cache, z, z.astype(bool), z, z, z, z, z + 1)
+        _, _, cache, _ = self.step(cache, self.rows(z, z, z, z, z, z, z + 1))
         return self.clear(cache)
 
     def clear(self, cache: decode.Cache) -> decode.Cache:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from gopher_jax.serve.batch import Batch
+from gopher_jax.serve.batch import Batch, Rows
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class Engine:
         self.thread = threading.Thread(target=self._run, name="gopher-serve-engine",
                                        daemon=True)
         self.cache = None
+        self.inputs = None  # the step's Rows on the device; None after a row starts or ends
         self.steps = 0  # decode steps run (all rows at once)
         self.tokens_out = 0
 
@@ -143,7 +144,7 @@ class Engine:
                 for i, job in enumerate(self.rows):
                     if job is not None:
                         self._finish(job, FAILED, f"{type(e).__name__}: {e}")
-                        self.rows[i] = None
+                        self._set_row(i, None)
                 self.cache = self.batch.new_cache()
 
     def _expired(self, job: Job) -> str | None:
@@ -174,10 +175,26 @@ class Engine:
             slot = free[0]
             ids, lp, self.cache = self.batch.prefill(self.cache, slot, job.ids, job.seed,
                                                      job.temperature, job.top_k, job.top_p)
-            self.rows[slot] = job
+            self._set_row(slot, job)
             self._append(slot, job, ids, lp)
 
+    def _set_row(self, slot: int, job: Job | None) -> None:
+        self.rows[slot] = job
+        self.inputs = None
+
     def _step(self) -> None:
+        if self.inputs is None:
+            self.inputs = self._inputs()
+        ids, lp, self.cache, self.inputs = self.batch.step(self.cache, self.inputs)
+        self.steps += 1
+        for i, job in enumerate(self.rows):
+            if job is not None:
+                self._append(i, job, ids[i], lp[i])
+
+    def _inputs(self) -> Rows:
+        """The rows' step inputs from their jobs. A step returns the next step's itself (each
+        active row's new token at the next index), so this runs only after a row started or
+        ended: one transfer to the device per change, not per token."""
         b = self.batch.slots
         tokens, active = np.zeros(b, np.int32), np.zeros(b, bool)
         seeds, index = np.zeros(b, np.uint32), np.zeros(b, np.int32)
@@ -187,12 +204,7 @@ class Engine:
                 tokens[i], active[i] = job.tokens[-1], True
                 seeds[i], index[i] = job.seed, len(job.tokens)
                 temperature[i], top_k[i], top_p[i] = job.temperature, job.top_k, job.top_p
-        ids, lp, self.cache = self.batch.step(self.cache, tokens, active, seeds, index,
-                                              temperature, top_k, top_p)
-        self.steps += 1
-        for i, job in enumerate(self.rows):
-            if job is not None:
-                self._append(i, job, ids[i], lp[i])
+        return self.batch.rows(tokens, active, seeds, index, temperature, top_k, top_p)
 
     def _append(self, slot: int, job: Job, ids: np.ndarray, lp: np.ndarray) -> None:
         """The row's new token (ids[0]) and its alternatives; finishes the job at EOS, a stop
@@ -216,7 +228,7 @@ class Engine:
             elif len(job.tokens) + len(job.ids) >= self.batch.max_len:
                 reason = LENGTH
         if reason is not None:
-            self.rows[slot] = None
+            self._set_row(slot, None)
             self._finish(job, reason)
         else:
             job.notify(job)
