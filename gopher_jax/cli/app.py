@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train, resuming from the newest checkpoint in --workdir"),
     "distill": ("distill", "train a student against a teacher workdir: (1 - lambda) CE + "
                            "lambda T^2 KL(teacher || student)"),
+    "teacher logits": ("distill", "store a teacher's top-k log-probs beside the training "
+                                  "chunks (for distill --teacher_logits)"),
     "eval": ("evaluate", "bits per byte of a trained workdir on its held-out splits"),
     "sample": ("sample", "generate text from a trained workdir"),
     "tasks": ("tasks", "score a trained workdir on tasks (cloze, multiple choice, generation)"),

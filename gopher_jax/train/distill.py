@@ -139,6 +139,9 @@ class Distillation:
         check_tokenizer(self.teacher, data_identity)
         return {**data_identity, "teacher": self.teacher.fingerprint}
 
+    def batches(self, data: Any) -> Any:
+        return data
+
     def make_step(self, c: ml_collections.ConfigDict, layout: Layout) -> Any:
         t_layout = Layout.build(self.teacher.config, layout.mesh)
         params = restore_params(self.teacher, t_layout)
