@@ -94,7 +94,8 @@ def test_the_rerun_books_the_killed_runs_steps_past_its_checkpoint(data_dir, tmp
 
     argv = ["train", "--config", str(ROOT / "experiments" / "tiny.py"),
             f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}",
-            "--config.train.steps=10", "--config.train.log_every=1",
+            "--config.train.steps=10", "--config.train.warmup_steps=2",
+            "--config.train.log_every=1",
             "--config.train.checkpoint_every=5", "--config.train.eval_every=0"]
     _kill_at_read(monkeypatch, 5 + past)
     with pytest.raises(_Killed):
