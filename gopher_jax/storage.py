@@ -83,11 +83,9 @@ def upload_tree(local: str | os.PathLike, remote: str | os.PathLike,
     in `last` (names in the folder itself, the ones that mark the set finished) after all
     the others, in that order: a reader that checks for them never sees a part."""
     local = pathlib.Path(local)
-    files = sorted(p for p in local.rglob("*") if p.is_file())
-    rank = {name: i for i, name in enumerate(last)}
-    files.sort(key=lambda p: (p.parent == local and p.name in rank,
-                              rank.get(p.name, -1) if p.parent == local else -1))
-    for p in files:
+    marks = [local / name for name in last]
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p not in marks)
+    for p in files + [m for m in marks if m.is_file()]:
         upload(p, f"{str(remote).rstrip('/')}/{p.relative_to(local).as_posix()}")
 
 
