@@ -64,7 +64,8 @@ def _sharded(c, devices):
 
 # Both axes in the fast tier; each rule set alone in the slow tier.
 @pytest.mark.parametrize("rules,fsdp,tensor", [
-    ("fsdp+tensor", 2, 4), pytest.param("fsdp", 8, 1, marks=pytest.mark.slow),
+    pytest.param("fsdp+tensor", 2, 4, marks=pytest.mark.slow),
+    pytest.param("fsdp", 8, 1, marks=pytest.mark.slow),
     pytest.param("tensor", 2, 4, marks=pytest.mark.slow)])
 def test_sharded_int8_equals_single_device_int8(rules, fsdp, tensor):
     """Kernels placed by the rules, then quantized: each int8 kernel stays split as its float
@@ -103,6 +104,7 @@ def test_sharded_int8_equals_single_device_int8(rules, fsdp, tensor):
     assert split  # some kernels are split over the mesh
 
 
+@pytest.mark.slow  # ~8 s: two CLI evaluations
 def test_int8_eval_writes_its_own_file_beside_the_float_one(trained, tmp_path):
     """eval --int8 keeps the float eval.json: its results go to eval_int8.json (marked int8,
     and different: the int8 weights were used)."""

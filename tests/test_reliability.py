@@ -19,6 +19,7 @@ from helpers import ROOT, cli_command, cpu_env, run_cli, tiny
 from test_safety import small_tmpfs
 
 from gopher_jax import checkpoint as ckpt_lib
+from gopher_jax.checkpoint.meta import CheckpointMeta
 from gopher_jax.data import pipeline
 from gopher_jax.metrics import read_jsonl
 from gopher_jax.train import step as step_lib
@@ -70,7 +71,9 @@ def test_a_failed_background_save_is_raised_by_the_first_check_after_it(tmp_path
     with small_tmpfs(tmp_path / "disk", "256k") as disk:
         ck = ckpt_lib.Checkpointer(disk / "run")
         w = jax.random.normal(jax.random.key(0), (512, 1024))  # 2 MiB that do not compress
-        ck.save(1, {"w": w}, {"step": 1})  # the write fails in the background
+        meta = CheckpointMeta(step=1, config={}, layout="scanned", mesh={}, rules="fsdp",
+                              process_count=1, device_count=1)
+        ck.save(1, {"w": w}, meta)  # the write fails in the background
         ck.check(1)  # while it is written: no wait, no error yet
         deadline = time.time() + 60
         while ck.manager.is_saving_in_progress():
@@ -372,6 +375,7 @@ def test_damaged_files_of_a_workdir_and_a_data_dir_are_one_error_line(trained, t
 # ------------------------------------------------------------------ read-only prepared data
 
 
+@pytest.mark.slow  # ~11 s: a training and an evaluation from a read-only mount
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
                     reason="mounting a read-only tmpfs needs root")
 def test_train_and_eval_run_from_a_read_only_prepared_data_dir(data_dir, tmp_path, capsys):

