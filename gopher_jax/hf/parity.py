@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -37,7 +38,9 @@ def our_logits(m: ml_collections.ConfigDict, params: Any, ids: np.ndarray) -> np
     from gopher_jax.model import gopher
 
     graphdef, _ = gopher.abstract(m)
-    return np.asarray(gopher.apply(graphdef, params, np.asarray(ids, np.int32)))
+    # Full float32 matmuls whatever the process's default precision, as torch computes them.
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(gopher.apply(graphdef, params, np.asarray(ids, np.int32)))
 
 
 def max_logit_diff(m: ml_collections.ConfigDict, params: Any, model: Any,
