@@ -177,6 +177,10 @@ def test_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_serving(serv
     bad_chat = server.post("/v1/chat/completions", {"messages": [{"role": "robot",
                                                                   "content": "hi"}]})
     assert bad_chat.status_code == 400 and bad_chat.json()["error"]["param"] == "messages"
+    no_reply = server.post("/v1/chat/completions", {"messages": [{"role": "user",
+                                                                 "content": "hi"}],
+                                                    "max_tokens": 0})
+    assert no_reply.status_code == 400 and no_reply.json()["error"]["param"] == "max_tokens"
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         r = server.post("/v1/completions", {"prompt": "x"}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -185,7 +189,7 @@ def test_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_serving(serv
     ok = server.client().completions.create(model="tiny", prompt="x", max_tokens=3)
     assert ok.choices[0].finish_reason in ("length", "stop")
     lines = server.audit_lines()[before:]
-    assert len(lines) == len(cases) + 1 + 3 + 1  # one line per completion request
+    assert len(lines) == len(cases) + 2 + 3 + 1  # one line per completion request
     assert [x["status"] for x in lines[:len(cases)]] == [s for _, s, _ in cases]
     no_tracebacks(server)
 

@@ -37,6 +37,7 @@ from gopher_jax.serve.protocol import (
     chat_prompt,
     parse,
 )
+from gopher_jax.serve.text import TextSoFar
 
 
 @dataclasses.dataclass
@@ -247,6 +248,7 @@ def _logprobs(service: Service, job: engine_lib.Job, echo: bool, eos_added: bool
         return d
 
     tokens, lps, tops = [], [], []
+    shown: list[int] = []
     if echo:
         shown = job.ids[1:] if eos_added else job.ids
         scored = list(zip(job.prompt_logprobs, job.prompt_top, strict=True))
@@ -259,12 +261,22 @@ def _logprobs(service: Service, job: engine_lib.Job, echo: bool, eos_added: bool
     tokens += job.tokens
     lps += job.logprobs
     tops += [top(a) for a in job.top]
-    offsets, at = [], 0
-    for t in tokens:
-        offsets.append(at)
-        at += len(piece([t]))
     return {"tokens": [name(t) for t in tokens], "token_logprobs": lps, "top_logprobs": tops,
-            "text_offset": offsets}
+            "text_offset": _text_offsets(service, [shown, job.tokens])}
+
+
+def _text_offsets(service: Service, parts: list[list[int]]) -> list[int]:
+    """Where each token starts in the answer's text (the parts' texts, each decoded on its
+    own, one after the other), in characters: the pieces of a character spread over several
+    byte tokens all start where the character does."""
+    offsets, at = [], 0
+    for ids in parts:
+        decoded = TextSoFar()
+        for t in ids:
+            offsets.append(at + len(decoded.finished))
+            decoded.add(service.tokenizer.decode_bytes((t,)))
+        at += len(decoded.text)
+    return offsets
 
 
 # -- the app --------------------------------------------------------------------------------
@@ -422,7 +434,10 @@ async def _chat(call: _Call) -> Any:
     service.authorize(call.request)
     body: ChatRequest = parse(await call.request.body(), ChatRequest)
     call.prompt = [m.model_dump(exclude_none=True) for m in body.messages]
-    max_tokens = body.max_completion_tokens or body.max_tokens or service.limits.max_tokens
+    max_tokens = next((n for n in (body.max_completion_tokens, body.max_tokens)
+                       if n is not None), service.limits.max_tokens)
+    if max_tokens == 0:
+        raise ApiError(400, "max_tokens=0 asks a chat for no reply", "max_tokens")
     _check_sampling(service, body, max_tokens)
     event, notify = _notifier()
     jobs, _ = _jobs(call, body, [chat_prompt(body.messages)], max_tokens,

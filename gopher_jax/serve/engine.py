@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from gopher_jax.serve.batch import Batch, Rows
+from gopher_jax.serve.text import TextSoFar
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class Job:
     """One prompt to continue. `ids` is the model's input (EOS first); `score_prompt` asks
     for the log-probabilities of ids[1:]; max_tokens 0 only scores. Filled in by the loop:
     tokens, their log-probabilities and top alternatives, the text (cut before a stop
-    string), finish_reason; `sent` is how much of the text `notify` has been told of."""
+    string), finish_reason; `decoded` grows the text token by token."""
 
     ids: list[int]
     max_tokens: int
@@ -53,10 +54,10 @@ class Job:
     prompt_logprobs: list[float] = dataclasses.field(default_factory=list)
     prompt_top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     text: str = ""
-    sent: int = 0
     finish_reason: str | None = None
     error: str = ""
     cancelled: bool = False
+    decoded: TextSoFar = dataclasses.field(default_factory=TextSoFar, repr=False)
 
     @property
     def done(self) -> bool:
@@ -82,9 +83,9 @@ def _top(ids: np.ndarray, lp: np.ndarray) -> list[tuple[int, float]]:
 class Engine:
     """The loop over a `Batch` of `slots` rows; `queue_size` jobs may wait for a slot."""
 
-    def __init__(self, batch: Batch, decode_text: Callable[[Sequence[int]], str],
+    def __init__(self, batch: Batch, token_bytes: Callable[[Sequence[int]], bytes],
                  eos_id: int, queue_size: int):
-        self.batch, self.decode_text, self.eos_id = batch, decode_text, eos_id
+        self.batch, self.token_bytes, self.eos_id = batch, token_bytes, eos_id
         self.queue_size = queue_size
         self.pending: collections.deque[Job] = collections.deque()
         self.rows: list[Job | None] = [None] * batch.slots
@@ -165,18 +166,28 @@ class Engine:
             if reason:
                 self._finish(job, reason)
                 continue
-            if job.score_prompt:
-                ids, lp = self.batch.score(job.ids)
-                job.prompt_logprobs = [float(x) for x in lp[:, 0]]
-                job.prompt_top = [_top(i[1:], p[1:]) for i, p in zip(ids, lp, strict=True)]
-            if job.max_tokens == 0:
+            try:
+                started = self._start(job, free[0])
+            except Exception as e:  # out of every queue: fail it here, the rows in _run
+                self._finish(job, FAILED, f"{type(e).__name__}: {e}")
+                raise
+            if not started:
                 self._finish(job, LENGTH)
-                continue
-            slot = free[0]
-            ids, lp, self.cache = self.batch.prefill(self.cache, slot, job.ids, job.seed,
-                                                     job.temperature, job.top_k, job.top_p)
-            self._set_row(slot, job)
-            self._append(slot, job, ids, lp)
+
+    def _start(self, job: Job, slot: int) -> bool:
+        """Scores the job's prompt if asked; prefills it into `slot` unless it only scores
+        (-> False)."""
+        if job.score_prompt:
+            ids, lp = self.batch.score(job.ids)
+            job.prompt_logprobs = [float(x) for x in lp[:, 0]]
+            job.prompt_top = [_top(i[1:], p[1:]) for i, p in zip(ids, lp, strict=True)]
+        if job.max_tokens == 0:
+            return False
+        ids, lp, self.cache = self.batch.prefill(self.cache, slot, job.ids, job.seed,
+                                                 job.temperature, job.top_k, job.top_p)
+        self._set_row(slot, job)
+        self._append(slot, job, ids, lp)
+        return True
 
     def _set_row(self, slot: int, job: Job | None) -> None:
         self.rows[slot] = job
@@ -218,10 +229,11 @@ class Engine:
             job.logprobs.append(float(lp[0]))
             job.top.append(_top(ids[1:], lp[1:]))
             self.tokens_out += 1
-            job.text = self.decode_text(job.tokens)
-            cut = [job.text.find(s) for s in job.stop if s in job.text]
-            if cut:
-                job.text = job.text[:min(cut)]
+            finished_before = len(job.decoded.finished)
+            job.text = job.decoded.add(self.token_bytes((token,)))
+            cut = job.decoded.find_stop(job.stop, finished_before) if job.stop else -1
+            if cut >= 0:
+                job.text = job.text[:cut]
                 reason = STOP
             elif len(job.tokens) >= job.max_tokens:
                 reason = LENGTH

@@ -138,7 +138,7 @@ def prepare(c: ml_collections.ConfigDict, workdir: str, o: Options, api_key: str
     params, step = restore_params(c, workdir, layout, o.int8)
     slots = rows_per_batch(o.slots, layout)
     batch = Batch(c, layout, params, slots, max_prompt, max_prompt + o.max_tokens)
-    engine = Engine(batch, tok.decode, tok.eos_id, o.queue)
+    engine = Engine(batch, tok.decode_bytes, tok.eos_id, o.queue)
     name = o.model_name or os.path.basename(os.path.normpath(str(workdir)))
     service = Service(engine=engine, tokenizer=tok, vocab_size=c.model.vocab_size,
                       model_name=name, model_step=step,
@@ -151,13 +151,20 @@ def prepare(c: ml_collections.ConfigDict, workdir: str, o: Options, api_key: str
 
 
 def serve(p: Prepared) -> None:
-    """Warms up and serves until SIGTERM or SIGINT; returns once drained."""
+    """Warms up and serves until SIGTERM or SIGINT; returns once drained. A failed warm-up
+    stops the server: a UserError naming the failure."""
     from gopher_jax.serve.app import create_app
 
     service = p.service
+    failed: list[Exception] = []
 
     def warm_up() -> None:
-        service.engine.start()
+        try:
+            service.engine.start()
+        except Exception as e:  # noqa: BLE001 - reported by serve() in the main thread
+            failed.append(e)
+            server.should_exit = True
+            return
         service.ready = True
 
     config = uvicorn.Config(create_app(service), log_config=None, access_log=False,
@@ -172,6 +179,11 @@ def serve(p: Prepared) -> None:
         service.engine.stop()
         if service.audit is not None:
             service.audit.close()
+    if failed:  # compiling or allocating the cache (too many --slots for the memory)
+        what = str(failed[0]).strip().splitlines()
+        raise UserError(f"the model could not be warmed up ({type(failed[0]).__name__}"
+                        f"{': ' + what[0] if what else ''})",
+                        "lower --slots, --max_prompt_tokens or --max_tokens if memory ran out")
 
 
 class _Server(uvicorn.Server):
