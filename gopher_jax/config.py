@@ -356,13 +356,6 @@ def check(c: ml_collections.ConfigDict) -> None:
     storage.check(c.data.data_dir, "data.data_dir")
     if c.data.tokenizer_path:
         storage.check(c.data.tokenizer_path, "data.tokenizer_path")
-    if storage.is_remote(c.data.data_dir) and (c.data.filter or any(
-            s.get("filter", False) for s in (c.data.get("sources") or {}).values()
-            if isinstance(s, dict | ml_collections.ConfigDict))):
-        raise ConfigError(f"data.filter with data.data_dir={c.data.data_dir}: the filter "
-                          "stage writes its work to a file system only",
-                          "filter and prepare in a local data dir, then copy it to the "
-                          "bucket (`gcloud storage cp -r`): the copy reads the same")
     if c.data.dataset == "text_files" and not c.data.text_files:
         raise ConfigError("data.dataset='text_files' needs data.text_files",
                           "set --config.data.text_files='/path/*.txt'")

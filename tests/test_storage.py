@@ -1,7 +1,7 @@
 """Runs on Cloud Storage, against a real GCS-API server on localhost (fake-gcs-server): a
 gs:// workdir trains, survives a SIGKILL and resumes bit-identically to a local run; eval,
-sample and checkpoint info read it; the lock works there; the filter stage's output on gs://
-and unknown schemes are refused in one line (data dirs on gs://: tests/test_data_gcs.py)."""
+sample and checkpoint info read it; the lock works there; unknown schemes are refused in
+one line (data dirs on gs://: tests/test_data_gcs.py, filtering there: tests/test_filter_gcs.py)."""
 
 from __future__ import annotations
 
@@ -92,11 +92,9 @@ def test_lock_on_gs_refuses_a_second_holder(bucket):
     WorkdirLock(f"{bucket}/run").acquire().release()  # free again
 
 
-def test_gs_filter_output_and_unknown_schemes_are_refused_before_any_work(bucket, capsys):
+def test_unknown_schemes_are_refused_before_any_work(bucket, capsys):
     tiny = ["--config", str(ROOT / "experiments" / "tiny.py")]
-    cases = [(["data", "prepare", *tiny, f"--config.data.data_dir={bucket}/data",
-               "--config.data.filter=True"], "filter stage"),
-             (["data", "filter", *tiny, f"--out={bucket}/filtered"], "filter stage"),
+    cases = [(["data", "filter", *tiny, "--out=s3://elsewhere/filtered"], "s3:// scheme"),
              (["train", *tiny, "--workdir=s3://elsewhere/run"], "s3:// scheme"),
              (["eval", "--workdir=hdfs://x/run"], "hdfs:// scheme")]
     for argv, words in cases:

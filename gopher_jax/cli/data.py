@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from gopher_jax import storage
 from gopher_jax.cli import common, console
 from gopher_jax.errors import UsageError
 
@@ -80,14 +79,6 @@ def _filter(c, out: str | None, processes: int, engine) -> int:
     from gopher_jax import data
     from gopher_jax.data import artefacts, corpus_filter, mixture
 
-    if out:
-        storage.check(out, "--out")
-    where = out or c.data.data_dir
-    if storage.is_remote(where):
-        raise UsageError(f"the filter stage's output {where} is on Cloud Storage, where it "
-                         "cannot write its work", "filter into a local folder (--out, or a "
-                         "local data.data_dir), then copy it to the bucket (`gcloud storage "
-                         "cp -r`)")
     if out:
         common.writable_dir(out, "--out")
     if data.is_mixture(c):

@@ -26,7 +26,9 @@ The evaluation splits are not filtered (they are the benchmarks); their 13-grams
 read for stage 5. A document's id is its index in its split's stored order, so "the first"
 is well defined and the result does not depend on the shards or the processes.
 
-Files (every one written to a temporary name and renamed; `manifest.json` last):
+Files (each written whole: on a file system to a temporary name and renamed, in a gs://
+folder as one upload, which appears whole or not at all; `manifest.json` last, so a killed
+filtering never leaves a folder that looks finished):
   work/<split>-<k>-<fp>.{jsonl,npz,json}  stage 1-2 survivors, their hashes/MinHash/13-grams,
                                          the shard's counts (the .json marks it finished)
   removed.json                          stages 3-5: {removed id: the id it duplicates}
@@ -41,6 +43,7 @@ outputs, dedup over sharded files (dedup_sharded.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -93,8 +96,9 @@ def _stage1_shard(cfg: ml_collections.ConfigDict, fcfg: filters.FilterConfig, sp
                   index: int, start: int, stop: int, folder: str, fp: str,
                   apply_rules: bool) -> dict:
     """Quality and repetition on docs [start, stop) of `split` (when apply_rules), then the
-    survivors' text hashes, MinHash signatures and 13-gram sets. Skips a finished shard."""
-    folder = pathlib.Path(folder)
+    survivors' text hashes, MinHash signatures and 13-gram sets. Skips a finished shard:
+    its summary (`.json`) is written after its other files."""
+    folder = storage.data_path(folder)
     stem = f"{split}-{index:05d}-{fp}"
     done = folder / f"{stem}.json"
     if done.is_file():
@@ -277,7 +281,9 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
     if processes < 1:
         raise DataError(f"--processes {processes}", "give 1 or more")
     log = log or (lambda msg: None)
-    with prepare_lock.preparing(cfg.data.data_dir, log):
+    with contextlib.ExitStack() as locks:
+        for folder in _locked_folders(cfg, out_dir):
+            locks.enter_context(prepare_lock.preparing(folder, log))
         f = _read(cfg, out_dir, processes, log, fcfg)
         if f.reused is not None:
             return f.reused
@@ -286,6 +292,17 @@ def filter_corpus(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | N
         for step in (_rules, _exact_dedup, _near_dedup, _test_set, _docs, _write):
             step(f)
         return f.manifest
+
+
+def _locked_folders(cfg: ml_collections.ConfigDict,
+                    out_dir: str | os.PathLike | None) -> list[str]:
+    """The folders whose preparation lock (prepare_lock.py) a filtering holds while it
+    writes: the data dir (the dataset, the default output folder), and an output folder
+    outside it, so that two filterings into one folder never write at once."""
+    data_dir = str(storage.path(cfg.data.data_dir)).rstrip("/")
+    if out_dir is None or str(storage.path(out_dir)).startswith(data_dir + "/"):
+        return [cfg.data.data_dir]
+    return [cfg.data.data_dir, os.fspath(out_dir)]
 
 
 def _finished(out: pathlib.Path, fp: str) -> FilterManifest | None:
@@ -303,7 +320,7 @@ def _read(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | None, pro
     """The source, the settings' fingerprint and the shards of every split; a finished
     result of these settings is reused, the work files of other settings removed."""
     d = cfg.data
-    out = pathlib.Path(out_dir) if out_dir is not None else artefacts.filter_dir(cfg)
+    out = storage.data_path(out_dir) if out_dir is not None else artefacts.filter_dir(cfg)
     builder = builders.prepare_builder(cfg, log)
     builders.require_split(builder, d.train_split, f"dataset {d.dataset!r}",
                            "set data.train_split")
@@ -312,7 +329,8 @@ def _read(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | None, pro
                    digest([conf, builders.corpus_fingerprint(builder)]))
     f.reused = _finished(out, f.fp)
     if f.reused is None:
-        prepare_lock.hold(d.data_dir)  # and look again: another job may have finished it
+        for folder in _locked_folders(cfg, out_dir):
+            prepare_lock.hold(folder)  # and look again: another job may have finished it
         f.reused = _finished(out, f.fp)
     if f.reused is not None:
         log(f"[filter] reusing {out} ({f.reused.docs_out:,} of "
@@ -322,7 +340,7 @@ def _read(cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike | None, pro
                    out / artefacts.FILTER_AUDIT):
         folder.mkdir(parents=True, exist_ok=True)
         shards.remove_stale_temporaries(folder)
-    for p in (out / artefacts.FILTER_WORK).iterdir():  # other settings or corpus versions
+    for p in (out / artefacts.FILTER_WORK).glob("*"):  # other settings or corpus versions
         if f"-{f.fp}." not in p.name:
             p.unlink()
     eval_splits = [s for s in conf["eval_splits"] if s in builder.info.splits

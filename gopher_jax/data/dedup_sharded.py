@@ -3,7 +3,8 @@ dedup.py's whole-corpus functions, computed by tasks that each hold a bounded pa
 
 Every task of a stage owns a slice of the work, decided by `owner` (a shard index, or a
 hash partition, modulo the task count), and writes fixed-dtype binary records (`.bin`,
-numpy `tofile`, no pickle) to a temporary name, renamed when complete:
+raw numpy bytes, no pickle), each file whole (a rename on a file system, one upload to a
+gs:// folder, which every task of a cluster sees):
 
 1. `emit`     (per stage-1 shard)  hash/p<p>/<shard>.bin   (text hash, id) by hash partition
                                    band/p<p>/<shard>.bin   (band, 5 band rows, text hash, doc)
@@ -39,12 +40,12 @@ match is the smallest evaluation index it matches.
 from __future__ import annotations
 
 import collections
-import os
 import pathlib
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from gopher_jax import storage
 from gopher_jax.data import dedup
 
 HASH_REC = np.dtype([("hash", "<u8"), ("id", "<i8")])
@@ -55,22 +56,24 @@ CACHE_SHARDS = 4  # shards' 13-gram sets a confirmation task keeps loaded
 
 
 def write_bin(path: pathlib.Path, records: np.ndarray) -> None:
-    """Records to `path` through a temporary name (a killed task leaves no finished-looking
-    file)."""
+    """Records to `path` (local, or a gs:// epath): whole or not at all, so a killed task
+    leaves no finished-looking file (storage.write_atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    storage.write_atomic(path, records.tobytes())
+
+
+def read_bin(path: pathlib.Path, dtype: np.dtype) -> np.ndarray:
+    """One `.bin` file's records (empty when there is none)."""
     try:
-        records.tofile(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        return np.frombuffer(path.read_bytes(), dtype)
+    except FileNotFoundError:
+        return np.zeros(0, dtype)
 
 
 def read_bins(folder: pathlib.Path, dtype: np.dtype) -> np.ndarray:
     """Every `.bin` of a folder, concatenated in name order (empty when none)."""
-    files = sorted(folder.glob("*.bin")) if folder.is_dir() else []
-    parts = [np.fromfile(f, dtype) for f in files]
+    parts = [np.frombuffer(f.read_bytes(), dtype)
+             for f in sorted(folder.glob("*.bin"), key=lambda f: f.name)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
@@ -229,8 +232,7 @@ def removals(folder: pathlib.Path, g: int) -> dict[str, dict[int, int]]:
     near = {int(a): int(b) for a, b in read_bins(folder / "near" / f"g{g:05d}", PAIR_REC)
             if int(a) not in exact}
     test: dict[int, int] = {}
-    path = folder / "test" / f"g{g:05d}.bin"
-    rec = np.fromfile(path, PAIR_REC) if path.is_file() else np.zeros(0, PAIR_REC)
+    rec = read_bin(folder / "test" / f"g{g:05d}.bin", PAIR_REC)
     for a, e in zip(rec["a"].tolist(), rec["b"].tolist(), strict=True):
         if a not in exact and a not in near and (a not in test or e < test[a]):
             test[a] = e

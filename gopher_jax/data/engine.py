@@ -244,13 +244,13 @@ class FilterPlan:
 
     @property
     def work(self) -> pathlib.Path:
-        return pathlib.Path(self.out) / artefacts.FILTER_WORK
+        return storage.data_path(self.out) / artefacts.FILTER_WORK
 
     def stage1(self, split: str, k: int, suffix: str) -> pathlib.Path:
         return self.work / f"{split}-{k:05d}-{self.fp}{suffix}"
 
     def dedup_dir(self, tasks: int) -> pathlib.Path:
-        return pathlib.Path(self.out) / ENGINE_DIR / f"{self.fp}-n{tasks}"
+        return storage.data_path(self.out) / ENGINE_DIR / f"{self.fp}-n{tasks}"
 
     def train_jobs(self) -> list:
         return [j for j in self.jobs if j[4] < 0]
@@ -335,7 +335,7 @@ def _docs_task(rank: int, world: int, plan: FilterPlan) -> None:
     folder = plan.dedup_dir(world)
     removed = dedup_sharded.removals(folder, rank)
     gone_all = {i for v in removed.values() for i in v}
-    docs_dir = pathlib.Path(plan.out) / artefacts.FILTER_DOCS
+    docs_dir = storage.data_path(plan.out) / artefacts.FILTER_DOCS
     for split, k, _, _, _ in _mine(plan.train_jobs(), rank, world):
         summary = json.loads(plan.stage1(split, k, ".json").read_text())
         arr = shards.load_arrays(plan.stage1(split, k, ".npz"))
@@ -368,7 +368,7 @@ def _report_task(rank: int, world: int, plan: FilterPlan, owners: int, conf: dic
     parts = [json.loads((folder / "docs" / f"{k:05d}.json").read_text()) for _, k, *_ in train]
     later = {stage: corpus_filter._merge_rules(parts, stage)
              for stage in ("exact_dedup", "near_dedup", "test_set")}
-    corpus_filter.write_reports(pathlib.Path(plan.out), plan.fp, conf, plan.train_split,
+    corpus_filter.write_reports(storage.data_path(plan.out), plan.fp, conf, plan.train_split,
                                 summaries, later, [FilterShard(**p["shard"]) for p in parts],
                                 [p["pii"] for p in parts if p["pii"] is not None],
                                 lambda msg: None, t0)
