@@ -39,7 +39,7 @@ def _data_dir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
 
 def _one_corpus_name(d: ml_collections.ConfigDict) -> str:
     if d.dataset == "text_files":
-        return f"text_files-{builders.text_files_fingerprint(d.text_files, d.text_field)}"
+        return f"text_files-{builders.text_files_corpus_fingerprint(d)}"
     if d.dataset == "python_docs":
         return f"python_docs-{builders.python_docs_fingerprint()}"
     return re.sub(r"[^\w.-]+", "-", d.dataset)

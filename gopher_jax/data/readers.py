@@ -11,12 +11,14 @@ column; key `<name>:<row>`, from 1), anything else one document per file (key `<
 Files are streamed (a line or a parquet row group at a time), never read whole, so a
 multi-GB shard costs one line's memory. Bytes that are not UTF-8 become U+FFFD, counted and
 warned about. Cloud Storage goes through fsspec's gcsfs (`storage.configure` points it at
-an emulator when STORAGE_EMULATOR_HOST is set); there the fingerprint uses each object's
-size and CRC32C from its metadata instead of reading the bytes.
+an emulator when STORAGE_EMULATOR_HOST is set). The fingerprint hashes each file's name,
+size and CRC32C: a bucket's from the objects' metadata (nothing read), a disk's computed
+from the bytes, so moving a corpus between the two keeps it.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import glob as glob_lib
@@ -246,35 +248,78 @@ def file_documents(path: str, name: str, text_field: str,
 
 
 def text_files_fingerprint(pattern: str, text_field: str) -> str:
-    """A hash of the files' names and contents: changes when a file is added, removed or
-    edited, and two corpora that differ only in content never share prepared data."""
+    """A hash of the files' names, sizes and CRC32C checksums: changes when a file is added,
+    removed, renamed or edited, and is the same for the same files on a disk and in a bucket
+    (names are relative to the files' common folder; GCS keeps each object's CRC32C, a disk's
+    is computed by reading the file once per process)."""
     files = list_text_files(pattern)
-    stats = []
-    for f in files:
-        try:
-            if storage.is_remote(f):
-                info = _gcs().info(f)
-                # CRC32C of the object's bytes: a content hash GCS keeps (no read needed).
-                stats.append((f, int(info["size"]), str(info.get("crc32c", "")),
-                              str(info.get("generation", ""))))
-            else:
-                st = os.stat(f)
-                stats.append((f, st.st_size, st.st_mtime_ns, st.st_ino))
-        except OSError as e:
-            raise _cannot_read(f, e) from e
-    return _content_hash(text_field, tuple(stats))
+    return _digest(text_field, files, [_size_and_crc32c(f) for f in files])
+
+
+def legacy_text_files_fingerprint(pattern: str, text_field: str) -> str | None:
+    """What `text_files_fingerprint` was for a local corpus before it hashed CRC32C (the
+    files' names, sizes and bytes): the name of data prepared from those files then. None
+    for a bucket's corpus, whose fingerprint it always was."""
+    if storage.is_remote(pattern):
+        return None
+    files = list_text_files(pattern)
+    return _legacy_digest(text_field, tuple((f, *_stat_key(f)) for f in files))
+
+
+def _digest(text_field: str, files: list[str], sums: list[tuple[int, str]]) -> str:
+    m = hashlib.sha256(text_field.encode())
+    for name, (size, crc) in zip(doc_names(files), sums, strict=True):
+        m.update(f"{name}\0{size}\0crc32c:{crc}\0".encode())
+    return m.hexdigest()[:12]
+
+
+def _size_and_crc32c(path: str) -> tuple[int, str]:
+    """(size, CRC32C as GCS's metadata writes it: base64 of the 4 big-endian bytes)."""
+    if not storage.is_remote(path):
+        return _local_crc32c(path, *_stat_key(path))
+    try:
+        info = _gcs().info(path)
+    except OSError as e:
+        raise _cannot_read(path, e) from e
+    crc = info.get("crc32c")
+    if not crc:  # not kept for this object: computed from its bytes, as for a disk's
+        crc = _stream_crc32c(path)
+    return int(info["size"]), str(crc)
+
+
+def _stat_key(path: str) -> tuple[int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise _cannot_read(path, e) from e
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _local_crc32c(path: str, size: int, mtime_ns: int, ino: int) -> tuple[int, str]:
+    """Memoised per process by the file's (path, size, mtime, inode): one read per run."""
+    return size, _stream_crc32c(path)
+
+
+def _stream_crc32c(path: str) -> str:
+    import google_crc32c
+
+    crc = 0
+    try:
+        with _gcs().open(path, "rb") if storage.is_remote(path) else open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                crc = google_crc32c.extend(crc, block)
+    except OSError as e:
+        raise _cannot_read(path, e) from e
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
 
 
 @functools.lru_cache(maxsize=16)
-def _content_hash(text_field: str, stats: tuple[tuple, ...]) -> str:
-    """Memoised per process by (path, size, mtime or CRC32C, ...): one read of a local corpus
-    per run, none of a bucket's."""
+def _legacy_digest(text_field: str, stats: tuple[tuple[str, int, int, int], ...]) -> str:
+    """Memoised per process by the files' (path, size, mtime, inode)."""
     m = hashlib.sha256(text_field.encode())
-    for (f, size, *meta), name in zip(stats, doc_names([s[0] for s in stats]), strict=True):
+    for (f, size, *_), name in zip(stats, doc_names([s[0] for s in stats]), strict=True):
         m.update(f"{name}\0{size}\0".encode())
-        if storage.is_remote(f):
-            m.update(f"crc32c:{meta[0]}\0".encode())
-            continue
         try:
             with open(f, "rb") as fh:
                 while block := fh.read(1 << 20):
