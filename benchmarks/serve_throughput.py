@@ -7,7 +7,10 @@ Starts `python -m gopher_jax serve` on 127.0.0.1 (a free port) over the workdir'
 checkpoint, sends --requests completion requests of --max_tokens tokens each (sampled at
 temperature 1 with per-request seeds, so few stop early; the count is the tokens actually
 generated, from `usage`), first one at a time and then all at once from as many threads,
-and reports generated tokens per second of wall time for both. The server is warm (it has
+and reports generated tokens per second of wall time for both, a digest of the texts (for
+comparing two versions of the server byte for byte), and the host time per token of keeping
+a request's text (decoding all its tokens again, as the engine once did, against the
+incremental decoding it does now). The server is warm (it has
 compiled every shape before /ready says so). Writes benchmarks/results/serve_throughput.json.
 """
 
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -59,6 +64,40 @@ def start(workdir: str, slots: int, max_tokens: int, devices: int, log: str
             time.sleep(0.2)
 
 
+def text_update_cost(workdir: str, texts: list[str]) -> dict[str, float]:
+    """Host microseconds per generated token of keeping a request's text, over the tokens of
+    `texts`: decoding all its tokens again at each one (what the engine did before) and
+    serve/text.py's incremental decoding (what it does now), timed alternately."""
+    import statistics
+
+    from gopher_jax.cli.common import stored_config
+    from gopher_jax.data import pipeline
+    from gopher_jax.serve.text import TextSoFar
+
+    tok = pipeline.load_tokenizer(stored_config(pathlib.Path(workdir) / "config.json"))
+    rows = [tok.encode(t) for t in texts]
+    n = sum(len(r) for r in rows)
+
+    def decode_all() -> None:
+        for ids in rows:
+            for k in range(1, len(ids) + 1):
+                tok.decode(ids[:k])
+
+    def incremental() -> None:
+        for ids in rows:
+            text = TextSoFar()
+            for i in ids:
+                text.add(tok.decode_bytes((i,)))
+
+    times: dict[str, list[float]] = {"decode_all": [], "incremental": []}
+    for _ in range(5):
+        for name, f in (("decode_all", decode_all), ("incremental", incremental)):
+            t0 = time.perf_counter()
+            f()
+            times[name].append((time.perf_counter() - t0) / n * 1e6)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
@@ -88,6 +127,8 @@ def main() -> None:
     n_together = sum(r["usage"]["completion_tokens"] for r in together)
     same = [r["choices"][0]["text"] for r in alone] == [r["choices"][0]["text"]
                                                         for r in together]
+    texts = [r["choices"][0]["text"] for r in alone]
+    text_us = text_update_cost(a.workdir, texts)
     out = {
         "workdir": a.workdir, "requests": a.requests, "slots": a.slots,
         "max_tokens": a.max_tokens, "devices": a.devices,
@@ -96,13 +137,19 @@ def main() -> None:
         "concurrent": {"tokens": n_together, "seconds": t_together,
                        "tokens_per_s": n_together / t_together},
         "speedup": (n_together / t_together) / (n_alone / t_alone),
-        "same_texts": same, "load_average": os.getloadavg(), "commit": git_commit(),
+        "same_texts": same,
+        "texts_sha256": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
+        "text_update_us_per_token": text_us,
+        "load_average": os.getloadavg(), "commit": git_commit(),
     }
     print(f"one at a time: {n_alone} tokens in {t_alone:.2f} s = "
           f"{out['one_at_a_time']['tokens_per_s']:.1f} tokens/s")
     print(f"{a.requests} concurrent: {n_together} tokens in {t_together:.2f} s = "
           f"{out['concurrent']['tokens_per_s']:.1f} tokens/s ({out['speedup']:.2f}x); "
           f"same texts: {same}")
+    print(f"host time per token keeping the text: decoding every token again "
+          f"{text_us['decode_all']:.1f} us, incremental {text_us['incremental']:.1f} us "
+          f"(median of 5, over the {a.max_tokens}-token answers)")
     write_results(a.out, out)
 
 
