@@ -484,6 +484,31 @@ def test_ray_cluster_prepares_the_same_bytes_and_a_killed_worker_is_made_good(
     assert meta["files"] == list(ref.splits["train"].files)
 
 
+def test_data_filter_cli_on_the_engine_writes_data_prepares_filter_outputs(base, tmp_path):
+    """`data filter --executor local --tasks 3 --out DIR` on the `base` corpus: the
+    manifest, kept documents and audits of `data prepare`'s filter, and the work done by 3
+    engine tasks (their completion markers). Catches a CLI filter path that drops the
+    engine (same bytes, but no tasks) or one whose engine writes other bytes."""
+    from gopher_jax.cli import app
+
+    cfg, _ = base
+    out = tmp_path / "out"
+    argv = _cli_args(cfg, cfg.data.data_dir, "--executor", "local", "--tasks", "3",
+                     f"--out={out}")
+    assert argv[:2] == ["data", "prepare"]
+    assert app.main(["data", "filter", *argv[2:]]) == 0
+    ref = artefacts.filter_dir(cfg)
+    for name in ("manifest.json", "docs", "audit"):
+        a, b = out / name, ref / name
+        files = sorted(a.iterdir()) if a.is_dir() else [a]
+        assert [p.name for p in files] == ([p.name for p in sorted(b.iterdir())]
+                                           if b.is_dir() else [b.name])
+        assert all(p.read_bytes() == (b / p.name if b.is_dir() else b).read_bytes()
+                   for p in files), name
+    done = list(out.glob(f"{engine.ENGINE_DIR}/*-n3/logs/rules/completions/*"))
+    assert sorted(p.name for p in done) == ["00000", "00001", "00002"]
+
+
 def test_engine_flags_are_checked_before_any_work(tmp_path, capsys):
     from gopher_jax.cli import app
 
