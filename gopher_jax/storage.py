@@ -71,6 +71,16 @@ def _gcs_fs():
     return fsspec.filesystem("gs")
 
 
+def read_range(p: str | os.PathLike, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a file: one ranged request on Cloud Storage (a file object
+    there would fetch a whole read-ahead block per seek)."""
+    if is_remote(p):
+        return _gcs_fs().cat_file(str(p), start=start, end=end)
+    with open(p, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
 def upload(local: str | os.PathLike, remote: str | os.PathLike) -> None:
     """One local file as one object; it appears whole once the upload is finalised, never in
     part (a killed upload leaves nothing)."""

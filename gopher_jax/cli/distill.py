@@ -20,6 +20,7 @@ from gopher_jax.errors import UsageError
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     common.add_config(p)
+    common.add_multiprocess(p)
     p.add_argument("--teacher", default="", metavar="DIR",
                    help="the teacher's workdir (a trained run with the student's tokenizer); "
                         "sets distill.teacher")
@@ -30,7 +31,6 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
                        help="default: beside the training split's chunks in the data dir")
         return
     common.add_workdir(p)
-    common.add_multiprocess(p)
     p.add_argument("--teacher_logits", default="", metavar="DIR",
                    help="train against stored top-k (`teacher logits`) instead of --teacher")
     p.add_argument("--accept_new_data", action="store_true",
@@ -53,6 +53,7 @@ def _config(args: argparse.Namespace) -> ml_collections.ConfigDict:
 def run(args: argparse.Namespace) -> int:
     c = _config(args)
     from gopher_jax import data as data_lib
+    from gopher_jax.parallel import distributed
     from gopher_jax.train import distill
 
     if args.name == "teacher logits":
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         from gopher_jax import storage
         from gopher_jax.train import teacher_logits
 
+        common.apply_multiprocess(args)
+        distributed.initialize_from_env()  # before the teacher's checkpoint touches a device
         teacher = distill.open_teacher(c, c.distill.teacher)
         out = (storage.path(args.out) if args.out
                else teacher_logits.default_dir(c, teacher, args.topk))
@@ -73,19 +76,21 @@ def run(args: argparse.Namespace) -> int:
                     f"in {out}")
         return 0
     common.writable_dir(args.workdir)
+    if args.teacher_logits and args.teacher:
+        raise UsageError("both --teacher and --teacher_logits", "pass one of them")
+    if not args.teacher_logits and (os.path.realpath(c.distill.teacher)
+                                    == os.path.realpath(args.workdir)):
+        raise UsageError(f"--teacher and --workdir are both {args.workdir}",
+                         "give the student its own --workdir")
+    common.apply_multiprocess(args)
+    distributed.initialize_from_env()  # before the teacher's checkpoint touches a device
     if args.teacher_logits:
-        if args.teacher:
-            raise UsageError("both --teacher and --teacher_logits", "pass one of them")
         from gopher_jax.train import teacher_logits
 
         objective = teacher_logits.StoredDistillation(
             c, teacher_logits.StoredTeacher(args.teacher_logits))
     else:
-        if os.path.realpath(c.distill.teacher) == os.path.realpath(args.workdir):
-            raise UsageError(f"--teacher and --workdir are both {args.workdir}",
-                             "give the student its own --workdir")
         objective = distill.Distillation(c, distill.open_teacher(c, c.distill.teacher))
-    common.apply_multiprocess(args)
     from gopher_jax.train import loop
 
     summary = loop.train(c, args.workdir, console.ConsoleReporter(),

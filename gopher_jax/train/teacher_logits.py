@@ -16,7 +16,9 @@ objective (model/distillation.py's top-k KL).
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,14 +69,20 @@ def _topk_fn(teacher: distill.Teacher, layout: Layout, topk: int, chunk: int) ->
             _, (ids, values) = jax.lax.scan(body, None, _chunks(x, n))
             return _unchunk(ids), _unchunk(values)
 
-    return jax.jit(f, in_shardings=(layout.param_shardings, None, None),
+    rows = layout.batch_sharding  # the batch split over the devices, as in training
+    return jax.jit(f, in_shardings=(layout.param_shardings, rows, rows),
                    out_shardings=layout.replicated)
 
 
 def write(c: ml_collections.ConfigDict, teacher: distill.Teacher, out: epath.Path, topk: int,
           log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Runs the teacher over the training split's chunks (c.train.batch_size at a time) and
-    writes the shards and the manifest (process 0). Returns the manifest."""
+    """Runs the teacher over the training split's chunks (c.train.batch_size at a time, the
+    rows split over the mesh's batch axes, as in training) and writes the shards and the
+    manifest (process 0). Every process of a multi-process launch takes part. Returns the
+    manifest."""
+    from gopher_jax.parallel import distributed
+
+    distributed.initialize_from_env()
     info = data_lib.prepare(c)
     identity = data_lib.data_identity(info, c.data.train_split)
     distill.check_tokenizer(teacher, identity)
@@ -87,74 +95,133 @@ def write(c: ml_collections.ConfigDict, teacher: distill.Teacher, out: epath.Pat
     writer = jax.process_index() == 0
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-    shards: list[str] = []
-    pending: list[tuple[np.ndarray, np.ndarray]] = []
+        # an old manifest would call the folder finished while its shards are rewritten
+        (out / MANIFEST).unlink(missing_ok=True)
+    shards = ShardWriter(out, writer)
     with jax.set_mesh(mesh):
         for start in range(0, n, batch):
             idx = np.arange(start, min(start + batch, n))
             rows = data.chunks.read(np.pad(idx, (0, batch - len(idx)), mode="edge"))
-            ids, logp = jax.device_get(fn(params, rows["tokens"], rows["segment_ids"]))
-            pending.append((ids[:len(idx)], logp[:len(idx)]))
-            full = start + batch >= n or sum(len(p[0]) for p in pending) >= ROWS_PER_SHARD
-            if full:
-                _flush(out, pending, shards, writer)
+            tokens, seg = (jax.make_array_from_callback(a.shape, layout.batch_sharding,
+                                                        lambda i, a=a: a[i])
+                           for a in (rows["tokens"], rows["segment_ids"]))
+            ids, logp = jax.device_get(fn(params, tokens, seg))
+            shards.add(ids[:len(idx)], logp[:len(idx)])
             if (start // batch) % 50 == 0:
                 log(f"teacher logits: {min(start + batch, n):,} of {n:,} chunks")
     manifest = {"teacher": teacher.fingerprint, "topk": topk, "seq_len": c.data.seq_len,
-                "num_chunks": n, "rows_per_shard": ROWS_PER_SHARD, "shards": shards,
+                "num_chunks": n, "rows_per_shard": ROWS_PER_SHARD, "shards": shards.close(),
                 "tokenizer": identity["tokenizer"], "train_chunks": identity["train_chunks"]}
     if writer:
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        storage.write_atomic(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
 
-def _flush(out: epath.Path, pending: list, shards: list[str], writer: bool) -> None:
-    """Writes whole shards of ROWS_PER_SHARD rows (the last one may be shorter)."""
-    ids = np.concatenate([p[0] for p in pending])
-    logp = np.concatenate([p[1] for p in pending])
-    pending.clear()
-    while len(ids):
-        index = len(shards)
-        shards.append(f"{index:05d}")
-        if writer:
-            for name, arr in (("ids", ids[:ROWS_PER_SHARD]), ("logprobs", logp[:ROWS_PER_SHARD])):
-                with (out / f"{name}-{index:05d}.npy").open("wb") as f:
-                    np.save(f, arr, allow_pickle=False)
-        ids, logp = ids[ROWS_PER_SHARD:], logp[ROWS_PER_SHARD:]
+class ShardWriter:
+    """Rows in chunk order -> npy shards of exactly ROWS_PER_SHARD rows each but the last,
+    so that chunk i is row i % ROWS_PER_SHARD of shard i // ROWS_PER_SHARD whatever the
+    batch size. Only the `writer` process writes; every process names the shards."""
+
+    def __init__(self, out: epath.Path, writer: bool):
+        self.out, self.writer = out, writer
+        self.names: list[str] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._rows = 0
+
+    def add(self, ids: np.ndarray, logp: np.ndarray) -> None:
+        self._pending.append((ids, logp))
+        self._rows += len(ids)
+        if self._rows >= ROWS_PER_SHARD:
+            self._flush(final=False)
+
+    def close(self) -> list[str]:
+        """Writes the rest as the last shard -> the shards' names."""
+        self._flush(final=True)
+        return self.names
+
+    def _flush(self, final: bool) -> None:
+        if not self._pending:
+            return
+        ids = np.concatenate([p[0] for p in self._pending])
+        logp = np.concatenate([p[1] for p in self._pending])
+        while len(ids) >= ROWS_PER_SHARD or (final and len(ids)):
+            name = f"{len(self.names):05d}"
+            self.names.append(name)
+            if self.writer:
+                for kind, arr in (("ids", ids[:ROWS_PER_SHARD]),
+                                  ("logprobs", logp[:ROWS_PER_SHARD])):
+                    with (self.out / f"{kind}-{name}.npy").open("wb") as f:
+                        np.save(f, arr, allow_pickle=False)
+            ids, logp = ids[ROWS_PER_SHARD:], logp[ROWS_PER_SHARD:]
+        self._pending = [(ids, logp)] if len(ids) else []
+        self._rows = len(ids)
 
 
 class StoredTeacher:
-    """The stored top-k of a folder `write` finished (its manifest)."""
+    """The stored top-k of a folder `write` finished (its manifest). Local shards are
+    memory-mapped; on Cloud Storage each row is one ranged read (no shard is fetched whole)."""
 
     def __init__(self, directory: str):
         self.directory = storage.path(directory)
         path = self.directory / MANIFEST
+        fix = "write them with `python -m gopher_jax teacher logits --teacher DIR --config ...`"
         if not path.is_file():
             raise distill.TeacherError(
-                f"{directory} holds no finished teacher logits ({MANIFEST} missing)",
-                "write them with `python -m gopher_jax teacher logits --teacher DIR --config "
-                "...`")
-        self.manifest = storage.read_json(path)
+                f"{directory} holds no finished teacher logits ({MANIFEST} missing)", fix)
+        self.manifest = storage.read_json(path, fix)
+        missing = [k for k in _MANIFEST_KEYS if k not in self.manifest]
+        if missing:
+            raise distill.TeacherError(f"{path} lacks {', '.join(missing)}", fix)
         self.topk: int = self.manifest["topk"]
-        self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._remote = storage.is_remote(self.directory)
+        self._open: dict[int, tuple[Any, Any]] = {}
 
-    def _shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _shard(self, index: int) -> tuple[Any, Any]:
+        """(ids, logprobs) of a shard: memory maps, or (path, header) pairs when remote."""
         if index not in self._open:
             name = self.manifest["shards"][index]
+            paths = [self.directory / f"{kind}-{name}.npy" for kind in ("ids", "logprobs")]
             self._open[index] = tuple(
-                np.load(self.directory / f"{kind}-{name}.npy", mmap_mode="r",
-                        allow_pickle=False) for kind in ("ids", "logprobs"))
+                (p, _npy_header(p)) if self._remote
+                else np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
         return self._open[index]
+
+    def _row(self, a: Any, row: int) -> np.ndarray:
+        if not self._remote:
+            return a[row]
+        p, (offset, shape, dtype) = a
+        size = math.prod(shape[1:]) * dtype.itemsize
+        start = offset + row * size
+        return np.frombuffer(storage.read_range(p, start, start + size),
+                             dtype).reshape(shape[1:])
 
     def read(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, log-probs) [len(indices), seq_len, k] of those chunks."""
         per = self.manifest["rows_per_shard"]
-        rows = [tuple(a[int(i) % per] for a in self._shard(int(i) // per)) for i in indices]
+        rows = [tuple(self._row(a, int(i) % per) for a in self._shard(int(i) // per))
+                for i in indices]
         shape = (0, self.manifest["seq_len"], self.topk)
         if not rows:
             return np.zeros(shape, np.int32), np.zeros(shape, np.float32)
         return (np.stack([r[0] for r in rows]).astype(np.int32),
                 np.stack([r[1] for r in rows]).astype(np.float32))
+
+
+_MANIFEST_KEYS = ("teacher", "topk", "seq_len", "num_chunks", "rows_per_shard", "shards",
+                  "tokenizer", "train_chunks")
+
+
+def _npy_header(p: epath.Path) -> tuple[int, tuple[int, ...], np.dtype]:
+    """(where the data starts, shape, dtype) of a C-ordered npy file, from its first bytes."""
+    head = io.BytesIO(storage.read_range(p, 0, 4096))
+    version = np.lib.format.read_magic(head)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = read_header(head)
+    if fortran:
+        raise distill.TeacherError(f"{p} is not a C-ordered array", "write the teacher "
+                                   "logits again with `python -m gopher_jax teacher logits`")
+    return head.tell(), shape, dtype
 
 
 class TeacherBatches(rows_lib.RowBatches):
