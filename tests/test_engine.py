@@ -200,6 +200,120 @@ def test_gs_glob_of_compressed_jsonl_builds_the_same_dataset_as_local_files(buck
 
 
 # ---------------------------------------------------------------------------------------
+# Reading the raw files into the TFDS dataset (the read and info stages)
+
+
+def mixed_corpus(root: pathlib.Path, jsonl: int = 4, lines: int = 40, txt: int = 3,
+                 words: int = 60) -> str:
+    """`jsonl` .jsonl files of `lines` documents and `txt` .txt files (one document each),
+    as a glob; with the defaults every split gets documents."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(7)
+    vocab = ["".join(rng.choice("abcdefghij") for _ in range(4)) for _ in range(500)]
+    for f in range(jsonl):
+        with open(root / f"part-{f}.jsonl", "w") as fh:
+            for _ in range(lines):
+                fh.write(json.dumps({"text": _prose(rng, vocab, words)}) + "\n")
+    for f in range(txt):
+        (root / f"note-{f}.txt").write_text(_prose(rng, vocab, words))
+    return str(root / "*")
+
+
+def _dataset(cfg) -> dict:
+    """The TFDS dataset as its readers see it: dataset_info.json without the shard lengths
+    (how many files hold a split), the corpus fingerprint and each split's records, the
+    serialized examples in order."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+    b = builders.get_builder(cfg)
+    assert b.is_prepared()
+    info = json.loads((pathlib.Path(b.data_path) / "dataset_info.json").read_text())
+    for split in info["splits"]:
+        split.pop("shardLengths")
+    records = {}
+    for split, si in b.info.splits.items():
+        source = ArrayRecordDataSource([str(p) for p in si.filepaths])
+        records[split] = source.__getitems__(range(len(source)))
+    return {"info": info, "corpus": builders.corpus_fingerprint(b), "records": records}
+
+
+def _shard_lengths(cfg) -> dict[str, list[int]]:
+    return {k: v.shard_lengths for k, v in builders.get_builder(cfg).info.splits.items()}
+
+
+def test_engine_read_stage_builds_the_dataset_data_prepare_builds(tmp_path):
+    """A corpus of 4 .jsonl and 3 .txt files read by 3 tasks: the dataset (split sizes,
+    corpus fingerprint, every record in order), the chunk files and their fingerprints
+    equal `data prepare`'s. Catches shards named out of hash-bucket order or unsorted
+    (TFDS's one-process build writes a split in the order of its shuffle keys), a split
+    rule of the engine's own, another serialization, and a fallback to the one-process
+    build (the engine's splits have a shard per hash bucket, TFDS's one here)."""
+    c = base_config()
+    c.model.vocab_size = 300
+    c.data.update(dataset="text_files", seq_len=32, text_files=mixed_corpus(tmp_path / "raw"),
+                  data_dir=str(tmp_path / "one"))
+    ref = pipeline.prepare(c)
+    c.data.tokenizer_path = ref.tokenizer
+    e = _config(c, tmp_path / "engine")
+    info = pipeline.prepare(e, engine=engine.Engine("local", tasks=3))
+    assert _identity(info) == _identity(ref)
+    assert _chunk_bytes(e) == _chunk_bytes(c) and _chunk_bytes(c)
+    got, want = _dataset(e), _dataset(c)
+    assert got == want
+    assert all(want["records"][s] for s in builders.SPLITS)
+    assert _shard_lengths(c)["train"] == [len(want["records"]["train"])]
+    assert len(_shard_lengths(e)["train"]) == 3  # a shard per hash bucket: the engine's
+    assert not list((tmp_path / "engine" / engine.ENGINE_DIR).glob("*/runs/*"))
+
+
+def test_engine_read_of_a_tiny_corpus_is_tfds_one_process_build(tmp_path):
+    """Two files, three documents: a split would be empty by the hash rule alone, so the
+    dataset is TFDS's own build (assign_splits gives every split a document), equal to
+    the one without the engine down to its shard lengths."""
+    c = base_config()
+    c.data.update(dataset="text_files", data_dir=str(tmp_path / "one"),
+                  text_files=mixed_corpus(tmp_path / "raw", jsonl=1, lines=2, txt=1))
+    e = _config(c, tmp_path / "engine")
+    builders.prepare_builder(c)
+    builders.prepare_builder(e, engine=engine.Engine("local", tasks=3))
+    assert _dataset(e) == _dataset(c)
+    assert _shard_lengths(e) == _shard_lengths(c)
+    assert all(n == [1] for n in _shard_lengths(c).values())
+
+
+def test_a_failed_info_stage_leaves_no_prepared_dataset_and_the_rerun_completes(
+        tmp_path, monkeypatch):
+    """The info stage fails after naming one part a shard: the dataset is not prepared
+    (dataset_info.json comes last) and the next run (the read tasks done, their completion
+    markers kept) ends with the one-process dataset. Catches metadata written before the
+    shards and a rerun that needs the parts it has already moved."""
+    c = base_config()
+    c.data.update(dataset="text_files", data_dir=str(tmp_path / "one"),
+                  text_files=mixed_corpus(tmp_path / "raw"))
+    builders.prepare_builder(c)
+    e = _config(c, tmp_path / "engine")
+    real, calls = engine._publish, []
+
+    def failing(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("killed")
+        real(src, dst)
+
+    monkeypatch.setattr(engine, "_publish", failing)
+    eng = engine.Engine("local", tasks=2)
+    with pytest.raises(OSError, match="killed"):
+        builders.prepare_builder(e, engine=eng)
+    b = builders.get_builder(e)
+    assert not b.is_prepared() and not (pathlib.Path(b.data_path) / "dataset_info.json"
+                                        ).exists()
+    assert calls[0].exists()
+    monkeypatch.setattr(engine, "_publish", real)
+    builders.prepare_builder(e, engine=eng)
+    assert _dataset(e) == _dataset(c)
+
+
+# ---------------------------------------------------------------------------------------
 # Sharded dedup
 
 
@@ -594,17 +708,34 @@ def test_a_preparation_waits_while_another_holds_the_data_dir_then_holds_it(tmp_
 def _prepared_tree(data_dir: pathlib.Path) -> dict[str, object]:
     """Every file of a data dir but the engine's work and logs, the one-process filter's
     removed.json (the engine keeps that in its work) and the lock; a split's metadata
-    without its `seconds`."""
+    without its `seconds`; the TFDS dataset's records by split in order, whatever number of
+    shard files hold them (and its dataset_info.json without their lengths)."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+
     out: dict[str, object] = {}
+    shards: dict[str, list[str]] = {}
     for p in sorted(data_dir.rglob("*")):
         rel = p.relative_to(data_dir)
         if p.is_dir() or "engine" in rel.parts or p.name in ("PREPARE_LOCK", "removed.json"):
+            continue
+        if ".array_record-" in p.name:
+            shards.setdefault(f"{rel.parent}/{p.name.split('.array_record-')[0]}", []).append(
+                str(p))
+            continue
+        if p.name == "dataset_info.json":
+            info = json.loads(p.read_text())
+            for split in info["splits"]:
+                split.pop("shardLengths")
+            out[str(rel)] = info
             continue
         if p.parent.name.startswith("tok") and p.suffix == ".json":
             out[str(rel)] = {k: v for k, v in json.loads(p.read_text()).items()
                              if k != "seconds"}
         else:
             out[str(rel)] = p.read_bytes()
+    for name, paths in shards.items():
+        source = ArrayRecordDataSource(paths)
+        out[name] = source.__getitems__(range(len(source)))
     return out
 
 

@@ -166,6 +166,17 @@ def _unit_hash(name: str) -> float:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2.0**64
 
 
+def _split_of(unit_hash: float) -> str:
+    return ("validation" if unit_hash < HELD_OUT_FRACTION
+            else "test" if unit_hash < 2 * HELD_OUT_FRACTION else "train")
+
+
+def hash_split(key: str) -> str:
+    """A document's split by the hash of its key alone: what `assign_splits` gives each key
+    when every split gets one (a corpus read file by file needs nothing else)."""
+    return _split_of(_unit_hash(key))
+
+
 def assign_splits(keys: list[str]) -> dict[str, str]:
     """key -> split by hash, ~5% each held out; each split non-empty when there are >= 3 keys.
 
@@ -174,8 +185,7 @@ def assign_splits(keys: list[str]) -> dict[str, str]:
     if len(keys) < 3:
         return dict.fromkeys(keys, "train")
     h = {k: _unit_hash(k) for k in keys}
-    split = {k: "validation" if v < HELD_OUT_FRACTION
-             else "test" if v < 2 * HELD_OUT_FRACTION else "train" for k, v in h.items()}
+    split = {k: _split_of(v) for k, v in h.items()}
     for s in SPLITS:
         members = collections.Counter(split.values())
         if not members[s]:
@@ -284,16 +294,18 @@ def get_builder(cfg: ml_collections.ConfigDict, data_dir: str | None = None
                         "TFDS name such as 'pg19' or 'c4/en'") from e
 
 
-def prepare_builder(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = None
-                    ) -> tfds.core.DatasetBuilder:
-    """The builder, its data written if it is one of ours; other TFDS data must exist."""
+def prepare_builder(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = None,
+                    engine=None) -> tfds.core.DatasetBuilder:
+    """The builder, its data written if it is one of ours; other TFDS data must exist. With
+    `engine` (engine.Engine) a text_files dataset is read by its tasks (engine.read_text_files),
+    with the same result."""
     d = cfg.data
     builder = get_builder(cfg)
     if isinstance(builder, Iambic | TextFiles | PythonDocs):
         if not builder.is_prepared():
             with prepare_lock.preparing(d.data_dir, log):
                 prepare_lock.hold(d.data_dir)
-                return _build(cfg, log)
+                return _build(cfg, log, engine)
         return builder
     name = d.dataset
     if not builder.is_prepared():
@@ -314,7 +326,7 @@ def prepare_builder(cfg: ml_collections.ConfigDict, log: Callable[[str], None] |
     return builder
 
 
-def _build(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None
+def _build(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None, engine=None
            ) -> tfds.core.DatasetBuilder:
     """Builds one of our datasets, unless another job built it while this one waited for
     the data dir's lock (prepare_lock.py)."""
@@ -323,6 +335,15 @@ def _build(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None
         return builder
     if log is not None:
         log(f"[data] building TFDS dataset {builder.name} in {builder.data_dir}")
+    if engine is not None and isinstance(builder, TextFiles):
+        engine.read_text_files(cfg, builder, log)
+        return get_builder(cfg)
+    return build_one_process(cfg, builder)
+
+
+def build_one_process(cfg: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder
+                      ) -> tfds.core.DatasetBuilder:
+    """TFDS's own build of one of our datasets, in this process."""
     if storage.is_remote(builder.data_dir):
         _build_and_upload(cfg, builder)
         return get_builder(cfg)

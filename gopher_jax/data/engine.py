@@ -43,12 +43,15 @@ also its peak Python/numpy allocation (tracemalloc) and the process's peak resid
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import pathlib
 import resource
+import shutil
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -56,9 +59,10 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
 from gopher_jax import storage
-from gopher_jax.data import artefacts, dedup_sharded, shards, tokenized
+from gopher_jax.data import artefacts, builders, dedup_sharded, readers, shards, tokenized
 from gopher_jax.data.digests import digest
 from gopher_jax.errors import DataError, UsageError
 
@@ -85,6 +89,10 @@ class Engine:
             raise UsageError(f"--tasks {self.tasks}", "give 1 or more")
         if self.workers < 1 and self.workers != -1:
             raise UsageError(f"--workers {self.workers}", "give 1 or more (or -1: all tasks)")
+
+    def read_text_files(self, *args: Any) -> None:
+        """`read_text_files` below on this engine (how builders._build hands it over)."""
+        read_text_files(self, *args)
 
     def filter_corpus(self, *args: Any) -> Any:
         """`filter_corpus` below on this engine: how corpus_filter.filter_corpus hands its
@@ -224,6 +232,217 @@ def _config(cfg_dict: dict) -> ml_collections.ConfigDict:
 
 def _mine(items: list, rank: int, world: int) -> list:
     return [x for j, x in enumerate(items) if j % world == rank]
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the raw files into the TFDS dataset (text_files)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadPlan:
+    """What every read, sort and info task needs, picklable: the raw files in
+    list_text_files' order, their document names, the dataset's fingerprint, the work
+    folder and the number of hash buckets (the sort tasks)."""
+
+    cfg: dict
+    fp: str
+    files: tuple
+    names: tuple
+    work: str
+    buckets: int
+
+    def builder(self) -> builders.TextFiles:
+        d = _config(self.cfg).data
+        return builders._text_files_builder(d, self.fp, os.path.expanduser(d.data_dir))
+
+    def _dir(self, name: str) -> pathlib.Path:
+        return storage.data_path(self.work) / name
+
+    def run(self, i: int, split: str) -> pathlib.Path:
+        return self._dir("runs") / f"{i:06d}-{split}.array_record"
+
+    def run_summary(self, i: int) -> pathlib.Path:
+        return self._dir("runs") / f"{i:06d}.json"
+
+    def runs(self) -> list[dict]:
+        return [json.loads(self.run_summary(i).read_text()) for i in range(len(self.files))]
+
+    def shard(self, split: str, b: int) -> pathlib.Path:
+        return self._dir("shards") / f"{split}-{b:05d}.array_record"
+
+    def shard_summary(self, split: str, b: int) -> pathlib.Path:
+        return self._dir("shards") / f"{split}-{b:05d}.json"
+
+
+def _write_records(path: pathlib.Path, records: list[bytes]) -> None:
+    """ArrayRecord with the options of TFDS's ArrayRecord writer, published whole."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    with storage.local_file(path) as tmp:
+        writer = ArrayRecordWriter(str(tmp), tokenized.WRITER_OPTIONS)
+        for r in records:
+            writer.write(r)
+        writer.close()
+
+
+def _bucket(hkey: int, buckets: int) -> int:
+    """As TFDS's shuffle.get_bucket_number: hash ranges, so buckets keep the global order."""
+    return hkey * buckets >> 128
+
+
+def _read_task(rank: int, world: int, plan: ReadPlan) -> None:
+    from tensorflow_datasets.core import hashing
+
+    features = plan.builder().info.features
+    hashers = {s: hashing.Hasher(salt=s) for s in builders.SPLITS}
+    text_field = _config(plan.cfg).data.text_field
+    for i in _mine(list(range(len(plan.files))), rank, world):
+        if not plan.run_summary(i).is_file():  # done before this task was killed
+            _read_file(plan, i, features, hashers, text_field)
+
+
+def _read_file(plan: ReadPlan, i: int, features, hashers: dict, text_field: str) -> None:
+    """File i's documents as one run per split: each example serialized as TFDS's writer
+    stores it (features.serialize_example) behind its 16-byte TFDS shuffle key (the md5 of
+    its key salted with the split: the order TFDS's one-process build writes), sorted by
+    that key; the summary (counts, bytes, where each hash bucket starts) marks it read."""
+    plan.run(i, "x").parent.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[bytes]] = {s: [] for s in builders.SPLITS}
+    nbytes = dict.fromkeys(builders.SPLITS, 0)
+    for key, text in readers.file_documents(plan.files[i], plan.names[i], text_field):
+        split = builders.hash_split(key)
+        record = features.serialize_example({"text": text})
+        runs[split].append(hashers[split].hash_key(key).to_bytes(16, "big") + record)
+        nbytes[split] += len(record)
+    summary = {}
+    for split, run in runs.items():
+        run.sort()
+        owners = np.array([_bucket(int.from_bytes(r[:16], "big"), plan.buckets) for r in run],
+                          np.int64)
+        summary[split] = {"count": len(run), "bytes": nbytes[split], "bounds": np.searchsorted(
+            owners, np.arange(plan.buckets + 1)).tolist()}
+        if run:
+            _write_records(plan.run(i, split), run)
+    _write_json(plan.run_summary(i), summary)
+
+
+def _sort_task(rank: int, world: int, plan: ReadPlan) -> None:
+    """Hash bucket b of each split (b = rank, rank + world, ...): its examples from every
+    file's run, in TFDS's shuffle order, as one shard of the split."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+    runs = plan.runs()
+    for b in _mine(list(range(plan.buckets)), rank, world):
+        for split in builders.SPLITS:
+            if plan.shard_summary(split, b).is_file():
+                continue
+            items: list[bytes] = []
+            for i, r in enumerate(runs):
+                lo, hi = r[split]["bounds"][b], r[split]["bounds"][b + 1]
+                if hi > lo:
+                    items += ArrayRecordDataSource([str(plan.run(i, split))]).__getitems__(
+                        range(lo, hi))
+            items.sort()  # by shuffle key, then bytes: as TFDS's shuffler iterates
+            records = [x[16:] for x in items]
+            if records:
+                plan.shard(split, b).parent.mkdir(parents=True, exist_ok=True)
+                _write_records(plan.shard(split, b), records)
+            _write_json(plan.shard_summary(split, b),
+                        {"count": len(records), "bytes": sum(map(len, records))})
+
+
+def _publish(src: pathlib.Path, dst: pathlib.Path) -> None:
+    """A shard into the dataset's folder: a rename on a file system, a copy in a bucket (the
+    work folder is removed once the dataset is complete); a rerun after a kill finds it
+    done."""
+    if storage.is_remote(str(dst)):
+        import fsspec
+
+        if src.exists():
+            fsspec.filesystem("gs").copy(str(src), str(dst))
+        return
+    if src.exists():
+        os.replace(src, dst)
+    elif not dst.exists():
+        raise DataError(f"engine stage info: {src} is gone and {dst} was never written",
+                        f"remove {src.parent.parent} and run the same command again")
+
+
+def _info_task(rank: int, world: int, plan: ReadPlan) -> None:
+    """Each split's non-empty bucket shards named as its TFDS shards in bucket order, then
+    the dataset's metadata as TFDS writes it (features.json, dataset_info.json last: what
+    marks it prepared)."""
+    del rank, world
+    builder = plan.builder()
+    if builder.is_prepared():
+        return
+    data = storage.data_path(str(builder.data_path))
+    data.mkdir(parents=True, exist_ok=True)
+    infos = []
+    for split in builders.SPLITS:
+        rows = [(b, json.loads(plan.shard_summary(split, b).read_text()))
+                for b in range(plan.buckets)]
+        mine = [(b, r) for b, r in rows if r["count"]]
+        template = builder._get_filename_template(split)
+        for (b, _), dst in zip(mine, template.sharded_filepaths(len(mine)), strict=True):
+            _publish(plan.shard(split, b), data / dst.name)
+        infos.append(tfds.core.SplitInfo(
+            name=split, shard_lengths=[r["count"] for _, r in mine],
+            num_bytes=sum(r["bytes"] for _, r in mine), filename_template=template))
+    builder.info.set_splits(tfds.core.SplitDict(infos))
+    remote = storage.is_remote(str(data))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".info", dir=None if remote else plan.work))
+    try:
+        builder.info.write_to_directory(tmp)
+        last = ("features.json", "dataset_info.json")
+        if remote:
+            storage.upload_tree(tmp, str(data), last=last)
+        else:
+            marks = [tmp / n for n in last if (tmp / n).is_file()]
+            for p in [p for p in tmp.iterdir() if p not in marks] + marks:
+                os.replace(p, data / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_text_files(eng: Engine, cfg: ml_collections.ConfigDict, builder: builders.TextFiles,
+                    log: Callable[[str], None] | None = None) -> None:
+    """Prepares the text_files dataset `builder` as engine stages (read, sort, info): the
+    dataset TFDS's one-process build writes, its documents in the same order, its splits of
+    the same sizes; a corpus where a split would be empty is built by TFDS in this process,
+    as without the engine (builders.assign_splits gives each split a document)."""
+    log = log or (lambda msg: None)
+    d = cfg.data
+    files = readers.list_text_files(d.text_files)
+    name = f"{builder.name}-{builder.builder_config.name}-n{eng.tasks}"
+    work = storage.data_path(d.data_dir) / ENGINE_DIR / name
+    plan = ReadPlan(cfg.to_dict(), builder.builder_config.name[1:], tuple(files),
+                    tuple(readers.doc_names(files)), str(work), eng.tasks)
+    log(f"[engine] read: {len(files)} file(s), {eng.tasks} task(s) on the {eng.executor} "
+        f"executor; work in {work}")
+    t0 = time.time()
+    run_stage(eng, work, "read", _read_task, (plan,))
+    log(f"[engine] read done ({time.time() - t0:.1f}s)")
+    runs = plan.runs()
+    if all(sum(r[s]["count"] for r in runs) for s in builders.SPLITS):
+        for stage, fn, tasks in (("sort", _sort_task, None), ("info", _info_task, 1)):
+            run_stage(eng, work, stage, fn, (plan,), tasks)
+            log(f"[engine] {stage} done ({time.time() - t0:.1f}s)")
+    else:
+        log("[engine] a split would be empty (a tiny corpus): TFDS's one-process build")
+        builders.build_one_process(cfg, builder)
+    for folder in ("runs", "shards"):
+        _remove_tree(work / folder)
+
+
+def _remove_tree(p: pathlib.Path) -> None:
+    if storage.is_remote(str(p)):
+        import fsspec
+
+        with contextlib.suppress(FileNotFoundError):
+            fsspec.filesystem("gs").rm(str(p), recursive=True)
+    else:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------

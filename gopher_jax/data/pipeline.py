@@ -65,9 +65,10 @@ def prepare(cfg: ml_collections.ConfigDict,
     per byte rest on little text); a training split without any chunk is an error.
     Splits are tokenized in shards on `processes` processes (shards.py; the chunks never
     depend on it); with data.filter the training split is first filtered (corpus_filter.py).
-    With `engine` (an engine.Engine) filtering and tokenization run as datatrove stages on
-    its executor instead of `processes`, with the same files. Two jobs preparing one data
-    dir at once: one writes, the other waits for it and reuses its files (prepare_lock.py).
+    With `engine` (an engine.Engine) reading the raw files (text_files), filtering and
+    tokenization run as datatrove stages on its executor instead of `processes`, with the
+    same files. Two jobs preparing one data dir at once: one writes, the other waits for it
+    and reuses its files (prepare_lock.py).
     """
     log = log or (lambda msg: None)
     with prepare_lock.preparing(cfg.data.data_dir, log):
@@ -78,7 +79,7 @@ def _prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None], process
              engine) -> PrepareInfo:
     d = cfg.data
     with _writing(f"the TFDS dataset {d.dataset!r}", d.data_dir):
-        builder = builders.prepare_builder(cfg, log)
+        builder = builders.prepare_builder(cfg, log, engine)
     builders.require_split(builder, d.train_split, f"dataset {d.dataset!r}",
                            "set data.train_split")
     tok_path = artefacts.tokenizer_path(cfg)
