@@ -259,6 +259,62 @@ def test_export_files_and_sharding(random_export):
     assert f"steps: {STEP}" in readme and "No evaluation" in readme
 
 
+class _CountingReads:
+    """An HF tensor that counts the elements each read returns."""
+
+    def __init__(self, a: np.ndarray):
+        self.a, self.read = a, 0
+
+    def __getitem__(self, index):
+        part = self.a[index]
+        self.read += part.size
+        return part
+
+
+def test_each_part_of_a_param_is_read_alone_from_its_hf_rows_and_columns():
+    """Import places each device's part of a param from the HF tensor: Entry.from_hf(hf,
+    index) is ours[index] for every kind of map, and reads only that part's elements (a
+    reader of the whole tensor, sliced afterwards, reads more)."""
+    from gopher_jax.hf import weights
+
+    rng = np.random.default_rng(0)
+    d, h, k, f = 6, 4, 3, 10
+    cases = [("same", (d,), [(slice(2, 5),)]),
+             ("transpose", (d, f), [(slice(0, 3), slice(None)), (slice(None), slice(5, 10))]),
+             ("in_heads", (d, h, k), [(slice(None), slice(2, 4), slice(None)),
+                                      (slice(3, 6), slice(0, 2), slice(None))]),
+             ("out_heads", (h, k, d), [(slice(1, 3), slice(None), slice(None)),
+                                       (slice(0, 2), slice(None), slice(0, 3))])]
+    for kind, shape, parts in cases:
+        e = weights.Entry("t", ("x",), None, kind, shape)
+        ours = rng.normal(size=shape).astype(np.float32)
+        hf = e.to_hf(ours)
+        assert hf.shape == e.hf_shape
+        np.testing.assert_array_equal(e.from_hf(hf, (slice(None),) * len(shape)), ours)
+        for index in parts:
+            counting = _CountingReads(hf)
+            got = e.from_hf(counting, index)
+            np.testing.assert_array_equal(got, ours[index], err_msg=f"{kind} {index}")
+            assert counting.read == ours[index].size, (kind, index)
+
+
+def test_import_places_params_on_a_sharded_mesh(random_export, tmp_path):
+    """The imported params on an fsdp x tensor mesh (every device a different part) equal
+    the exported ones, as do the restored ones."""
+    import contextlib
+
+    c, _, params, d = random_export
+    c = c.copy_and_resolve_references()
+    c.mesh.update(fsdp=4, tensor=2, rules="fsdp+tensor")
+    layout = Layout.build(c, mesh_lib.make_mesh(c))
+    with contextlib.ExitStack() as stack:
+        placed = importer.load_params(importer.open_weights(d, stack), c.model,
+                                      layout.state["params"])
+    assert len(placed["blocks"]["attn"]["wq"].sharding.device_set) == 8
+    assert not placed["blocks"]["attn"]["wq"].sharding.is_fully_replicated
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(placed), params)
+
+
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_export_import_export_is_bit_identical(tmp_path, tokenizer_file, dtype):
     c, work, params = random_workdir(tmp_path, tokenizer_file, scan=True)
@@ -277,6 +333,26 @@ def test_export_import_export_is_bit_identical(tmp_path, tokenizer_file, dtype):
     assert names == sorted(p.name for p in second.iterdir())
     for n in names:
         assert (first / n).read_bytes() == (second / n).read_bytes(), n
+
+
+@pytest.mark.slow
+def test_import_into_a_gs_workdir(random_export, bucket, tmp_path):
+    """`import hf` into a bucket: the workdir's files land there (none in a local gs:
+    folder) and its step 0 restores the exported params."""
+    from etils import epath
+
+    _, _, params, d = random_export
+    work = f"{bucket}/imported"
+    importer.import_hf(d, work)
+    assert sorted(p.name for p in epath.Path(work).iterdir()) == [
+        "checkpoints", "config.json", "experiment.py", "tokenizer.model"]
+    c2 = importer.run_config(json.loads((d / "config.json").read_text()),
+                             f"{work}/{export_lib.TOKENIZER_FILE}")
+    assert c2.data.tokenizer_path == f"{work}/tokenizer.model"
+    back, step = restore_params(c2, work, mesh_lib.make_mesh(c2))
+    assert step == 0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back), params)
+    assert not (ROOT / "gs:").exists() and not pathlib.Path("gs:").exists()
 
 
 @pytest.mark.slow

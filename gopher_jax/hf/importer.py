@@ -9,17 +9,21 @@ The workdir gets:
     experiment.py         a config file that loads config.json, for `train --config`
                           (fine-tuning: `--config.train.steps=...` and any other schedule)
 
+Each device's part of each parameter is read on its own from the memory-mapped safetensors
+files (only the rows and columns it holds), so no host holds the model, whatever its size.
+The workdir may be on Cloud Storage.
+
 The checkpoint's metadata records the training steps and eval numbers behind the weights,
 so that exporting it again writes the same directory, byte for byte.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
-import shutil
 from typing import Any
 
 import jax
@@ -99,35 +103,63 @@ def run_config(hf: dict[str, Any], tokenizer_path: str | os.PathLike
     if mismatch:
         raise UserError(f"config.json disagrees with its gopher_jax config: {'; '.join(mismatch)}",
                         "export the model again with `python -m gopher_jax export hf`")
-    c.data.tokenizer_path = str(pathlib.Path(tokenizer_path).absolute())
+    c.data.tokenizer_path = (str(tokenizer_path) if storage.is_remote(tokenizer_path)
+                             else str(pathlib.Path(tokenizer_path).absolute()))
     config_lib.check(c)
     return c
 
 
-def read_tensors(hf_dir: str | os.PathLike, m: ml_collections.ConfigDict
-                 ) -> dict[str, np.ndarray]:
-    """The model's tensors by HF name (the safetensors library reads them), checked
-    against the shapes the config implies."""
-    from safetensors import safe_open
+def open_weights(hf_dir: pathlib.Path, stack: contextlib.ExitStack) -> dict[str, Any]:
+    """Tensor name -> its safetensors file, opened (memory-mapped, nothing read) until
+    `stack` closes; a missing or damaged file is a UserError."""
+    from safetensors import SafetensorError, safe_open
 
-    hf_dir = pathlib.Path(hf_dir)
+    handles: dict[str, Any] = {}
     where = safetensors_out.weight_files(hf_dir)
-    out: dict[str, np.ndarray] = {}
-    by_file: dict[str, list[weights.Entry]] = {}
+    for fname in dict.fromkeys(where.values()):
+        try:
+            handles[fname] = stack.enter_context(safe_open(str(hf_dir / fname),
+                                                           framework="numpy"))
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"{hf_dir / fname} cannot be read ({e})",
+                            "pass an intact model directory (export it again)") from None
+    return {name: handles[fname] for name, fname in where.items()}
+
+
+def check_tensors(files: dict[str, Any], m: ml_collections.ConfigDict) -> None:
+    """Every tensor the config implies is in the open safetensors `files` (by tensor name)
+    with the shape it implies (a UserError otherwise); reads no data."""
     for e in weights.entries(m):
-        if e.hf_name not in where:
-            raise UserError(f"{hf_dir} has no tensor {e.hf_name}",
+        if e.hf_name not in files:
+            raise UserError(f"the model directory has no tensor {e.hf_name}",
                             "export the model again with `python -m gopher_jax export hf`")
-        by_file.setdefault(where[e.hf_name], []).append(e)
-    for fname, entries in by_file.items():
-        with safe_open(str(hf_dir / fname), framework="flax") as f:
-            for e in entries:
-                a = np.asarray(f.get_tensor(e.hf_name))
-                if tuple(a.shape) != e.hf_shape:
-                    raise UserError(f"{e.hf_name} has shape {tuple(a.shape)}, the config "
-                                    f"implies {e.hf_shape}", "pass an intact model directory")
-                out[e.hf_name] = a
-    return out
+        shape = tuple(files[e.hf_name].get_slice(e.hf_name).get_shape())
+        if shape != e.hf_shape:
+            raise UserError(f"{e.hf_name} has shape {shape}, the config implies {e.hf_shape}",
+                            "pass an intact model directory")
+
+
+def load_params(files: dict[str, Any], m: ml_collections.ConfigDict, abstract: Any) -> Any:
+    """The params `abstract` describes (ShapeDtypeStructs with shardings), each device's
+    part read from the safetensors `files` on its own: the host holds one part at a time,
+    never a whole tensor of a sharded param, let alone the model."""
+    sources = weights.by_param(m)
+
+    def load(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        found = sources[tuple(str(getattr(k, "key", k)) for k in path)]
+        dtype = np.dtype(leaf.dtype)
+
+        def part(index: tuple[slice, ...]) -> np.ndarray:
+            if found[0].layer is None:
+                (e,) = found
+                return e.from_hf(files[e.hf_name].get_slice(e.hf_name), index).astype(dtype)
+            layers = range(*index[0].indices(leaf.shape[0]))
+            return np.stack([found[i].from_hf(files[found[i].hf_name].get_slice(
+                found[i].hf_name), index[1:]).astype(dtype) for i in layers])
+
+        return jax.make_array_from_callback(leaf.shape, leaf.sharding, part)
+
+    return jax.tree_util.tree_map_with_path(load, abstract)
 
 
 def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -144,17 +176,15 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike) -> dict[str
     if checkpoint_steps(workdir):
         raise UserError(f"workdir {workdir} already has checkpoints",
                         "import into a new --workdir")
-    tokenizer_path = pathlib.Path(workdir_path) / export_lib.TOKENIZER_FILE
+    tokenizer_path = workdir_path / export_lib.TOKENIZER_FILE
     c = run_config(hf, tokenizer_path)
     m = c.model
-    tensors = read_tensors(hf_dir, m)
-    dtype = np.dtype(m.param_dtype)
-    params = jax.tree.map(lambda a: a.astype(dtype), weights.assemble(m, tensors))
-    del tensors
-
     mesh = mesh_lib.make_mesh(c)
     layout = Layout.build(c, mesh)
-    params = jax.device_put(params, layout.param_shardings)
+    with contextlib.ExitStack() as stack:
+        files = open_weights(hf_dir, stack)
+        check_tensors(files, m)
+        params = load_params(files, m, layout.state["params"])
     state = state_lib.create_state(c, layout)
     state["params"] = params
     if c.train.master_fp32:  # the optimiser's copy starts from the imported weights too
@@ -168,9 +198,9 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike) -> dict[str
         "eval": source.get("eval")})
     workdir_path.mkdir(parents=True, exist_ok=True)
     with ckpt_lib.WorkdirLock(workdir):
-        shutil.copyfile(hf_dir / export_lib.TOKENIZER_FILE, tokenizer_path)
-        (workdir_path / workdir_lib.CONFIG_JSON).write_text(c.to_json(indent=2))
-        (workdir_path / "experiment.py").write_text(EXPERIMENT_PY)
+        storage.write_atomic(tokenizer_path, (hf_dir / export_lib.TOKENIZER_FILE).read_bytes())
+        storage.write_atomic(workdir_path / workdir_lib.CONFIG_JSON, c.to_json(indent=2))
+        storage.write_atomic(workdir_path / "experiment.py", EXPERIMENT_PY)
         ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
         try:
             ckpt.save(0, state, meta, force=True)

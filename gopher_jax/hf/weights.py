@@ -69,13 +69,26 @@ class Entry:
     def to_hf(self, a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(TO_HF[self.kind](a))
 
-    def from_hf(self, a: np.ndarray) -> np.ndarray:
-        """The inverse of `to_hf`: a [hf shape] array -> our_shape."""
+    def from_hf(self, hf: Any, index: tuple[slice, ...]) -> np.ndarray:
+        """Our array's part `index` (slices of our_shape) read from `hf`, anything sliced
+        like the HF tensor (a safetensors slice, an array): only the HF rows and columns
+        that part holds are read."""
+        box = [range(*s.indices(n)) for s, n in zip(index, self.our_shape, strict=True)]
+        lo = [r.start for r in box]
+        hi = [r.stop for r in box]
         if self.kind == "same":
-            return a.reshape(self.our_shape)
+            return np.asarray(hf[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))])
         if self.kind == "transpose":
-            return np.ascontiguousarray(a.T)
-        return np.ascontiguousarray(a.T.reshape(self.our_shape))
+            return np.ascontiguousarray(np.asarray(hf[lo[1]:hi[1], lo[0]:hi[0]]).T)
+        if self.kind == "in_heads":  # ours [D, H, K], HF [H*K, D]: whole heads, then K
+            k = self.our_shape[2]
+            a = np.asarray(hf[lo[1] * k:hi[1] * k, lo[0]:hi[0]])
+            a = a.reshape(hi[1] - lo[1], k, hi[0] - lo[0]).transpose(2, 0, 1)
+            return np.ascontiguousarray(a[:, :, lo[2]:hi[2]])
+        k = self.our_shape[1]  # out_heads: ours [H, K, D], HF [D, H*K]
+        a = np.asarray(hf[lo[2]:hi[2], lo[0] * k:hi[0] * k])
+        a = a.reshape(hi[2] - lo[2], hi[0] - lo[0], k).transpose(1, 2, 0)
+        return np.ascontiguousarray(a[:, lo[1]:hi[1], :])
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -115,24 +128,9 @@ def entries(m: ml_collections.ConfigDict) -> list[Entry]:
     return out
 
 
-def assemble(m: ml_collections.ConfigDict, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
-    """HF tensors by name -> our pure-dict param tree for layout m.scan_layers (the layers
-    stacked when scanned; unscanned layer keys are ints, as nnx.to_pure_dict makes them)."""
-    params: dict[str, Any] = {}
-    stacked: dict[tuple[str, ...], list[np.ndarray]] = {}
+def by_param(m: ml_collections.ConfigDict) -> dict[tuple[str, ...], list[Entry]]:
+    """entries(m) by our param path (a stacked array's entries in layer order)."""
+    out: dict[tuple[str, ...], list[Entry]] = {}
     for e in entries(m):
-        a = e.from_hf(tensors[e.hf_name])
-        if e.layer is not None:
-            stacked.setdefault(e.source, []).append(a)
-            continue
-        _put(params, e.source, a)
-    for source, layers in stacked.items():
-        _put(params, source, np.stack(layers))
-    return params
-
-
-def _put(tree: dict[str, Any], path: tuple[str, ...], value: np.ndarray) -> None:
-    keys = [int(p) if p.isdigit() else p for p in path]
-    for key in keys[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[keys[-1]] = value
+        out.setdefault(e.source, []).append(e)
+    return out
