@@ -50,11 +50,13 @@ def test_fingerprints_of_a_fixed_corpus_are_pinned(tmp_path):
     assert readers.legacy_text_files_fingerprint("gs://b/raw/*", "text") is None
 
 
+@pytest.mark.filterwarnings("ignore:.*not text:UnicodeWarning")
 def test_same_files_on_a_disk_and_in_a_bucket_have_one_fingerprint(bucket, tmp_path):
     import fsspec
 
     files = dict(FILES, **{"c.jsonl.gz": gzip.compress(b'{"text": "third"}\n', mtime=0),
-                           "sub/d.txt": b"word " * (3 << 18)})  # > one read block
+                           "sub/d.txt": b"word " * (3 << 18),  # > one read block
+                           "sub/blob.txt": bytes(range(256)) * 64})  # not text: skipped
     local = pathlib.Path(tmp_path / "raw")
     pattern = _write(local, files)
     fs = fsspec.filesystem("gs")
@@ -64,6 +66,9 @@ def test_same_files_on_a_disk_and_in_a_bucket_have_one_fingerprint(bucket, tmp_p
     for rel in files:  # the server's own checksum is the one computed from the bytes
         info = fs.info(f"{bucket}/corpus/raw/{rel}")
         assert info["crc32c"] == readers._stream_crc32c(str(local / rel)), rel
+    for where in (pattern, remote):  # a bucket skips the files a disk skips
+        assert [p.rsplit("/raw/", 1)[1] for p in readers.scan_text_files(where)[1]] == [
+            "sub/blob.txt"]
     fp = readers.text_files_fingerprint(pattern, "text")
     assert readers.text_files_fingerprint(remote, "text") == fp
     moved = tmp_path / "elsewhere" / "deeper"

@@ -90,7 +90,7 @@ def list_text_files(pattern: str) -> list[str]:
 
 
 def scan_text_files(pattern: str) -> tuple[list[str], list[str]]:
-    """(the text files matching the glob, the local files skipped as not text)."""
+    """(the text files matching the glob, the files skipped as not text)."""
     if not pattern:
         raise DataError("data.dataset='text_files' needs data.text_files",
                         "give a glob of your files, e.g. "
@@ -103,8 +103,11 @@ def scan_text_files(pattern: str) -> tuple[list[str], list[str]]:
         except OSError as e:
             raise DataError(f"cannot list data.text_files={pattern!r}: {e}",
                             "check the bucket's name and your access to it") from e
-        files = sorted(f"gs://{k}" for k, v in found.items() if v.get("type") != "directory")
-        skipped: list[str] = []
+        objects = sorted((f"gs://{k}", v) for k, v in found.items()
+                         if v.get("type") != "directory")
+        texts = {p for p, v in objects if _object_is_text(p, str(v.get("generation", "")))}
+        files = [p for p, _ in objects if p in texts]
+        skipped = [p for p, _ in objects if p not in texts]
     else:
         found = glob_lib.glob(os.path.expanduser(pattern), recursive=True)
         real = _once_per_real_file(p for p in found if not os.path.isdir(p))
@@ -130,6 +133,7 @@ def _once_per_real_file(paths: Iterator[str]) -> list[str]:
 
 TEXT_SNIFF_BYTES = 8192
 MAX_INVALID_FRACTION = 0.3  # random bytes without NUL decode ~45% invalid; latin-1 prose ~5%
+_NOT_SNIFFED = (".gz", ".zst", PARQUET_SUFFIX)  # compressed or columnar: their own readers
 
 
 def _is_text(path: str) -> bool:
@@ -140,8 +144,25 @@ def _is_text(path: str) -> bool:
             head = f.read(TEXT_SNIFF_BYTES)
     except OSError as e:
         raise _cannot_read(path, e) from e
-    if path.endswith((".gz", ".zst", PARQUET_SUFFIX)):
-        return True  # compressed or columnar: read by their own readers
+    return _head_is_text(path, head)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _object_is_text(path: str, generation: str) -> bool:
+    """`_is_text` of a bucket's object (one ranged read of its first block), memoised per
+    process by its path and generation, so a bucket's corpus skips the files a disk's does."""
+    if path.endswith(_NOT_SNIFFED):
+        return True
+    try:
+        head = _gcs().cat_file(path, start=0, end=TEXT_SNIFF_BYTES)
+    except OSError as e:
+        raise _cannot_read(path, e) from e
+    return _head_is_text(path, head)
+
+
+def _head_is_text(path: str, head: bytes) -> bool:
+    if path.endswith(_NOT_SNIFFED):
+        return True
     _, bad = decode_utf8(head[:-4] if len(head) == TEXT_SNIFF_BYTES else head)
     return b"\0" not in head and bad <= MAX_INVALID_FRACTION * max(len(head), 1)
 
