@@ -10,11 +10,14 @@ import os
 import pathlib
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 
 from gopher_jax import config as config_lib
+
+if TYPE_CHECKING:
+    from gopher_jax.checkpoint.meta import CheckpointMeta
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,6 +36,16 @@ def tiny(data_dir: str | os.PathLike, mesh: dict[str, Any] | None = None,
     c.mesh.update(mesh or {})
     c.train.update(train)
     return c
+
+
+def bare_meta(step: int, layout: str = "scanned", **fields: Any) -> CheckpointMeta:
+    """A CheckpointMeta of a one-device, one-process save at `step` with no config: for
+    tests of checkpoint bookkeeping that save a plain tree, not a model; `fields` set the
+    rest (data fingerprints, ...)."""
+    from gopher_jax.checkpoint.meta import CheckpointMeta
+
+    return CheckpointMeta(step=step, config={}, layout=layout, mesh={}, rules="fsdp",
+                          process_count=1, device_count=1, **fields)
 
 
 def cpu_env(devices: int, **extra: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, cli_command, cpu_env, run_cli
+from helpers import ROOT, bare_meta, cli_command, cpu_env, run_cli
 from helpers import tiny as tiny_config
 from jax.experimental import multihost_utils
 
@@ -251,9 +251,7 @@ def test_keep_best_by_validation_bits_per_byte(tmp_path, keep_best, kept):
     state = {"w": jnp.arange(8.0)}
     for step, bpb in zip(range(1, 6), [3.0, 1.0, 2.0, None, None], strict=True):
         metrics = None if bpb is None else {ckpt_lib.BEST_METRIC: bpb}
-        meta = ckpt_lib.CheckpointMeta(step=step, config={}, layout="unscanned", mesh={},
-                                       rules="fsdp", process_count=1, device_count=1)
-        ck.save(step, state, meta, metrics=metrics)
+        ck.save(step, state, bare_meta(step, "unscanned"), metrics=metrics)
         ck.wait()
     assert ck.steps() == kept
     assert ck.best_step() == (2 if keep_best else None)

@@ -12,13 +12,12 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from helpers import ROOT, cpu_env, run_cli
+from helpers import ROOT, bare_meta, cpu_env, run_cli
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from gopher_jax import checkpoint as ckpt_lib
 from gopher_jax import config as config_lib
 from gopher_jax import data as data_lib
-from gopher_jax.checkpoint.meta import CheckpointMeta
 from gopher_jax.config import base_config, source
 from gopher_jax.data import artefacts, builders, mixture, sources, tokenized
 from gopher_jax.errors import ConfigError, DataError
@@ -186,8 +185,7 @@ def test_prepare_shares_one_tokenizer_and_fingerprints_every_source(mix, corpora
     changed = mixture_config(cfg.data.data_dir, dict(corpora, small=str(small / "*.txt")))
     new = data_lib.data_identity(data_lib.prepare(changed), "train")
     assert new["train_chunks/small"] != ident["train_chunks/small"]
-    saved = CheckpointMeta(step=3, config={}, layout="scanned", mesh={}, rules="fsdp",
-                           process_count=1, device_count=1, data=ident)
+    saved = bare_meta(3, data=ident)
     with pytest.raises(ckpt_lib.DataChangedError, match="train_chunks/small"):
         ckpt_lib.check_data(saved, new)
     assert "train_chunks/small" in ckpt_lib.check_data(saved, new, accept=True)

@@ -15,11 +15,10 @@ import time
 
 import jax
 import pytest
-from helpers import ROOT, cli_command, cpu_env, run_cli, tiny
+from helpers import ROOT, bare_meta, cli_command, cpu_env, run_cli, tiny
 from test_safety import small_tmpfs
 
 from gopher_jax import checkpoint as ckpt_lib
-from gopher_jax.checkpoint.meta import CheckpointMeta
 from gopher_jax.data import pipeline
 from gopher_jax.metrics import read_jsonl
 from gopher_jax.train import step as step_lib
@@ -71,9 +70,7 @@ def test_a_failed_background_save_is_raised_by_the_first_check_after_it(tmp_path
     with small_tmpfs(tmp_path / "disk", "256k") as disk:
         ck = ckpt_lib.Checkpointer(disk / "run")
         w = jax.random.normal(jax.random.key(0), (512, 1024))  # 2 MiB that do not compress
-        meta = CheckpointMeta(step=1, config={}, layout="scanned", mesh={}, rules="fsdp",
-                              process_count=1, device_count=1)
-        ck.save(1, {"w": w}, meta)  # the write fails in the background
+        ck.save(1, {"w": w}, bare_meta(1))  # the write fails in the background
         ck.check(1)  # while it is written: no wait, no error yet
         deadline = time.time() + 60
         while ck.manager.is_saving_in_progress():
