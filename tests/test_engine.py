@@ -267,18 +267,22 @@ def test_engine_read_stage_builds_the_dataset_data_prepare_builds(tmp_path):
 
 
 def test_engine_read_of_a_tiny_corpus_is_tfds_one_process_build(tmp_path):
-    """Two files, three documents: a split would be empty by the hash rule alone, so the
-    dataset is TFDS's own build (assign_splits gives every split a document), equal to
-    the one without the engine down to its shard lengths."""
+    """Two documents, which the hash rule alone puts in validation and test: the dataset is
+    TFDS's own build (assign_splits puts both in train), equal to the one without the
+    engine down to its shard lengths. Catches the engine's stages writing it (an empty
+    train split)."""
     c = base_config()
     c.data.update(dataset="text_files", data_dir=str(tmp_path / "one"),
-                  text_files=mixed_corpus(tmp_path / "raw", jsonl=1, lines=2, txt=1))
+                  text_files=mixed_corpus(tmp_path / "raw", jsonl=1, lines=2, txt=0))
+    keys = [k for f in builders.list_text_files(c.data.text_files)
+            for k, _ in builders.file_documents(f, pathlib.Path(f).name, "text")]
+    assert "train" not in {builders.hash_split(k) for k in keys}
     e = _config(c, tmp_path / "engine")
     builders.prepare_builder(c)
     builders.prepare_builder(e, engine=engine.Engine("local", tasks=3))
     assert _dataset(e) == _dataset(c)
     assert _shard_lengths(e) == _shard_lengths(c)
-    assert all(n == [1] for n in _shard_lengths(c).values())
+    assert _shard_lengths(c) == {"train": [2]}
 
 
 def test_a_failed_info_stage_leaves_no_prepared_dataset_and_the_rerun_completes(
