@@ -152,10 +152,11 @@ def load_params(files: dict[str, Any], m: ml_collections.ConfigDict, abstract: A
         def part(index: tuple[slice, ...]) -> np.ndarray:
             if found[0].layer is None:
                 (e,) = found
-                return e.from_hf(files[e.hf_name].get_slice(e.hf_name), index).astype(dtype)
+                return e.from_hf(files[e.hf_name].get_slice(e.hf_name), index).astype(
+                    dtype, copy=False)
             layers = range(*index[0].indices(leaf.shape[0]))
             return np.stack([found[i].from_hf(files[found[i].hf_name].get_slice(
-                found[i].hf_name), index[1:]).astype(dtype) for i in layers])
+                found[i].hf_name), index[1:]).astype(dtype, copy=False) for i in layers])
 
         return jax.make_array_from_callback(leaf.shape, leaf.sharding, part)
 
