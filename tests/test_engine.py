@@ -225,9 +225,11 @@ def _dataset(cfg) -> dict:
     serialized examples in order."""
     from array_record.python.array_record_data_source import ArrayRecordDataSource
 
+    from gopher_jax import storage
+
     b = builders.get_builder(cfg)
     assert b.is_prepared()
-    info = json.loads((pathlib.Path(b.data_path) / "dataset_info.json").read_text())
+    info = json.loads(storage.path(f"{b.data_path}/dataset_info.json").read_text())
     for split in info["splits"]:
         split.pop("shardLengths")
     records = {}
@@ -315,6 +317,81 @@ def test_a_failed_info_stage_leaves_no_prepared_dataset_and_the_rerun_completes(
     monkeypatch.setattr(engine, "_publish", real)
     builders.prepare_builder(e, engine=eng)
     assert _dataset(e) == _dataset(c)
+
+
+def test_engine_read_into_a_gs_data_dir_equals_the_local_one_process_dataset(bucket, tmp_path):
+    """The read, sort and info stages with the data dir in a bucket (the fake GCS server):
+    the dataset TFDS's one-process build writes locally, and no work left in the bucket.
+    Catches a shard or metadata written to a local path, and a copy that is not made."""
+    import fsspec
+
+    c = base_config()
+    c.data.update(dataset="text_files", data_dir=str(tmp_path / "one"),
+                  text_files=mixed_corpus(tmp_path / "raw"))
+    builders.prepare_builder(c)
+    e = _config(c, f"{bucket}/data")
+    builders.prepare_builder(e, engine=engine.Engine("local", tasks=2))
+    assert _dataset(e) == _dataset(c)
+    assert len(_shard_lengths(e)["train"]) == 2
+    assert not fsspec.filesystem("gs").glob(f"{bucket}/data/{engine.ENGINE_DIR}/*/runs/*")
+
+
+def test_engine_read_on_two_worker_processes_equals_the_one_process_dataset(tmp_path):
+    """Three tasks on two spawned worker processes: the same dataset (catches state that
+    only one process sees, such as a plan that does not pickle whole)."""
+    c = base_config()
+    c.data.update(dataset="text_files", data_dir=str(tmp_path / "one"),
+                  text_files=mixed_corpus(tmp_path / "raw"))
+    builders.prepare_builder(c)
+    e = _config(c, tmp_path / "engine")
+    builders.prepare_builder(e, engine=engine.Engine("local", tasks=3, workers=2))
+    assert _dataset(e) == _dataset(c)
+
+
+@pytest.mark.slow  # ~30 s: a 16 MB corpus prepared three times, twice through the CLI
+def test_killed_read_stage_reruns_only_unfinished_tasks_with_identical_bytes(base, tmp_path):
+    """`data prepare --executor local --tasks 4` SIGKILLed once a read task has finished:
+    no dataset looks prepared; the rerun redoes only the unfinished read tasks (the
+    finished ones' runs untouched) and writes the dataset and chunks of a one-process
+    `data prepare`."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from helpers import ROOT, cli_command, cpu_env, run_cli
+
+    cfg, _ = base
+    raw = mixed_corpus(tmp_path / "raw", jsonl=8, lines=2000, txt=2, words=160)
+    ref = _config(cfg, tmp_path / "one")
+    ref.data.update(text_files=raw, filter=False)
+    pipeline.prepare(ref)
+    data_dir = tmp_path / "killed"
+    args = _cli_args(cfg, data_dir, "--executor", "local", "--tasks", "4", text_files=raw,
+                     filter=False)
+    proc = subprocess.Popen(cli_command(*args), cwd=ROOT, env=cpu_env(1),
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marks = data_dir / engine.ENGINE_DIR
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(marks.glob("*/logs/read/completions/*")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(int(p.name) for p in marks.glob("*/logs/read/completions/*"))
+    assert 1 <= len(done) < 4, done
+    assert not list(data_dir.glob("text_files/*/*/dataset_info.json"))
+    assert {int(p.stem) % 4 for p in marks.glob("*/runs/*.json")} >= set(done)  # i % 4 reads i
+    owned = {p: p.stat().st_mtime_ns for p in marks.glob("*/tasks/read-*.json")}
+    assert sorted(int(p.stem.split("-")[1]) for p in owned) == done
+    p = run_cli(*args, env=cpu_env(1))
+    assert p.returncode == 0, p.stderr[-3000:]
+    c = _config(ref, data_dir)
+    assert _dataset(c) == _dataset(ref)
+    assert _chunk_bytes(c) == _chunk_bytes(ref) and _chunk_bytes(ref)
+    for path, mtime in owned.items():  # a finished task's record: not run again
+        assert path.stat().st_mtime_ns == mtime, path
+    assert len(list(marks.glob("*/tasks/read-*.json"))) == 4
 
 
 # ---------------------------------------------------------------------------------------
