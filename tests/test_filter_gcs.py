@@ -126,7 +126,7 @@ def _kill_when(proc: subprocess.Popen, seen) -> None:
     proc.wait()
 
 
-@pytest.mark.slow  # ~40 s: a killed engine preparation into the bucket, and its rerun
+@pytest.mark.slow  # ~8 s alone: a killed engine preparation into the bucket, its rerun
 def test_a_filter_task_killed_mid_way_leaves_no_manifest_and_the_rerun_the_same_bytes(
         local_ref, bucket):
     """Killed once the first shard of the rules stage is finished: no manifest in the
@@ -181,7 +181,7 @@ def test_a_filtering_into_a_folder_another_job_holds_waits_for_it(local_ref, tmp
     while not any(line.startswith("[data] waiting") for line in said):
         assert time.time() < deadline and job.is_alive(), said
         time.sleep(0.05)
-    time.sleep(1)
+    time.sleep(0.5)
     assert sorted(p.name for p in out.rglob("*")) == [prepare_lock.LOCK_NAME], said
     other.release()
     job.join(timeout=120)
@@ -190,7 +190,7 @@ def test_a_filtering_into_a_folder_another_job_holds_waits_for_it(local_ref, tmp
     assert not (out / prepare_lock.LOCK_NAME).exists()
 
 
-@pytest.mark.slow  # ~30 s: two CLI filterings at once
+@pytest.mark.slow  # ~6 s alone: two CLI filterings at once
 def test_two_data_filter_runs_into_one_out_folder_at_once_end_as_one(local_ref, tmp_path):
     """`data filter --out DIR` twice at once on one DIR, each with its own data dir (so the
     data dir's lock does not order them). The test holds DIR's lock until both wait for it,
