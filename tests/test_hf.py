@@ -403,6 +403,19 @@ def test_mistakes_are_one_error_line(random_export, tmp_path, capsys):
     rc, line = _error_line(["import", "hf", f"--from={llama}", f"--workdir={tmp_path}/w"],
                            capsys)
     assert rc == 1 and "'llama' model (LlamaForCausalLM)" in line
+    broken = tmp_path / "broken"
+    shutil.copytree(d, broken)
+    index = broken / safetensors_out.INDEX_NAME
+    index.write_text(index.read_text()[:50])
+    rc, line = _error_line(["import", "hf", f"--from={broken}", f"--workdir={tmp_path}/w"],
+                           capsys)
+    assert rc == 1 and "index or header cannot be read" in line
+    damaged = tmp_path / "damaged_eval"
+    shutil.copytree(work, damaged)
+    (damaged / "eval.json").write_text('{"step": 7, "splits"')
+    rc, line = _error_line(["export", "hf", f"--workdir={damaged}", f"--out={tmp_path}/o"],
+                           capsys)
+    assert rc == 1 and "eval.json line 1" in line and "is not valid JSON" in line
     assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
 
 

@@ -78,7 +78,7 @@ def eval_at(workdir: str | os.PathLike, step: int) -> dict[str, Any] | None:
     path = storage.path(workdir) / workdir_lib.EVAL_JSON
     if not path.is_file():
         return None
-    results = json.loads(path.read_text())
+    results = storage.read_json(path)
     if results.get("step") != step:
         return None
     return {split: {k: r[k] for k in ("bits_per_byte", "loss", "unigram_bits_per_byte")

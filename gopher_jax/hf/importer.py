@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import struct
 from typing import Any
 
 import jax
@@ -75,7 +76,13 @@ def read_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
         arch = ", ".join(hf.get("architectures") or []) or "unknown architecture"
         raise UserError(f"--from {hf_dir} holds a {kind!r} model ({arch}), not a Gopher "
                         "model", "pass a directory written by `python -m gopher_jax export hf`")
-    if not safetensors_out.weight_files(hf_dir):
+    try:
+        where = safetensors_out.weight_files(hf_dir)
+    except (ValueError, KeyError, struct.error) as e:
+        raise UserError(f"--from {hf_dir}: its safetensors index or header cannot be read "
+                        f"({type(e).__name__}: {e})", "pass an intact model directory (export "
+                        "it again)") from None
+    if not where:
         raise UserError(f"--from {hf_dir} has no safetensors weights",
                         "export the model again with `python -m gopher_jax export hf`")
     if not (hf_dir / export_lib.TOKENIZER_FILE).is_file():
