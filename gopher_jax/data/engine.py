@@ -9,6 +9,17 @@ of workers.
 Stages, each one executor run of `tasks` tasks (a stage starts when the previous one has
 finished; datatrove's completion markers make a rerun do only the unfinished tasks):
 
+    read, for a text_files dataset (read_text_files):
+      read       each raw file's documents (task r: files r, r + N, ...), split by the hash
+                 of their keys (builders.hash_split), serialized as TFDS stores them and
+                 sorted by TFDS's shuffle key: one run per file and split
+      sort       (N tasks, hash bucket r) a bucket's examples from every run, in key order:
+                 one shard of the split
+      info       (1 task) the shards named as TFDS's in bucket order, then features.json
+                 and dataset_info.json, last: TFDS's one-process build's records in its
+                 order (it writes a split sorted by the same keys; only the shard count
+                 differs). A corpus where a split would be empty (assign_splits' donor
+                 rule) is built by TFDS in one process instead, as without the engine.
     filter (data.filter):
       rules      quality and repetition per shard (corpus_filter's stage 1, as `data filter`)
                  and the shard's hash and band records (dedup_sharded.emit)
