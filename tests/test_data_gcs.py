@@ -175,12 +175,14 @@ def test_a_killed_engine_prepare_leaves_the_split_unfinished_and_the_rerun_compl
 # Training, eval and tasks from a gs:// data dir (experiments/tiny.py)
 
 
-def _train(workdir, data_dir: str, env) -> list[dict]:
-    """metrics.jsonl's rows of a short tiny run (training and evaluation), without times."""
+def _train(workdir, data_dir: str, env, *data: str) -> list[dict]:
+    """metrics.jsonl's rows of a short tiny run (training and evaluation), without times;
+    `data`: more --config.data overrides."""
     p = run_cli("train", "--config", ROOT / "experiments" / "tiny.py", f"--workdir={workdir}",
                 f"--config.data.data_dir={data_dir}", "--config.train.steps=6",
                 "--config.train.warmup_steps=2", "--config.train.log_every=1",
-                "--config.train.eval_every=3", "--config.train.checkpoint_every=6", env=env)
+                "--config.train.eval_every=3", "--config.train.checkpoint_every=6", *data,
+                env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(x) for x in lines]
@@ -213,3 +215,38 @@ def test_tiny_trains_evals_and_runs_tasks_from_a_gs_data_dir(data_dir, bucket, t
     assert q.returncode == 0, q.stderr[-3000:]
     assert json.loads((work / "tasks.json").read_text())["step"] == 6
     assert not list(ROOT.glob("gs:*")) and not list(tmp_path.glob("**/gs:*"))
+
+
+@pytest.mark.slow  # ~1 min: two filtered preparations, two trainings
+def test_tiny_trains_the_same_from_a_gs_data_dir_the_engine_filled_from_a_gs_corpus(
+        bucket, tmp_path):
+    """The corpus in the bucket, filtered and prepared by `data prepare --executor local
+    --tasks 3` into a gs:// data dir; the same files on disk by plain `data prepare` into a
+    local data dir: the same chunk files, and `train` of tiny from each gives the same
+    losses and evaluations, bit for bit."""
+    env = cpu_env(1)
+    files = _corpus(tmp_path / "raw")
+    for f in files:
+        storage.upload(f, f"{bucket}/raw/{f.name}")
+    dirs = {"local": (str(tmp_path / "raw" / "*.jsonl"), str(tmp_path / "data"), ()),
+            "gs": (f"{bucket}/raw/*.jsonl", f"{bucket}/data",
+                   ("--executor=local", "--tasks=3"))}
+    data = {}
+    for name, (corpus, data_dir, engine_flags) in dirs.items():
+        data[name] = ("--config.data.dataset=text_files", f"--config.data.text_files={corpus}",
+                      "--config.data.filter=True")
+        p = run_cli("data", "prepare", "--config", ROOT / "experiments" / "tiny.py",
+                    f"--config.data.data_dir={data_dir}", *data[name], *engine_flags, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert ("[engine]" in p.stdout + p.stderr) == bool(engine_flags)
+
+    def cfg(name):
+        c = tiny(dirs[name][1])
+        c.data.update(dataset="text_files", text_files=dirs[name][0], filter=True)
+        return c
+
+    assert _chunk_files(cfg("gs")) == _chunk_files(cfg("local")) != {}
+    ref = _train(tmp_path / "local", dirs["local"][1], env, *data["local"])
+    losses = _train(tmp_path / "remote", dirs["gs"][1], env, *data["gs"])
+    assert losses == ref and any(r["split"] != "train" for r in ref)
+    assert [r["step"] for r in ref if r["split"] == "train" and "loss" in r] == list(range(1, 7))
