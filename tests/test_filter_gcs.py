@@ -9,7 +9,6 @@ one output folder outside a data dir are locked against each other."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import time
 import pytest
 from etils import epath
 from helpers import ROOT, cli_command, cpu_env
+from test_data_gcs import _kill_when
 from test_engine import plays_corpus
 
 from gopher_jax import storage
@@ -114,16 +114,6 @@ def test_data_filter_out_a_gs_folder_writes_the_local_filter_outputs(local_ref, 
                               ("dataset", "text_files", "data_dir", "docs_per_shard")]]
     assert main(argv) == 0, capsys.readouterr().err
     assert _filter_outputs(out) == _filter_outputs(artefacts.filter_dir(ref_cfg))
-
-
-def _kill_when(proc: subprocess.Popen, seen) -> None:
-    """SIGKILLs the process group of `proc` once `seen()` is true (or it exits)."""
-    deadline = time.time() + 300
-    while proc.poll() is None and not seen() and time.time() < deadline:
-        time.sleep(0.01)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 @pytest.mark.slow  # ~8 s alone: a killed engine preparation into the bucket, its rerun
