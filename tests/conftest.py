@@ -49,12 +49,16 @@ def bucket(gcs_server, request) -> str:
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, data_dir):
     """experiments/tiny.py trained for 4 steps (one checkpoint) through the CLI:
-    <root>/work, with its own data dir <root>/data. Returns <root>."""
+    <root>/work, with its own data dir <root>/data (a copy of `data_dir`: the CLI's own
+    preparation is tested elsewhere). Returns <root>."""
+    import shutil
+
     import helpers
 
     root = tmp_path_factory.mktemp("trained")
+    shutil.copytree(data_dir, root / "data")
     p = helpers.run_cli("train", "--config", helpers.ROOT / "experiments" / "tiny.py",
                         f"--config.data.data_dir={root}/data", f"--workdir={root}/work",
                         "--config.train.steps=4", "--config.train.warmup_steps=1",
