@@ -228,8 +228,5 @@ def test_auto_picks_the_kernel_only_on_tpus_mosaic_lowers_it_for(topology, want)
 def test_kernel_under_x64_matches_xla():
     """jax_enable_x64 on: Python ints in the index maps become int64 against the int32 grid
     indices (lax.div does not promote); the kernel must still trace and agree with XLA."""
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with jax.enable_x64(True):  # restores the caller's setting, whatever it was
         _compare(1, 32, 2, 16, "float32", 2, 8, 8)
-    finally:
-        jax.config.update("jax_enable_x64", False)

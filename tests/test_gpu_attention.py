@@ -59,12 +59,9 @@ def _compare_sharded(rule_set: str, length: int, heads: int, dtype: str, seed: i
 def test_kernel_under_x64_matches_xla():
     """jax_enable_x64 on: Python ints in the loop bounds and index arithmetic become int64
     beside int32 program ids; the kernels must still trace and agree with XLA."""
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with jax.enable_x64(True):  # restores the caller's setting, whatever it was
         _compare(batch=1, length=32, heads=1, head_dim=16, dtype="float32", segments=2,
                  block=16)
-    finally:
-        jax.config.update("jax_enable_x64", False)
 
 
 def test_sharded_on_8_devices():
