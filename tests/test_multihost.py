@@ -109,7 +109,8 @@ def test_dying_process_stops_the_others():
 
 
 # Process 0 defers SIGTERM for ever; process 1 exits 1 after a moment (or, with STAY, waits
-# and exits 0 on SIGTERM).
+# and exits 0 on SIGTERM). The moment is shorter than GRACE_S, so that a launcher that kills
+# at once is seen to stop too early.
 STUBBORN = """
 import os, signal, sys, time
 if os.environ["GOPHER_PROCESS_ID"] == "0":
@@ -118,12 +119,12 @@ elif os.environ.get("STAY"):
     signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), sys.exit(0)))
 else:
     print("pid", os.getpid(), flush=True)
-    time.sleep(2)
+    time.sleep(1)
     sys.exit(1)
 print("pid", os.getpid(), flush=True)
 time.sleep(600)
 """
-GRACE_S = 3
+GRACE_S = 1.5
 
 
 def _run_stubborn(sigterm_launcher: bool) -> tuple[int, str, float, list[int]]:
