@@ -243,7 +243,7 @@ def _shard_lengths(cfg) -> dict[str, list[int]]:
     return {k: v.shard_lengths for k, v in builders.get_builder(cfg).info.splits.items()}
 
 
-def test_engine_read_stage_builds_the_dataset_data_prepare_builds(tmp_path):
+def test_engine_read_stage_builds_the_dataset_data_prepare_builds(tmp_path, monkeypatch):
     """A corpus of 4 .jsonl and 3 .txt files read by 3 tasks: the dataset (split sizes,
     corpus fingerprint, every record in order), the chunk files and their fingerprints
     equal `data prepare`'s. Catches shards named out of hash-bucket order or unsorted
@@ -257,7 +257,12 @@ def test_engine_read_stage_builds_the_dataset_data_prepare_builds(tmp_path):
     ref = pipeline.prepare(c)
     c.data.tokenizer_path = ref.tokenizer
     e = _config(c, tmp_path / "engine")
+    monkeypatch.setattr(engine, "RUN_BYTES", 8000)  # several runs per file (in this process)
+    written, write = [], engine._write_records
+    monkeypatch.setattr(engine, "_write_records",
+                        lambda path, records: (written.append(path), write(path, records)))
     info = pipeline.prepare(e, engine=engine.Engine("local", tasks=3))
+    assert any(p.parent.name == "runs" and not p.stem.endswith("-0000") for p in written)
     assert _identity(info) == _identity(ref)
     assert _chunk_bytes(e) == _chunk_bytes(c) and _chunk_bytes(c)
     got, want = _dataset(e), _dataset(c)

@@ -12,7 +12,7 @@ finished; datatrove's completion markers make a rerun do only the unfinished tas
     read, for a text_files dataset (read_text_files):
       read       each raw file's documents (task r: files r, r + N, ...), split by the hash
                  of their keys (builders.hash_split), serialized as TFDS stores them and
-                 sorted by TFDS's shuffle key: one run per file and split
+                 sorted by TFDS's shuffle key: runs of at most RUN_BYTES per file and split
       sort       (N tasks, hash bucket r) a bucket's examples from every run, in key order:
                  one shard of the split
       info       (1 task) the shards named as TFDS's in bucket order, then features.json
@@ -269,8 +269,8 @@ class ReadPlan:
     def _dir(self, name: str) -> pathlib.Path:
         return storage.data_path(self.work) / name
 
-    def run(self, i: int, split: str) -> pathlib.Path:
-        return self._dir("runs") / f"{i:06d}-{split}.array_record"
+    def run(self, i: int, split: str, j: int) -> pathlib.Path:
+        return self._dir("runs") / f"{i:06d}-{split}-{j:04d}.array_record"
 
     def run_summary(self, i: int) -> pathlib.Path:
         return self._dir("runs") / f"{i:06d}.json"
@@ -312,28 +312,43 @@ def _read_task(rank: int, world: int, plan: ReadPlan) -> None:
             _read_file(plan, i, features, hashers, text_field)
 
 
+RUN_BYTES = 64 << 20  # a read task's examples in memory before it writes them as runs
+
+
 def _read_file(plan: ReadPlan, i: int, features, hashers: dict, text_field: str) -> None:
-    """File i's documents as one run per split: each example serialized as TFDS's writer
-    stores it (features.serialize_example) behind its 16-byte TFDS shuffle key (the md5 of
-    its key salted with the split: the order TFDS's one-process build writes), sorted by
-    that key; the summary (counts, bytes, where each hash bucket starts) marks it read."""
-    plan.run(i, "x").parent.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[bytes]] = {s: [] for s in builders.SPLITS}
-    nbytes = dict.fromkeys(builders.SPLITS, 0)
+    """File i's documents as runs per split (a run each time RUN_BYTES of examples have
+    come): each example serialized as TFDS's writer stores it (features.serialize_example)
+    behind its 16-byte TFDS shuffle key (the md5 of its key salted with the split: the order
+    TFDS's one-process build writes), a run sorted by that key; the summary (counts, bytes,
+    where each hash bucket starts in each run) marks the file read."""
+    plan.run(i, "x", 0).parent.mkdir(parents=True, exist_ok=True)
+    summary = {s: {"count": 0, "bytes": 0, "runs": []} for s in builders.SPLITS}
+    pending: dict[str, list[bytes]] = {s: [] for s in builders.SPLITS}
+
+    def flush() -> None:
+        for split, run in pending.items():
+            if not run:
+                continue
+            run.sort()
+            owners = np.array([_bucket(int.from_bytes(r[:16], "big"), plan.buckets)
+                               for r in run], np.int64)
+            row = summary[split]
+            _write_records(plan.run(i, split, len(row["runs"])), run)
+            row["runs"].append(np.searchsorted(owners, np.arange(plan.buckets + 1)).tolist())
+            run.clear()
+
+    held = 0
     for key, text in readers.file_documents(plan.files[i], plan.names[i], text_field):
         split = builders.hash_split(key)
         record = features.serialize_example({"text": text})
-        runs[split].append(hashers[split].hash_key(key).to_bytes(16, "big") + record)
-        nbytes[split] += len(record)
-    summary = {}
-    for split, run in runs.items():
-        run.sort()
-        owners = np.array([_bucket(int.from_bytes(r[:16], "big"), plan.buckets) for r in run],
-                          np.int64)
-        summary[split] = {"count": len(run), "bytes": nbytes[split], "bounds": np.searchsorted(
-            owners, np.arange(plan.buckets + 1)).tolist()}
-        if run:
-            _write_records(plan.run(i, split), run)
+        pending[split].append(hashers[split].hash_key(key).to_bytes(16, "big") + record)
+        summary[split]["count"] += 1
+        summary[split]["bytes"] += len(record)
+        held += len(record)
+        if held >= RUN_BYTES:
+            flush()
+            held = 0
+    flush()
     _write_json(plan.run_summary(i), summary)
 
 
@@ -349,10 +364,11 @@ def _sort_task(rank: int, world: int, plan: ReadPlan) -> None:
                 continue
             items: list[bytes] = []
             for i, r in enumerate(runs):
-                lo, hi = r[split]["bounds"][b], r[split]["bounds"][b + 1]
-                if hi > lo:
-                    items += ArrayRecordDataSource([str(plan.run(i, split))]).__getitems__(
-                        range(lo, hi))
+                for j, bounds in enumerate(r[split]["runs"]):
+                    lo, hi = bounds[b], bounds[b + 1]
+                    if hi > lo:
+                        items += ArrayRecordDataSource(
+                            [str(plan.run(i, split, j))]).__getitems__(range(lo, hi))
             items.sort()  # by shuffle key, then bytes: as TFDS's shuffler iterates
             records = [x[16:] for x in items]
             if records:
