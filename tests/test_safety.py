@@ -140,6 +140,23 @@ def _train_cmd(workdir: pathlib.Path, data_dir: str, steps: int) -> list[str]:
                        "--config.train.checkpoint_every=10", "--config.train.log_every=1")
 
 
+def test_train_on_a_workdir_a_live_process_holds_is_refused_before_any_work(data_dir,
+                                                                           tmp_path):
+    """This process holds the workdir's lock: `train` there stops with one error line naming
+    it, and writes nothing. (The slow test below holds it by a training run.)"""
+    from gopher_jax.checkpoint.lock import WorkdirLock
+
+    workdir = tmp_path / "run"
+    with WorkdirLock(workdir):
+        second = run_cli(*_train_cmd(workdir, data_dir, 400)[3:], env=cpu_env(1))
+        assert (workdir / "LOCK").exists()
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert second.returncode == 1 and len(errors) == 1, second.stderr[-3000:]
+    assert f"pid {os.getpid()}" in errors[0] and "in use by another run" in errors[0]
+    assert sorted(p.name for p in workdir.iterdir()) == [], "no work before the lock"
+
+
+@pytest.mark.slow
 def test_second_train_on_a_live_workdir_is_refused_naming_the_holder(data_dir, tmp_path):
     import time
 
