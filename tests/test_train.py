@@ -219,9 +219,12 @@ def test_bad_batch_for_mesh_is_rejected_before_compiling(data_dir):
 def test_tiny_trains_and_runs_are_identical(data_dir, tmp_path):
     c = tiny(data_dir, steps=40, log_every=1, eval_every=40, checkpoint_every=40)
     c.mesh.update(rules="fsdp", data=2, fsdp=4, tensor=1)
+    # b: the same run without its evaluation, which must not change what training sees
+    no_eval = tiny(data_dir, steps=40, log_every=1, eval_every=0, checkpoint_every=40)
+    no_eval.mesh.update(c.mesh)
     runs = []
-    for name in ("a", "b"):
-        summary = loop.train(c, tmp_path / name)
+    for name, cfg in (("a", c), ("b", no_eval)):
+        summary = loop.train(cfg, tmp_path / name)
         rows = read_jsonl(tmp_path / name / "metrics.jsonl")
         runs.append([r["loss"] for r in rows])
         assert summary["step"] == 40
