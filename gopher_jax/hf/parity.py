@@ -38,7 +38,9 @@ def our_logits(m: ml_collections.ConfigDict, params: Any, ids: np.ndarray) -> np
     from gopher_jax.model import gopher
 
     graphdef, _ = gopher.abstract(m)
-    # Full float32 matmuls whatever the process's default precision, as torch computes them.
+    # Full float32 matmuls, as torch computes them: on TPU (and GPU, TF32) the default
+    # precision rounds float32 operands to fewer mantissa bits. XLA on CPU computes float32
+    # dots in full at any precision setting.
     with jax.default_matmul_precision("highest"):
         return np.asarray(gopher.apply(graphdef, params, np.asarray(ids, np.int32)))
 
