@@ -6,8 +6,8 @@ hash partition, modulo the task count), and writes fixed-dtype binary records (`
 raw numpy bytes, no pickle), each file whole (a rename on a file system, one upload to a
 gs:// folder, which every task of a cluster sees):
 
-1. `emit`     (per stage-1 shard)  hash/p<p>/<shard>.bin   (text hash, id) by hash partition
-                                   band/p<p>/<shard>.bin   (band, 5 band rows, text hash, doc)
+1. `Emitter`  (per task t: its     hash/p<p>/t<t>.bin      (text hash, id) by hash partition
+              shards t, t+N, ...)  band/p<p>/t<t>.bin      (band, 5 band rows, text hash, doc)
                                    for every band of every signature, by band-key partition
 2. `partition` (per partition p)   exact/g<g>/p<p>.bin     (removed id, kept id): a text hash's
                                    smallest id stays
@@ -18,10 +18,18 @@ gs:// folder, which every task of a cluster sees):
 4. `cluster`  (one task)           near/g<g>.bin           (removed id, cluster's smallest id)
 5. `removals` (per owner g)        what each of g's shards loses, by stage
 
-Memory per task: stage 2 holds 1/P of the band records, stage 3 its candidate pairs and at
-most CACHE_SHARDS shards' 13-gram sets, stage 4 the confirmed edges (documents that have a
-near duplicate, not the corpus: the same as datatrove's MinhashDedupCluster). No task holds
-a whole-corpus structure.
+Stage 1 writes tasks x partitions x 2 objects, whatever the shard count (per shard it
+would be shards x partitions x 2: MassiveText's 2.2 million shards on 2,048 tasks, 9e9;
+per task 8.4 million). A stage-1 task keeps at most SPILL_BYTES of each kind in memory (a
+band record is 58 bytes, 20 per document) and spills the rest, sorted by partition, to a
+local temporary folder: about 1.2 KB of local disk per document of the task. A stage-2
+result does not depend on the order of its input files or records (groups are sorted by
+key, a group's documents by id).
+
+Memory per task: stage 1 one shard and about twice SPILL_BYTES per kind, stage 2 1/P of the
+band records, stage 3 its candidate pairs and at most CACHE_SHARDS shards' 13-gram sets,
+stage 4 the confirmed edges (documents that have a near duplicate, not the corpus: the same
+as datatrove's MinhashDedupCluster). No task holds a whole-corpus structure.
 
 Why our own steps and not datatrove's MinhashDedup{Signature,Buckets,Cluster,Filter}: those
 decide duplicates by bucket collisions alone (every candidate pair is a duplicate), so the
@@ -41,6 +49,7 @@ from __future__ import annotations
 
 import collections
 import pathlib
+import tempfile
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -53,6 +62,7 @@ BAND_REC = np.dtype([("band", "<u2"), ("key", "<u8", (dedup.ROWS,)), ("hash", "<
                      ("doc", "<i8")])  # doc >= 0: a training id; -(e + 1): evaluation doc e
 PAIR_REC = np.dtype([("a", "<i8"), ("b", "<i8")])
 CACHE_SHARDS = 4  # shards' 13-gram sets a confirmation task keeps loaded
+SPILL_BYTES = 64 << 20  # records of a kind a stage-1 task keeps in memory
 
 
 def write_bin(path: pathlib.Path, records: np.ndarray) -> None:
@@ -81,27 +91,109 @@ def _partition_of(values: np.ndarray, partitions: int) -> np.ndarray:
     return (dedup._splitmix64(values.astype(np.uint64)) % np.uint64(partitions)).astype(np.int64)
 
 
-def emit(folder: pathlib.Path, name: str, docs: np.ndarray, hashes: np.ndarray | None,
-         sigs: np.ndarray, partitions: int) -> None:
-    """Stage 1: one shard's hash records (training shards: `hashes` given) and band records,
-    each partition's to its own file `<kind>/p<p>/<name>.bin`."""
-    if hashes is not None:
-        rec = np.zeros(len(docs), HASH_REC)
-        rec["hash"], rec["id"] = hashes, docs
-        part = _partition_of(rec["hash"], partitions)
-        for p in range(partitions):
-            write_bin(folder / "hash" / f"p{p:05d}" / f"{name}.bin", rec[part == p])
+def _band_records(docs: np.ndarray, hashes: np.ndarray | None,
+                  sigs: np.ndarray) -> np.ndarray:
     n = len(docs)
     rec = np.zeros(n * dedup.BANDS, BAND_REC)
-    bands = sigs.reshape(n, dedup.BANDS, dedup.ROWS)
     rec["band"] = np.tile(np.arange(dedup.BANDS, dtype=np.uint16), n)
-    rec["key"] = bands.reshape(n * dedup.BANDS, dedup.ROWS)
+    rec["key"] = sigs.reshape(n * dedup.BANDS, dedup.ROWS)
     rec["hash"] = np.repeat(hashes if hashes is not None else np.zeros(n, np.uint64),
                             dedup.BANDS)
     rec["doc"] = np.repeat(docs, dedup.BANDS)
-    part = _partition_of(rec["key"][:, 0] ^ rec["band"].astype(np.uint64), partitions)
-    for p in range(partitions):
-        write_bin(folder / "band" / f"p{p:05d}" / f"{name}.bin", rec[part == p])
+    return rec
+
+
+class _Records:
+    """One task's records of one kind, kept by partition: at most `spill_bytes` in memory,
+    the rest in runs (sorted by partition, stably) in a local folder; `write` puts each
+    partition's file together from its slice of every run, records in the order added."""
+
+    def __init__(self, dtype: np.dtype, partitions: int, spill: pathlib.Path,
+                 spill_bytes: int):
+        self._dtype, self._partitions = dtype, partitions
+        self._spill, self._spill_bytes = spill, spill_bytes
+        self._buf: list[tuple[np.ndarray, np.ndarray]] = []
+        self._bytes = 0
+        self._runs: list[tuple[pathlib.Path, np.ndarray]] = []  # (file, partition offsets)
+
+    def add(self, rec: np.ndarray, part: np.ndarray) -> None:
+        self._buf.append((rec, part))
+        self._bytes += rec.nbytes
+        if self._bytes >= self._spill_bytes:
+            self._to_run()
+
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        """The buffer's records sorted by partition (stable) and each partition's start."""
+        rec = np.concatenate([r for r, _ in self._buf]) if self._buf \
+            else np.zeros(0, self._dtype)
+        part = np.concatenate([p for _, p in self._buf]) if self._buf \
+            else np.zeros(0, np.int64)
+        self._buf, self._bytes = [], 0
+        order = np.argsort(part, kind="stable")
+        counts = np.bincount(part, minlength=self._partitions)
+        return rec[order], np.concatenate([[0], np.cumsum(counts)])
+
+    def _to_run(self) -> None:
+        rec, offsets = self._sorted()
+        f = self._spill / f"run{len(self._runs):05d}.bin"
+        rec.tofile(f)
+        self._runs.append((f, offsets))
+
+    def write(self, folder: pathlib.Path, name: str) -> None:
+        """`folder/p<p>/<name>.bin` for every partition p (empty ones too)."""
+        if self._runs and self._buf:
+            self._to_run()
+        if not self._runs:
+            rec, offsets = self._sorted()
+            slices = [[rec[offsets[p]:offsets[p + 1]]] for p in range(self._partitions)]
+        else:
+            maps = [(np.memmap(f, self._dtype, mode="r"), o) for f, o in self._runs]
+            slices = [[m[o[p]:o[p + 1]] for m, o in maps] for p in range(self._partitions)]
+        for p, parts in enumerate(slices):
+            rec = np.concatenate(parts)
+            write_bin(folder / f"p{p:05d}" / f"{name}.bin", rec)
+
+
+class Emitter:
+    """Stage 1 for one task: every shard's hash records (training shards) and band records,
+    by partition; on a clean exit one file per partition and kind for the whole task,
+    `hash/p<p>/t<rank>.bin` and `band/p<p>/t<rank>.bin` (a rerun writes the same names and
+    bytes). Memory: at most `spill_bytes` per kind, the rest spilled to a local temporary
+    folder (removed on exit, also when the task fails)."""
+
+    def __init__(self, folder: pathlib.Path, rank: int, partitions: int,
+                 spill_bytes: int = SPILL_BYTES):
+        self._folder, self._rank, self._partitions = folder, rank, partitions
+        self._spill_bytes = spill_bytes
+
+    def __enter__(self) -> Emitter:
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"gopher_jax-emit-t{self._rank}-")
+        spill = pathlib.Path(self._tmp.name)
+        (spill / "hash").mkdir()
+        (spill / "band").mkdir()
+        self._hash = _Records(HASH_REC, self._partitions, spill / "hash", self._spill_bytes)
+        self._band = _Records(BAND_REC, self._partitions, spill / "band", self._spill_bytes)
+        return self
+
+    def add(self, docs: np.ndarray, hashes: np.ndarray | None, sigs: np.ndarray) -> None:
+        """One shard's documents (ids, or -(eval index + 1) with `hashes` None), their text
+        hashes and MinHash signatures."""
+        if hashes is not None:
+            rec = np.zeros(len(docs), HASH_REC)
+            rec["hash"], rec["id"] = hashes, docs
+            self._hash.add(rec, _partition_of(rec["hash"], self._partitions))
+        rec = _band_records(docs, hashes, sigs)
+        self._band.add(rec, _partition_of(rec["key"][:, 0] ^ rec["band"].astype(np.uint64),
+                                          self._partitions))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                name = f"t{self._rank:05d}"
+                self._hash.write(self._folder / "hash", name)
+                self._band.write(self._folder / "band", name)
+        finally:
+            self._tmp.cleanup()
 
 
 def _groups(keys: list[np.ndarray]) -> Iterable[np.ndarray]:

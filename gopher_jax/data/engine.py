@@ -22,7 +22,7 @@ finished; datatrove's completion markers make a rerun do only the unfinished tas
                  rule) is built by TFDS in one process instead, as without the engine.
     filter (data.filter):
       rules      quality and repetition per shard (corpus_filter's stage 1, as `data filter`)
-                 and the shard's hash and band records (dedup_sharded.emit)
+                 and the task's hash and band records (dedup_sharded.Emitter)
       partition  exact duplicates and LSH candidates per hash partition
       confirm    candidate pairs checked on exact 13-gram Jaccard >= 0.8
       cluster    (1 task) near-duplicate clusters from the confirmed pairs
@@ -513,16 +513,16 @@ def _rules_task(rank: int, world: int, plan: FilterPlan) -> None:
     from gopher_jax.data import corpus_filter
 
     cfg = _config(plan.cfg)
-    folder = plan.dedup_dir(world)
-    for split, k, a, b, offset in _mine(list(plan.jobs), rank, world):
-        corpus_filter._stage1_shard(cfg, plan.fcfg, split, k, a, b, str(plan.work), plan.fp,
-                                    offset < 0)
-        arr = shards.load_arrays(plan.stage1(split, k, ".npz"))
-        if offset < 0:
-            docs, hashes = arr["ids"], arr["hashes"]
-        else:
-            docs, hashes = -(offset + arr["ids"] + 1), None
-        dedup_sharded.emit(folder, f"{split}-{k:05d}", docs, hashes, arr["sigs"], world)
+    with dedup_sharded.Emitter(plan.dedup_dir(world), rank, world) as emitter:
+        for split, k, a, b, offset in _mine(list(plan.jobs), rank, world):
+            corpus_filter._stage1_shard(cfg, plan.fcfg, split, k, a, b, str(plan.work),
+                                        plan.fp, offset < 0)
+            arr = shards.load_arrays(plan.stage1(split, k, ".npz"))
+            if offset < 0:
+                docs, hashes = arr["ids"], arr["hashes"]
+            else:
+                docs, hashes = -(offset + arr["ids"] + 1), None
+            emitter.add(docs, hashes, arr["sigs"])
 
 
 def _partition_task(rank: int, world: int, plan: FilterPlan) -> None:
