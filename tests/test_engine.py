@@ -833,11 +833,7 @@ def test_two_preparations_of_one_data_dir_at_once_end_as_one(base, tmp_path):
     waits for it and reuses everything, and the dir holds a single preparation's files.
     Catches two jobs preparing at once (no lock: neither waits, both build, train and
     write), a waiter that redoes the work, and files that differ from one preparation's."""
-    import subprocess
-    import threading
-    import time
-
-    from helpers import ROOT, cli_command, cpu_env
+    from helpers import cli_command, run_released_together
 
     from gopher_jax.checkpoint.lock import WorkdirLock
     from gopher_jax.data import prepare_lock
@@ -846,25 +842,9 @@ def test_two_preparations_of_one_data_dir_at_once_end_as_one(base, tmp_path):
     data_dir = tmp_path / "shared"
     gate = WorkdirLock(data_dir, name=prepare_lock.LOCK_NAME).acquire()
     args = _cli_args(cfg, data_dir, tokenizer=False)  # the tokenizer trained too
-    outs: list[list[str]] = [[], []]
-    procs = [subprocess.Popen(cli_command(*c), cwd=ROOT, env=cpu_env(1), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for c in (args, [*args, "--executor", "local", "--tasks", "2"])]
-    readers = [threading.Thread(target=lambda p=p, o=o: o.extend(p.stdout), daemon=True)
-               for p, o in zip(procs, outs, strict=True)]
-    for r in readers:
-        r.start()
-    deadline = time.time() + 300
-    while not all(any("[data] waiting: another job" in line for line in o) for o in outs):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), outs
-        time.sleep(0.1)
-    gate.release()
-    for p, r in zip(procs, readers, strict=True):
-        p.wait(timeout=600)
-        r.join()
-    logs = ["".join(o) for o in outs]
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0 and "Traceback" not in log, log[-3000:]
+    logs = run_released_together(
+        [cli_command(*c) for c in (args, [*args, "--executor", "local", "--tasks", "2"])],
+        gate, "[data] waiting: another job")
     work = ("building TFDS dataset", "training a", "[filter] quality", "[engine]")
     worked = [log for log in logs if any(w in log for w in work)]
     assert len(worked) == 1, [log[-2000:] for log in logs]

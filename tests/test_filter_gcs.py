@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import signal
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 from etils import epath
-from helpers import ROOT, cli_command, cpu_env
-from test_data_gcs import _kill_when
+from helpers import ROOT, cli_command, run_released_together
+from test_data_gcs import kill_engine_prepare_when
 from test_engine import plays_corpus
 
 from gopher_jax import storage
@@ -126,16 +123,9 @@ def test_a_filter_task_killed_mid_way_leaves_no_manifest_and_the_rerun_the_same_
     half-written work."""
     ref_cfg, ref = local_ref
     c = _config(_upload_corpus(ref_cfg, bucket), f"{bucket}/data")
-    code = ("import sys; from gopher_jax import storage; storage.configure(); "
-            "from gopher_jax import config; from gopher_jax.data import engine, pipeline; "
-            "pipeline.prepare(config.from_json(sys.argv[1]), "
-            "engine=engine.Engine('local', tasks=2, workers=1))")
     fs = storage._gcs_fs()
     work = f"{bucket}/data/filtered/*/{artefacts.FILTER_WORK}"
-    proc = subprocess.Popen([sys.executable, "-c", code, c.to_json()], cwd=ROOT,
-                            env=cpu_env(1), start_new_session=True)
-    _kill_when(proc, lambda: bool(fs.glob(f"{work}/train-*.json")))
-    assert proc.returncode == -signal.SIGKILL
+    kill_engine_prepare_when(c, lambda: bool(fs.glob(f"{work}/train-*.json")))
     assert not fs.glob(f"{bucket}/data/filtered/*/{artefacts.MANIFEST}")
     ref_work = artefacts.filter_dir(ref_cfg) / artefacts.FILTER_WORK
     done = {}
@@ -190,31 +180,13 @@ def test_two_data_filter_runs_into_one_out_folder_at_once_end_as_one(local_ref, 
     ref_cfg, _ = local_ref
     out = tmp_path / "shared_out"
     gate = WorkdirLock(out, name=prepare_lock.LOCK_NAME).acquire()
-    outs: list[list[str]] = [[], []]
-    procs = [subprocess.Popen(
-        cli_command("data", "filter", "--config", "experiments/tiny.py", f"--out={out}",
-                    "--config.data.dataset=text_files",
-                    f"--config.data.text_files={ref_cfg.data.text_files}",
-                    f"--config.data.data_dir={tmp_path / f'data{k}'}",
-                    "--config.data.docs_per_shard=16"),
-        cwd=ROOT, env=cpu_env(1), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for k in range(2)]
-    readers = [threading.Thread(target=lambda p=p, o=o: o.extend(p.stdout), daemon=True)
-               for p, o in zip(procs, outs, strict=True)]
-    for r in readers:
-        r.start()
-    deadline = time.time() + 300
-    waiting = f"[data] waiting: another job is preparing {out}"
-    while not all(any(waiting in line for line in o) for o in outs):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), outs
-        time.sleep(0.1)
-    gate.release()
-    for p, r in zip(procs, readers, strict=True):
-        p.wait(timeout=600)
-        r.join()
-    logs = ["".join(o) for o in outs]
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0 and "Traceback" not in log, log[-3000:]
+    logs = run_released_together(
+        [cli_command("data", "filter", "--config", "experiments/tiny.py", f"--out={out}",
+                     "--config.data.dataset=text_files",
+                     f"--config.data.text_files={ref_cfg.data.text_files}",
+                     f"--config.data.data_dir={tmp_path / f'data{k}'}",
+                     "--config.data.docs_per_shard=16") for k in range(2)],
+        gate, f"[data] waiting: another job is preparing {out}")
     assert sum("[filter] quality and repetition done" in log for log in logs) == 1, logs
     assert sum(f"[filter] reusing {out}" in log for log in logs) == 1, logs
     assert _filter_outputs(out) == _filter_outputs(artefacts.filter_dir(ref_cfg))
