@@ -14,7 +14,7 @@ import pytest
 from gopher_jax.data import builders
 from gopher_jax.data import tokenizer as tokenizer_lib
 from gopher_jax.serve import engine as engine_lib
-from gopher_jax.serve.text import TextSoFar
+from gopher_jax.serve.text import TextSoFar, token_name
 
 TEXTS = ["吾輩は猫である。", "emoji 🦫🐹 and é, ∮ E⋅da", "  two  spaces\n\n\tand a tab ",
          "To be, or not to be, that is the question"]
@@ -196,3 +196,20 @@ def test_a_failed_warm_up_ends_the_server_with_one_error():
             server.serve(prepared)
     finally:
         timer.cancel()
+
+
+def test_logprob_token_names_differ_where_the_bytes_differ(tok):
+    """Every id's logprobs name: its text when its bytes are UTF-8 alone, "bytes:\\xNN..."
+    for a piece of a character (the escapes give the bytes back), the piece for EOS/pad:
+    two ids share a name only when they stand for the same bytes."""
+    by_name: dict[str, set[bytes]] = {}
+    for i in range(tok.vocab_size):
+        data = tok.decode_bytes([i])
+        name = token_name(data, tok.sp.id_to_piece(i))
+        by_name.setdefault(name, set()).add(data)
+        if name.startswith("bytes:"):
+            assert bytes.fromhex(name[6:].replace("\\x", "")) == data
+    assert all(len(v) == 1 for v in by_name.values()), \
+        {k: v for k, v in by_name.items() if len(v) > 1}
+    assert sum(n.startswith("bytes:") for n in by_name) == 128  # bytes 0x80-0xff
+    assert token_name(b"", tok.sp.id_to_piece(tok.eos_id)) == "</s>"

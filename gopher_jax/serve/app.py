@@ -37,7 +37,7 @@ from gopher_jax.serve.protocol import (
     chat_prompt,
     parse,
 )
-from gopher_jax.serve.text import TextSoFar
+from gopher_jax.serve.text import TextSoFar, token_name
 
 
 @dataclasses.dataclass
@@ -233,13 +233,13 @@ def _usage(jobs: Sequence[engine_lib.Job]) -> dict[str, int]:
 def _logprobs(service: Service, job: engine_lib.Job, echo: bool, eos_added: bool, k: int,
               as_ids: bool) -> dict[str, Any]:
     """OpenAI's completion logprobs object: tokens, token_logprobs, top_logprobs,
-    text_offset (of the echoed prompt then the completion); with `as_ids` the tokens are
-    named "token_id:<id>" (vLLM's return_tokens_as_token_ids)."""
-    def piece(ids: list[int]) -> str:
-        return service.tokenizer.decode(ids)
+    text_offset (of the echoed prompt then the completion); tokens named by
+    text.token_name, or with `as_ids` "token_id:<id>" (vLLM's return_tokens_as_token_ids)."""
+    tok = service.tokenizer
 
     def name(i: int) -> str:
-        return f"token_id:{i}" if as_ids else piece([i])
+        return f"token_id:{i}" if as_ids else token_name(tok.decode_bytes([i]),
+                                                          tok.sp.id_to_piece(i))
 
     def top(alts: list[tuple[int, float]]) -> dict[str, float]:
         d: dict[str, float] = {}

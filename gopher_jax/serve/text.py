@@ -39,3 +39,17 @@ class TextSoFar:
             if i >= 0 and (at < 0 or i < at):
                 at = i
         return at
+
+
+def token_name(data: bytes, piece: str) -> str:
+    """How logprobs name a token with bytes `data` (SentencePiece piece `piece`): its text
+    when the bytes are UTF-8 on their own; a control piece (no bytes: EOS, pad, unknown) by
+    its piece ("</s>"); otherwise "bytes:" and the bytes as \\xNN escapes, the form OpenAI's
+    completions use for a piece of a character. Tokens with different bytes get different
+    names, so top_logprobs never merges two byte pieces into one U+FFFD key."""
+    if not data:
+        return piece
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
