@@ -146,6 +146,34 @@ def test_a_failed_prefill_fails_its_request_and_the_engine_serves_on(tok):
     assert ok.finish_reason == "stop" and ok.text == "fine"
 
 
+def test_a_cache_that_cannot_be_reset_fails_every_job_and_later_submits(tok):
+    """A step fails and so does allocating a new cache (the device is gone): the rows' jobs
+    and the one still waiting are answered "error", later submits raise EngineFailed and
+    the loop ends, instead of a dead thread leaving requests unanswered."""
+    prompts = [(tok.eos_id, 7), (tok.eos_id, 8), (tok.eos_id, 9)]
+    batch = ScriptedBatch({p: [*tok.encode("a long answer"), tok.eos_id] for p in prompts})
+
+    def fail(*_args):
+        raise RuntimeError("the device is gone")
+
+    batch.step = fail
+    batch.new_cache = lambda: fail()
+    engine = engine_lib.Engine(batch, tok.decode_bytes, tok.eos_id, queue_size=8)
+    engine.start()
+    done = threading.Event()
+    jobs = [engine_lib.Job(ids=list(p), max_tokens=8, seed=0,
+                           notify=lambda _j: all(j.done for j in jobs) and done.set())
+            for p in prompts]  # 3 jobs, 2 slots: one waits
+    engine.submit(jobs)
+    assert done.wait(30), [j.finish_reason for j in jobs]
+    engine.thread.join(30)
+    assert not engine.thread.is_alive()
+    assert [j.finish_reason for j in jobs] == ["error"] * 3
+    assert "resetting the cache" in jobs[2].error and engine.failed == jobs[2].error
+    with pytest.raises(engine_lib.EngineFailed, match="the device is gone"):
+        engine.submit([engine_lib.Job(ids=list(prompts[0]), max_tokens=8, seed=0)])
+
+
 def test_text_offsets_count_characters_of_the_answer(tok):
     from types import SimpleNamespace
 
@@ -177,6 +205,8 @@ def test_a_failed_warm_up_ends_the_server_with_one_error():
     from gopher_jax.serve import app, server
 
     class BrokenEngine:
+        failed = None
+
         def start(self):
             raise RuntimeError("RESOURCE_EXHAUSTED: out of memory allocating 9 GiB\ndetails")
 

@@ -190,6 +190,9 @@ def _submit(call: _Call, jobs: list[engine_lib.Job]) -> None:
     except engine_lib.QueueFull as e:
         raise ApiError(429, f"too many requests: {e}; retry later", kind="rate_limit_error",
                        code="queue_full") from None
+    except engine_lib.EngineFailed as e:
+        raise ApiError(503, f"the model's decoding loop stopped ({e}); restart the server",
+                       kind="server_error") from None
     call.jobs = jobs
 
 
@@ -306,13 +309,18 @@ def create_app(service: Service) -> FastAPI:
         return _error(e)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        failed = service.engine.failed
+        if failed is not None:  # a liveness probe restarts the server
+            return JSONResponse({"status": "failed", "error": failed}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        ok = service.ready and not service.draining
-        state = "ready" if ok else "draining" if service.draining else "starting"
+        failed = service.engine.failed is not None
+        ok = service.ready and not service.draining and not failed
+        state = "ready" if ok else "failed" if failed else \
+            "draining" if service.draining else "starting"
         return JSONResponse({"status": state, "slots": service.engine.batch.slots,
                              "busy": service.engine.busy, "waiting": service.engine.waiting},
                             status_code=200 if ok else 503)

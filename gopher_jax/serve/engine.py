@@ -31,6 +31,10 @@ class QueueFull(Exception):
     pass
 
 
+class EngineFailed(Exception):
+    """The decoding loop has stopped (the device could not be reset after a failure)."""
+
+
 @dataclasses.dataclass
 class Job:
     """One prompt to continue. `ids` is the model's input (EOS first); `score_prompt` asks
@@ -96,6 +100,7 @@ class Engine:
         self.cache = None
         self.inputs = None  # the step's Rows on the device; None after a row starts or ends
         self.steps = 0  # decode steps run (all rows at once)
+        self.failed: str | None = None  # why the loop stopped (the cache could not be reset)
         self.tokens_out = 0
 
     def start(self) -> None:
@@ -111,8 +116,11 @@ class Engine:
             self.thread.join()
 
     def submit(self, jobs: Sequence[Job]) -> None:
-        """Queues every job or none (QueueFull when they do not all fit)."""
+        """Queues every job or none (QueueFull when they do not all fit; EngineFailed once
+        the loop has stopped)."""
         with self.cond:
+            if self.failed is not None:
+                raise EngineFailed(self.failed)
             if len(self.pending) + len(jobs) > self.queue_size:
                 raise QueueFull(f"{len(self.pending)} requests wait already "
                                 f"(the queue holds {self.queue_size})")
@@ -146,7 +154,23 @@ class Engine:
                     if job is not None:
                         self._finish(job, FAILED, f"{type(e).__name__}: {e}")
                         self._set_row(i, None)
-                self.cache = self.batch.new_cache()
+                try:
+                    self.cache = self.batch.new_cache()
+                except Exception as e2:  # noqa: BLE001 - no cache: no decoding, end cleanly
+                    self._give_up(f"{type(e2).__name__}: {e2} (resetting the cache after "
+                                  f"{type(e).__name__}: {e})")
+                    return
+
+    def _give_up(self, reason: str) -> None:
+        """The loop ends: every waiting job fails with `reason`, later submits raise
+        EngineFailed, and the server's /health and /ready answer 503."""
+        log.error("the decoding loop stopped: %s", reason)
+        with self.cond:
+            self.failed = reason
+            jobs = list(self.pending)
+            self.pending.clear()
+        for job in jobs:
+            self._finish(job, FAILED, reason)
 
     def _expired(self, job: Job) -> str | None:
         if job.cancelled:
