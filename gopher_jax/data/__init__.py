@@ -75,12 +75,9 @@ def prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = 
     """Everything training reads, built once (`pipeline.prepare`, or `mixture.prepare` for
     data.sources)."""
     if is_mixture(cfg):
-        if engine is not None:
-            raise DataError("--executor with a mixture (data.sources)",
-                            "prepare each source's config with the engine, or drop --executor")
         from gopher_jax.data import mixture
 
-        return mixture.prepare(cfg, log, processes=processes)
+        return mixture.prepare(cfg, log, processes=processes, engine=engine)
     from gopher_jax.data import pipeline
 
     return pipeline.prepare(cfg, log, processes=processes, engine=engine)

@@ -59,10 +59,12 @@ def source_config(cfg: ml_collections.ConfigDict, src: Source) -> ml_collections
 
 
 def filter_sources(cfg: ml_collections.ConfigDict, processes: int = 1,
-                   log: Callable[[str], None] | None = None) -> dict[str, FilterManifest]:
+                   log: Callable[[str], None] | None = None,
+                   engine=None) -> dict[str, FilterManifest]:
     """`data filter` on a mixture: the filter stage (corpus_filter.py) on the training split
-    of every source marked filter=True (all of them with data.filter=True); their manifests
-    by name. `prepare` runs the same stage for those sources, so training reads the result."""
+    of every source marked filter=True (all of them with data.filter=True), on `engine`'s
+    stages when given (engine.Engine, the same files); their manifests by name. `prepare`
+    runs the same stage for those sources, so training reads the result."""
     from gopher_jax.data import corpus_filter  # datatrove: only when filtering
 
     srcs = [s for s in sources(cfg) if s.filter]
@@ -74,7 +76,7 @@ def filter_sources(cfg: ml_collections.ConfigDict, processes: int = 1,
     check_files(srcs)
     return {s.name: corpus_filter.filter_corpus(
                 corpus_config(cfg, s), None, processes,
-                lambda m, n=s.name: log(m.replace("[filter]", f"[filter:{n}]")))
+                lambda m, n=s.name: log(m.replace("[filter]", f"[filter:{n}]")), engine=engine)
             for s in srcs}
 
 
@@ -138,25 +140,28 @@ def _train_tokenizer(cfg: ml_collections.ConfigDict, srcs: list[Source],
 
 
 def prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None] | None = None,
-            processes: int = 1) -> PrepareInfo:
+            processes: int = 1, engine=None) -> PrepareInfo:
     """Each source's dataset, the shared tokenizer (if absent), each source's chunks (on
     `processes` processes, as `pipeline.prepare` tokenizes; data.filter filters each source).
+    With `engine` (engine.Engine) every source is read, filtered and tokenized by its stages,
+    one source after another (the same files); the shared tokenizer trains in this process
+    on the weighted sample either way.
 
     The splits' counts are summed over the sources (a split is listed when a source has it);
     `sources` holds each source's own `pipeline.prepare` result."""
     log = log or (lambda msg: None)
     with prepare_lock.preparing(cfg.data.data_dir, log):
-        return _prepare(cfg, log, processes)
+        return _prepare(cfg, log, processes, engine)
 
 
 def _prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None],
-             processes: int) -> PrepareInfo:
+             processes: int, engine) -> PrepareInfo:
     d = cfg.data
     srcs = sources(cfg)
     check_files(srcs)  # all of them before any work
     built = {}
     for s in srcs:
-        b = builders.prepare_builder(corpus_config(cfg, s), log)
+        b = builders.prepare_builder(corpus_config(cfg, s), log, engine)
         builders.require_split(b, d.train_split, f"source {s.name!r} ({s.dataset})",
                                "give it more documents or set data.train_split")
         built[s.name] = b
@@ -169,7 +174,7 @@ def _prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None],
     for s in srcs:
         per[s.name] = pipeline.prepare(
             source_config(cfg, s), log=lambda m, n=s.name: log(m.replace("[data]", f"[data:{n}]")),
-            processes=processes)
+            processes=processes, engine=engine)
     splits = {}
     for split in dict.fromkeys(k for info in per.values() for k in info.splits):
         parts = [info.splits[split] for info in per.values() if split in info.splits]
