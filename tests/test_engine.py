@@ -105,6 +105,31 @@ def test_local_engine_with_several_tasks_equals_data_prepare(base, tmp_path):
             assert _records(c, split) == _records(cfg, split)
 
 
+def test_a_budget_that_asks_for_more_partitions_buckets_and_spills_gives_the_same_bytes(
+        base, tmp_path, monkeypatch):
+    """2 tasks whose budget (sizes per document and byte scaled up here, so that this small
+    corpus asks for it) needs more hash partitions and sort buckets than tasks, and rules
+    tasks that spill their dedup records: `data prepare`'s bytes, the work in folders named
+    for the partitions and buckets. Catches a result that depends on the partition or
+    bucket count, and spilled records that do not come back."""
+    cfg, ref = base
+    monkeypatch.setattr(engine, "PARTITION_BYTES_PER_DOC", 1_000_000)
+    monkeypatch.setattr(engine, "SORT_BYTES_PER_BYTE", 60.0)
+    monkeypatch.setattr(engine, "SPILL_SHARE", 1 / 2000)
+    c = _config(cfg, tmp_path / "budget")
+    eng = engine.Engine("local", tasks=2, workers=1, task_memory_mb=32)
+    info = pipeline.prepare(c, engine=eng)
+    assert _identity(info) == _identity(ref)
+    assert _chunk_bytes(c) == _chunk_bytes(cfg) and _filter_outputs(c) == _filter_outputs(cfg)
+    (read,) = (tmp_path / "budget" / engine.ENGINE_DIR).iterdir()
+    (filt,) = (artefacts.filter_dir(c) / engine.ENGINE_DIR).iterdir()
+    buckets, parts = int(read.name.split("-b")[1]), int(filt.name.split("-p")[1])
+    assert buckets > 2 and parts > 2 and read.name.endswith(f"-n2-b{buckets}")
+    assert len(list((read / "logs" / "sort" / "completions").iterdir())) == buckets
+    assert len(list((filt / "logs" / "partition" / "completions").iterdir())) == parts
+    assert all(r["spilled_runs"] > 0 for r in engine.task_report(filt) if r["stage"] == "rules")
+
+
 @pytest.mark.slow  # ~30 s: spawned worker processes import JAX and TFDS for every stage
 def test_local_engine_on_two_worker_processes_equals_data_prepare(base, tmp_path):
     cfg, ref = base
@@ -257,7 +282,7 @@ def test_engine_read_stage_builds_the_dataset_data_prepare_builds(tmp_path, monk
     ref = pipeline.prepare(c)
     c.data.tokenizer_path = ref.tokenizer
     e = _config(c, tmp_path / "engine")
-    monkeypatch.setattr(engine, "RUN_BYTES", 8000)  # several runs per file (in this process)
+    monkeypatch.setattr(engine.Engine, "run_bytes", property(lambda self: 8000))  # several runs
     written, write = [], engine._write_records
     monkeypatch.setattr(engine, "_write_records",
                         lambda path, records: (written.append(path), write(path, records)))
@@ -457,17 +482,23 @@ def test_near_duplicate_pair_in_two_tasks_shards_is_found(tmp_path):
 
 
 @pytest.mark.slow  # ~20 s: two filterings of a 1,200-document corpus
-def test_dedup_task_memory_stays_under_a_bound_the_in_memory_dedup_exceeds(tmp_path):
+def test_dedup_task_memory_stays_under_the_configured_budget_the_in_memory_dedup_exceeds(
+        tmp_path):
     """The whole-corpus dedup (corpus_filter._stage2 on every shard's 13-gram sets and
-    signatures) peaks above the bound; every engine task of 8 stays under it."""
+    signatures) peaks above the configured --task_memory; 2 engine tasks on that budget
+    plan more hash partitions than tasks, their rules tasks spill dedup records to disk,
+    every task of every stage peaks under the budget, and the result is the one-process
+    one. Catches a spill threshold or partition count that ignores the budget (a rules or
+    partition task over it)."""
     import tracemalloc
 
     from gopher_jax.data import shards
 
-    c = _prose_config(tmp_path, 1200, 300, [(5, 1000, 200)], 64)
+    dps = 32
+    c = _prose_config(tmp_path, 1200, 300, [(5, 1000, 200)], dps)
     ref = corpus_filter.filter_corpus(c, tmp_path / "ref")
     builder = builders.prepare_builder(c)
-    plans = {s: shards.shard_ranges(builder.info.splits[s].num_examples, 64)
+    plans = {s: shards.shard_ranges(builder.info.splits[s].num_examples, dps)
              for s in builder.info.splits}
     work = tmp_path / "ref" / "work"
     tracemalloc.start()
@@ -477,21 +508,28 @@ def test_dedup_task_memory_stays_under_a_bound_the_in_memory_dedup_exceeds(tmp_p
     corpus_filter._stage2(train, evals)
     in_memory = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    bound = in_memory // 3
 
-    eng = engine.Engine("local", tasks=8, workers=1, trace_memory=True)
+    eng = engine.Engine("local", tasks=2, workers=1, trace_memory=True, task_memory_mb=3)
+    bound = eng.task_bytes
+    assert in_memory > bound
     m = corpus_filter.filter_corpus(c, tmp_path / "engine", engine=eng)
     assert m == ref and m.stages["near_dedup"]["docs_removed"] == 1
     (work_dir,) = (tmp_path / "engine" / "engine").iterdir()
-    peaks = {(r["stage"], r["rank"]): r["tracemalloc_peak"]
-             for r in engine.task_report(work_dir)}
+    partitions = int(work_dir.name.split("-p")[1])
+    assert partitions > eng.tasks and work_dir.name.endswith(f"-n2-p{partitions}")
+    records = engine.task_report(work_dir)
+    peaks = {(r["stage"], r["rank"]): r["tracemalloc_peak"] for r in records}
     assert {s for s, _ in peaks} == {"rules", "partition", "confirm", "cluster", "docs",
                                      "report"}
+    assert sum(s == "partition" for s, _ in peaks) == partitions
+    spilled = [r["spilled_runs"] for r in records if r["stage"] == "rules"]
+    assert len(spilled) == 2 and min(spilled) > 0, spilled
     over = {k: v for k, v in peaks.items() if v >= bound}
     assert not over, (bound, in_memory, over)
     by_stage = {s: round(max(v for (t, _), v in peaks.items() if t == s) / 1e6, 2)
                 for s, _ in peaks}
-    print(f"whole-corpus dedup peak {in_memory / 1e6:.2f} MB, bound {bound / 1e6:.2f} MB, "
+    print(f"whole-corpus dedup peak {in_memory / 1e6:.2f} MB, budget {bound / 1e6:.2f} MB, "
+          f"{partitions} partitions for 2 tasks, runs spilled by the rules tasks {spilled}, "
           f"task peaks by stage (MB): {by_stage}")
 
 
@@ -747,12 +785,58 @@ def test_engine_flags_are_checked_before_any_work(tmp_path, capsys):
     for argv, words in ((["data", "prepare", "--tasks", "2", never], "--tasks without"),
                         (["data", "filter", "--executor", "spark", never], "--executor spark"),
                         (["data", "prepare", "--executor", "local", "--tasks", "0", never],
-                         "--tasks 0")):
+                         "--tasks 0"),
+                        (["data", "prepare", "--task_memory", "512", never],
+                         "--task_memory without"),
+                        (["data", "filter", "--executor", "local", "--task_memory", "0", never],
+                         "--task_memory 0")):
         assert app.main(argv) == 2
         err = [line for line in capsys.readouterr().err.splitlines()
                if line.startswith("error:")]
         assert len(err) == 1 and words in err[0], err
     assert not (tmp_path / "never").exists()
+
+
+def _tree(root: pathlib.Path) -> dict[str, int | None]:
+    """Every path under `root`, with each file's modification time."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+def test_a_task_memory_too_small_for_a_shard_is_refused_before_any_file_is_written(
+        tmp_path, capsys):
+    """`data filter --executor local --task_memory 3` on 1,816-byte documents in shards of
+    1,000: one error line naming the shard and the fixes, exit code 2, no traceback, and
+    nothing written (the data dir as it was, no output folder); the docs_per_shard and the
+    --task_memory it suggests both pass the check. Catches a plan check that is missing or
+    runs after the filter's folders are made."""
+    from gopher_jax.cli import app
+    from gopher_jax.errors import UsageError
+
+    c = _prose_config(tmp_path, 300, 300, [], 1000)
+    builders.prepare_builder(c)  # the dataset the check reads its split sizes from
+    before = _tree(tmp_path)
+    out = tmp_path / "out"
+    argv = ["data", "filter", "--config", "experiments/tiny.py",
+            "--config.data.dataset=text_files", f"--config.data.text_files={c.data.text_files}",
+            f"--config.data.data_dir={c.data.data_dir}", "--config.data.docs_per_shard=1000",
+            "--executor", "local", "--task_memory", "3", f"--out={out}"]
+    assert app.main(argv) == 2
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith("error: --task_memory 3: a "), err
+    assert "errors.UsageError" not in captured.err + captured.out  # not raised as a traceback
+    assert not out.exists() and _tree(tmp_path) == before
+    fits = int(err[0].split("docs_per_shard to ")[1].split(",")[0])
+    raise_to = int(err[0].split("--task_memory to ")[1].rstrip(")").replace(",", ""))
+    assert 1 <= fits < 1000 and raise_to > 3
+    builder = builders.get_builder(c)
+    c.data.docs_per_shard = fits
+    engine.check_filter(engine.Engine("local", task_memory_mb=3), c, builder)
+    c.data.docs_per_shard = 1000
+    engine.check_filter(engine.Engine("local", task_memory_mb=raise_to), c, builder)
+    with pytest.raises(UsageError):
+        engine.check_filter(engine.Engine("local", task_memory_mb=raise_to - 1), c, builder)
 
 
 # ---------------------------------------------------------------------------------------
@@ -885,10 +969,10 @@ exec "$@"
 def test_slurm_executor_submits_a_job_array_that_runs_the_stage(tmp_path, monkeypatch):
     """The SLURM route of run_stage with datatrove's SlurmPipelineExecutor: the sbatch
     script it writes (array size and concurrency from --tasks/--workers, partition, time
-    limit, one srun per array index running the pickled pipeline), the stats job after
-    it, the wait on squeue, and every array index run as SLURM would run it completing its
-    task. Catches flags that do not reach the script, and a stage that does not run from
-    the pickled pipeline in a fresh process."""
+    limit, memory per CPU from --task_memory, one srun per array index running the pickled
+    pipeline), the stats job after it, the wait on squeue, and every array index run as
+    SLURM would run it completing its task. Catches flags that do not reach the script, and
+    a stage that does not run from the pickled pipeline in a fresh process."""
     import os
     import sys
 
@@ -907,7 +991,7 @@ def test_slurm_executor_submits_a_job_array_that_runs_the_stage(tmp_path, monkey
     monkeypatch.setenv("RECORD", str(record))
     with pytest.raises(UsageError, match="--slurm_partition"):
         engine.Engine("slurm", tasks=3, workers=2).check()
-    eng = engine.Engine("slurm", tasks=3, workers=2,
+    eng = engine.Engine("slurm", tasks=3, workers=2, task_memory_mb=3000,
                         slurm=(("partition", "cpu"), ("time", "04:00:00")))
     eng.check()
     work = tmp_path / "work"
@@ -916,6 +1000,7 @@ def test_slurm_executor_submits_a_job_array_that_runs_the_stage(tmp_path, monkey
     logs = work / "logs" / "probe"
     for line in ("#SBATCH --array=0-2%2", "#SBATCH --partition=cpu", "#SBATCH --time=04:00:00",
                  "#SBATCH --job-name=gopher_probe", "#SBATCH --cpus-per-task=1",
+                 "#SBATCH --mem-per-cpu=4G",  # 3,000 MB and the libraries' 512, in whole GB
                  f"srun  -l -n 1 launch_pickled_pipeline {logs}/executor.pik"):
         assert line in script.splitlines(), script
     assert (record / "call-0.args").read_text().splitlines()[0] == "--export=ALL,RUN_OFFSET=0"
@@ -924,6 +1009,53 @@ def test_slurm_executor_submits_a_job_array_that_runs_the_stage(tmp_path, monkey
     for rank in range(3):
         assert f"{rank} 3 from the pickled pipeline" in (record / f"task-{rank}.log").read_text()
         assert json.loads((work / "tasks" / f"probe-{rank:05d}.json").read_text())["rank"] == rank
+
+
+def test_executors_are_asked_for_the_task_memory_and_the_libraries(monkeypatch):
+    """Ray's and SLURM's requests per task: --task_memory plus engine.LIBRARY_MB (SLURM in
+    whole GB, rounded up; an explicit SLURM mem_per_cpu_gb wins). Catches the requests
+    hard-coded again (Ray's 1 GB, SLURM's default 2 GB)."""
+    import datatrove.executor
+
+    from gopher_jax.errors import DataError
+
+    asked: list[dict] = []
+
+    class Recorder:
+        def __init__(self, pipeline, **kwargs):
+            asked.append(kwargs)
+
+        def run(self) -> None:  # nothing runs: the stage's tasks are missing
+            pass
+
+    for name in ("RayPipelineExecutor", "SlurmPipelineExecutor"):
+        monkeypatch.setattr(datatrove.executor, name, Recorder)
+    monkeypatch.setattr(engine.Engine, "check", lambda self: None)  # no cluster here
+    monkeypatch.setattr(engine, "_wait_for_slurm", lambda job_id: None)
+    for eng in (engine.Engine("ray", tasks=2, task_memory_mb=1536),
+                engine.Engine("slurm", tasks=2, task_memory_mb=1000,
+                              slurm=(("partition", "cpu"),)),
+                engine.Engine("slurm", tasks=2, task_memory_mb=1000,
+                              slurm=(("partition", "cpu"), ("mem_per_cpu_gb", 8)))):
+        with pytest.raises(DataError, match="did not complete"):
+            engine.run_stage(eng, pathlib.Path("/nonexistent/work"), "probe", print, ())
+    assert [a["mem_per_cpu_gb"] for a in asked] == [2.0, 2, 8]
+    assert engine.Engine().request_mb == 1024 + engine.LIBRARY_MB
+
+
+def test_a_cluster_task_over_the_budget_is_announced_in_one_line(tmp_path):
+    """The confirmed pairs counted before the cluster stage: 4,000 of them (~1.1 MB of
+    union-find) over a 1 MB budget give one log line naming the count; 100 none."""
+    from gopher_jax.data import dedup_sharded
+
+    for pairs, lines in ((4000, 1), (100, 0)):
+        work = tmp_path / f"w{pairs}"
+        dedup_sharded.write_bin(work / "edges" / "g00000.bin",
+                                np.zeros(pairs, dedup_sharded.PAIR_REC))
+        said: list[str] = []
+        engine._warn_cluster(engine.Engine("local", task_memory_mb=1), work, said.append)
+        assert len(said) == lines, said
+        assert all(f"{pairs:,} confirmed near-duplicate pairs" in x for x in said)
 
 
 def _build_md_engine_commands() -> list[list[str]]:
@@ -944,8 +1076,10 @@ def _build_md_engine_commands() -> list[list[str]]:
 
 def test_build_md_cluster_examples_parse_into_an_engine_and_a_config():
     """BUILD.md's SLURM and Ray-on-GKE commands: known flags, a config that loads and
-    passes its checks, and the engine they ask for; the KubeRay cluster they run on asks
-    for the Ray version setup.cfg pins. Catches docs drifting from the CLI."""
+    passes its checks, and the engine they ask for (with a --task_memory); the KubeRay
+    cluster they run on asks for the Ray version setup.cfg pins and its worker pods hold a
+    task per CPU at the Ray command's request. Catches docs drifting from the CLI and a
+    budget the example's pods cannot give every CPU."""
     import configparser
 
     import yaml
@@ -962,12 +1096,21 @@ def test_build_md_cluster_examples_parse_into_an_engine_and_a_config():
         c = common.load_config_file(str(ROOT / args.config), overrides)
         config_lib.check(c)
         assert c.data.dataset == "text_files" and c.data.filter, argv
+        assert args.task_memory is not None, argv  # each example states its budget
         engines.append(engine.Engine(args.executor, tasks=args.tasks, workers=args.workers,
-                                     slurm=(("partition", args.slurm_partition),)))
+                                     slurm=(("partition", args.slurm_partition),),
+                                     task_memory_mb=args.task_memory))
     assert sorted(e.executor for e in engines) == ["ray", "slurm"], commands
     assert all(e.tasks > 1 for e in engines)
     cluster = yaml.safe_load((ROOT / "launch" / "gke" / "raycluster.yaml").read_text())
     assert cluster["kind"] == "RayCluster"
+    (ray_engine,) = [e for e in engines if e.executor == "ray"]
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    cpus, memory_gi = int(limits["cpu"]), int(limits["memory"].removesuffix("Gi"))
+    # a pod runs a task per CPU: their requests within 70% of its memory (the rest is
+    # Ray's object store, 30% by default)
+    assert cpus * ray_engine.request_mb <= 0.7 * memory_gi * 1024, (cpus, memory_gi)
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
     pins = [x.strip() for v in setup["options.extras_require"].values()

@@ -20,6 +20,10 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
                        help="with --executor: tasks per stage (results never depend on N)")
         p.add_argument("--workers", type=int, default=1, metavar="N",
                        help="with --executor: tasks running at once (-1: all)")
+        p.add_argument("--task_memory", type=int, default=None, metavar="MB",
+                       help="with --executor: the memory a task may hold beyond its "
+                            "libraries (default 1024); spills, partitions and each task's "
+                            "request follow from it (BUILD.md)")
         p.add_argument("--slurm_partition", default="", metavar="NAME",
                        help="with --executor slurm: the partition")
         p.add_argument("--slurm_time", default="24:00:00", metavar="HH:MM:SS",
@@ -33,8 +37,8 @@ def _engine(args: argparse.Namespace):
     """The data.engine.Engine the flags ask for (None: local processes); checked now."""
     executor = getattr(args, "executor", None)
     if executor is None:
-        for flag in ("tasks", "workers"):
-            if getattr(args, flag, 1) != 1:
+        for flag, default in (("tasks", 1), ("workers", 1), ("task_memory", None)):
+            if getattr(args, flag, default) != default:
                 raise UsageError(f"--{flag} without --executor",
                                  "add --executor local|ray|slurm, or use --processes")
         return None
@@ -42,7 +46,8 @@ def _engine(args: argparse.Namespace):
 
     slurm = (("partition", args.slurm_partition), ("time", args.slurm_time)) \
         if executor == "slurm" else ()
-    eng = Engine(executor, tasks=args.tasks, workers=args.workers, slurm=slurm)
+    memory = {} if args.task_memory is None else {"task_memory_mb": args.task_memory}
+    eng = Engine(executor, tasks=args.tasks, workers=args.workers, slurm=slurm, **memory)
     eng.check()
     return eng
 
@@ -54,6 +59,13 @@ def run(args: argparse.Namespace) -> int:
     engine = _engine(args)
     c = common.load_config(args)
     common.writable_dir(c.data.data_dir, "data dir (data.data_dir)")
+    if engine is not None:
+        from gopher_jax import data
+        from gopher_jax.data import engine as engine_lib
+
+        if not data.is_mixture(c):  # refused with a mixture below
+            engine_lib.check_plan(engine, c, args.name == "data filter" or c.data.filter,
+                                  args.name == "data prepare")
     if args.name == "tokenizer train":
         return _tokenizer(c)
     if args.name == "data filter":

@@ -20,14 +20,15 @@ gs:// folder, which every task of a cluster sees):
 
 Stage 1 writes tasks x partitions x 2 objects, whatever the shard count (per shard it
 would be shards x partitions x 2: MassiveText's 2.2 million shards on 2,048 tasks, 9e9;
-per task 8.4 million). A stage-1 task keeps at most SPILL_BYTES of each kind in memory (a
-band record is 58 bytes, 20 per document) and spills the rest, sorted by partition, to a
-local temporary folder: about 1.2 KB of local disk per document of the task. A stage-2
-result does not depend on the order of its input files or records (groups are sorted by
-key, a group's documents by id).
+per task 8.4 million). A stage-1 task keeps at most `spill_bytes` of each kind in memory
+(a band record is 58 bytes, 20 per document; engine.py derives it from the task budget) and
+spills the rest, sorted by partition, to a local temporary folder: about 1.2 KB of local
+disk per document of the task. A stage-2 result does not depend on the order of its input
+files or records, nor on the number of partitions (groups are sorted by key, a group's
+documents by id; a key's records are all in one partition).
 
-Memory per task: stage 1 one shard and about twice SPILL_BYTES per kind, stage 2 1/P of the
-band records, stage 3 its candidate pairs and at most CACHE_SHARDS shards' 13-gram sets,
+Memory per task: stage 1 one shard and about twice `spill_bytes` per kind, stage 2 1/P of
+the band records, stage 3 its candidate pairs and at most CACHE_SHARDS shards' 13-gram sets,
 stage 4 the confirmed edges (documents that have a near duplicate, not the corpus: the same
 as datatrove's MinhashDedupCluster). No task holds a whole-corpus structure.
 
@@ -62,7 +63,7 @@ BAND_REC = np.dtype([("band", "<u2"), ("key", "<u8", (dedup.ROWS,)), ("hash", "<
                      ("doc", "<i8")])  # doc >= 0: a training id; -(e + 1): evaluation doc e
 PAIR_REC = np.dtype([("a", "<i8"), ("b", "<i8")])
 CACHE_SHARDS = 4  # shards' 13-gram sets a confirmation task keeps loaded
-SPILL_BYTES = 64 << 20  # records of a kind a stage-1 task keeps in memory
+SPILL_BYTES = 64 << 20  # records of a kind a stage-1 task keeps in memory, by default
 
 
 def write_bin(path: pathlib.Path, records: np.ndarray) -> None:
@@ -115,6 +116,11 @@ class _Records:
         self._buf: list[tuple[np.ndarray, np.ndarray]] = []
         self._bytes = 0
         self._runs: list[tuple[pathlib.Path, np.ndarray]] = []  # (file, partition offsets)
+
+    @property
+    def runs(self) -> int:
+        """Runs spilled to the local folder so far."""
+        return len(self._runs)
 
     def add(self, rec: np.ndarray, part: np.ndarray) -> None:
         self._buf.append((rec, part))
@@ -174,6 +180,11 @@ class Emitter:
         self._hash = _Records(HASH_REC, self._partitions, spill / "hash", self._spill_bytes)
         self._band = _Records(BAND_REC, self._partitions, spill / "band", self._spill_bytes)
         return self
+
+    @property
+    def spilled_runs(self) -> int:
+        """Runs of either kind written to the local folder (0: all held in memory)."""
+        return self._hash.runs + self._band.runs
 
     def add(self, docs: np.ndarray, hashes: np.ndarray | None, sigs: np.ndarray) -> None:
         """One shard's documents (ids, or -(eval index + 1) with `hashes` None), their text

@@ -12,9 +12,11 @@ finished; datatrove's completion markers make a rerun do only the unfinished tas
     read, for a text_files dataset (read_text_files):
       read       each raw file's documents (task r: files r, r + N, ...), split by the hash
                  of their keys (builders.hash_split), serialized as TFDS stores them and
-                 sorted by TFDS's shuffle key: runs of at most RUN_BYTES per file and split
-      sort       (N tasks, hash bucket r) a bucket's examples from every run, in key order:
-                 one shard of the split
+                 sorted by TFDS's shuffle key: runs of at most Engine.run_bytes per file
+                 and split
+      sort       (a task per hash bucket; buckets = N, or more where the raw files' size
+                 asks for it under the task budget) a bucket's examples from every run,
+                 in key order: one shard of the split
       info       (1 task) the shards named as TFDS's in bucket order, then features.json
                  and dataset_info.json, last: TFDS's one-process build's records in its
                  order (it writes a split sorted by the same keys; only the shard count
@@ -23,7 +25,8 @@ finished; datatrove's completion markers make a rerun do only the unfinished tas
     filter (data.filter):
       rules      quality and repetition per shard (corpus_filter's stage 1, as `data filter`)
                  and the task's hash and band records (dedup_sharded.Emitter)
-      partition  exact duplicates and LSH candidates per hash partition
+      partition  exact duplicates and LSH candidates per hash partition (a task each;
+                 P = N, or more where the documents' band records ask for it)
       confirm    candidate pairs checked on exact 13-gram Jaccard >= 0.8
       cluster    (1 task) near-duplicate clusters from the confirmed pairs
       docs       each shard's surviving documents and its audit counts
@@ -37,9 +40,11 @@ finished; datatrove's completion markers make a rerun do only the unfinished tas
       meta       (1 task) <split>.json, last
 
 Shards are the data's `docs_per_shard` ranges (never the task count); task r of N takes
-shards r, r + N, r + 2N...; the hash partitions are N. Every output is a function of the
-documents: the chunk files, their order, the manifest and the fingerprints equal `data
-prepare`'s byte for byte (tests/test_engine.py).
+shards r, r + N, r + 2N...; the hash partitions and sort buckets follow from N and the task
+budget (Engine.task_memory_mb; the constants below say what a task holds), and a shard the
+budget cannot hold is refused before any work. Every output is a function of the
+documents, whatever N, the partitions or the buckets: the chunk files, their order, the
+manifest and the fingerprints equal `data prepare`'s byte for byte (tests/test_engine.py).
 
 Why steps of our own on datatrove's executors rather than datatrove's reader, filter,
 MinHash and tokenizer steps: the documents are the prepared dataset's, numbered by their
@@ -49,7 +54,8 @@ dedup_sharded.py, tokenized.py say why for each). The executors are datatrove's:
 workers, completion markers, SLURM job arrays, Ray placement and retries.
 
 Each task records its wall time in `<work>/tasks/<stage>-<rank>.json`; with `trace_memory`
-also its peak Python/numpy allocation (tracemalloc) and the process's peak resident set.
+also its peak Python/numpy allocation (tracemalloc) and the process's peak resident set; a
+rules task also the number of dedup record runs it spilled to local disk.
 """
 
 from __future__ import annotations
@@ -57,7 +63,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
 import json
+import math
 import os
 import pathlib
 import resource
@@ -80,18 +88,71 @@ from gopher_jax.errors import DataError, UsageError
 EXECUTORS = ("local", "ray", "slurm")
 ENGINE_DIR = "engine"  # inside a filter dir and a chunks dir: the stages' work and logs
 
+# A task's budget (--task_memory) is the memory it may hold beyond the interpreter and the
+# libraries it imports: what tracemalloc sees (Python objects and numpy arrays; Step starts
+# tracing after the stages' modules are imported). What the executors are asked for adds
+# LIBRARY_MB: a worker's peak RSS with every library loaded is 85-130 MB
+# (benchmarks/data_engine.py; the driver's ~370 MB is not a task), so 512 MB holds them
+# about four times over, with room for the allocator's freed-but-kept pages, which
+# tracemalloc does not count.
+MIN_TASK_MEMORY_MB = 1
+LIBRARY_MB = 512
+# Of a budget B, what --tasks cannot shrink (one shard in a rules, docs, tokenize or pack
+# task; four cached shards in a confirm task) may take half; the other half is for what
+# the plan sizes from B: a rules task's two kinds of dedup records, B/8 each held (at most
+# ~2.3x that while one kind is sorted: the concatenation, its int64 order and partition
+# arrays, the sorted copy: <= 0.45 B), a read task's run (B/4 of examples, ~1.2x that as
+# the bytes objects and keys a run holds).
+SHARD_SHARE = 0.5
+SPILL_SHARE = 1 / 8
+RUN_SHARE = 1 / 4
+# Task memory per byte of a shard's documents and per task, from tracemalloc peaks of
+# tasks holding one shard each (trace_memory) on tests/test_engine.py's prose corpus
+# (1,816-byte documents, 300 words; the 400-piece tokenizer): docs_per_shard 16, 32, 64
+# and 128, a line through the peaks, rounded up. Tokenize and pack are measured below 256
+# documents a shard (the encoder's batch, whose token lists are Python ints: ~40 bytes a
+# token); larger shards free those batch by batch, so these overstate them.
+SHARD_BYTES_PER_BYTE = {"rules": 6.0, "docs": 4.0, "tokenize": 31.0, "pack": 28.0}
+SHARD_TASK_BYTES = {"rules": 0, "docs": 1_100_000, "tokenize": 20_000, "pack": 800_000}
+# A rules task's MinHash of one document: [shingles, 100] uint64 hashes and a few
+# temporaries, 0.8 MB for the 1,816-byte documents (~440 bytes per byte of the document),
+# at most dedup.signature's 4,096-shingle block (~25 KB of text).
+MINHASH_BYTES_PER_BYTE, MINHASH_MAX_TEXT = 440, 25_000
+# A confirm task's cached shard: its stage-1 arrays (13-gram sets, signatures, ids,
+# snippets) are 1.95 bytes per byte of its documents (np.load of a shard of the prose
+# corpus), its list of sets ~0.1 more.
+CONFIRM_BYTES_PER_BYTE = 2.1
+# A partition task: 20 band records (58 bytes each) and a hash record per document of its
+# partition, the six key arrays and order of their lexsort and the groups: 2.8-2.9 KB per
+# document (1,200 documents on 10 and 20 partitions).
+PARTITION_BYTES_PER_DOC = 3000
+# A sort task: its bucket's examples as bytes objects with their keys, and the shard
+# written from them: 1.9x its bytes (buckets of 27-217 KB).
+SORT_BYTES_PER_BYTE = 2.0
+# A raw file's bytes as examples: plain files ~1x (JSON escapes make them larger than
+# their text); gzip, zstd and parquet files hold ~4x their size of text (web text
+# compresses 3-5x): an estimate, the one number here not measured on this corpus.
+COMPRESSED_TEXT_RATIO = 4
+# The cluster task's union-find: 280 bytes per confirmed pair (a dict entry and two ints
+# for each of two documents; cluster() on 20,000 and 80,000 random pairs).
+CLUSTER_BYTES_PER_EDGE = 300
+
 
 @dataclasses.dataclass(frozen=True)
 class Engine:
     """Where and how wide the pipeline runs. `workers`: tasks at once (local: processes; 1
     runs them one after another in this process; Ray: concurrent tasks, -1 all). SLURM
-    settings go to SlurmPipelineExecutor as they are (partition, time, ...)."""
+    settings go to SlurmPipelineExecutor as they are (partition, time, ...; an explicit
+    mem_per_cpu_gb wins). `task_memory_mb`: each task's budget (see LIBRARY_MB): the dedup
+    records' spill threshold, the read runs, the hash partitions and sort buckets follow
+    from it, and a shard it cannot hold is refused before any work (check_shard)."""
 
     executor: str = "local"
     tasks: int = 1
     workers: int = 1
     slurm: tuple[tuple[str, Any], ...] = ()
     trace_memory: bool = False
+    task_memory_mb: int = 1024
 
     def __post_init__(self):
         if self.executor not in EXECUTORS:
@@ -100,6 +161,65 @@ class Engine:
             raise UsageError(f"--tasks {self.tasks}", "give 1 or more")
         if self.workers < 1 and self.workers != -1:
             raise UsageError(f"--workers {self.workers}", "give 1 or more (or -1: all tasks)")
+        if self.task_memory_mb < MIN_TASK_MEMORY_MB:
+            raise UsageError(f"--task_memory {self.task_memory_mb}",
+                             f"give at least {MIN_TASK_MEMORY_MB} (MB per task)")
+
+    @property
+    def task_bytes(self) -> int:
+        return self.task_memory_mb << 20
+
+    @property
+    def request_mb(self) -> int:
+        """What each task asks the executor for: its budget and the libraries."""
+        return self.task_memory_mb + LIBRARY_MB
+
+    @property
+    def spill_bytes(self) -> int:
+        """Dedup records of each kind a rules task keeps in memory."""
+        return int(self.task_bytes * SPILL_SHARE)
+
+    @property
+    def run_bytes(self) -> int:
+        """Examples a read task holds before it writes them as a run."""
+        return int(self.task_bytes * RUN_SHARE)
+
+    def partitions(self, docs: int) -> int:
+        """Hash partitions of the dedup for `docs` documents (training and evaluation):
+        --tasks, or more where a partition task's band records would not fit."""
+        return max(self.tasks, math.ceil(docs * PARTITION_BYTES_PER_DOC /
+                                         (self.task_bytes * SHARD_SHARE)))
+
+    def buckets(self, example_bytes: int) -> int:
+        """Sort buckets (hash ranges) of the read stage for about `example_bytes` of
+        examples: --tasks, or more where a sort task's bucket would not fit."""
+        return max(self.tasks, math.ceil(example_bytes * SORT_BYTES_PER_BYTE /
+                                         (self.task_bytes * SHARD_SHARE)))
+
+    def check_shard(self, stages: tuple[str, ...], docs_per_shard: int,
+                    mean_doc_bytes: float) -> None:
+        """Refuses (UsageError) a shard of `docs_per_shard` documents of `mean_doc_bytes`
+        that a task of `stages` (rules, docs, confirm, tokenize, pack) could not hold in
+        its half of the budget: no --tasks shrinks a shard."""
+        share = self.task_bytes * SHARD_SHARE
+        needs = {stage: _shard_need(stage, docs_per_shard, mean_doc_bytes) for stage in stages}
+        over = [stage for stage, need in needs.items() if need > share]
+        if not over:
+            return
+        fits = []
+        for stage in stages:
+            fixed = _shard_need(stage, 0, mean_doc_bytes)
+            per_doc = (needs[stage] - fixed) / max(docs_per_shard, 1)
+            fits.append(int((share - fixed) / per_doc) if share > fixed and per_doc else 0)
+        stage, top = over[0], max(needs.values())
+        raise_to = f"raise --task_memory to {math.ceil(top / SHARD_SHARE / 2**20):,}"
+        raise UsageError(
+            f"--task_memory {self.task_memory_mb}: a {stage} task holding one shard of "
+            f"{docs_per_shard:,} documents (~{mean_doc_bytes:,.0f} bytes each) needs "
+            f"~{needs[stage] / 2**20:,.1f} MB, over the {share / 2**20:,.1f} MB (half the "
+            "budget) a shard may take",
+            f"lower data.docs_per_shard to {min(fits):,}, or {raise_to}" if min(fits)
+            else raise_to)
 
     def read_text_files(self, *args: Any) -> None:
         """`read_text_files` below on this engine (how builders._build hands it over)."""
@@ -136,11 +256,29 @@ class Engine:
                              "run on a SLURM login node, or use --executor local|ray")
 
 
+def _shard_need(stage: str, docs: int, mean_doc_bytes: float) -> float:
+    """Bytes a task of `stage` needs for one shard of `docs` documents (the constants
+    above)."""
+    text = docs * mean_doc_bytes
+    if stage == "confirm":
+        return dedup_sharded.CACHE_SHARDS * CONFIRM_BYTES_PER_BYTE * text
+    need = SHARD_BYTES_PER_BYTE[stage] * text + SHARD_TASK_BYTES[stage]
+    if stage == "rules":
+        need += MINHASH_BYTES_PER_BYTE * min(mean_doc_bytes, MINHASH_MAX_TEXT)
+    return need
+
+
+# Modules the stages import when they first run (not at this module's import): Step imports
+# them before it starts tracing, so a worker's first task does not count them.
+_TASK_MODULES = ("gopher_jax.data.corpus_filter", "gopher_jax.data.tokenizer")
+
+
 class Step:
     """One stage as a datatrove pipeline step: fn(rank, world_size, *args) for the task's
     rank. A plain picklable callable (datatrove accepts any callable with (data, rank,
     world_size)); there are no documents flowing between our stages, only files. Each task
-    records its wall time (and with `trace`, its peak memory) in <report_dir>."""
+    records its wall time (and with `trace`, its peak memory), and the counts `fn` returns
+    (a dict, or None), in <report_dir>."""
 
     def __init__(self, stage: str, fn: Callable, args: tuple, report_dir: str, trace: bool):
         self.stage, self.fn, self.args = stage, fn, args
@@ -153,13 +291,15 @@ class Step:
     def __call__(self, data, rank: int = 0, world_size: int = 1):
         del data
         storage.configure()  # a gs:// data dir from a fresh worker process
+        for module in _TASK_MODULES:  # libraries: outside the budget, so before tracing
+            importlib.import_module(module)
         t0 = time.perf_counter()
         if self.trace:
             tracemalloc.start()
         try:
-            self.fn(rank, world_size, *self.args)
+            counts = self.fn(rank, world_size, *self.args)
             record = {"stage": self.stage, "rank": rank,
-                      "seconds": time.perf_counter() - t0}
+                      "seconds": time.perf_counter() - t0, **(counts or {})}
             if self.trace:
                 record["tracemalloc_peak"] = tracemalloc.get_traced_memory()[1]
                 record["max_rss"] = _peak_rss()
@@ -202,12 +342,13 @@ def run_stage(eng: Engine, work: pathlib.Path, stage: str, fn: Callable, args: t
 
         eng.check()  # connects to the cluster once
         RayPipelineExecutor(pipeline, tasks=n, workers=eng.workers, logging_dir=logs,
-                            cpus_per_task=1, mem_per_cpu_gb=1).run()
+                            cpus_per_task=1, mem_per_cpu_gb=eng.request_mb / 1024).run()
     else:
         from datatrove.executor import SlurmPipelineExecutor
 
         kwargs = dict(eng.slurm)
         kwargs.setdefault("time", "24:00:00")
+        kwargs.setdefault("mem_per_cpu_gb", math.ceil(eng.request_mb / 1024))  # --mem-per-cpu=NG
         slurm = SlurmPipelineExecutor(pipeline, tasks=n, workers=eng.workers, logging_dir=logs,
                                       job_name=f"gopher_{stage}", **kwargs)
         slurm.run()  # submits a job array and returns: wait for it to leave the queue
@@ -253,7 +394,7 @@ def _mine(items: list, rank: int, world: int) -> list:
 class ReadPlan:
     """What every read, sort and info task needs, picklable: the raw files in
     list_text_files' order, their document names, the dataset's fingerprint, the work
-    folder and the number of hash buckets (the sort tasks)."""
+    folder, the number of hash buckets (the sort tasks' shards) and a run's bytes."""
 
     cfg: dict
     fp: str
@@ -261,6 +402,7 @@ class ReadPlan:
     names: tuple
     work: str
     buckets: int
+    run_bytes: int
 
     def builder(self) -> builders.TextFiles:
         d = _config(self.cfg).data
@@ -312,12 +454,9 @@ def _read_task(rank: int, world: int, plan: ReadPlan) -> None:
             _read_file(plan, i, features, hashers, text_field)
 
 
-RUN_BYTES = 64 << 20  # a read task's examples in memory before it writes them as runs
-
-
 def _read_file(plan: ReadPlan, i: int, features, hashers: dict, text_field: str) -> None:
-    """File i's documents as runs per split (a run each time RUN_BYTES of examples have
-    come): each example serialized as TFDS's writer stores it (features.serialize_example)
+    """File i's documents as runs per split (a run each time plan.run_bytes of examples
+    have come): each example serialized as TFDS's writer stores it (features.serialize_example)
     behind its 16-byte TFDS shuffle key (the md5 of its key salted with the split: the order
     TFDS's one-process build writes), a run sorted by that key; the summary (counts, bytes,
     where each hash bucket starts in each run) marks the file read."""
@@ -345,7 +484,7 @@ def _read_file(plan: ReadPlan, i: int, features, hashers: dict, text_field: str)
         summary[split]["count"] += 1
         summary[split]["bytes"] += len(record)
         held += len(record)
-        if held >= RUN_BYTES:
+        if held >= plan.run_bytes:
             flush()
             held = 0
     flush()
@@ -441,18 +580,20 @@ def read_text_files(eng: Engine, cfg: ml_collections.ConfigDict, builder: builde
     log = log or (lambda msg: None)
     d = cfg.data
     files = readers.list_text_files(d.text_files)
-    name = f"{builder.name}-{builder.builder_config.name}-n{eng.tasks}"
+    buckets = eng.buckets(sum(map(_example_bytes, files)))
+    name = f"{builder.name}-{builder.builder_config.name}-n{eng.tasks}" + (
+        f"-b{buckets}" if buckets != eng.tasks else "")
     work = storage.data_path(d.data_dir) / ENGINE_DIR / name
     plan = ReadPlan(cfg.to_dict(), builder.builder_config.name[1:], tuple(files),
-                    tuple(readers.doc_names(files)), str(work), eng.tasks)
+                    tuple(readers.doc_names(files)), str(work), buckets, eng.run_bytes)
     log(f"[engine] read: {len(files)} file(s), {eng.tasks} task(s) on the {eng.executor} "
-        f"executor; work in {work}")
+        f"executor, {buckets} sort bucket(s); work in {work}")
     t0 = time.time()
     run_stage(eng, work, "read", _read_task, (plan,))
     log(f"[engine] read done ({time.time() - t0:.1f}s)")
     runs = plan.runs()
     if all(sum(r[s]["count"] for r in runs) for s in builders.SPLITS):
-        for stage, fn, tasks in (("sort", _sort_task, None), ("info", _info_task, 1)):
+        for stage, fn, tasks in (("sort", _sort_task, buckets), ("info", _info_task, 1)):
             run_stage(eng, work, stage, fn, (plan,), tasks)
             log(f"[engine] {stage} done ({time.time() - t0:.1f}s)")
     else:
@@ -460,6 +601,14 @@ def read_text_files(eng: Engine, cfg: ml_collections.ConfigDict, builder: builde
         builders.build_one_process(cfg, builder)
     for folder in ("runs", "shards"):
         _remove_tree(work / folder)
+
+
+def _example_bytes(path: str) -> float:
+    """About the bytes of examples raw file `path` holds: its size, times
+    COMPRESSED_TEXT_RATIO for a compressed or parquet file."""
+    size = readers._size_and_crc32c(path)[0]  # memoised: the corpus fingerprint's
+    compressed = path.endswith((".gz", ".zst", ".parquet"))
+    return size * COMPRESSED_TEXT_RATIO if compressed else size
 
 
 def _remove_tree(p: pathlib.Path) -> None:
@@ -487,6 +636,9 @@ class FilterPlan:
     out: str
     fp: str
     docs_per_shard: int
+    tasks: int  # the rules, confirm and docs tasks; the owners of shards and results
+    partitions: int  # the dedup's hash partitions: the partition stage's tasks
+    spill_bytes: int  # dedup records of each kind a rules task keeps in memory
 
     @property
     def work(self) -> pathlib.Path:
@@ -495,8 +647,14 @@ class FilterPlan:
     def stage1(self, split: str, k: int, suffix: str) -> pathlib.Path:
         return self.work / f"{split}-{k:05d}-{self.fp}{suffix}"
 
-    def dedup_dir(self, tasks: int) -> pathlib.Path:
-        return storage.data_path(self.out) / ENGINE_DIR / f"{self.fp}-n{tasks}"
+    def dedup_dir(self) -> pathlib.Path:
+        """The stages' work: one folder per (tasks, partitions), which lay out its files."""
+        name = f"{self.fp}-n{self.tasks}" + (
+            f"-p{self.partitions}" if self.partitions != self.tasks else "")
+        return storage.data_path(self.out) / ENGINE_DIR / name
+
+    def owner(self) -> Callable[[np.ndarray], np.ndarray]:
+        return functools.partial(_owner, self.docs_per_shard, self.tasks)
 
     def train_jobs(self) -> list:
         return [j for j in self.jobs if j[4] < 0]
@@ -509,11 +667,12 @@ def _owner(docs_per_shard: int, owners: int, ids: np.ndarray) -> np.ndarray:
     return (ids // docs_per_shard) % owners
 
 
-def _rules_task(rank: int, world: int, plan: FilterPlan) -> None:
+def _rules_task(rank: int, world: int, plan: FilterPlan) -> dict:
     from gopher_jax.data import corpus_filter
 
     cfg = _config(plan.cfg)
-    with dedup_sharded.Emitter(plan.dedup_dir(world), rank, world) as emitter:
+    with dedup_sharded.Emitter(plan.dedup_dir(), rank, plan.partitions,
+                               plan.spill_bytes) as emitter:
         for split, k, a, b, offset in _mine(list(plan.jobs), rank, world):
             corpus_filter._stage1_shard(cfg, plan.fcfg, split, k, a, b, str(plan.work),
                                         plan.fp, offset < 0)
@@ -523,11 +682,12 @@ def _rules_task(rank: int, world: int, plan: FilterPlan) -> None:
             else:
                 docs, hashes = -(offset + arr["ids"] + 1), None
             emitter.add(docs, hashes, arr["sigs"])
+    return {"spilled_runs": emitter.spilled_runs}
 
 
 def _partition_task(rank: int, world: int, plan: FilterPlan) -> None:
-    dedup_sharded.partition(plan.dedup_dir(world), rank,
-                            functools.partial(_owner, plan.docs_per_shard, world), world)
+    del world
+    dedup_sharded.partition(plan.dedup_dir(), rank, plan.owner(), plan.tasks)
 
 
 def _shard_sets(plan: FilterPlan) -> dedup_sharded.ShardSets:
@@ -557,13 +717,13 @@ def _shard_sets(plan: FilterPlan) -> dedup_sharded.ShardSets:
 
 
 def _confirm_task(rank: int, world: int, plan: FilterPlan) -> None:
-    dedup_sharded.confirm(plan.dedup_dir(world), rank, _shard_sets(plan))
+    del world
+    dedup_sharded.confirm(plan.dedup_dir(), rank, _shard_sets(plan))
 
 
-def _cluster_task(rank: int, world: int, plan: FilterPlan, owners: int) -> None:
+def _cluster_task(rank: int, world: int, plan: FilterPlan) -> None:
     del rank, world
-    dedup_sharded.cluster(plan.dedup_dir(owners),
-                          functools.partial(_owner, plan.docs_per_shard, owners), owners)
+    dedup_sharded.cluster(plan.dedup_dir(), plan.owner(), plan.tasks)
 
 
 def _eval_id(plan: FilterPlan, e: int) -> str:
@@ -578,7 +738,7 @@ def _eval_id(plan: FilterPlan, e: int) -> str:
 def _docs_task(rank: int, world: int, plan: FilterPlan) -> None:
     from gopher_jax.data import corpus_filter
 
-    folder = plan.dedup_dir(world)
+    folder = plan.dedup_dir()
     removed = dedup_sharded.removals(folder, rank)
     gone_all = {i for v in removed.values() for i in v}
     docs_dir = storage.data_path(plan.out) / artefacts.FILTER_DOCS
@@ -602,13 +762,12 @@ def _docs_task(rank: int, world: int, plan: FilterPlan) -> None:
                     {"rules": later, "shard": dataclasses.asdict(shard), "pii": pii})
 
 
-def _report_task(rank: int, world: int, plan: FilterPlan, owners: int, conf: dict,
-                 t0: float) -> None:
+def _report_task(rank: int, world: int, plan: FilterPlan, conf: dict, t0: float) -> None:
     from gopher_jax.data import corpus_filter
     from gopher_jax.data.records import FilterShard
 
     del rank, world
-    folder = plan.dedup_dir(owners)
+    folder = plan.dedup_dir()
     train = plan.train_jobs()
     summaries = [json.loads(plan.stage1(s, k, ".json").read_text()) for s, k, *_ in train]
     parts = [json.loads((folder / "docs" / f"{k:05d}.json").read_text()) for _, k, *_ in train]
@@ -629,26 +788,77 @@ def filter_corpus(eng: Engine, cfg: ml_collections.ConfigDict, fcfg, out: pathli
 
     t0 = time.time()
     d = cfg.data
+    builder = builders.get_builder(cfg)
+    check_filter(eng, cfg, builder)
     jobs, offset = [], 0
     for split, plan in plans.items():
         for k, (a, b) in enumerate(plan):
             jobs.append((split, k, a, b, -1 if split == d.train_split else offset))
         if split != d.train_split:
             offset += plan[-1][1] if plan else 0
+    docs = sum(plan[-1][1] for plan in plans.values() if plan)
     fplan = FilterPlan(cfg.to_dict(), fcfg, d.train_split, tuple(jobs), str(out), fp,
-                       d.docs_per_shard)
-    work = fplan.dedup_dir(eng.tasks)
+                       d.docs_per_shard, eng.tasks, eng.partitions(docs), eng.spill_bytes)
+    work = fplan.dedup_dir()
     log(f"[engine] filter: {len(jobs)} shards, {eng.tasks} task(s) on the {eng.executor} "
-        f"executor; work in {work}")
+        f"executor, {fplan.partitions} hash partition(s); work in {work}")
     n = eng.tasks
     for stage, fn, args, tasks in (
-            ("rules", _rules_task, (fplan,), n), ("partition", _partition_task, (fplan,), n),
-            ("confirm", _confirm_task, (fplan,), n),
-            ("cluster", _cluster_task, (fplan, n), 1), ("docs", _docs_task, (fplan,), n),
-            ("report", _report_task, (fplan, n, conf, t0), 1)):
+            ("rules", _rules_task, (fplan,), n),
+            ("partition", _partition_task, (fplan,), fplan.partitions),
+            ("confirm", _confirm_task, (fplan,), n), ("cluster", _cluster_task, (fplan,), 1),
+            ("docs", _docs_task, (fplan,), n), ("report", _report_task, (fplan, conf, t0), 1)):
+        if stage == "cluster":
+            _warn_cluster(eng, work, log)
         run_stage(eng, work, stage, fn, args, tasks)
         log(f"[engine] {stage} done ({time.time() - t0:.1f}s)")
     return corpus_filter.read_manifest(out)
+
+
+def _mean_doc_bytes(builder, splits) -> float:
+    """The largest mean example size (TFDS's split info: bytes / examples) of `splits`."""
+    infos = [builder.info.splits[s] for s in splits if s in builder.info.splits]
+    return max([i.num_bytes / i.num_examples for i in infos if i.num_examples] or [0.0])
+
+
+def _shard_docs(cfg: ml_collections.ConfigDict, builder) -> int:
+    """Documents in the largest shard: docs_per_shard, or the largest split if smaller."""
+    return min(cfg.data.docs_per_shard,
+               max([s.num_examples for s in builder.info.splits.values()] or [0]))
+
+
+def check_filter(eng: Engine, cfg: ml_collections.ConfigDict, builder) -> None:
+    """Refuses a filtering whose shard a rules, docs or confirm task could not hold
+    (Engine.check_shard), from the prepared dataset's split sizes."""
+    eng.check_shard(("rules", "docs", "confirm"), _shard_docs(cfg, builder),
+                    _mean_doc_bytes(builder, builder.info.splits))
+
+
+def check_plan(eng: Engine, cfg: ml_collections.ConfigDict, filtering: bool,
+               tokenizing: bool) -> None:
+    """Before any work: refuses a --task_memory that one shard of the dataset already
+    prepared in the data dir would exceed in a filter (with `filtering`) or a tokenize task
+    (with `tokenizing`). A dataset the engine is yet to read is checked once it is read
+    (filter_corpus, prepare_split), before their stages."""
+    builder = builders.get_builder(cfg)
+    if not builder.is_prepared():
+        return
+    if filtering:
+        check_filter(eng, cfg, builder)
+    if tokenizing:
+        eng.check_shard(("tokenize", "pack"), _shard_docs(cfg, builder),
+                        _mean_doc_bytes(builder, builder.info.splits))
+
+
+def _warn_cluster(eng: Engine, work: pathlib.Path, log: Callable[[str], None]) -> None:
+    """The cluster stage is one task holding every confirmed pair: a line when their
+    count says it needs more than the budget (no --tasks or partition count shrinks it)."""
+    edges = storage.tree_bytes(work / "edges") // dedup_sharded.PAIR_REC.itemsize
+    need = edges * CLUSTER_BYTES_PER_EDGE
+    if need > eng.task_bytes:
+        log(f"[engine] cluster: {edges:,} confirmed near-duplicate pairs need ~"
+            f"{need / 2**20:,.0f} MB in its one task, over --task_memory "
+            f"{eng.task_memory_mb}: it runs anyway, on a machine that must have that memory")
 
 
 # ---------------------------------------------------------------------------------------
@@ -754,6 +964,8 @@ def prepare_split(eng: Engine, cfg: ml_collections.ConfigDict, split: str, num_d
     """shards.prepare_split (same arguments but `processes`) as engine stages: the same
     files and metadata."""
     log = log or (lambda msg: None)
+    eng.check_shard(("tokenize", "pack"), min(cfg.data.docs_per_shard, num_docs),
+                    _mean_doc_bytes(builders.get_builder(cfg), [split]))
     folder = chunks_dir / split
     folder.mkdir(parents=True, exist_ok=True)
     shards.remove_stale_temporaries(folder)
