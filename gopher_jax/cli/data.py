@@ -60,12 +60,10 @@ def run(args: argparse.Namespace) -> int:
     c = common.load_config(args)
     common.writable_dir(c.data.data_dir, "data dir (data.data_dir)")
     if engine is not None:
-        from gopher_jax import data
         from gopher_jax.data import engine as engine_lib
 
-        if not data.is_mixture(c):  # refused with a mixture below
-            engine_lib.check_plan(engine, c, args.name == "data filter" or c.data.filter,
-                                  args.name == "data prepare")
+        engine_lib.check_plan(engine, c, args.name == "data filter" or c.data.filter,
+                              args.name == "data prepare")
     if args.name == "tokenizer train":
         return _tokenizer(c)
     if args.name == "data filter":

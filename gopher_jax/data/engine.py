@@ -838,8 +838,15 @@ def check_plan(eng: Engine, cfg: ml_collections.ConfigDict, filtering: bool,
                tokenizing: bool) -> None:
     """Before any work: refuses a --task_memory that one shard of the dataset already
     prepared in the data dir would exceed in a filter (with `filtering`) or a tokenize task
-    (with `tokenizing`). A dataset the engine is yet to read is checked once it is read
-    (filter_corpus, prepare_split), before their stages."""
+    (with `tokenizing`); a mixture's sources each (those marked filter filtered). A dataset
+    the engine is yet to read is checked once it is read (filter_corpus, prepare_split),
+    before their stages."""
+    from gopher_jax.data import sources
+
+    if sources.is_mixture(cfg):
+        for src in sources.sources(cfg):
+            check_plan(eng, sources.corpus_config(cfg, src), src.filter, tokenizing)
+        return
     builder = builders.get_builder(cfg)
     if not builder.is_prepared():
         return
