@@ -123,6 +123,7 @@ def test_a_budget_that_asks_for_more_partitions_buckets_and_spills_gives_the_sam
     assert _chunk_bytes(c) == _chunk_bytes(cfg) and _filter_outputs(c) == _filter_outputs(cfg)
     (read,) = (tmp_path / "budget" / engine.ENGINE_DIR).iterdir()
     (filt,) = (artefacts.filter_dir(c) / engine.ENGINE_DIR).iterdir()
+    assert "-b" in read.name and "-p" in filt.name, (read.name, filt.name)
     buckets, parts = int(read.name.split("-b")[1]), int(filt.name.split("-p")[1])
     assert buckets > 2 and parts > 2 and read.name.endswith(f"-n2-b{buckets}")
     assert len(list((read / "logs" / "sort" / "completions").iterdir())) == buckets
@@ -515,6 +516,7 @@ def test_dedup_task_memory_stays_under_the_configured_budget_the_in_memory_dedup
     m = corpus_filter.filter_corpus(c, tmp_path / "engine", engine=eng)
     assert m == ref and m.stages["near_dedup"]["docs_removed"] == 1
     (work_dir,) = (tmp_path / "engine" / "engine").iterdir()
+    assert "-p" in work_dir.name, work_dir.name  # partitions other than --tasks
     partitions = int(work_dir.name.split("-p")[1])
     assert partitions > eng.tasks and work_dir.name.endswith(f"-n2-p{partitions}")
     records = engine.task_report(work_dir)
@@ -837,6 +839,23 @@ def test_a_task_memory_too_small_for_a_shard_is_refused_before_any_file_is_writt
     engine.check_filter(engine.Engine("local", task_memory_mb=raise_to), c, builder)
     with pytest.raises(UsageError):
         engine.check_filter(engine.Engine("local", task_memory_mb=raise_to - 1), c, builder)
+
+
+def test_a_raw_corpus_too_large_a_shard_for_the_budget_stops_before_the_filter_works(
+        tmp_path):
+    """`data prepare` on the engine of a raw corpus (its dataset not read yet, so the check
+    waits for the read stages): the filter refuses the shard before its first stage, and
+    no chunks are written. Catches a check only the CLI makes (on datasets read before)."""
+    from gopher_jax.errors import UsageError
+
+    c = _prose_config(tmp_path, 300, 300, [], 1000)
+    c.data.update(filter=True, seq_len=32)
+    c.model.vocab_size = 300
+    with pytest.raises(UsageError, match="--task_memory 3: a .* task holding one shard"):
+        pipeline.prepare(c, engine=engine.Engine("local", tasks=2, task_memory_mb=3))
+    assert builders.get_builder(c).is_prepared()  # read by the engine's stages
+    assert not list(artefacts.filter_dir(c).glob(f"{engine.ENGINE_DIR}/*"))
+    assert not artefacts.chunks_dir(c).exists()
 
 
 # ---------------------------------------------------------------------------------------
