@@ -21,9 +21,11 @@ end to end below leaves it out, the MassiveText table adds it). Three runs of
   stages: every split's text);
 - workers 2: the same tasks, two at a time, in processes each stage spawns (datatrove's
   local executor: a pool per stage), which import what the stage's code needs;
-- workers 2 with trace_memory: each task's tracemalloc peak (Python and numpy allocations)
-  and its worker process's peak RSS (the imported libraries included; a one-task stage
-  runs in the driver, whose RSS holds everything the driver imported).
+- workers 2 with trace_memory and a task budget (`--task_memory`, 10 MB: small enough that
+  rules tasks spill their dedup records): each task's tracemalloc peak (Python and numpy
+  allocations), against the budget, and its worker process's peak RSS (the imported
+  libraries included; a one-task stage runs in the driver, whose RSS holds everything the
+  driver imported); the rules tasks' spilled runs and the hash partitions the budget gave.
 
 Each stage's wall time is recorded on every run (stage_wall_s); with 2 workers the start-up
 per stage is its wall time minus its tasks' seconds / 2 (spawning the pool, importing, the
@@ -175,6 +177,7 @@ def _run(cfg, data_dir: pathlib.Path, eng: engine.Engine) -> dict:
     text_bytes = sum(json.loads((artefacts.chunks_dir(c) / f"{s}.json").read_text())
                      ["num_text_bytes"] for s in info.splits)
     return {"wall": wall, "stage_walls": walls, "records": records,
+            "partitions": sum(r["stage"] == "partition" for r in records),
             "train_bytes": manifest["bytes_in"],
             "shards": shards,
             "tokenized_bytes": text_bytes, "files": {s: v.files for s, v in
@@ -187,6 +190,8 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=6,
                     help="the plays and copies - 1 recoded copies of them (a larger corpus)")
     ap.add_argument("--tasks", type=int, default=4)
+    ap.add_argument("--task_memory", type=int, default=10, metavar="MB",
+                    help="the traced run's task budget (small enough that rules tasks spill)")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" /
                                          "data_engine.json"))
     args = ap.parse_args()
@@ -216,10 +221,12 @@ def main() -> None:
     runs = {}
     for name, eng in (("workers_1", engine.Engine("local", args.tasks, 1)),
                       ("workers_2", engine.Engine("local", args.tasks, 2)),
-                      ("traced", engine.Engine("local", args.tasks, 2, trace_memory=True))):
+                      ("traced", engine.Engine("local", args.tasks, 2, trace_memory=True,
+                                               task_memory_mb=args.task_memory))):
         runs[name] = _run(cfg, tmp / name, eng)
         print(f"{name}: {runs[name]['wall']:.1f} s end to end")
-    assert runs["workers_1"]["files"] == runs["workers_2"]["files"]  # the same chunks
+    assert runs["workers_1"]["files"] == runs["workers_2"]["files"] == \
+        runs["traced"]["files"]  # the same chunks whatever the workers and the budget
 
     one = runs["workers_1"]
     train_mb, tok_mb = one["train_bytes"] / 1e6, one["tokenized_bytes"] / 1e6
@@ -245,6 +252,14 @@ def main() -> None:
         p = peaks[r["stage"]]
         p["tracemalloc_peak_mb"] = max(p["tracemalloc_peak_mb"], r["tracemalloc_peak"] / 1e6)
         p["max_rss_mb"] = max(p["max_rss_mb"], r["max_rss"] / 1e6)
+    budget = {"task_memory_mb": args.task_memory,
+              "max_tracemalloc_peak_mb": round(max(
+                  r["tracemalloc_peak"] for r in runs["traced"]["records"]) / 2**20, 2),
+              "spilled_runs_per_rules_task": sorted(
+                  r.get("spilled_runs", 0) for r in runs["traced"]["records"]
+                  if r["stage"] == "rules"),
+              "partitions": runs["traced"]["partitions"],
+              "partitions_workers_1": runs["workers_1"]["partitions"]}
     end_to_end = {name: {"seconds": round(r["wall"], 2),
                          "mb_per_s": round(train_mb / r["wall"], 3),
                          "mb_per_s_per_core": round(train_mb / r["wall"] / cores, 3)}
@@ -287,6 +302,7 @@ def main() -> None:
            "stages": stages,
            "peak_memory_per_task": {k: {a: round(b, 2) for a, b in v.items()}
                                     for k, v in peaks.items()},
+           "traced_budget": budget,
            "end_to_end": end_to_end,
            "massivetext": {
                "bytes": MASSIVETEXT_BYTES,
@@ -321,6 +337,7 @@ def main() -> None:
               f"{peaks[st]['max_rss_mb']:.0f} MB RSS per task; stage wall 1 worker "
               f"{v['stage_wall_s']['workers_1']} s, 2 workers {v['stage_wall_s']['workers_2']}"
               f" s (start-up {v['startup_s_workers_2']} s)")
+    print(f"traced run's budget: {budget}")
     print(f"end to end: {end_to_end}")
     print(f"one process: {one_process}")
     for row in table:
