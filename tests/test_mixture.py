@@ -307,6 +307,12 @@ def test_engine_prepares_the_mixture_plain_prepare_prepares(corpora, tmp_path):
     plain, engined = _prepared_files(tmp_path / "plain"), _prepared_files(tmp_path / "engine")
     assert any("/filtered/" in f"/{k}" for k in plain) and any("chunks-" in k for k in plain)
     assert engined == plain
+    # `data filter --executor` on the mixture: its filtered source on the engine, the same
+    filtered = mixture.filter_sources(config("filter"), engine=engine.Engine("local", tasks=2))
+    assert set(filtered) == {"web"} and (tmp_path / "filter" / "filtered").is_dir()
+    assert {k: v for k, v in _prepared_files(tmp_path / "filter").items()
+            if k.startswith("filtered/")} == {k: v for k, v in plain.items()
+                                              if k.startswith("filtered/")}
 
 
 def test_combined_bits_per_byte_weights_each_source_per_chunk():

@@ -92,13 +92,11 @@ def _filter(c, out: str | None, processes: int, engine) -> int:
     if out:
         common.writable_dir(out, "--out")
     if data.is_mixture(c):
-        if engine is not None:
-            raise UsageError("--executor with a mixture (data.sources)",
-                             "filter each source's config with the engine, or drop --executor")
         if out:
             raise UsageError("--out with a mixture", "drop it: each source is filtered into "
                              "<data_dir>/filtered/<its corpus>")
-        for name, m in mixture.filter_sources(c, processes, log=console.out).items():
+        for name, m in mixture.filter_sources(c, processes, log=console.out,
+                                              engine=engine).items():
             _filter_report(m, f"<data_dir>/filtered/ for source {name}",
                            "training on the mixture reads them", tag=f"filter:{name}")
         return 0
