@@ -873,7 +873,27 @@ def test_a_raw_corpus_too_large_a_shard_for_the_budget_stops_before_the_filter_w
         pipeline.prepare(c, engine=engine.Engine("local", tasks=2, task_memory_mb=3))
     assert builders.get_builder(c).is_prepared()  # read by the engine's stages
     assert not list(artefacts.filter_dir(c).glob(f"{engine.ENGINE_DIR}/*"))
-    assert not artefacts.chunks_dir(c).exists()
+    assert not artefacts.tokenizer_path(c).exists()  # refused before the tokenizer, too
+    assert not artefacts.chunks_root(c).exists()
+
+
+def test_a_shard_the_tokenization_cannot_hold_stops_before_the_filter_works(tmp_path):
+    """A raw corpus whose shard of 16 a rules, docs and confirm task holds under
+    --task_memory 3 but a pack task does not: `data prepare` on the engine stops once the
+    corpus is read, naming the pack task, before the filter's first stage and the tokenizer.
+    Catches a tokenization check made only where its stages start (after the filter)."""
+    from gopher_jax.errors import UsageError
+
+    c = _prose_config(tmp_path, 300, 300, [], 16)
+    c.data.update(filter=True, seq_len=32)
+    c.model.vocab_size = 300
+    eng = engine.Engine("local", tasks=2, task_memory_mb=3)
+    builders.prepare_builder(c)
+    engine.check_filter(eng, c, builders.get_builder(c))  # the filter's tasks fit
+    with pytest.raises(UsageError, match="--task_memory 3: a pack task holding one shard"):
+        pipeline.prepare(c, engine=eng)
+    assert not list(artefacts.filter_dir(c).glob(f"{engine.ENGINE_DIR}/*"))
+    assert not artefacts.tokenizer_path(c).exists() and not artefacts.chunks_root(c).exists()
 
 
 # ---------------------------------------------------------------------------------------

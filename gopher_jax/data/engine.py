@@ -831,20 +831,24 @@ def _shard_docs(cfg: ml_collections.ConfigDict, builder) -> int:
                max([s.num_examples for s in builder.info.splits.values()] or [0]))
 
 
+FILTER_SHARD_STAGES = ("rules", "docs", "confirm")  # the filter's tasks that hold a shard
+TOKENIZE_SHARD_STAGES = ("tokenize", "pack")
+
+
 def check_filter(eng: Engine, cfg: ml_collections.ConfigDict, builder) -> None:
     """Refuses a filtering whose shard a rules, docs or confirm task could not hold
     (Engine.check_shard), from the prepared dataset's split sizes."""
-    eng.check_shard(("rules", "docs", "confirm"), _shard_docs(cfg, builder),
+    eng.check_shard(FILTER_SHARD_STAGES, _shard_docs(cfg, builder),
                     _mean_doc_bytes(builder, builder.info.splits))
 
 
 def check_plan(eng: Engine, cfg: ml_collections.ConfigDict, filtering: bool,
                tokenizing: bool) -> None:
-    """Before any work: refuses a --task_memory that one shard of the dataset already
-    prepared in the data dir would exceed in a filter (with `filtering`) or a tokenize task
-    (with `tokenizing`); a mixture's sources each (those marked filter filtered). A dataset
-    the engine is yet to read is checked once it is read (filter_corpus, prepare_split),
-    before their stages."""
+    """Refuses a --task_memory that one shard of the dataset, if it is prepared, would
+    exceed in a filter (with `filtering`) or a tokenize task (with `tokenizing`); a
+    mixture's sources each (those marked filter filtered). The CLI calls it before any work;
+    pipeline.prepare again once the engine has read a raw corpus, before the filter's and
+    the tokenizer's stages."""
     from gopher_jax.data import sources
 
     if sources.is_mixture(cfg):
@@ -854,10 +858,9 @@ def check_plan(eng: Engine, cfg: ml_collections.ConfigDict, filtering: bool,
     builder = builders.get_builder(cfg)
     if not builder.is_prepared():
         return
-    if filtering:
-        check_filter(eng, cfg, builder)
-    if tokenizing:
-        eng.check_shard(("tokenize", "pack"), _shard_docs(cfg, builder),
+    stages = FILTER_SHARD_STAGES * filtering + TOKENIZE_SHARD_STAGES * tokenizing
+    if stages:
+        eng.check_shard(stages, _shard_docs(cfg, builder),
                         _mean_doc_bytes(builder, builder.info.splits))
 
 
@@ -973,10 +976,8 @@ def prepare_split(eng: Engine, cfg: ml_collections.ConfigDict, split: str, num_d
                   chunks_dir: pathlib.Path, filtered=None,
                   log: Callable[[str], None] | None = None) -> dict:
     """shards.prepare_split (same arguments but `processes`) as engine stages: the same
-    files and metadata."""
+    files and metadata. Its shards are checked against the budget before (check_plan)."""
     log = log or (lambda msg: None)
-    eng.check_shard(("tokenize", "pack"), min(cfg.data.docs_per_shard, num_docs),
-                    _mean_doc_bytes(builders.get_builder(cfg), [split]))
     folder = chunks_dir / split
     folder.mkdir(parents=True, exist_ok=True)
     shards.remove_stale_temporaries(folder)

@@ -82,6 +82,10 @@ def _prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None], process
         builder = builders.prepare_builder(cfg, log, engine)
     builders.require_split(builder, d.train_split, f"dataset {d.dataset!r}",
                            "set data.train_split")
+    if engine is not None:  # the dataset is read now: its shards are checked against the
+        from gopher_jax.data import engine as engine_lib  # budget before filter or tokenizer
+
+        engine_lib.check_plan(engine, cfg, d.filter, True)
     tok_path = artefacts.tokenizer_path(cfg)
     if not tok_path.is_file():
         prepare_lock.hold(d.data_dir)
@@ -123,8 +127,6 @@ def _prepare(cfg: ml_collections.ConfigDict, log: Callable[[str], None], process
         num_docs = builder.info.splits[split].num_examples
         source = filtered if split == d.train_split else None
         if engine is not None:
-            from gopher_jax.data import engine as engine_lib
-
             meta = engine_lib.prepare_split(engine, cfg, split, num_docs, tok, tok_path, fp,
                                             out, source, log)
         else:
