@@ -63,7 +63,6 @@ BAND_REC = np.dtype([("band", "<u2"), ("key", "<u8", (dedup.ROWS,)), ("hash", "<
                      ("doc", "<i8")])  # doc >= 0: a training id; -(e + 1): evaluation doc e
 PAIR_REC = np.dtype([("a", "<i8"), ("b", "<i8")])
 CACHE_SHARDS = 4  # shards' 13-gram sets a confirmation task keeps loaded
-SPILL_BYTES = 64 << 20  # records of a kind a stage-1 task keeps in memory, by default
 
 
 def write_bin(path: pathlib.Path, records: np.ndarray) -> None:
@@ -168,7 +167,7 @@ class Emitter:
     folder (removed on exit, also when the task fails)."""
 
     def __init__(self, folder: pathlib.Path, rank: int, partitions: int,
-                 spill_bytes: int = SPILL_BYTES):
+                 spill_bytes: int):
         self._folder, self._rank, self._partitions = folder, rank, partitions
         self._spill_bytes = spill_bytes
 
