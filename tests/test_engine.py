@@ -10,6 +10,7 @@ import gzip
 import json
 import pathlib
 import random
+import re
 
 import numpy as np
 import pytest
@@ -579,6 +580,50 @@ def test_engine_filter_equals_the_in_memory_one_on_the_shipped_corpora(dataset, 
 # Ray
 
 
+def test_a_ray_placement_lost_with_its_node_is_made_again_and_one_never_made_stops_the_stage(
+        monkeypatch):
+    """ray_placement.TaskManager: a placement whose node died (RayActorError) is made again;
+    one that fails every attempt, or that no live node can hold, raises a DataError from the
+    driver's wait (datatrove's own manager leaves that task's Future unresolved: a hang)."""
+    import ray
+    from datatrove.executor.ray import TimeoutManager
+    from ray.exceptions import RayActorError
+
+    from gopher_jax.data import ray_placement
+    from gopher_jax.errors import DataError
+
+    tm = ray_placement.TaskManager(1, TimeoutManager())
+    calls = []
+
+    def place(executor_ref, ranks, options):
+        calls.append(ranks)
+        if len(calls) == 1:
+            raise RayActorError()
+        return ["task"]
+
+    tm._place = place
+    assert tm.submit_task(None, [3], {}).result(timeout=30) == ["task"]
+    assert calls == [[3], [3]]
+
+    def lost(executor_ref, ranks, options):
+        raise RayActorError()
+
+    tm._place = lost
+    placed = tm.submit_task(None, [5], {})
+    with pytest.raises(DataError, match=r"rank\(s\) \[5\] could not be placed in 3 attempts"):
+        for _ in range(30):
+            tm.wait([placed], timeout=1)
+    tm.executor.shutdown()
+
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns, timeout: ([], refs))
+    monkeypatch.setattr(ray, "nodes", lambda: [
+        {"Alive": False, "Resources": {"CPU": 4.0, "memory": 2.0**34}},  # the lost worker
+        {"Alive": True, "Resources": {"CPU": 1.0, "memory": 2.0**30}}])  # a head too small
+    monkeypatch.setattr(ray_placement, "INFEASIBLE_S", 0.0)
+    with pytest.raises(DataError, match="no live Ray node has had the 1 CPU, 1,536 MB memory"):
+        tm._wait(["ref"], {"CPU": 1, "memory": 1536 << 20, "GPU": 0}, "placing")
+
+
 def _free_port() -> int:
     import socket
 
@@ -698,11 +743,39 @@ def test_killed_local_engine_run_reruns_only_unfinished_tasks(base, tmp_path):
     assert _identity(pipeline.prepare(c)) == _identity(ref)
 
 
+def _tree_pids(proc) -> set[int]:
+    import psutil
+
+    try:
+        return {proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _started(marker: pathlib.Path) -> tuple[int, int]:
+    """The rank and pid of a held task's marker, <stage>-<rank>-<pid>.started."""
+    _, rank, pid = marker.stem.split("-")
+    return int(rank), int(pid)
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.mark.slow  # ~1.5 min: a Ray cluster, a pipeline of 15 stages, a worker killed
 def test_ray_cluster_prepares_the_same_bytes_and_a_killed_worker_is_made_good(
         base, tmp_path, ray_cluster):
-    """4 tasks on a Ray head and worker, the worker node SIGKILLed mid-stage: its lost task
-    is resubmitted and the same run writes `data prepare`'s bytes."""
+    """4 tasks on a Ray head and worker (one CPU each). The rules tasks wait at their start
+    (the engine's TASK_HOLD_ENV hook) until the test has SIGKILLed the worker node's process
+    tree while one of them runs there; then they go on. The killed task is resubmitted by
+    Ray (RayActorError, logged) and run again on the head, and the same run writes `data
+    prepare`'s bytes. Catches a lost task that is not retried (the stage stops: exit 1) and
+    a run that hangs once its worker is gone (the communicate timeout)."""
     import signal
     import subprocess
     import time
@@ -711,25 +784,40 @@ def test_ray_cluster_prepares_the_same_bytes_and_a_killed_worker_is_made_good(
 
     cfg, ref = base
     address, worker = ray_cluster
-    data_dir = tmp_path / "ray"
+    data_dir, hold = tmp_path / "ray", tmp_path / "hold"
     args = _cli_args(cfg, data_dir, "--executor", "ray", "--tasks", "4", "--workers", "-1")
-    env = cpu_env(1, RAY_ADDRESS=address)
-    proc = subprocess.Popen(cli_command(*args), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    rules = data_dir / "filtered"
-    deadline = time.time() + 600
-    done: list[pathlib.Path] = []
-    while time.time() < deadline and proc.poll() is None:
-        done = list(rules.glob("*/engine/*/logs/rules/completions/*"))
-        if done:
-            break
-        time.sleep(0.2)
-    assert done and proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else ""
-    _kill_tree(worker, signal.SIGKILL)  # the worker node, mid-stage
-    out = proc.communicate(timeout=900)[0]
-    # The task lost with the worker is resubmitted (to the head) and the same run completes.
+    env = cpu_env(1, RAY_ADDRESS=address, **{engine.TASK_HOLD_ENV: f"rules:{hold}"})
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:  # a file, not a pipe: nothing blocks the run's writes
+        proc = subprocess.Popen(cli_command(*args), cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, victim = time.time() + 600, None
+        while victim is None and time.time() < deadline and proc.poll() is None:
+            on_worker = _tree_pids(worker)
+            victim = next((p for p in sorted(hold.glob("rules-*.started"))
+                           if _started(p)[1] in on_worker), None)
+            time.sleep(0.2)
+        assert victim is not None and proc.poll() is None, log.read_text()[-3000:]
+        rank, pid = _started(victim)
+        _kill_tree(worker, signal.SIGKILL)  # the worker node, while it runs rules task `rank`
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.1)
+        assert not _alive(pid)
+        (hold / "release").touch()
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
     assert proc.returncode == 0, out[-3000:]
-    assert "retriable" in out or "RayActorError" in out, out[-3000:]
+    # Ray saw the task die with its node, and datatrove resubmitted it: it ran again in
+    # another process (on the head) and completed.
+    assert re.search(r"failed with (RayActorError|retriable error)|failed due to preemption",
+                     out), out[-3000:]
+    again = [_started(p) for p in hold.glob("rules-*.started") if p != victim]
+    assert (rank, pid) not in again and rank in {r for r, _ in again}, again
+    assert list(data_dir.glob(f"filtered/*/engine/*/logs/rules/completions/{rank:05d}"))
     assert "[engine]" in out
     c = _config(cfg, data_dir)
     assert _chunk_bytes(c) == _chunk_bytes(cfg)

@@ -56,6 +56,10 @@ workers, completion markers, SLURM job arrays, Ray placement and retries.
 Each task records its wall time in `<work>/tasks/<stage>-<rank>.json`; with `trace_memory`
 also its peak Python/numpy allocation (tracemalloc) and the process's peak resident set; a
 rules task also the number of dedup record runs it spilled to local disk.
+
+On Ray, tasks are placed by ray_placement.TaskManager: a node lost while a task is being
+placed gets the placement made again, and one that cannot be made stops the stage with an
+error, never a hang; a task lost while it runs is resubmitted by datatrove.
 """
 
 from __future__ import annotations
@@ -272,6 +276,31 @@ def _shard_need(stage: str, docs: int, mean_doc_bytes: float) -> float:
     return need
 
 
+# A test hook, not a setting: GOPHER_JAX_ENGINE_TASK_HOLD=<stage>:<dir> makes each task of
+# <stage>, before it starts its work, write <dir>/<stage>-<rank>-<pid>.started and wait
+# (HOLD_LIMIT_S at most) until <dir>/release exists: a test can then kill the node or the
+# process running a task while it runs one (tests/test_engine.py). The driver reads it when
+# a stage starts; its Steps carry it to the workers, whatever their environment.
+TASK_HOLD_ENV = "GOPHER_JAX_ENGINE_TASK_HOLD"
+HOLD_LIMIT_S = 600
+
+
+def _hold_dir(stage: str) -> str:
+    held, sep, folder = os.environ.get(TASK_HOLD_ENV, "").partition(":")
+    return folder if sep and held == stage else ""
+
+
+def _hold(folder: str, stage: str, rank: int) -> None:
+    d = pathlib.Path(folder)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{stage}-{rank:05d}-{os.getpid()}.started").write_text(str(os.getpid()))
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while not (d / "release").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{TASK_HOLD_ENV}: no {d / 'release'} in {HOLD_LIMIT_S} s")
+        time.sleep(0.05)
+
+
 # Modules the stages import when they first run (not at this module's import): Step imports
 # them before it starts tracing, so a worker's first task does not count them.
 _TASK_MODULES = ("gopher_jax.data.corpus_filter", "gopher_jax.data.tokenizer")
@@ -284,9 +313,10 @@ class Step:
     records its wall time (and with `trace`, its peak memory), and the counts `fn` returns
     (a dict, or None), in <report_dir>."""
 
-    def __init__(self, stage: str, fn: Callable, args: tuple, report_dir: str, trace: bool):
+    def __init__(self, stage: str, fn: Callable, args: tuple, report_dir: str, trace: bool,
+                 hold: str = ""):
         self.stage, self.fn, self.args = stage, fn, args
-        self.report_dir, self.trace = report_dir, trace
+        self.report_dir, self.trace, self.hold = report_dir, trace, hold
         self.name = f"gopher_jax {stage}"
 
     def __repr__(self) -> str:
@@ -297,6 +327,8 @@ class Step:
         storage.configure()  # a gs:// data dir from a fresh worker process
         for module in _TASK_MODULES:  # libraries: outside the budget, so before tracing
             importlib.import_module(module)
+        if self.hold:  # TASK_HOLD_ENV, tests only
+            _hold(self.hold, self.stage, rank)
         t0 = time.perf_counter()
         if self.trace:
             tracemalloc.start()
@@ -333,7 +365,8 @@ def run_stage(eng: Engine, work: pathlib.Path, stage: str, fn: Callable, args: t
     """Runs `fn` as `tasks` (default eng.tasks) datatrove tasks; logs and completion markers
     in <work>/logs/<stage>."""
     n = eng.tasks if tasks is None else tasks
-    pipeline = [Step(stage, fn, args, str(work / "tasks"), eng.trace_memory)]
+    pipeline = [Step(stage, fn, args, str(work / "tasks"), eng.trace_memory,
+                     _hold_dir(stage))]
     logs = str(work / "logs" / stage)
     if eng.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
@@ -344,9 +377,12 @@ def run_stage(eng: Engine, work: pathlib.Path, stage: str, fn: Callable, args: t
     elif eng.executor == "ray":
         from datatrove.executor import RayPipelineExecutor
 
+        from gopher_jax.data import ray_placement
+
         eng.check()  # connects to the cluster once
-        RayPipelineExecutor(pipeline, tasks=n, workers=eng.workers, logging_dir=logs,
-                            cpus_per_task=1, mem_per_cpu_gb=eng.request_mb / 1024).run()
+        with ray_placement.task_manager():  # a lost node cannot hang a placement
+            RayPipelineExecutor(pipeline, tasks=n, workers=eng.workers, logging_dir=logs,
+                                cpus_per_task=1, mem_per_cpu_gb=eng.request_mb / 1024).run()
     else:
         from datatrove.executor import SlurmPipelineExecutor
 
