@@ -5,10 +5,12 @@ tests check it.
     python benchmarks/gpu_check.py attention --out A.json [--lengths 512 ... 8192]
     python benchmarks/gpu_check.py summary --dir OUT --peak-tflops 790
 
-`attention`: the Pallas GPU kernel (model/gpu_attention.py) against `xla_attention` at each
-T: the output and the gradients of qu, qv, k, v, r (errors as a share of the largest
-|value| of XLA's, the tests' measure) and the time of forward + backward (median of
-`--reps`), with tokens/s. Batch: `--batch-tokens` // T rows (at least 1); 12 heads of 128
+`attention`: a sweep of the kernel's tile and pipelining depth at one T (which compile,
+how fast); then, with the fastest, the Pallas GPU kernel (model/gpu_attention.py) against
+`xla_attention` at each T: the output and the gradients of qu, qv, k, v, r (errors as a
+share of the largest |value| of XLA's, the tests' measure) and the time of forward +
+backward (median of `--reps`), with tokens/s. Batch: `--batch-tokens` // T rows (at least
+1); 12 heads of 128
 (gopher_417m's). `summary`: one gpu_check.json from the parts' JSON in DIR (status.tsv: each
 part's exit status and seconds; train_step_*.json from benchmarks/train_step.py; the default
 run's metrics.jsonl),
@@ -58,18 +60,46 @@ def attention(a: argparse.Namespace) -> dict:
         grad = jax.value_and_grad(loss, argnums=tuple(range(5)), has_aux=True)
         return jax.jit(lambda *xs: (lambda r: [r[0][1], *r[1]])(grad(*xs)))
 
-    impls = {"pallas_gpu": functools.partial(gpu_attention.gpu_flash_attention,
-                                             block=a.block),
-             "xla": functools.partial(xla_attention, block_q=a.block_q)}
-    rows = []
-    for length in a.lengths:
+    def inputs(length):
         batch = max(1, a.batch_tokens // length)
         keys = jax.random.split(jax.random.key(length), 7)
         shape = (batch, length, a.heads, a.head_dim)
         xs = [jax.random.normal(k, shape, a.dtype) for k in keys[:4]]
         xs.append(jax.random.normal(keys[4], (length, a.heads, a.head_dim), a.dtype))
         seg = jnp.sort(jax.random.randint(keys[5], (batch, length), 0, a.segments), axis=1)
-        ct = jax.random.normal(keys[6], shape, jnp.float32)
+        return batch, xs, seg, jax.random.normal(keys[6], shape, jnp.float32)
+
+    def kernel(block, stages):
+        return functools.partial(gpu_attention.gpu_flash_attention, block=block, stages=stages)
+
+    dev = jax.devices()[0]
+    rows, sweep = [], []
+    out = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+           "dtype": a.dtype, "heads": a.heads, "head_dim": a.head_dim, "block": a.block,
+           "stages": a.stages, "xla_block_q": a.block_q, "tolerance": TOL[a.dtype],
+           "sweep": sweep, "rows": rows}
+    # Tile side x pipelining depth at one length: which compile (shared memory) and how fast.
+    _, xs, seg, ct = inputs(a.sweep_length)
+    for spec in a.sweep:
+        block, stages = (int(x) for x in spec.split(":"))
+        entry = {"block": block, "stages": stages, "seq_len": a.sweep_length}
+        try:
+            entry["fwd_bwd_ms"] = 1e3 * _timed(
+                value_and_grads(kernel(block, stages), seg, ct), xs, max(1, a.reps // 2))[1]
+        except Exception as e:  # noqa: BLE001 -- a config this GPU cannot compile is a result
+            entry["error"] = str(e).splitlines()[0][:300]
+        print(f"sweep T={a.sweep_length} block {block} stages {stages}: "
+              f"{entry.get('fwd_bwd_ms', entry.get('error'))}", flush=True)
+        sweep.append(entry)
+        write_results(a.out, out)
+    ok = [e for e in sweep if "fwd_bwd_ms" in e]
+    if ok:
+        best = min(ok, key=lambda e: e["fwd_bwd_ms"])
+        out.update(block=best["block"], stages=best["stages"])
+    impls = {"pallas_gpu": kernel(out["block"], out["stages"]),
+             "xla": functools.partial(xla_attention, block_q=a.block_q)}
+    for length in a.lengths:
+        batch, xs, seg, ct = inputs(length)
         got, row = {}, {"seq_len": length, "batch": batch}
         for name, fn in impls.items():
             got[name], seconds = _timed(value_and_grads(fn, seg, ct), xs, a.reps)
@@ -85,10 +115,8 @@ def attention(a: argparse.Namespace) -> dict:
               f"xla {row['xla_fwd_bwd_ms']:9.2f} ms ({row['speedup']:.2f}x), "
               f"max error {max(errs.values()):.1e}", flush=True)
         rows.append(row)
-    dev = jax.devices()[0]
-    return {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
-            "dtype": a.dtype, "heads": a.heads, "head_dim": a.head_dim, "block": a.block,
-            "xla_block_q": a.block_q, "tolerance": TOL[a.dtype], "rows": rows}
+        write_results(a.out, out)  # after each length: a part cut at its cap keeps its rows
+    return out
 
 
 def _read(path: pathlib.Path) -> dict | None:
@@ -144,6 +172,10 @@ def main() -> None:
     at.add_argument("--dtype", default="bfloat16", choices=sorted(TOL))
     at.add_argument("--segments", type=int, default=4, help="documents per row")
     at.add_argument("--block", type=int, default=64, help="the kernel's tile")
+    at.add_argument("--stages", type=int, default=None, help="Triton num_stages (None: default)")
+    at.add_argument("--sweep", nargs="*", default=["32:1", "64:1", "64:2"],
+                    help="block:stages tried first; the fastest that compiles is used")
+    at.add_argument("--sweep-length", type=int, default=2048)
     at.add_argument("--block-q", type=int, default=128, help="the XLA path's query block")
     at.add_argument("--reps", type=int, default=5)
     at.add_argument("--out", required=True)

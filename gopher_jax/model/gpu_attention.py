@@ -62,6 +62,7 @@ class _Tiles:
     head_dim: int  # padded K, a power of two >= MIN_SIDE
     scale: float  # true head_dim ** -0.5
     interpret: bool
+    stages: int = 2  # Triton's num_stages
 
     @property
     def blocks(self) -> int:
@@ -72,12 +73,14 @@ class _Tiles:
         return self.length + self.block
 
 
-def tiles_for(length: int, head_dim: int, block: int, interpret: bool) -> _Tiles:
+def tiles_for(length: int, head_dim: int, block: int, interpret: bool,
+              stages: int | None = None) -> _Tiles:
     """Tile side `block` (rounded to a power of two, at most the padded length); T padded to
-    it, head_dim to a power of two."""
+    it, head_dim to a power of two; `stages` None: `default_stages`."""
     b = min(_pow2_at_least(block, MIN_SIDE), _pow2_at_least(length, MIN_SIDE))
-    return _Tiles(b, -(-length // b) * b, _pow2_at_least(head_dim, MIN_SIDE), head_dim**-0.5,
-                  interpret)
+    d = _pow2_at_least(head_dim, MIN_SIDE)
+    return _Tiles(b, -(-length // b) * b, d, head_dim**-0.5, interpret,
+                  default_stages(d) if stages is None else stages)
 
 
 def _window_start(i: jax.Array, j: jax.Array, t: _Tiles) -> jax.Array:
@@ -132,18 +135,36 @@ def _unshift(ds: jax.Array, skew_ref, t: _Tiles) -> jax.Array:
 
 def _scores(qu, qv, k, r_window, q_seg, k_seg, i, j, skew_ref, t: _Tiles):
     """Scaled float32 scores [b, b] of tile (i, j) and the mask of allowed pairs."""
-    content = plgpu.dot(qu, k, trans_b=True)
-    position = _shift(plgpu.dot(qv, r_window, trans_b=True), skew_ref, t)
+    content = _dot(qu, k, trans_b=True)
+    position = _shift(_dot(qv, r_window, trans_b=True), skew_ref, t)
     a, c = _grid_rows(t)
     mask = (i * t.block + a >= j * t.block + c) & (q_seg[:, None] == k_seg[None, :])
     return jnp.where(mask, (content + position) * t.scale, _MASKED), mask
 
 
-def _params(t: _Tiles) -> dict:
+def _dot(a: jax.Array, b: jax.Array, **kw) -> jax.Array:
+    """Triton's dot with a float32 result; float32 operands in full float32 (Triton would
+    otherwise take TF32, ~1e-3 relative, where `xla_attention` at "highest" is exact)."""
+    full = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    return plgpu.dot(a, b, **kw, precision=jax.lax.Precision.HIGHEST if full else None)
+
+
+def default_stages(head_dim: int) -> int:
+    """Triton's software-pipelining depth for the forward and d(k), d(v) kernels: 1. At 2 a
+    128-wide head asks for 240-256 KiB of shared memory on an H200 (227 KiB per block)."""
+    del head_dim
+    return 1
+
+
+def _params(t: _Tiles, gathers_into_dot: bool = False) -> dict:
+    """gathers_into_dot: a kernel whose dot reads the `_unshift` gather (d(qv), d(r)) never
+    pipelines: at num_stages 2 Triton prefetched that load across the barrier, ahead of the
+    store it must see (d(qv) wrong by 77x its largest value on an H200)."""
     if t.interpret:
         return {"interpret": True}
     warps = 4 if t.head_dim <= 64 else 8
-    return {"compiler_params": plgpu.CompilerParams(num_warps=warps, num_stages=2)}
+    stages = 1 if gathers_into_dot else t.stages
+    return {"compiler_params": plgpu.CompilerParams(num_warps=warps, num_stages=stages)}
 
 
 def _specs(t: _Tiles, batch: int):
@@ -183,7 +204,7 @@ def _fwd_kernel(qu_ref, qv_ref, k_ref, v_ref, r_ref, seg_ref, o_ref, lse_ref, sk
         m_new = jnp.maximum(m_prev, s.max(axis=1))
         p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
         alpha = jnp.exp(m_prev - m_new)
-        acc = alpha[:, None] * acc + plgpu.dot(p.astype(v_ref.dtype), v_ref[keys, :])
+        acc = alpha[:, None] * acc + _dot(p.astype(v_ref.dtype), v_ref[keys, :])
         return acc, m_new, alpha * l_prev + p.sum(axis=1)
 
     init = (jnp.zeros((b, t.head_dim), jnp.float32), jnp.full((b,), _MASKED, jnp.float32),
@@ -219,7 +240,7 @@ def _tile_grads(qu, qv, k, v, r_window, q_seg, k_seg, do, lse, delta, i, j, skew
     """Probabilities p and dScores (scale folded in) [b, b] float32 of tile (i, j)."""
     s, mask = _scores(qu, qv, k, r_window, q_seg, k_seg, i, j, skew_ref, t)
     p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-    dp = plgpu.dot(do, v, trans_b=True)
+    dp = _dot(do, v, trans_b=True)
     return p, p * (dp - delta[:, None]) * t.scale
 
 
@@ -238,8 +259,8 @@ def _dkv_kernel(qu_ref, qv_ref, k_ref, v_ref, r_ref, seg_ref, do_ref, lse_ref, d
         r_window = r_ref[pl.ds(_window_start(i, j, t), 2 * b), :]
         p, ds = _tile_grads(qu, qv_ref[qs, :], k, v, r_window, seg_ref[qs], k_seg, do,
                             lse_ref[qs], delta_ref[qs], i, j, skew_ref, t)
-        return (dk + plgpu.dot(ds.astype(dt), qu, trans_a=True),
-                dv + plgpu.dot(p.astype(dt), do, trans_a=True))
+        return (dk + _dot(ds.astype(dt), qu, trans_a=True),
+                dv + _dot(p.astype(dt), do, trans_a=True))
 
     zeros = jnp.zeros((b, t.head_dim), jnp.float32)
     dk, dv = jax.lax.fori_loop(j, t.blocks, tile, (zeros, zeros))
@@ -263,7 +284,7 @@ def _dq_kernel(qu_ref, qv_ref, k_ref, v_ref, r_ref, seg_ref, do_ref, lse_ref, de
         _, ds = _tile_grads(qu, qv, k, v_ref[keys, :], r_window, q_seg, seg_ref[keys], do,
                             lse, delta, i, j, skew_ref, t)
         ds_window = _unshift(ds, skew_ref, t).astype(dt)
-        return (dqu + plgpu.dot(ds.astype(dt), k), dqv + plgpu.dot(ds_window, r_window))
+        return (dqu + _dot(ds.astype(dt), k), dqv + _dot(ds_window, r_window))
 
     zeros = jnp.zeros((b, t.head_dim), jnp.float32)
     dqu, dqv = jax.lax.fori_loop(0, i + 1, tile, (zeros, zeros))
@@ -286,7 +307,7 @@ def _dr_kernel(qu_ref, qv_ref, k_ref, v_ref, r_ref, seg_ref, do_ref, lse_ref, de
         _, ds = _tile_grads(qu_ref[row, qs, :], qv, k_ref[row, keys, :], v_ref[row, keys, :],
                             r_window, seg_ref[row, qs], seg_ref[row, keys], do_ref[row, qs, :],
                             lse_ref[row, qs], delta_ref[row, qs], i, i - e, skew_ref, t)
-        return dr + plgpu.dot(_unshift(ds, skew_ref, t).astype(dt), qv, trans_a=True)
+        return dr + _dot(_unshift(ds, skew_ref, t).astype(dt), qv, trans_a=True)
 
     dr = jax.lax.fori_loop(0, batch * (t.blocks - e), tile,
                            jnp.zeros((2 * b, t.head_dim), jnp.float32))
@@ -327,7 +348,7 @@ def _backward(qu, qv, k, v, r, seg, o, lse, do, t: _Tiles):
         out_specs=[block, block, skew],
         out_shape=[jax.ShapeDtypeStruct(qu.shape, qu.dtype),
                    jax.ShapeDtypeStruct(qv.shape, qv.dtype), _skew_shape(t, (batch, heads))],
-        name="relative_flash_gpu_dq", **_params(t),
+        name="relative_flash_gpu_dq", **_params(t, gathers_into_dot=True),
     )(*args)
 
     def rows(shape):  # every row of the batch, one head
@@ -345,7 +366,7 @@ def _backward(qu, qv, k, v, r, seg, o, lse, do, t: _Tiles):
                    pl.BlockSpec((None, None, b, 2 * b), lambda e, h: (h, e, 0, 0))],
         out_shape=[jax.ShapeDtypeStruct((heads, t.blocks, 2 * b, d), jnp.float32),
                    _skew_shape(t, (heads,))],
-        name="relative_flash_gpu_dr", **_params(t),
+        name="relative_flash_gpu_dr", **_params(t, gathers_into_dot=True),
     )(*args)
     dr = jnp.pad(jnp.swapaxes(_combine_dr(dr_diag, t), 0, 1), ((0, b), (0, 0), (0, 0)))
     return dqu, dqv, dk, dv, dr.astype(r.dtype)
@@ -370,10 +391,11 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def gpu_flash_attention(qu: jax.Array, qv: jax.Array, k: jax.Array, v: jax.Array,
                         r: jax.Array, segment_ids: jax.Array, *, block: int = DEFAULT_BLOCK,
-                        interpret: bool | None = None) -> jax.Array:
+                        interpret: bool | None = None, stages: int | None = None) -> jax.Array:
     """qu, qv, k, v [B, T, H, K]; r [T, H, K] relative keys of distances T-1, ..., 0;
     segment_ids [B, T] int -> [B, T, H, K] in v's dtype. interpret=None: Triton on GPU,
-    interpret mode elsewhere (`flash_attention.target_platform`)."""
+    interpret mode elsewhere (`flash_attention.target_platform`); stages: Triton's
+    num_stages (None: `default_stages`)."""
     if interpret is None:
         platform = flash_attention.target_platform()
         if platform == "tpu":
@@ -381,7 +403,7 @@ def gpu_flash_attention(qu: jax.Array, qv: jax.Array, k: jax.Array, v: jax.Array
                               "set --config.model.attention_impl=auto (or pallas) on TPU")
         interpret = platform not in GPU_PLATFORMS
     _, length, _, head_dim = qu.shape
-    t = tiles_for(length, head_dim, block, interpret)
+    t = tiles_for(length, head_dim, block, interpret, stages)
     pad_t, pad_k = t.length - length, t.head_dim - head_dim
 
     def padded(x):  # [B, T, H, K] -> [B, L, H, K_padded]
