@@ -648,15 +648,19 @@ def _kill_tree(proc, sig) -> None:
 
 
 @pytest.fixture
-def ray_cluster():
+def ray_cluster(monkeypatch):
     """A Ray head and one worker node on 127.0.0.1 (one CPU each), started and stopped
-    here: yields (address, worker process)."""
+    here: yields (address, worker process). Without token authentication, for the nodes,
+    `ray status` and the runs the tests start: where ~/.ray/auth_token exists (a local
+    ray.init() of Ray 2.60 writes one) `ray start --head` would turn it on, and `ray status`
+    does not send the token."""
     import signal
     import subprocess
     import sys
     import tempfile
     import time
 
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray_bin = str(pathlib.Path(sys.executable).parent / "ray")
     port = _free_port()
     address = f"127.0.0.1:{port}"
