@@ -98,10 +98,11 @@ def test_lowers_to_triton_for_cuda(dtype, head_dim):
         assert f'name = "relative_flash_gpu_{kernel}"' in text, kernel
 
 
-def test_auto_never_picks_it_without_a_recorded_gpu_run():
-    assert hardware.GPU_ATTENTION_KERNEL_RUNS == {}  # no GPU run yet: opt-in only
-    assert not hardware.gpu_attention_kernel_runs("NVIDIA H200")
-    assert resolve_impl("auto") == "xla"
+def test_auto_picks_it_only_on_a_gpu_with_a_recorded_run():
+    assert hardware.gpu_attention_kernel_runs("NVIDIA H200")
+    assert not hardware.gpu_attention_kernel_runs("NVIDIA H100 80GB HBM3")  # never run there
+    assert not hardware.gpu_attention_kernel_runs("NVIDIA A100-SXM4-80GB")
+    assert resolve_impl("auto") == "xla"  # on this CPU
     assert resolve_impl("pallas_gpu") == "pallas_gpu"
 
 

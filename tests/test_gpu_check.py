@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -38,7 +39,8 @@ def test_the_whole_check_at_tiny_shapes_on_cpu(tmp_path):
     """Every part runs and exits 0 on CPU at tiny shapes, and gpu_check.json holds the
     kernel's errors within tolerance, three training steps and the default-run row."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPU_CHECK_SMOKE": "1",
-           "GOPHER_JAX_DATA": str(tmp_path / "data")}
+           "GOPHER_JAX_DATA": str(tmp_path / "data"),  # `python` and `pip`: this interpreter's
+           "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("XLA_FLAGS", None)
     p = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), str(tmp_path / "w"),
                         str(tmp_path / "out")], env=env, capture_output=True, text=True,
@@ -46,9 +48,13 @@ def test_the_whole_check_at_tiny_shapes_on_cpu(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert {k: v["rc"] for k, v in out["parts"].items()} == {
-        "install": 0, "tests": 0, "attention": 0, "train_step_gopher_44m": 0,
-        "train_step_gopher_44m_pallas_gpu": 0, "train_step_gopher_417m": 0, "default_run": 0}
+        "install": 0, "xla_flags": 0, "tests": 0, "attention": 0, "train_step_gopher_44m": 0,
+        "train_step_gopher_44m_pallas_gpu": 0, "train_step_gopher_417m": 0,
+        "train_step_gopher_417m_pallas_gpu": 0, "default_run": 0}
     assert [r["seq_len"] for r in out["attention"]["rows"]] == [32, 40]
     assert all(r["within_tolerance"] for r in out["attention"]["rows"])
-    assert set(out["train_step"]) == {"gopher_44m", "gopher_44m_pallas_gpu", "gopher_417m"}
+    assert [(e["block"], e["stages"]) for e in out["attention"]["sweep"]] == [(16, 1), (16, 2)]
+    assert all("fwd_bwd_ms" in e for e in out["attention"]["sweep"])
+    assert set(out["train_step"]) == {"gopher_44m", "gopher_44m_pallas_gpu", "gopher_417m",
+                                      "gopher_417m_pallas_gpu"}
     assert out["default_run"]["step"] == 2
