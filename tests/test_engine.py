@@ -771,7 +771,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.slow  # ~1.5 min: a Ray cluster, a pipeline of 15 stages, a worker killed
+@pytest.mark.slow  # ~2.5 min: a Ray cluster, a pipeline of 15 stages, a worker killed
 def test_ray_cluster_prepares_the_same_bytes_and_a_killed_worker_is_made_good(
         base, tmp_path, ray_cluster):
     """4 tasks on a Ray head and worker (one CPU each). The rules tasks wait at their start
