@@ -76,8 +76,8 @@ def attention(a: argparse.Namespace) -> dict:
     rows, sweep = [], []
     out = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
            "dtype": a.dtype, "heads": a.heads, "head_dim": a.head_dim, "block": a.block,
-           "stages": a.stages, "xla_block_q": a.block_q, "tolerance": TOL[a.dtype],
-           "sweep": sweep, "rows": rows}
+           "stages": gpu_attention.DEFAULT_STAGES if a.stages is None else a.stages,
+           "xla_block_q": a.block_q, "tolerance": TOL[a.dtype], "sweep": sweep, "rows": rows}
     # Tile side x pipelining depth at one length: which compile (shared memory) and how fast.
     _, xs, seg, ct = inputs(a.sweep_length)
     for spec in a.sweep:
@@ -172,7 +172,8 @@ def main() -> None:
     at.add_argument("--dtype", default="bfloat16", choices=sorted(TOL))
     at.add_argument("--segments", type=int, default=4, help="documents per row")
     at.add_argument("--block", type=int, default=64, help="the kernel's tile")
-    at.add_argument("--stages", type=int, default=None, help="Triton num_stages (None: default)")
+    at.add_argument("--stages", type=int, default=None,
+                    help="Triton num_stages (default: the kernel's DEFAULT_STAGES)")
     at.add_argument("--sweep", nargs="*", default=["32:1", "64:1", "64:2"],
                     help="block:stages tried first; the fastest that compiles is used")
     at.add_argument("--sweep-length", type=int, default=2048)

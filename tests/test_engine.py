@@ -632,15 +632,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tree(proc) -> list:
+    """`proc` and every process under it (psutil.Process), none once it has gone."""
+    import psutil
+
+    try:
+        return [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def _kill_tree(proc, sig) -> None:
     """`proc` and every process under it (Ray's raylet and workers), by pid."""
     import psutil
 
-    try:
-        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
+    for p in _tree(proc):
         try:
             p.send_signal(sig)
         except psutil.NoSuchProcess:
@@ -747,15 +753,6 @@ def test_killed_local_engine_run_reruns_only_unfinished_tasks(base, tmp_path):
     assert _identity(pipeline.prepare(c)) == _identity(ref)
 
 
-def _tree_pids(proc) -> set[int]:
-    import psutil
-
-    try:
-        return {proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))}
-    except psutil.NoSuchProcess:
-        return set()
-
-
 def _started(marker: pathlib.Path) -> tuple[int, int]:
     """The rank and pid of a held task's marker, <stage>-<rank>-<pid>.started."""
     _, rank, pid = marker.stem.split("-")
@@ -798,7 +795,7 @@ def test_ray_cluster_prepares_the_same_bytes_and_a_killed_worker_is_made_good(
     try:
         deadline, victim = time.time() + 600, None
         while victim is None and time.time() < deadline and proc.poll() is None:
-            on_worker = _tree_pids(worker)
+            on_worker = {p.pid for p in _tree(worker)}
             victim = next((p for p in sorted(hold.glob("rules-*.started"))
                            if _started(p)[1] in on_worker), None)
             time.sleep(0.2)

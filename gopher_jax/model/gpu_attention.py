@@ -46,6 +46,9 @@ from gopher_jax.parallel import rules as rules_lib
 # Tile side: 64 x 64 fp32 scores plus the [64, 128] accumulators fit a 4-8 warp program's
 # registers; Triton's dot needs every side >= 16 and tensor sides powers of two.
 DEFAULT_BLOCK = 64
+# Triton's software-pipelining depth of the forward and d(k), d(v) kernels. At 2 a 128-wide
+# head asks for 240-256 KiB of shared memory on an H200 (227 KiB per block).
+DEFAULT_STAGES = 1
 MIN_SIDE = 16
 _MASKED = float(jnp.finfo(jnp.float32).min)
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")  # jax names of the platforms Triton lowers for
@@ -62,7 +65,7 @@ class _Tiles:
     head_dim: int  # padded K, a power of two >= MIN_SIDE
     scale: float  # true head_dim ** -0.5
     interpret: bool
-    stages: int = 2  # Triton's num_stages
+    stages: int  # Triton's num_stages
 
     @property
     def blocks(self) -> int:
@@ -74,13 +77,12 @@ class _Tiles:
 
 
 def tiles_for(length: int, head_dim: int, block: int, interpret: bool,
-              stages: int | None = None) -> _Tiles:
+              stages: int = DEFAULT_STAGES) -> _Tiles:
     """Tile side `block` (rounded to a power of two, at most the padded length); T padded to
-    it, head_dim to a power of two; `stages` None: `default_stages`."""
+    it, head_dim to a power of two."""
     b = min(_pow2_at_least(block, MIN_SIDE), _pow2_at_least(length, MIN_SIDE))
-    d = _pow2_at_least(head_dim, MIN_SIDE)
-    return _Tiles(b, -(-length // b) * b, d, head_dim**-0.5, interpret,
-                  default_stages(d) if stages is None else stages)
+    return _Tiles(b, -(-length // b) * b, _pow2_at_least(head_dim, MIN_SIDE), head_dim**-0.5,
+                  interpret, stages)
 
 
 def _window_start(i: jax.Array, j: jax.Array, t: _Tiles) -> jax.Array:
@@ -147,13 +149,6 @@ def _dot(a: jax.Array, b: jax.Array, **kw) -> jax.Array:
     otherwise take TF32, ~1e-3 relative, where `xla_attention` at "highest" is exact)."""
     full = a.dtype == jnp.float32 and b.dtype == jnp.float32
     return plgpu.dot(a, b, **kw, precision=jax.lax.Precision.HIGHEST if full else None)
-
-
-def default_stages(head_dim: int) -> int:
-    """Triton's software-pipelining depth for the forward and d(k), d(v) kernels: 1. At 2 a
-    128-wide head asks for 240-256 KiB of shared memory on an H200 (227 KiB per block)."""
-    del head_dim
-    return 1
 
 
 def _params(t: _Tiles, gathers_into_dot: bool = False) -> dict:
@@ -391,11 +386,12 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def gpu_flash_attention(qu: jax.Array, qv: jax.Array, k: jax.Array, v: jax.Array,
                         r: jax.Array, segment_ids: jax.Array, *, block: int = DEFAULT_BLOCK,
-                        interpret: bool | None = None, stages: int | None = None) -> jax.Array:
+                        interpret: bool | None = None,
+                        stages: int = DEFAULT_STAGES) -> jax.Array:
     """qu, qv, k, v [B, T, H, K]; r [T, H, K] relative keys of distances T-1, ..., 0;
     segment_ids [B, T] int -> [B, T, H, K] in v's dtype. interpret=None: Triton on GPU,
     interpret mode elsewhere (`flash_attention.target_platform`); stages: Triton's
-    num_stages (None: `default_stages`)."""
+    num_stages."""
     if interpret is None:
         platform = flash_attention.target_platform()
         if platform == "tpu":
