@@ -632,7 +632,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tree(proc) -> list:
+def _process_tree(proc) -> list:
     """`proc` and every process under it (psutil.Process), none once it has gone."""
     import psutil
 
@@ -646,7 +646,7 @@ def _kill_tree(proc, sig) -> None:
     """`proc` and every process under it (Ray's raylet and workers), by pid."""
     import psutil
 
-    for p in _tree(proc):
+    for p in _process_tree(proc):
         try:
             p.send_signal(sig)
         except psutil.NoSuchProcess:
@@ -795,7 +795,7 @@ def test_ray_cluster_prepares_the_same_bytes_and_a_killed_worker_is_made_good(
     try:
         deadline, victim = time.time() + 600, None
         while victim is None and time.time() < deadline and proc.poll() is None:
-            on_worker = {p.pid for p in _tree(worker)}
+            on_worker = {p.pid for p in _process_tree(worker)}
             victim = next((p for p in sorted(hold.glob("rules-*.started"))
                            if _started(p)[1] in on_worker), None)
             time.sleep(0.2)
